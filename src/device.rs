@@ -1,0 +1,54 @@
+//! `--device auto|cpu|cuda|cuda:N`, thread count and seeding shared by every compute command.
+use crate::error::LlmError;
+use tch::Device;
+
+/// Parses a device spec. `auto` picks CUDA device 0 when libtorch sees a GPU, else the CPU.
+pub fn parse_device(spec: &str) -> Result<Device, LlmError> {
+    let bad = || LlmError::Unknown {
+        what: "device",
+        name: spec.to_string(),
+        expected: vec!["auto".into(), "cpu".into(), "cuda".into(), "cuda:N".into()],
+    };
+    let dev = match spec.trim().to_ascii_lowercase().as_str() {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        s => match s.strip_prefix("cuda:") {
+            Some(n) => Device::Cuda(n.parse::<usize>().map_err(|_| bad())?),
+            None => return Err(bad()),
+        },
+    };
+    if let Device::Cuda(i) = dev {
+        let n = tch::Cuda::device_count();
+        if (i as i64) >= n {
+            return Err(LlmError::Usage(format!(
+                "device '{spec}' asked for CUDA device {i}, but libtorch sees {n} CUDA device(s); use --device cpu or auto"
+            )));
+        }
+    }
+    Ok(dev)
+}
+
+/// Human name of a device for logs and benchmark tables.
+pub fn device_name(dev: Device) -> String {
+    match dev {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// Seeds libtorch's CPU and CUDA generators.
+pub fn seed_everything(seed: u64) {
+    tch::manual_seed(seed as i64);
+    if tch::Cuda::is_available() {
+        tch::Cuda::manual_seed_all(seed);
+    }
+}
+
+/// Sets libtorch's intra-op thread count when given.
+pub fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        tch::set_num_threads(n as i32);
+    }
+}

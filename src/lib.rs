@@ -1,0 +1,20 @@
+//! llmlab: *Build a Large Language Model (From Scratch)*, chapter by chapter, on libtorch.
+//!
+//! | book | module |
+//! | --- | --- |
+//! | ch02 working with text: tokenizers, sliding windows, loaders, data sets | [`data`] |
+//! | ch03 attention: self-attention → causal → multi-head | [`nn::attention`] |
+//! | ch04 GPT: LayerNorm, GELU, feed-forward, blocks, `GPTModel`, greedy generation | [`nn::layers`], [`models::gpt`] |
+//! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
+//!
+//! The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod models;
+pub mod nn;
+pub mod train;
+pub mod weights;
+
+pub use error::LlmError;

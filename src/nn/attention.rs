@@ -1,0 +1,235 @@
+//! Attention, book ch03: from simple self-attention to efficient multi-head attention.
+//!
+//! Variable names follow the book (`W_query`, `W_key`, `W_value`, `out_proj`) so a state dict of
+//! the book's modules loads without renaming. Every variant computes the same function as the
+//! ones before it for matching weights (tested in `tests/attention.rs`).
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+/// Book §3.4.1 `SelfAttention_v1`: raw weight matrices, `x @ W` (`(d_in, d_out)`), no mask.
+#[derive(Debug)]
+pub struct SelfAttentionV1 {
+    pub w_query: Tensor,
+    pub w_key: Tensor,
+    pub w_value: Tensor,
+}
+
+impl SelfAttentionV1 {
+    pub fn new(p: &nn::Path, d_in: i64, d_out: i64) -> Self {
+        let init = nn::Init::Uniform { lo: 0.0, up: 1.0 }; // torch.rand as in the book
+        Self {
+            w_query: p.var("W_query", &[d_in, d_out], init),
+            w_key: p.var("W_key", &[d_in, d_out], init),
+            w_value: p.var("W_value", &[d_in, d_out], init),
+        }
+    }
+
+    /// `x`: `(num_tokens, d_in)` → `(num_tokens, d_out)`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let keys = x.matmul(&self.w_key);
+        let queries = x.matmul(&self.w_query);
+        let values = x.matmul(&self.w_value);
+        let d_k = *keys.size().last().unwrap_or(&1) as f64;
+        let attn_scores = queries.matmul(&keys.transpose(-2, -1));
+        let attn_weights = (attn_scores / d_k.sqrt()).softmax(-1, keys.kind());
+        attn_weights.matmul(&values)
+    }
+}
+
+/// Book §3.4.2 `SelfAttention_v2`: `nn.Linear` projections (weights stored `(d_out, d_in)`).
+#[derive(Debug)]
+pub struct SelfAttentionV2 {
+    pub w_query: nn::Linear,
+    pub w_key: nn::Linear,
+    pub w_value: nn::Linear,
+}
+
+fn proj(p: &nn::Path, name: &str, d_in: i64, d_out: i64, bias: bool) -> nn::Linear {
+    nn::linear(p / name, d_in, d_out, nn::LinearConfig { bias, ..Default::default() })
+}
+
+impl SelfAttentionV2 {
+    pub fn new(p: &nn::Path, d_in: i64, d_out: i64, qkv_bias: bool) -> Self {
+        Self {
+            w_query: proj(p, "W_query", d_in, d_out, qkv_bias),
+            w_key: proj(p, "W_key", d_in, d_out, qkv_bias),
+            w_value: proj(p, "W_value", d_in, d_out, qkv_bias),
+        }
+    }
+
+    /// `x`: `(num_tokens, d_in)` → `(num_tokens, d_out)`.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let keys = self.w_key.forward(x);
+        let queries = self.w_query.forward(x);
+        let values = self.w_value.forward(x);
+        let d_k = *keys.size().last().unwrap_or(&1) as f64;
+        let attn_weights = (queries.matmul(&keys.transpose(-2, -1)) / d_k.sqrt()).softmax(-1, keys.kind());
+        attn_weights.matmul(&values)
+    }
+}
+
+/// Upper-triangular boolean mask (`true` above the diagonal = future positions to hide), as the
+/// book's registered `mask` buffer; computed on the fly, never a parameter.
+fn causal_mask(n_q: i64, n_k: i64, device: tch::Device) -> Tensor {
+    // For a query block that ends at the last key (KV cache), row i sits at key position n_k-n_q+i.
+    Tensor::ones([n_q, n_k], (Kind::Bool, device)).triu(n_k - n_q + 1)
+}
+
+/// Book §3.5 `CausalAttention`: single head with causal mask and dropout on the weights.
+#[derive(Debug)]
+pub struct CausalAttention {
+    pub w_query: nn::Linear,
+    pub w_key: nn::Linear,
+    pub w_value: nn::Linear,
+    pub dropout: f64,
+}
+
+impl CausalAttention {
+    pub fn new(p: &nn::Path, d_in: i64, d_out: i64, dropout: f64, qkv_bias: bool) -> Self {
+        Self {
+            w_query: proj(p, "W_query", d_in, d_out, qkv_bias),
+            w_key: proj(p, "W_key", d_in, d_out, qkv_bias),
+            w_value: proj(p, "W_value", d_in, d_out, qkv_bias),
+            dropout,
+        }
+    }
+
+    /// `x`: `(b, num_tokens, d_in)` → `(b, num_tokens, d_out)`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let n = x.size()[1];
+        let keys = self.w_key.forward(x);
+        let queries = self.w_query.forward(x);
+        let values = self.w_value.forward(x);
+        let d_k = *keys.size().last().unwrap_or(&1) as f64;
+        let attn_scores = queries
+            .matmul(&keys.transpose(1, 2))
+            .masked_fill(&causal_mask(n, n, x.device()), f64::NEG_INFINITY);
+        let attn_weights = (attn_scores / d_k.sqrt())
+            .softmax(-1, keys.kind())
+            .dropout(self.dropout, train);
+        attn_weights.matmul(&values)
+    }
+}
+
+/// Book §3.6.1 `MultiHeadAttentionWrapper`: independent causal heads, outputs concatenated.
+#[derive(Debug)]
+pub struct MultiHeadAttentionWrapper {
+    pub heads: Vec<CausalAttention>,
+}
+
+impl MultiHeadAttentionWrapper {
+    pub fn new(p: &nn::Path, d_in: i64, d_out: i64, num_heads: i64, dropout: f64, qkv_bias: bool) -> Self {
+        let heads = (0..num_heads)
+            .map(|i| CausalAttention::new(&(p / "heads" / i), d_in, d_out, dropout, qkv_bias))
+            .collect();
+        Self { heads }
+    }
+
+    /// `(b, n, d_in)` → `(b, n, num_heads * d_out)`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let outs: Vec<Tensor> = self.heads.iter().map(|h| h.forward_t(x, train)).collect();
+        Tensor::cat(&outs, -1)
+    }
+}
+
+/// Which kernel computes softmax(QKᵀ/√d)V in [`MultiHeadAttention`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// Explicit matmul, mask, softmax, dropout, matmul: the book's code.
+    Manual,
+    /// libtorch's fused `scaled_dot_product_attention` (default; same outputs).
+    Sdpa,
+}
+
+/// Book §3.6.2 `MultiHeadAttention`: one projection for all heads, split into heads, attention,
+/// heads merged, output projection. The three projections keep the book's names; at run time
+/// they are applied as one `(3·d_out, d_in)` matmul (one qkv projection).
+#[derive(Debug)]
+pub struct MultiHeadAttention {
+    pub w_query: nn::Linear,
+    pub w_key: nn::Linear,
+    pub w_value: nn::Linear,
+    pub out_proj: nn::Linear,
+    pub d_out: i64,
+    pub num_heads: i64,
+    pub head_dim: i64,
+    pub dropout: f64,
+    pub imp: AttentionImpl,
+}
+
+impl MultiHeadAttention {
+    pub fn new(p: &nn::Path, d_in: i64, d_out: i64, num_heads: i64, dropout: f64, qkv_bias: bool) -> Self {
+        assert!(d_out % num_heads == 0, "d_out must be divisible by num_heads (checked by config validation)");
+        Self {
+            w_query: proj(p, "W_query", d_in, d_out, qkv_bias),
+            w_key: proj(p, "W_key", d_in, d_out, qkv_bias),
+            w_value: proj(p, "W_value", d_in, d_out, qkv_bias),
+            out_proj: nn::linear(p / "out_proj", d_out, d_out, Default::default()),
+            d_out,
+            num_heads,
+            head_dim: d_out / num_heads,
+            dropout,
+            imp: AttentionImpl::Sdpa,
+        }
+    }
+
+    /// Queries, keys and values in one matmul: `(b, n, d_in)` → three `(b, n, d_out)`.
+    fn qkv(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let w = Tensor::cat(&[&self.w_query.ws, &self.w_key.ws, &self.w_value.ws], 0); // (3·d_out, d_in)
+        let b = match (&self.w_query.bs, &self.w_key.bs, &self.w_value.bs) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)),
+            _ => None,
+        };
+        let qkv = x.linear(&w, b.as_ref()); // (b, n, 3·d_out)
+        let parts = qkv.split(self.d_out, -1);
+        let mut it = parts.into_iter();
+        match (it.next(), it.next(), it.next()) {
+            (Some(q), Some(k), Some(v)) => (q, k, v),
+            _ => unreachable!("split of 3·d_out by d_out gives three parts"),
+        }
+    }
+
+    /// `(b, n, d_out)` → `(b, num_heads, n, head_dim)`.
+    fn split_heads(&self, t: &Tensor) -> Tensor {
+        let (b, n, _) = t.size3().expect("3-d activations");
+        t.view([b, n, self.num_heads, self.head_dim]).transpose(1, 2)
+    }
+
+    /// `x`: `(b, num_tokens, d_in)` → `(b, num_tokens, d_out)`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, d_in)");
+        let (q, k, v) = self.qkv(x);
+        let (q, k, v) = (self.split_heads(&q), self.split_heads(&k), self.split_heads(&v));
+        let ctx = self.attend(&q, &k, &v, train); // (b, num_heads, n, head_dim)
+        let ctx = ctx.transpose(1, 2).contiguous().view([b, n, self.d_out]);
+        self.out_proj.forward(&ctx)
+    }
+
+    /// Causal attention of `q` `(b, h, n_q, hd)` over `k`, `v` `(b, h, n_k, hd)`, where the
+    /// queries are the last `n_q` positions of the `n_k` keys.
+    pub fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, train: bool) -> Tensor {
+        let n_q = q.size()[2];
+        let n_k = k.size()[2];
+        let p = if train { self.dropout } else { 0.0 };
+        match self.imp {
+            AttentionImpl::Sdpa => {
+                if n_q == n_k {
+                    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false)
+                } else {
+                    // is_causal aligns the mask top-left; with a cache the queries sit at the end.
+                    let allowed = causal_mask(n_q, n_k, q.device()).logical_not();
+                    Tensor::scaled_dot_product_attention(q, k, v, Some(allowed), p, false, None, false)
+                }
+            }
+            AttentionImpl::Manual => {
+                let attn_scores = q
+                    .matmul(&k.transpose(2, 3))
+                    .masked_fill(&causal_mask(n_q, n_k, q.device()), f64::NEG_INFINITY);
+                let attn_weights = (attn_scores / (self.head_dim as f64).sqrt())
+                    .softmax(-1, q.kind())
+                    .dropout(self.dropout, train);
+                attn_weights.matmul(v)
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Neural-network blocks the book teaches on their own: attention (ch03), LayerNorm, GELU and
+//! the feed-forward network (ch04).
+pub mod attention;
+pub mod layers;
+
+pub use attention::{AttentionImpl, CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper, SelfAttentionV1, SelfAttentionV2};
+pub use layers::{FeedForward, LayerNorm};

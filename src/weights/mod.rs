@@ -1,0 +1,101 @@
+//! Saving and loading weights as safetensors (book ch05 §5.4, done with a portable format).
+//!
+//! Loading is strict: every variable of the model must be in the file with the same shape, and
+//! every tensor of the file must be used; the error names each offending tensor. Values are
+//! copied into the existing variables, so the model keeps its dtype and device (tch's
+//! `VarStore::load` would adopt the file's dtype).
+use crate::error::LlmError;
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{nn::VarStore, Tensor};
+
+/// Reads every tensor of a safetensors file (on the CPU).
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(LlmError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
+        }
+        .into());
+    }
+    let tensors = Tensor::read_safetensors(path).map_err(|e| LlmError::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("not a readable safetensors file ({e})"),
+    })?;
+    Ok(tensors.into_iter().collect())
+}
+
+/// Copies `tensors` into the variables of `vs`, by name, strictly.
+pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, origin: &Path) -> Result<()> {
+    let vars = vs.variables();
+    let mut problems = Vec::new();
+    for (name, var) in &vars {
+        match tensors.get(name) {
+            None => problems.push(format!("missing tensor '{name}' (shape {:?})", var.size())),
+            Some(t) if t.size() != var.size() => problems.push(format!(
+                "tensor '{name}' has shape {:?}, the model expects {:?}",
+                t.size(),
+                var.size()
+            )),
+            Some(_) => {}
+        }
+    }
+    for name in tensors.keys() {
+        if !vars.contains_key(name) {
+            problems.push(format!("unexpected tensor '{name}' (not a variable of this model)"));
+        }
+    }
+    if !problems.is_empty() {
+        problems.sort();
+        return Err(LlmError::Checkpoint {
+            path: origin.to_path_buf(),
+            message: format!("does not match the model: {}", problems.join("; ")),
+        }
+        .into());
+    }
+    tch::no_grad(|| {
+        for (name, var) in &vars {
+            let mut var = var.shallow_clone();
+            var.copy_(&tensors[name]);
+        }
+    });
+    Ok(())
+}
+
+/// Loads a safetensors file into `vs` (strict, keeps `vs`'s dtype and device).
+pub fn load_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
+    let tensors = read_safetensors(path)?;
+    load_into(vs, &tensors, path)
+}
+
+/// Writes every variable of `vs` as safetensors, atomically (temp file + rename).
+pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
+    let vars = vs.variables();
+    let mut named: Vec<(String, Tensor)> = vars
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu).contiguous()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    save_tensors(&named, path)
+}
+
+/// Writes named tensors as safetensors, atomically.
+pub fn save_tensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| LlmError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    let tmp = crate::error::temp_path(path);
+    Tensor::write_safetensors(named, &tmp).map_err(|e| LlmError::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("writing failed: {e}"),
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| LlmError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
