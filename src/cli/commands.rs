@@ -3,7 +3,7 @@ use super::*;
 use crate::data::{registry::Registry, tokenizer::train_bpe, BpeTokenizer};
 use crate::device::{device_name, parse_device, set_threads};
 use crate::error::{read_text, LlmError};
-use crate::models::{param_stats, GptConfig, GptModel};
+use crate::models::{gpt::ParamStats, GptConfig, GptModel};
 use crate::nn::AttentionImpl;
 use anyhow::Result;
 use std::path::Path;
@@ -94,10 +94,7 @@ fn train_tokenizer(a: TrainTokenizerArgs) -> Result<()> {
 
 fn model_info(a: ModelInfoArgs) -> Result<()> {
     let cfg = GptConfig::load(&a.config)?;
-    // Build on the meta-free CPU path: the variables are needed only for their shapes.
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _model = tch::no_grad(|| GptModel::new(&vs.root(), &cfg));
-    let st = param_stats(&vs);
+    let st = ParamStats::from_config(&cfg);
     match a.format {
         Format::Json => println!("{}", serde_json::json!({ "config": a.config, "stats": st })),
         Format::Text => {

@@ -81,6 +81,17 @@ impl GptConfig {
         Ok(cfg)
     }
 
+    /// Parameter count computed from the config alone (no allocation): embeddings, per block
+    /// 4·d² (+3·d with qkv bias) + d for attention, 8·d² + 5·d for the feed-forward, 4·d for the
+    /// two norms; the final norm; the output head unless tied.
+    pub fn num_params(&self) -> i64 {
+        let d = self.emb_dim;
+        let att = 4 * d * d + d + if self.qkv_bias { 3 * d } else { 0 };
+        let block = att + 8 * d * d + 5 * d + 4 * d;
+        let head = if self.tie_weights { 0 } else { self.vocab_size * d };
+        self.vocab_size * d + self.context_length * d + self.n_layers * block + 2 * d + head
+    }
+
     /// Checks the ranges a model needs; every loader runs it.
     pub fn validate(&self, origin: &str) -> Result<(), LlmError> {
         let err = |message: String| LlmError::Config {
@@ -216,6 +227,20 @@ pub struct ParamStats {
     pub size_mb_f32: f64,
 }
 
+impl ParamStats {
+    /// From the config alone (no weights allocated; works for gpt2-xl on a laptop).
+    pub fn from_config(cfg: &GptConfig) -> Self {
+        let total = cfg.num_params();
+        let without_head = GptConfig { tie_weights: true, ..cfg.clone() }.num_params();
+        Self {
+            total_params: total,
+            params_without_out_head: without_head,
+            size_mb_f32: total as f64 * 4.0 / (1024.0 * 1024.0),
+        }
+    }
+}
+
+/// Counts the variables of a real model.
 pub fn param_stats(vs: &nn::VarStore) -> ParamStats {
     let vars = vs.variables();
     let total: i64 = vars.values().map(|t| t.numel() as i64).sum();

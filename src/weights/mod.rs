@@ -26,8 +26,14 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(tensors.into_iter().collect())
 }
 
-/// Copies `tensors` into the variables of `vs`, by name, strictly.
-pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, origin: &Path) -> Result<()> {
+/// Copies `tensors` into the variables of `vs`, by name, strictly; file tensors for which
+/// `ignored` is true (non-persistent buffers such as the book's `att.mask`) are skipped.
+pub fn load_into(
+    vs: &VarStore,
+    tensors: &BTreeMap<String, Tensor>,
+    origin: &Path,
+    ignored: impl Fn(&str) -> bool,
+) -> Result<()> {
     let vars = vs.variables();
     let mut problems = Vec::new();
     for (name, var) in &vars {
@@ -42,7 +48,7 @@ pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, origin: &Pat
         }
     }
     for name in tensors.keys() {
-        if !vars.contains_key(name) {
+        if !vars.contains_key(name) && !ignored(name) {
             problems.push(format!("unexpected tensor '{name}' (not a variable of this model)"));
         }
     }
@@ -66,7 +72,14 @@ pub fn load_into(vs: &VarStore, tensors: &BTreeMap<String, Tensor>, origin: &Pat
 /// Loads a safetensors file into `vs` (strict, keeps `vs`'s dtype and device).
 pub fn load_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
     let tensors = read_safetensors(path)?;
-    load_into(vs, &tensors, path)
+    load_into(vs, &tensors, path, |_| false)
+}
+
+/// Loads a GPT state dict written by the book's code or by llmlab: the book's causal-mask
+/// buffers (`trf_blocks.{i}.att.mask`) are recomputed here, so they are ignored.
+pub fn load_gpt_state_dict(vs: &VarStore, path: &Path) -> Result<()> {
+    let tensors = read_safetensors(path)?;
+    load_into(vs, &tensors, path, |k| k.ends_with(".att.mask"))
 }
 
 /// Writes every variable of `vs` as safetensors, atomically (temp file + rename).

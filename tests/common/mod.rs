@@ -1,0 +1,92 @@
+//! Helpers shared by the integration tests: the reference Python, fixtures, tensor comparison.
+#![allow(dead_code)]
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::Tensor;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The venv's Python (`LLMLAB_PYTHON`, else `.venv/bin/python` in the repository).
+pub fn python() -> PathBuf {
+    std::env::var_os("LLMLAB_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".venv/bin/python"))
+}
+
+/// The data mirror (`LLMLAB_DATA_MIRROR`, else `../shared/data` beside the repository).
+pub fn mirror() -> PathBuf {
+    std::env::var_os("LLMLAB_DATA_MIRROR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("../shared/data"))
+}
+
+/// Runs a script of `tests/reference/` and returns its stdout.
+pub fn run_reference(script: &str, args: &[&str]) -> Result<String> {
+    let path = repo().join("tests/reference").join(script);
+    let out = Command::new(python())
+        .arg(&path)
+        .args(args)
+        .env("PYTHONPATH", repo().join("tests/reference"))
+        .output()
+        .with_context(|| format!("running {} with {}", path.display(), python().display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}):\n{}",
+            script,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    Ok(Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .into_iter()
+        .collect())
+}
+
+/// Fails unless `|a - b| <= atol + rtol·|b|` everywhere; reports the largest difference and
+/// the first index that breaks the bound (llm.c's `check_tensor`).
+pub fn assert_close(a: &Tensor, b: &Tensor, atol: f64, rtol: f64, what: &str) -> Result<()> {
+    if a.size() != b.size() {
+        bail!("{what}: shapes differ, {:?} vs {:?}", a.size(), b.size());
+    }
+    let a = a.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let b = b.to_kind(tch::Kind::Double).to_device(tch::Device::Cpu);
+    let diff = (&a - &b).abs();
+    let max = diff.max().double_value(&[]);
+    let bound = b.abs() * rtol + atol;
+    let bad = diff.gt_tensor(&bound);
+    let n_bad = bad.sum(tch::Kind::Int64).int64_value(&[]);
+    eprintln!("{what}: max abs diff {max:.3e} over {} values", a.numel());
+    if n_bad > 0 {
+        let first = bad.view([-1]).nonzero().int64_value(&[0, 0]);
+        bail!(
+            "{what}: {n_bad} values exceed atol {atol:e} + rtol {rtol:e}; max abs diff {max:e}; first bad flat index {first}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the built `llmlab` binary; returns (exit code, stdout, stderr).
+pub fn llmlab(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .args(args)
+        .env("LLMLAB_DATA_MIRROR", mirror())
+        .output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+pub fn gpt2_bpe_dir() -> PathBuf {
+    mirror().join("gpt2-bpe")
+}
