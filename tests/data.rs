@@ -1,4 +1,5 @@
 //! Chapter 2 data pipeline and the data registry.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod common;
 
 use anyhow::Result;
@@ -9,7 +10,9 @@ use tch::Device;
 
 fn verdict_ids() -> Result<Vec<u32>> {
     let tok = BpeTokenizer::gpt2_from_dir(&common::gpt2_bpe_dir())?;
-    tok.encode(&std::fs::read_to_string(common::mirror().join("the-verdict/the-verdict.txt"))?)
+    tok.encode(&std::fs::read_to_string(
+        common::mirror().join("the-verdict/the-verdict.txt"),
+    )?)
 }
 
 fn rows(t: &tch::Tensor) -> Result<Vec<Vec<i64>>> {
@@ -58,8 +61,18 @@ fn windows_strides_and_shift_are_exact() -> Result<()> {
         assert_eq!(ds.len(), want.len(), "({max_length}, {stride})");
         for (i, &s) in want.iter().enumerate() {
             let (x, y) = ds.get(i);
-            assert_eq!(x, (s as i64..(s + max_length) as i64).collect::<Vec<_>>().as_slice());
-            assert_eq!(y, (s as i64 + 1..(s + max_length + 1) as i64).collect::<Vec<_>>().as_slice());
+            assert_eq!(
+                x,
+                (s as i64..(s + max_length) as i64)
+                    .collect::<Vec<_>>()
+                    .as_slice()
+            );
+            assert_eq!(
+                y,
+                (s as i64 + 1..(s + max_length + 1) as i64)
+                    .collect::<Vec<_>>()
+                    .as_slice()
+            );
         }
     }
     Ok(())
@@ -86,7 +99,11 @@ fn loader_batches_shuffle_and_drop_last() -> Result<()> {
     };
     let e0 = firsts(&drop, 0)?;
     assert_eq!(e0.len(), 10);
-    assert_eq!(e0, firsts(&DataLoader::new(ds.clone(), 5, true, true, 7)?, 0)?, "same seed, same order");
+    assert_eq!(
+        e0,
+        firsts(&DataLoader::new(ds.clone(), 5, true, true, 7)?, 0)?,
+        "same seed, same order"
+    );
     assert_ne!(e0, firsts(&drop, 1)?, "a new order each epoch");
     let all = DataLoader::new(ds, 12, true, false, 7)?;
     let mut order = firsts(&all, 3)?;
@@ -99,7 +116,13 @@ fn loader_batches_shuffle_and_drop_last() -> Result<()> {
 #[test]
 fn text_shorter_than_a_window_is_an_error() {
     let err = GptDataset::new(&[1, 2, 3, 4], 4, 1).unwrap_err();
-    assert!(matches!(err, LlmError::TextTooShort { tokens: 4, max_length: 4 }));
+    assert!(matches!(
+        err,
+        LlmError::TextTooShort {
+            tokens: 4,
+            max_length: 4
+        }
+    ));
     assert!(err.to_string().contains("4 tokens"));
 }
 
@@ -108,15 +131,29 @@ fn text_shorter_than_a_window_is_an_error() {
 fn registry_reads_every_data_set_from_the_mirror() -> Result<()> {
     let reg = Registry::builtin()?;
     let cache = tempfile::tempdir()?;
-    for name in ["the-verdict", "gpt2-bpe", "instruction-data", "preference-data", "sms-spam-collection", "mmlu", "tinyshakespeare", "middlemarch"] {
+    for name in [
+        "the-verdict",
+        "gpt2-bpe",
+        "instruction-data",
+        "preference-data",
+        "sms-spam-collection",
+        "mmlu",
+        "tinyshakespeare",
+        "middlemarch",
+    ] {
         let dir = reg.fetch_with(name, Some(&common::mirror()), cache.path())?;
         for f in &reg.get(name)?.files {
             assert!(dir.join(&f.path).is_file(), "{name}: {}", f.path);
         }
     }
     assert_eq!(reg.get("mmlu")?.files.len(), 173);
-    let err = reg.fetch_with("wikitext", Some(&common::mirror()), cache.path()).unwrap_err();
-    assert!(format!("{err:#}").contains("the-verdict"), "lists the known names: {err:#}");
+    let err = reg
+        .fetch_with("wikitext", Some(&common::mirror()), cache.path())
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("the-verdict"),
+        "lists the known names: {err:#}"
+    );
     Ok(())
 }
 
@@ -126,10 +163,18 @@ fn registry_rejects_a_bad_checksum() -> Result<()> {
     let reg = Registry::builtin()?;
     let mirror = tempfile::tempdir()?;
     std::fs::create_dir_all(mirror.path().join("the-verdict"))?;
-    std::fs::write(mirror.path().join("the-verdict/the-verdict.txt"), b"not the verdict")?;
-    let err = reg.fetch_with("the-verdict", Some(mirror.path()), mirror.path()).unwrap_err();
+    std::fs::write(
+        mirror.path().join("the-verdict/the-verdict.txt"),
+        b"not the verdict",
+    )?;
+    let err = reg
+        .fetch_with("the-verdict", Some(mirror.path()), mirror.path())
+        .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"), "{msg}");
+    assert!(
+        msg.contains("b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
+        "{msg}"
+    );
     assert!(msg.contains(&sha256_hex(b"not the verdict")), "{msg}");
     assert!(msg.contains("the-verdict.txt"), "{msg}");
     Ok(())
@@ -147,7 +192,10 @@ fn registry_download_is_checksummed_and_atomic() -> Result<()> {
             let (mut s, _) = listener.accept().expect("accept");
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf);
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
             let _ = s.write_all(head.as_bytes());
             let _ = s.write_all(body);
         }
@@ -162,13 +210,23 @@ fn registry_download_is_checksummed_and_atomic() -> Result<()> {
     assert_eq!(std::fs::read(dir.join("hello.txt"))?, b"hello world\n");
     // Second server answer is tampered: a fresh cache must stay empty.
     let cache2 = tempfile::tempdir()?;
-    let msg = format!("{:#}", reg.fetch_with("hello", None, cache2.path()).unwrap_err());
-    assert!(msg.contains(&format!("http://127.0.0.1:{port}/hello.txt")) && msg.contains("expected sha256"), "{msg}");
+    let msg = format!(
+        "{:#}",
+        reg.fetch_with("hello", None, cache2.path()).unwrap_err()
+    );
+    assert!(
+        msg.contains(&format!("http://127.0.0.1:{port}/hello.txt"))
+            && msg.contains("expected sha256"),
+        "{msg}"
+    );
     server.join().expect("server thread");
     let leftovers: Vec<_> = walk(cache2.path());
     assert!(leftovers.is_empty(), "no partial file: {leftovers:?}");
     // The server is gone: a network failure names the URL and leaves nothing.
-    let msg = format!("{:#}", reg.fetch_with("hello", None, cache2.path()).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        reg.fetch_with("hello", None, cache2.path()).unwrap_err()
+    );
     assert!(msg.contains("download of http://127.0.0.1"), "{msg}");
     assert!(walk(cache2.path()).is_empty());
     // The cached copy is used without the network.

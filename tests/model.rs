@@ -1,5 +1,6 @@
 //! Chapters 3–4: attention variants and the GPT model against the book's PyTorch code (ours, in
 //! tests/reference/book_gpt.py) loaded with the same weights.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod common;
 
 use anyhow::Result;
@@ -18,7 +19,17 @@ fn fixture(cfg: &GptConfig, seq: i64) -> Result<tempfile::TempDir> {
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "drop_rate": cfg.drop_rate, "qkv_bias": cfg.qkv_bias,
     }))?;
     let seq = seq.to_string();
-    common::run_reference("gen_gpt.py", &["--out", dir.path().to_str().unwrap(), "--config", &cfg_json, "--seq", &seq])?;
+    common::run_reference(
+        "gen_gpt.py",
+        &[
+            "--out",
+            dir.path().to_str().unwrap(),
+            "--config",
+            &cfg_json,
+            "--seq",
+            &seq,
+        ],
+    )?;
     Ok(dir)
 }
 
@@ -30,7 +41,16 @@ fn load_gpt(cfg: &GptConfig, dir: &Path) -> Result<(VarStore, GptModel)> {
 }
 
 fn tiny() -> GptConfig {
-    GptConfig { vocab_size: 97, context_length: 16, emb_dim: 32, n_heads: 4, n_layers: 2, drop_rate: 0.1, qkv_bias: true, tie_weights: false }
+    GptConfig {
+        vocab_size: 97,
+        context_length: 16,
+        emb_dim: 32,
+        n_heads: 4,
+        n_layers: 2,
+        drop_rate: 0.1,
+        qkv_bias: true,
+        tie_weights: false,
+    }
 }
 
 /// Our GptModel gives the reference GPTModel's logits (f32, max abs diff < 1e-4) for the same
@@ -44,18 +64,34 @@ fn check_gpt_parity(cfg: &GptConfig, seq: i64) -> Result<()> {
     for imp in [AttentionImpl::Sdpa, AttentionImpl::Manual] {
         model.set_attention_impl(imp);
         let logits = model.forward_t(&io["in_idx"], false);
-        common::assert_close(&logits, &io["logits"], 1e-4, 0.0, &format!("logits ({imp:?})"))?;
+        common::assert_close(
+            &logits,
+            &io["logits"],
+            1e-4,
+            0.0,
+            &format!("logits ({imp:?})"),
+        )?;
     }
     model.set_attention_impl(AttentionImpl::Sdpa);
     let gen = generate_text_simple(&model, &io["in_idx"], 8, cfg.context_length);
-    assert_eq!(Vec::<i64>::try_from(gen.view([-1]))?, Vec::<i64>::try_from(io["generated"].view([-1]))?);
+    assert_eq!(
+        Vec::<i64>::try_from(gen.view([-1]))?,
+        Vec::<i64>::try_from(io["generated"].view([-1]))?
+    );
     Ok(())
 }
 
 #[test]
 fn gpt_tiny_logits_match_reference() -> Result<()> {
     check_gpt_parity(&tiny(), 7)?;
-    check_gpt_parity(&GptConfig { qkv_bias: false, n_layers: 3, ..tiny() }, 16)
+    check_gpt_parity(
+        &GptConfig {
+            qkv_bias: false,
+            n_layers: 3,
+            ..tiny()
+        },
+        16,
+    )
 }
 
 #[test]
@@ -75,17 +111,34 @@ fn parameter_counts_equal_the_books() -> Result<()> {
     assert_eq!(st.params_without_out_head, 124_412_160);
     assert_eq!(format!("{:.2}", st.size_mb_f32), "621.83");
     let vs = VarStore::new(Device::Cpu);
-    let _m = GptModel::new(&vs.root(), &GptConfig { tie_weights: true, ..cfg });
+    let _m = GptModel::new(
+        &vs.root(),
+        &GptConfig {
+            tie_weights: true,
+            ..cfg
+        },
+    );
     assert_eq!(param_stats(&vs).total_params, 124_412_160);
     // The book's exercise 4.2 numbers for the larger presets (with the output head).
     // The analytic count equals the real variables' count (with and without qkv bias, tied or
     // not), and gives the book's exercise 4.2 numbers for the larger presets.
-    for c in [cfg.clone(), tiny(), GptConfig { tie_weights: true, ..tiny() }] {
+    for c in [
+        cfg.clone(),
+        tiny(),
+        GptConfig {
+            tie_weights: true,
+            ..tiny()
+        },
+    ] {
         let vs = VarStore::new(Device::Cpu);
         let _m = GptModel::new(&vs.root(), &c);
         assert_eq!(c.num_params(), param_stats(&vs).total_params, "{c:?}");
     }
-    for (name, want) in [("gpt2-medium", 406_212_608i64), ("gpt2-large", 838_220_800), ("gpt2-xl", 1_637_792_000)] {
+    for (name, want) in [
+        ("gpt2-medium", 406_212_608i64),
+        ("gpt2-large", 838_220_800),
+        ("gpt2-xl", 1_637_792_000),
+    ] {
         assert_eq!(GptConfig::preset(name)?.num_params(), want, "{name}");
     }
     Ok(())
@@ -93,7 +146,10 @@ fn parameter_counts_equal_the_books() -> Result<()> {
 
 fn sub(t: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
     t.iter()
-        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.shallow_clone())))
+        .filter_map(|(k, v)| {
+            k.strip_prefix(prefix)
+                .map(|s| (s.to_string(), v.shallow_clone()))
+        })
         .collect()
 }
 
@@ -112,12 +168,24 @@ fn attention_variants_match_reference_and_each_other() -> Result<()> {
     let vs = VarStore::new(Device::Cpu);
     let sa1 = SelfAttentionV1::new(&vs.root(), d_in, d_out);
     llmlab::weights::load_into(&vs, &sub(&t, "sa1."), &origin, |_| false)?;
-    common::assert_close(&sa1.forward(&x.get(0)), &t["sa1_out"], 1e-6, 1e-5, "SelfAttention_v1")?;
+    common::assert_close(
+        &sa1.forward(&x.get(0)),
+        &t["sa1_out"],
+        1e-6,
+        1e-5,
+        "SelfAttention_v1",
+    )?;
 
     let vs = VarStore::new(Device::Cpu);
     let sa2 = SelfAttentionV2::new(&vs.root(), d_in, d_out, false);
     llmlab::weights::load_into(&vs, &sub(&t, "sa2."), &origin, |_| false)?;
-    common::assert_close(&sa2.forward(&x.get(0)), &t["sa2_out"], 1e-6, 1e-5, "SelfAttention_v2")?;
+    common::assert_close(
+        &sa2.forward(&x.get(0)),
+        &t["sa2_out"],
+        1e-6,
+        1e-5,
+        "SelfAttention_v2",
+    )?;
     // v1 with v2's weights transposed computes v2.
     let vs = VarStore::new(Device::Cpu);
     let v1 = SelfAttentionV1::new(&vs.root(), d_in, d_out);
@@ -126,25 +194,49 @@ fn attention_variants_match_reference_and_each_other() -> Result<()> {
         .map(|n| (n.to_string(), t[&format!("sa2.{n}.weight")].tr()))
         .collect();
     llmlab::weights::load_into(&vs, &w, &origin, |_| false)?;
-    common::assert_close(&v1.forward(&x.get(0)), &t["sa2_out"], 1e-6, 1e-5, "v1 with v2 weights")?;
+    common::assert_close(
+        &v1.forward(&x.get(0)),
+        &t["sa2_out"],
+        1e-6,
+        1e-5,
+        "v1 with v2 weights",
+    )?;
 
     let vs = VarStore::new(Device::Cpu);
     let ca = CausalAttention::new(&vs.root(), d_in, d_out, 0.0, true);
     llmlab::weights::load_into(&vs, &sub(&t, "ca."), &origin, |_| false)?;
-    common::assert_close(&ca.forward_t(x, false), &t["ca_out"], 1e-6, 1e-5, "CausalAttention")?;
+    common::assert_close(
+        &ca.forward_t(x, false),
+        &t["ca_out"],
+        1e-6,
+        1e-5,
+        "CausalAttention",
+    )?;
 
     let vs = VarStore::new(Device::Cpu);
     let wrap = MultiHeadAttentionWrapper::new(&vs.root(), d_in, d_out, heads, 0.0, false);
     llmlab::weights::load_into(&vs, &sub(&t, "wrap."), &origin, |_| false)?;
     let wrap_out = wrap.forward_t(x, false);
-    common::assert_close(&wrap_out, &t["wrap_out"], 1e-6, 1e-5, "MultiHeadAttentionWrapper")?;
+    common::assert_close(
+        &wrap_out,
+        &t["wrap_out"],
+        1e-6,
+        1e-5,
+        "MultiHeadAttentionWrapper",
+    )?;
 
     let vs = VarStore::new(Device::Cpu);
     let mut mha = MultiHeadAttention::new(&vs.root(), d_in, d_out * heads, heads, 0.0, true);
     llmlab::weights::load_into(&vs, &sub(&t, "mha."), &origin, |_| false)?;
     for imp in [AttentionImpl::Sdpa, AttentionImpl::Manual] {
         mha.imp = imp;
-        common::assert_close(&mha.forward_t(x, false), &t["mha_out"], 1e-6, 1e-5, &format!("MultiHeadAttention {imp:?}"))?;
+        common::assert_close(
+            &mha.forward_t(x, false),
+            &t["mha_out"],
+            1e-6,
+            1e-5,
+            &format!("MultiHeadAttention {imp:?}"),
+        )?;
     }
 
     // The wrapper's heads stacked into one multi-head module (identity out_proj) give the same output.
@@ -152,15 +244,29 @@ fn attention_variants_match_reference_and_each_other() -> Result<()> {
     let mut stacked = MultiHeadAttention::new(&vs.root(), d_in, d_out * heads, heads, 0.0, false);
     let mut w = BTreeMap::new();
     for n in ["W_query", "W_key", "W_value"] {
-        let parts: Vec<Tensor> = (0..heads).map(|h| t[&format!("wrap.heads.{h}.{n}.weight")].shallow_clone()).collect();
+        let parts: Vec<Tensor> = (0..heads)
+            .map(|h| t[&format!("wrap.heads.{h}.{n}.weight")].shallow_clone())
+            .collect();
         w.insert(format!("{n}.weight"), Tensor::cat(&parts, 0));
     }
-    w.insert("out_proj.weight".into(), Tensor::eye(d_out * heads, (Kind::Float, Device::Cpu)));
-    w.insert("out_proj.bias".into(), Tensor::zeros([d_out * heads], (Kind::Float, Device::Cpu)));
+    w.insert(
+        "out_proj.weight".into(),
+        Tensor::eye(d_out * heads, (Kind::Float, Device::Cpu)),
+    );
+    w.insert(
+        "out_proj.bias".into(),
+        Tensor::zeros([d_out * heads], (Kind::Float, Device::Cpu)),
+    );
     llmlab::weights::load_into(&vs, &w, &origin, |_| false)?;
     for imp in [AttentionImpl::Sdpa, AttentionImpl::Manual] {
         stacked.imp = imp;
-        common::assert_close(&stacked.forward_t(x, false), &wrap_out, 1e-6, 1e-5, "wrapper vs multi-head")?;
+        common::assert_close(
+            &stacked.forward_t(x, false),
+            &wrap_out,
+            1e-6,
+            1e-5,
+            "wrapper vs multi-head",
+        )?;
     }
     Ok(())
 }
@@ -176,8 +282,20 @@ fn attention_is_causal() -> Result<()> {
     let y = x.copy();
     let _ = y.narrow(1, 3, 2).fill_(7.0);
     let (a, b) = (mha.forward_t(&x, false), mha.forward_t(&y, false));
-    common::assert_close(&a.narrow(1, 0, 3), &b.narrow(1, 0, 3), 1e-6, 0.0, "past positions unaffected by the future")?;
-    assert!((a.narrow(1, 3, 2) - b.narrow(1, 3, 2)).abs().max().double_value(&[]) > 1e-3);
+    common::assert_close(
+        &a.narrow(1, 0, 3),
+        &b.narrow(1, 0, 3),
+        1e-6,
+        0.0,
+        "past positions unaffected by the future",
+    )?;
+    assert!(
+        (a.narrow(1, 3, 2) - b.narrow(1, 3, 2))
+            .abs()
+            .max()
+            .double_value(&[])
+            > 1e-3
+    );
     Ok(())
 }
 
@@ -192,9 +310,23 @@ fn fused_layer_norm_and_gelu_equal_book_formulas() -> Result<()> {
         let _ = ln.shift.shallow_clone().uniform_(-0.5, 0.5);
     });
     let x = Tensor::randn([3, 4, 16], (Kind::Float, Device::Cpu)) * 3.0;
-    common::assert_close(&ln.forward(&x), &ln.forward_explicit(&x), 1e-5, 1e-5, "layer norm")?;
+    common::assert_close(
+        &ln.forward(&x),
+        &ln.forward_explicit(&x),
+        1e-5,
+        1e-5,
+        "layer norm",
+    )?;
     let out = ln.forward(&x);
-    common::assert_close(&out.mean_dim(-1, false, Kind::Float), &ln.shift.mean_dim(-1, false, Kind::Float).expand([3, 4], false), 0.6, 0.0, "mean")?;
+    common::assert_close(
+        &out.mean_dim(-1, false, Kind::Float),
+        &ln.shift
+            .mean_dim(-1, false, Kind::Float)
+            .expand([3, 4], false),
+        0.6,
+        0.0,
+        "mean",
+    )?;
     let g = Tensor::linspace(-6.0, 6.0, 101, (Kind::Float, Device::Cpu));
     common::assert_close(&gelu(&g), &gelu_explicit(&g), 1e-6, 1e-5, "gelu")?;
     Ok(())
@@ -205,18 +337,44 @@ fn fused_layer_norm_and_gelu_equal_book_formulas() -> Result<()> {
 fn mismatched_weights_name_the_tensor() -> Result<()> {
     let dir = fixture(&tiny(), 4)?;
     let vs = VarStore::new(Device::Cpu);
-    let _m = GptModel::new(&vs.root(), &GptConfig { emb_dim: 64, ..tiny() });
-    let err = llmlab::weights::load_gpt_state_dict(&vs, &dir.path().join("weights.safetensors")).unwrap_err();
+    let _m = GptModel::new(
+        &vs.root(),
+        &GptConfig {
+            emb_dim: 64,
+            ..tiny()
+        },
+    );
+    let err = llmlab::weights::load_gpt_state_dict(&vs, &dir.path().join("weights.safetensors"))
+        .unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("tok_emb.weight") && msg.contains("[97, 32]") && msg.contains("[97, 64]"), "{msg}");
+    assert!(
+        msg.contains("tok_emb.weight") && msg.contains("[97, 32]") && msg.contains("[97, 64]"),
+        "{msg}"
+    );
     let vs = VarStore::new(Device::Cpu);
-    let _m = GptModel::new(&vs.root(), &GptConfig { n_layers: 3, ..tiny() });
-    let msg = format!("{:#}", llmlab::weights::load_gpt_state_dict(&vs, &dir.path().join("weights.safetensors")).unwrap_err());
-    assert!(msg.contains("missing tensor 'trf_blocks.2.att.W_query.weight'"), "{msg}");
+    let _m = GptModel::new(
+        &vs.root(),
+        &GptConfig {
+            n_layers: 3,
+            ..tiny()
+        },
+    );
+    let msg = format!(
+        "{:#}",
+        llmlab::weights::load_gpt_state_dict(&vs, &dir.path().join("weights.safetensors"))
+            .unwrap_err()
+    );
+    assert!(
+        msg.contains("missing tensor 'trf_blocks.2.att.W_query.weight'"),
+        "{msg}"
+    );
     let bad = dir.path().join("truncated.safetensors");
     let bytes = std::fs::read(dir.path().join("weights.safetensors"))?;
     std::fs::write(&bad, &bytes[..bytes.len() / 2])?;
-    let msg = format!("{:#}", llmlab::weights::load_gpt_state_dict(&vs, &bad).unwrap_err());
+    let msg = format!(
+        "{:#}",
+        llmlab::weights::load_gpt_state_dict(&vs, &bad).unwrap_err()
+    );
     assert!(msg.contains("truncated.safetensors"), "{msg}");
     Ok(())
 }

@@ -47,11 +47,19 @@ fn data(action: DataAction) -> Result<()> {
                         .map(|a| a.url.as_str())
                         .or_else(|| ds.files.first().and_then(|f| f.url.as_deref()))
                         .unwrap_or("");
-                    println!("{name:<22} {:>4} file(s)  {}\n{:<22} {url}", ds.files.len(), ds.description, "");
+                    println!(
+                        "{name:<22} {:>4} file(s)  {}\n{:<22} {url}",
+                        ds.files.len(),
+                        ds.description,
+                        ""
+                    );
                 }
                 match crate::data::registry::mirror_root() {
                     Some(m) => println!("\nmirror: LLMLAB_DATA_MIRROR={}", m.display()),
-                    None => println!("\ncache: {}", crate::data::registry::cache_root().join("data").display()),
+                    None => println!(
+                        "\ncache: {}",
+                        crate::data::registry::cache_root().join("data").display()
+                    ),
                 }
             }
         }
@@ -67,13 +75,18 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
     let text = match (&a.text, &a.file) {
         (Some(t), _) => t.clone(),
         (None, Some(f)) => read_text(f)?,
-        (None, None) => return Err(LlmError::Usage("give --text TEXT or --file PATH".into()).into()),
+        (None, None) => {
+            return Err(LlmError::Usage("give --text TEXT or --file PATH".into()).into())
+        }
     };
     let tok = BpeTokenizer::load(&a.tokenizer)?;
     let ids = tok.encode(&text)?;
     match a.format {
         Format::Json => println!("{}", serde_json::json!({ "ids": ids })),
-        Format::Text => println!("{}", ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")),
+        Format::Text => println!(
+            "{}",
+            ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+        ),
     }
     Ok(())
 }
@@ -88,7 +101,11 @@ fn train_tokenizer(a: TrainTokenizerArgs) -> Result<()> {
     }
     let tok = train_bpe(&a.files, a.vocab_size, a.min_frequency)?;
     tok.save(&a.out)?;
-    println!("wrote {} (vocabulary of {} tokens)", a.out.display(), tok.vocab_size());
+    println!(
+        "wrote {} (vocabulary of {} tokens)",
+        a.out.display(),
+        tok.vocab_size()
+    );
     Ok(())
 }
 
@@ -168,25 +185,40 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         device_name(device)
     );
     let t0 = Instant::now();
-    let (vs, _model, result) = crate::train::pretrain_simple(&cfg, &text, &tok, &spec, device, |l| println!("{l}"))?;
+    let (vs, _model, result) =
+        crate::train::pretrain_simple(&cfg, &text, &tok, &spec, device, |l| println!("{l}"))?;
     println!("training took {:.1} s", t0.elapsed().as_secs_f64());
     if let Some(out) = &a.out {
         crate::weights::save_safetensors(&vs, &out.join("model.safetensors"))?;
-        crate::error::write_atomic(&out.join("config.yaml"), serde_yaml::to_string(&cfg)?.as_bytes())?;
+        crate::error::write_atomic(
+            &out.join("config.yaml"),
+            serde_yaml::to_string(&cfg)?.as_bytes(),
+        )?;
         let lines: String = result
             .evals
             .iter()
             .map(|e| serde_json::to_string(e).map(|s| s + "\n"))
             .collect::<Result<_, _>>()?;
         crate::error::write_atomic(&out.join("metrics.jsonl"), lines.as_bytes())?;
-        println!("saved model.safetensors, config.yaml and metrics.jsonl in {}", out.display());
+        println!(
+            "saved model.safetensors, config.yaml and metrics.jsonl in {}",
+            out.display()
+        );
     }
     Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
     match a.what {
-        BenchWhat::Forward { config, batch, seq, warmup, iters, manual_attention, compute } => {
+        BenchWhat::Forward {
+            config,
+            batch,
+            seq,
+            warmup,
+            iters,
+            manual_attention,
+            compute,
+        } => {
             let device = parse_device(&compute.device)?;
             set_threads(compute.threads);
             let cfg = GptConfig::load(&config)?;

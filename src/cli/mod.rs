@@ -5,7 +5,12 @@ use std::path::PathBuf;
 pub mod commands;
 
 #[derive(Parser, Debug)]
-#[command(name = "llmlab", version, about = "Build, pretrain, fine-tune and evaluate GPT-style LLMs the way 'Build a Large Language Model (From Scratch)' teaches it, on libtorch.", propagate_version = true)]
+#[command(
+    name = "llmlab",
+    version,
+    about = "Build, pretrain, fine-tune and evaluate GPT-style LLMs the way 'Build a Large Language Model (From Scratch)' teaches it, on libtorch.",
+    propagate_version = true
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

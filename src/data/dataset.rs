@@ -69,7 +69,13 @@ pub struct DataLoader {
 }
 
 impl DataLoader {
-    pub fn new(dataset: GptDataset, batch_size: usize, shuffle: bool, drop_last: bool, seed: u64) -> Result<Self, LlmError> {
+    pub fn new(
+        dataset: GptDataset,
+        batch_size: usize,
+        shuffle: bool,
+        drop_last: bool,
+        seed: u64,
+    ) -> Result<Self, LlmError> {
         if batch_size == 0 {
             return Err(LlmError::Usage("batch_size must be at least 1".into()));
         }
@@ -96,7 +102,8 @@ impl DataLoader {
     pub fn order(&self, epoch: usize) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.dataset.len()).collect();
         if self.shuffle {
-            let mut rng = StdRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64);
+            let mut rng =
+                StdRng::seed_from_u64(self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64);
             idx.shuffle(&mut rng);
         }
         idx
@@ -127,7 +134,11 @@ impl DataLoader {
     }
 
     /// All batches of one epoch, in order.
-    pub fn iter_epoch(&self, epoch: usize, device: Device) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
+    pub fn iter_epoch(
+        &self,
+        epoch: usize,
+        device: Device,
+    ) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
         let order = self.order(epoch);
         (0..self.num_batches()).map(move |b| self.batch_from_order(&order, b, device))
     }

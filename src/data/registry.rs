@@ -98,7 +98,9 @@ pub fn cache_root() -> PathBuf {
     if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(p).join("llmlab");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("llmlab")
 }
 
@@ -160,7 +162,10 @@ impl Registry {
                         path: p,
                         source: std::io::Error::new(
                             std::io::ErrorKind::NotFound,
-                            format!("data set '{name}' is not in the mirror LLMLAB_DATA_MIRROR={}", mirror.display()),
+                            format!(
+                                "data set '{name}' is not in the mirror LLMLAB_DATA_MIRROR={}",
+                                mirror.display()
+                            ),
                         ),
                     }
                     .into());
@@ -275,7 +280,11 @@ fn unpack(bytes: &[u8], kind: ArchiveKind) -> Result<BTreeMap<String, Vec<u8>>> 
             for entry in ar.entries()? {
                 let mut e = entry?;
                 if e.header().entry_type().is_file() {
-                    let name = e.path()?.to_string_lossy().trim_start_matches("./").to_string();
+                    let name = e
+                        .path()?
+                        .to_string_lossy()
+                        .trim_start_matches("./")
+                        .to_string();
                     let mut data = Vec::new();
                     e.read_to_end(&mut data)?;
                     out.insert(name, data);

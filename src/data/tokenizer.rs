@@ -113,10 +113,9 @@ impl SimpleTokenizerV1 {
         let pieces = ids
             .iter()
             .map(|i| {
-                self.int_to_str
-                    .get(i)
-                    .map(String::as_str)
-                    .ok_or_else(|| LlmError::Usage(format!("token id {i} is not in the vocabulary")))
+                self.int_to_str.get(i).map(String::as_str).ok_or_else(|| {
+                    LlmError::Usage(format!("token id {i} is not in the vocabulary"))
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(simple_decode(pieces))
@@ -170,16 +169,19 @@ impl BpeTokenizer {
                 .into());
             }
         }
-        let bpe = BPE::from_file(&encoder_json.to_string_lossy(), &vocab_bpe.to_string_lossy())
-            .build()
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| {
-                format!(
-                    "building GPT-2 BPE from {} and {}",
-                    encoder_json.display(),
-                    vocab_bpe.display()
-                )
-            })?;
+        let bpe = BPE::from_file(
+            &encoder_json.to_string_lossy(),
+            &vocab_bpe.to_string_lossy(),
+        )
+        .build()
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| {
+            format!(
+                "building GPT-2 BPE from {} and {}",
+                encoder_json.display(),
+                vocab_bpe.display()
+            )
+        })?;
         let mut tok = Tokenizer::new(bpe);
         tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tok.with_decoder(Some(ByteLevelDecoder::default()));
@@ -278,7 +280,11 @@ impl BpeTokenizer {
 
 /// Trains a byte-level BPE vocabulary on text files (`tokenizers`' BPE trainer); the result has
 /// `<|endoftext|>` as a special token and decodes every byte sequence.
-pub fn train_bpe(files: &[std::path::PathBuf], vocab_size: usize, min_frequency: u64) -> Result<BpeTokenizer> {
+pub fn train_bpe(
+    files: &[std::path::PathBuf],
+    vocab_size: usize,
+    min_frequency: u64,
+) -> Result<BpeTokenizer> {
     for f in files {
         crate::error::read_text(f)?; // clear error for missing / non-UTF-8 input
     }
@@ -293,7 +299,10 @@ pub fn train_bpe(files: &[std::path::PathBuf], vocab_size: usize, min_frequency:
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut trainer: TrainerWrapper = trainer.into();
-    let names = files.iter().map(|f| f.to_string_lossy().into_owned()).collect();
+    let names = files
+        .iter()
+        .map(|f| f.to_string_lossy().into_owned())
+        .collect();
     tok.train_from_files(&mut trainer, names)
         .map_err(|e| anyhow::anyhow!("BPE training failed: {e}"))?;
     Ok(BpeTokenizer { inner: tok })

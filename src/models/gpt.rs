@@ -29,11 +29,23 @@ pub struct GptConfig {
 
 /// Presets shipped in `configs/models/` (compiled in so the binary works from any folder).
 const PRESETS: &[(&str, &str)] = &[
-    ("gpt2-small", include_str!("../../configs/models/gpt2-small.yaml")),
-    ("gpt2-medium", include_str!("../../configs/models/gpt2-medium.yaml")),
-    ("gpt2-large", include_str!("../../configs/models/gpt2-large.yaml")),
+    (
+        "gpt2-small",
+        include_str!("../../configs/models/gpt2-small.yaml"),
+    ),
+    (
+        "gpt2-medium",
+        include_str!("../../configs/models/gpt2-medium.yaml"),
+    ),
+    (
+        "gpt2-large",
+        include_str!("../../configs/models/gpt2-large.yaml"),
+    ),
     ("gpt2-xl", include_str!("../../configs/models/gpt2-xl.yaml")),
-    ("gpt-mini", include_str!("../../configs/models/gpt-mini.yaml")),
+    (
+        "gpt-mini",
+        include_str!("../../configs/models/gpt-mini.yaml"),
+    ),
 ];
 
 impl GptConfig {
@@ -44,14 +56,15 @@ impl GptConfig {
 
     /// A built-in preset by name (`gpt2-small`, …, `gpt-mini`).
     pub fn preset(name: &str) -> Result<Self> {
-        let (_, text) = PRESETS
-            .iter()
-            .find(|(n, _)| *n == name)
-            .ok_or_else(|| LlmError::Unknown {
-                what: "model config preset",
-                name: name.into(),
-                expected: Self::preset_names(),
-            })?;
+        let (_, text) =
+            PRESETS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| LlmError::Unknown {
+                    what: "model config preset",
+                    name: name.into(),
+                    expected: Self::preset_names(),
+                })?;
         Self::from_yaml(text, &format!("preset {name}"))
     }
 
@@ -88,7 +101,11 @@ impl GptConfig {
         let d = self.emb_dim;
         let att = 4 * d * d + d + if self.qkv_bias { 3 * d } else { 0 };
         let block = att + 8 * d * d + 5 * d + 4 * d;
-        let head = if self.tie_weights { 0 } else { self.vocab_size * d };
+        let head = if self.tie_weights {
+            0
+        } else {
+            self.vocab_size * d
+        };
         self.vocab_size * d + self.context_length * d + self.n_layers * block + 2 * d + head
     }
 
@@ -116,7 +133,10 @@ impl GptConfig {
             )));
         }
         if !(0.0..1.0).contains(&self.drop_rate) {
-            return Err(err(format!("drop_rate = {}: expected a value in [0, 1)", self.drop_rate)));
+            return Err(err(format!(
+                "drop_rate = {}: expected a value in [0, 1)",
+                self.drop_rate
+            )));
         }
         Ok(())
     }
@@ -135,7 +155,14 @@ pub struct TransformerBlock {
 impl TransformerBlock {
     pub fn new(p: &nn::Path, cfg: &GptConfig) -> Self {
         Self {
-            att: MultiHeadAttention::new(&(p / "att"), cfg.emb_dim, cfg.emb_dim, cfg.n_heads, cfg.drop_rate, cfg.qkv_bias),
+            att: MultiHeadAttention::new(
+                &(p / "att"),
+                cfg.emb_dim,
+                cfg.emb_dim,
+                cfg.n_heads,
+                cfg.drop_rate,
+                cfg.qkv_bias,
+            ),
             ff: FeedForward::new(&(p / "ff"), cfg.emb_dim),
             norm1: LayerNorm::new(&(p / "norm1"), cfg.emb_dim),
             norm2: LayerNorm::new(&(p / "norm2"), cfg.emb_dim),
@@ -145,9 +172,15 @@ impl TransformerBlock {
 
     /// `(b, n, emb_dim)` → `(b, n, emb_dim)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let h = self.att.forward_t(&self.norm1.forward(x), train).dropout(self.drop_rate, train);
+        let h = self
+            .att
+            .forward_t(&self.norm1.forward(x), train)
+            .dropout(self.drop_rate, train);
         let x = x + h; // shortcut
-        let h = self.ff.forward(&self.norm2.forward(&x)).dropout(self.drop_rate, train);
+        let h = self
+            .ff
+            .forward(&self.norm2.forward(&x))
+            .dropout(self.drop_rate, train);
         x + h
     }
 }
@@ -168,7 +201,10 @@ impl GptModel {
     /// Creates the model's variables under `p` (fresh random weights; load a checkpoint after).
     pub fn new(p: &nn::Path, cfg: &GptConfig) -> Self {
         let emb_cfg = nn::EmbeddingConfig {
-            ws_init: nn::Init::Randn { mean: 0.0, stdev: 1.0 }, // torch.nn.Embedding's N(0, 1)
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            }, // torch.nn.Embedding's N(0, 1)
             ..Default::default()
         };
         let trf = p / "trf_blocks";
@@ -176,10 +212,20 @@ impl GptModel {
             cfg: cfg.clone(),
             tok_emb: nn::embedding(p / "tok_emb", cfg.vocab_size, cfg.emb_dim, emb_cfg),
             pos_emb: nn::embedding(p / "pos_emb", cfg.context_length, cfg.emb_dim, emb_cfg),
-            trf_blocks: (0..cfg.n_layers).map(|i| TransformerBlock::new(&(&trf / i), cfg)).collect(),
+            trf_blocks: (0..cfg.n_layers)
+                .map(|i| TransformerBlock::new(&(&trf / i), cfg))
+                .collect(),
             final_norm: LayerNorm::new(&(p / "final_norm"), cfg.emb_dim),
             out_head: (!cfg.tie_weights).then(|| {
-                nn::linear(p / "out_head", cfg.emb_dim, cfg.vocab_size, nn::LinearConfig { bias: false, ..Default::default() })
+                nn::linear(
+                    p / "out_head",
+                    cfg.emb_dim,
+                    cfg.vocab_size,
+                    nn::LinearConfig {
+                        bias: false,
+                        ..Default::default()
+                    },
+                )
             }),
         }
     }
@@ -231,7 +277,11 @@ impl ParamStats {
     /// From the config alone (no weights allocated; works for gpt2-xl on a laptop).
     pub fn from_config(cfg: &GptConfig) -> Self {
         let total = cfg.num_params();
-        let without_head = GptConfig { tie_weights: true, ..cfg.clone() }.num_params();
+        let without_head = GptConfig {
+            tie_weights: true,
+            ..cfg.clone()
+        }
+        .num_params();
         Self {
             total_params: total,
             params_without_out_head: without_head,
@@ -258,7 +308,12 @@ pub fn param_stats(vs: &nn::VarStore) -> ParamStats {
 
 /// Book §4.7 `generate_text_simple`: greedy decoding, recomputing the whole context each step.
 /// `idx` is `(b, n)`; returns `(b, n + max_new_tokens)`.
-pub fn generate_text_simple(model: &GptModel, idx: &Tensor, max_new_tokens: i64, context_size: i64) -> Tensor {
+pub fn generate_text_simple(
+    model: &GptModel,
+    idx: &Tensor,
+    max_new_tokens: i64,
+    context_size: i64,
+) -> Tensor {
     let _guard = tch::no_grad_guard();
     let mut idx = idx.shallow_clone();
     for _ in 0..max_new_tokens {

@@ -45,7 +45,15 @@ pub struct SelfAttentionV2 {
 }
 
 fn proj(p: &nn::Path, name: &str, d_in: i64, d_out: i64, bias: bool) -> nn::Linear {
-    nn::linear(p / name, d_in, d_out, nn::LinearConfig { bias, ..Default::default() })
+    nn::linear(
+        p / name,
+        d_in,
+        d_out,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    )
 }
 
 impl SelfAttentionV2 {
@@ -63,7 +71,8 @@ impl SelfAttentionV2 {
         let queries = self.w_query.forward(x);
         let values = self.w_value.forward(x);
         let d_k = *keys.size().last().unwrap_or(&1) as f64;
-        let attn_weights = (queries.matmul(&keys.transpose(-2, -1)) / d_k.sqrt()).softmax(-1, keys.kind());
+        let attn_weights =
+            (queries.matmul(&keys.transpose(-2, -1)) / d_k.sqrt()).softmax(-1, keys.kind());
         attn_weights.matmul(&values)
     }
 }
@@ -118,7 +127,14 @@ pub struct MultiHeadAttentionWrapper {
 }
 
 impl MultiHeadAttentionWrapper {
-    pub fn new(p: &nn::Path, d_in: i64, d_out: i64, num_heads: i64, dropout: f64, qkv_bias: bool) -> Self {
+    pub fn new(
+        p: &nn::Path,
+        d_in: i64,
+        d_out: i64,
+        num_heads: i64,
+        dropout: f64,
+        qkv_bias: bool,
+    ) -> Self {
         let heads = (0..num_heads)
             .map(|i| CausalAttention::new(&(p / "heads" / i), d_in, d_out, dropout, qkv_bias))
             .collect();
@@ -158,8 +174,18 @@ pub struct MultiHeadAttention {
 }
 
 impl MultiHeadAttention {
-    pub fn new(p: &nn::Path, d_in: i64, d_out: i64, num_heads: i64, dropout: f64, qkv_bias: bool) -> Self {
-        assert!(d_out % num_heads == 0, "d_out must be divisible by num_heads (checked by config validation)");
+    pub fn new(
+        p: &nn::Path,
+        d_in: i64,
+        d_out: i64,
+        num_heads: i64,
+        dropout: f64,
+        qkv_bias: bool,
+    ) -> Self {
+        assert!(
+            d_out % num_heads == 0,
+            "d_out must be divisible by num_heads (checked by config validation)"
+        );
         Self {
             w_query: proj(p, "W_query", d_in, d_out, qkv_bias),
             w_key: proj(p, "W_key", d_in, d_out, qkv_bias),
@@ -192,14 +218,19 @@ impl MultiHeadAttention {
     /// `(b, n, d_out)` → `(b, num_heads, n, head_dim)`.
     fn split_heads(&self, t: &Tensor) -> Tensor {
         let (b, n, _) = t.size3().expect("3-d activations");
-        t.view([b, n, self.num_heads, self.head_dim]).transpose(1, 2)
+        t.view([b, n, self.num_heads, self.head_dim])
+            .transpose(1, 2)
     }
 
     /// `x`: `(b, num_tokens, d_in)` → `(b, num_tokens, d_out)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, d_in)");
         let (q, k, v) = self.qkv(x);
-        let (q, k, v) = (self.split_heads(&q), self.split_heads(&k), self.split_heads(&v));
+        let (q, k, v) = (
+            self.split_heads(&q),
+            self.split_heads(&k),
+            self.split_heads(&v),
+        );
         let ctx = self.attend(&q, &k, &v, train); // (b, num_heads, n, head_dim)
         let ctx = ctx.transpose(1, 2).contiguous().view([b, n, self.d_out]);
         self.out_proj.forward(&ctx)
@@ -214,11 +245,22 @@ impl MultiHeadAttention {
         match self.imp {
             AttentionImpl::Sdpa => {
                 if n_q == n_k {
-                    Tensor::scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false)
+                    Tensor::scaled_dot_product_attention::<Tensor>(
+                        q, k, v, None, p, true, None, false,
+                    )
                 } else {
                     // is_causal aligns the mask top-left; with a cache the queries sit at the end.
                     let allowed = causal_mask(n_q, n_k, q.device()).logical_not();
-                    Tensor::scaled_dot_product_attention(q, k, v, Some(allowed), p, false, None, false)
+                    Tensor::scaled_dot_product_attention(
+                        q,
+                        k,
+                        v,
+                        Some(allowed),
+                        p,
+                        false,
+                        None,
+                        false,
+                    )
                 }
             }
             AttentionImpl::Manual => {

@@ -33,7 +33,13 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.scale), Some(&self.shift), self.eps, true)
+        x.layer_norm(
+            [self.dim],
+            Some(&self.scale),
+            Some(&self.shift),
+            self.eps,
+            true,
+        )
     }
 }
 

@@ -3,5 +3,8 @@
 pub mod attention;
 pub mod layers;
 
-pub use attention::{AttentionImpl, CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper, SelfAttentionV1, SelfAttentionV2};
+pub use attention::{
+    AttentionImpl, CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper, SelfAttentionV1,
+    SelfAttentionV2,
+};
 pub use layers::{FeedForward, LayerNorm};

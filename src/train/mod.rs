@@ -16,7 +16,12 @@ pub fn calc_loss_batch(model: &GptModel, input: &Tensor, target: &Tensor, train:
 }
 
 /// Book `calc_loss_loader`: mean batch loss over the first `num_batches` batches (all if `None`).
-pub fn calc_loss_loader(model: &GptModel, loader: &DataLoader, num_batches: Option<usize>, device: Device) -> f64 {
+pub fn calc_loss_loader(
+    model: &GptModel,
+    loader: &DataLoader,
+    num_batches: Option<usize>,
+    device: Device,
+) -> f64 {
     let n = num_batches.map_or(loader.num_batches(), |k| k.min(loader.num_batches()));
     if n == 0 {
         return f64::NAN;
@@ -74,7 +79,10 @@ pub fn pretrain_simple(
 ) -> Result<(nn::VarStore, GptModel, SimpleTrainResult)> {
     crate::device::seed_everything(spec.seed);
     let split = (spec.train_ratio * text.len() as f64) as usize;
-    let split = (0..=split).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let split = (0..=split)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     let (train_text, val_text) = text.split_at(split);
     let ctx = cfg.context_length as usize;
     let train_ds = GptDataset::new(&tok.encode(train_text)?, ctx, ctx)?;
@@ -92,7 +100,11 @@ pub fn pretrain_simple(
 
     let vs = nn::VarStore::new(device);
     let model = GptModel::new(&vs.root(), cfg);
-    let mut opt = nn::AdamW { wd: spec.weight_decay, ..Default::default() }.build(&vs, spec.lr)?;
+    let mut opt = nn::AdamW {
+        wd: spec.weight_decay,
+        ..Default::default()
+    }
+    .build(&vs, spec.lr)?;
     let mut evals = Vec::new();
     let mut samples = Vec::new();
     let (mut tokens_seen, mut step) = (0usize, 0usize);
@@ -107,13 +119,20 @@ pub fn pretrain_simple(
             tokens_seen += x.numel();
             step += 1;
             if spec.eval_freq > 0 && step % spec.eval_freq == 0 {
-                let train_loss = calc_loss_loader(&model, &train_loader, Some(spec.eval_iter), device);
+                let train_loss =
+                    calc_loss_loader(&model, &train_loader, Some(spec.eval_iter), device);
                 let val_loss = calc_loss_loader(&model, &val_loader, Some(spec.eval_iter), device);
                 log(&format!(
                     "Ep {} (Step {step:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}",
                     epoch + 1
                 ));
-                evals.push(EvalPoint { epoch: epoch + 1, step, tokens_seen, train_loss, val_loss });
+                evals.push(EvalPoint {
+                    epoch: epoch + 1,
+                    step,
+                    tokens_seen,
+                    train_loss,
+                    val_loss,
+                });
             }
         }
         let sample = sample_text(&model, tok, &spec.start_context, spec.sample_tokens, device)?;
@@ -124,7 +143,13 @@ pub fn pretrain_simple(
 }
 
 /// Book `generate_and_print_sample`: greedy continuation of a prompt.
-pub fn sample_text(model: &GptModel, tok: &BpeTokenizer, prompt: &str, max_new_tokens: i64, device: Device) -> Result<String> {
+pub fn sample_text(
+    model: &GptModel,
+    tok: &BpeTokenizer,
+    prompt: &str,
+    max_new_tokens: i64,
+    device: Device,
+) -> Result<String> {
     let ids: Vec<i64> = tok.encode(prompt)?.into_iter().map(i64::from).collect();
     let idx = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
     let out = generate_text_simple(model, &idx, max_new_tokens, model.cfg.context_length);

@@ -49,7 +49,9 @@ pub fn load_into(
     }
     for name in tensors.keys() {
         if !vars.contains_key(name) && !ignored(name) {
-            problems.push(format!("unexpected tensor '{name}' (not a variable of this model)"));
+            problems.push(format!(
+                "unexpected tensor '{name}' (not a variable of this model)"
+            ));
         }
     }
     if !problems.is_empty() {

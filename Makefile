@@ -1,0 +1,63 @@
+# llmlab: the two commands a newcomer needs are `make run` and `make test`.
+#
+# Python (a project-local venv, overridable with LLMLAB_VENV) provides libtorch (torch==2.11.0,
+# CUDA-enabled build) for tch to link against, plus the reference tools the tests call.
+SHELL := /bin/bash
+VENV ?= $(if $(LLMLAB_VENV),$(LLMLAB_VENV),.venv)
+VENV_ABS := $(abspath $(VENV))
+PY := $(VENV_ABS)/bin/python
+REQS := tests/reference/requirements.txt
+STAMP := $(VENV_ABS)/.llmlab-setup
+
+export VIRTUAL_ENV := $(VENV_ABS)
+export PATH := $(VENV_ABS)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export LLMLAB_PYTHON := $(PY)
+# Offline data: use ../shared/data when it exists and no mirror was given.
+ifeq ($(origin LLMLAB_DATA_MIRROR), undefined)
+  ifneq ($(wildcard ../shared/data/README.md),)
+    export LLMLAB_DATA_MIRROR := $(abspath ../shared/data)
+  endif
+endif
+
+BIN := target/release/llmlab
+
+.PHONY: setup build run test bench tensorboard fmt lint clean help
+
+help:
+	@echo "make run    - install, build, run the default experiment"
+	@echo "make test   - install, build, fmt/clippy checks and all tests"
+	@echo "make bench  - llmlab vs PyTorch benchmarks (figures + ratios)"
+	@echo "make setup | build | tensorboard | clean"
+
+# Idempotent: re-runs pip only when the requirements change or the venv is missing.
+setup: $(STAMP)
+$(STAMP): $(REQS)
+	@test -x $(PY) || python3 -m venv $(VENV_ABS)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r $(REQS)
+	@touch $(STAMP)
+
+build: setup
+	cargo build --release
+	@ldd $(BIN) | grep -q libtorch_cuda.so || { echo "error: $(BIN) does not link libtorch_cuda.so"; exit 1; }
+
+run: build
+	$(BIN) pretrain --config gpt-mini --data the-verdict --epochs 4 --batch-size 4 --context-length 64 \
+	  --lr 1e-3 --eval-freq 5 --eval-iter 2 --device auto --out runs/quickstart
+
+test: setup
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	cargo test --release -- --test-threads=1
+
+bench: build
+	$(PY) tests/reference/bench_forward.py --llmlab $(BIN) --config gpt2-small --batch 2 --seq 256 --threads 2
+
+tensorboard: setup
+	$(PY) -m tensorboard.main --logdir runs --bind_all
+
+fmt:
+	cargo fmt
+
+clean:
+	cargo clean
