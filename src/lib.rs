@@ -12,8 +12,10 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod models;
 pub mod nn;
+pub mod plot;
 pub mod train;
 pub mod weights;
 

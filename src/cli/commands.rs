@@ -1,10 +1,13 @@
 //! What each subcommand does: parse nothing, validate at the boundary, call the library.
 use super::*;
+use crate::data::tokenizer::END_OF_TEXT_ID;
 use crate::data::{registry::Registry, tokenizer::train_bpe, BpeTokenizer};
 use crate::device::{device_name, parse_device, set_threads};
 use crate::error::{read_text, LlmError};
-use crate::models::{gpt::ParamStats, GptConfig, GptModel};
+use crate::generate::{generate, GenerateSpec};
+use crate::models::{gpt::ParamStats, GptConfig, GptModel, ModelSource};
 use crate::nn::AttentionImpl;
+use crate::train::PretrainSpec;
 use anyhow::Result;
 use std::path::Path;
 use std::time::Instant;
@@ -15,7 +18,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::TrainTokenizer(a) => train_tokenizer(a),
         Command::ModelInfo(a) => model_info(a),
-        Command::Pretrain(a) => pretrain(a),
+        Command::Pretrain(a) => pretrain(*a),
+        Command::Generate(a) => generate_cmd(a),
+        Command::Download(a) => download(a),
         Command::Bench(a) => bench(a),
     }
 }
@@ -127,84 +132,155 @@ fn model_info(a: ModelInfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Resolves `--data`: a registered data set (its first file) or a text file.
-fn data_text(spec: &str) -> Result<String> {
-    let p = Path::new(spec);
-    if p.is_file() {
-        return Ok(read_text(p)?);
+/// The pretraining spec: the YAML file (if any) with the flags applied on top.
+fn pretrain_spec(a: &PretrainArgs) -> Result<PretrainSpec> {
+    let mut spec = match &a.file {
+        Some(f) => PretrainSpec::from_file(f)?,
+        None => PretrainSpec::from_yaml(
+            DEFAULT_PRETRAIN,
+            "built-in defaults (gpt-mini on the-verdict)",
+        )?,
+    };
+    if let Some(c) = &a.config {
+        spec.model.preset = Some(c.clone());
+        spec.model.init_from = None;
     }
-    let reg = Registry::builtin()?;
-    if reg.datasets.contains_key(spec) {
-        let dir = reg.fetch(spec)?;
-        let first = &reg.get(spec)?.files[0].path;
-        return Ok(read_text(&dir.join(first))?);
+    if let Some(i) = &a.init_from {
+        spec.model.init_from = Some(i.clone());
+        spec.model.preset = None;
     }
-    Err(LlmError::Io {
-        path: p.to_path_buf(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!(
-                "not a file and not a registered data set ({})",
-                reg.datasets.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        ),
+    if let Some(d) = &a.data {
+        if Path::new(d).is_file() {
+            spec.data.path = Some(d.into());
+            spec.data.dataset = None;
+        } else {
+            spec.data.dataset = Some(d.clone());
+            spec.data.path = None;
+        }
     }
-    .into())
+    let o = &mut spec.model.overrides;
+    o.context_length = a.context_length.or(o.context_length);
+    o.drop_rate = a.drop_rate.or(o.drop_rate);
+    let t = &mut spec.train;
+    macro_rules! set {
+        ($($flag:ident => $field:expr),*) => { $( if let Some(v) = a.$flag { $field = v; } )* };
+    }
+    set!(epochs => t.epochs, batch_size => t.batch_size, lr => t.lr, weight_decay => t.weight_decay,
+         eval_freq => t.eval_freq, eval_iter => t.eval_iter, grad_accum_steps => t.grad_accum_steps,
+         checkpoint_every => t.checkpoint_every, seed => spec.seed, sample_tokens => spec.generate.max_new_tokens);
+    if a.max_grad_norm.is_some() {
+        t.max_grad_norm = a.max_grad_norm;
+    }
+    if a.compute.threads.is_some() {
+        t.threads = a.compute.threads;
+    }
+    if let Some(p) = &a.prompt {
+        spec.generate.prompt = p.clone();
+    }
+    if let Some(n) = &a.name {
+        spec.name = n.clone();
+    }
+    spec.validate("command line")?;
+    Ok(spec)
 }
+
+/// What `llmlab pretrain` does without a file: a small GPT on the-verdict.
+const DEFAULT_PRETRAIN: &str = "name: pretrain-mini
+model: {preset: gpt-mini}
+data: {dataset: the-verdict}
+train: {epochs: 5, batch_size: 2, lr: 4.0e-4, weight_decay: 0.1, eval_freq: 5, eval_iter: 5}
+";
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
     let device = parse_device(&a.compute.device)?;
-    set_threads(a.compute.threads);
-    let mut cfg = GptConfig::load(&a.config)?;
-    if let Some(c) = a.context_length {
-        cfg.context_length = c;
-    }
-    cfg.validate("--context-length")?;
-    let text = data_text(&a.data)?;
-    let tok = BpeTokenizer::gpt2()?;
-    let spec = crate::train::SimpleTrainSpec {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr,
-        weight_decay: a.weight_decay,
-        eval_freq: a.eval_freq,
-        eval_iter: a.eval_iter,
-        train_ratio: 0.9,
-        seed: a.seed,
-        start_context: a.prompt.clone(),
-        sample_tokens: a.sample_tokens,
-    };
+    let spec = pretrain_spec(&a)?;
+    let run_dir = a
+        .out
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(&spec.name));
     println!(
-        "pretraining {} ({} layers, emb {}, context {}) on {} ({} characters), device {}",
-        a.config,
-        cfg.n_layers,
-        cfg.emb_dim,
-        cfg.context_length,
-        a.data,
-        text.chars().count(),
+        "run {} -> {} on {}",
+        spec.name,
+        run_dir.display(),
         device_name(device)
     );
     let t0 = Instant::now();
-    let (vs, _model, result) =
-        crate::train::pretrain_simple(&cfg, &text, &tok, &spec, device, |l| println!("{l}"))?;
-    println!("training took {:.1} s", t0.elapsed().as_secs_f64());
-    if let Some(out) = &a.out {
-        crate::weights::save_safetensors(&vs, &out.join("model.safetensors"))?;
-        crate::error::write_atomic(
-            &out.join("config.yaml"),
-            serde_yaml::to_string(&cfg)?.as_bytes(),
-        )?;
-        let lines: String = result
-            .evals
-            .iter()
-            .map(|e| serde_json::to_string(e).map(|s| s + "\n"))
-            .collect::<Result<_, _>>()?;
-        crate::error::write_atomic(&out.join("metrics.jsonl"), lines.as_bytes())?;
+    let out = crate::train::pretrain(&spec, &run_dir, device, a.restart, &mut |l| println!("{l}"))?;
+    if !out.already_finished {
+        if let Some(last) = out.evals.last() {
+            println!(
+                "done in {:.1} s: {} steps, train loss {:.3}, val loss {:.3} (perplexity {:.1})",
+                t0.elapsed().as_secs_f64(),
+                out.total_steps,
+                last.train_loss,
+                last.val_loss,
+                crate::train::perplexity(last.val_loss)
+            );
+        }
         println!(
-            "saved model.safetensors, config.yaml and metrics.jsonl in {}",
-            out.display()
+            "wrote model.safetensors, model.yaml, metrics.jsonl, samples.jsonl, losses.png in {}",
+            run_dir.display()
         );
     }
+    Ok(())
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let device = parse_device(&a.compute.device)?;
+    set_threads(a.compute.threads);
+    let spec = GenerateSpec {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        eos_id: if a.ignore_eos {
+            None
+        } else {
+            Some(END_OF_TEXT_ID as i64)
+        },
+        use_cache: !a.no_cache,
+    };
+    spec.validate()?;
+    let source = ModelSource::parse(&a.model)?;
+    if let ModelSource::Fresh(_) = source {
+        crate::device::seed_everything(a.seed.unwrap_or(123));
+    }
+    let (_vs, model) = source.load(device)?;
+    let tok = BpeTokenizer::gpt2()?;
+    let prompt_ids: Vec<i64> = tok.encode(&a.prompt)?.into_iter().map(i64::from).collect();
+    let gen = generate(&model, &prompt_ids, &spec)?;
+    let mut all = prompt_ids.clone();
+    all.extend(&gen.ids);
+    let as_u32 = |v: &[i64]| v.iter().map(|&i| i as u32).collect::<Vec<_>>();
+    let text = tok.decode(&as_u32(&gen.ids))?;
+    match a.format {
+        Format::Json => println!(
+            "{}",
+            serde_json::json!({"prompt_ids": prompt_ids, "ids": gen.ids, "text": text, "stopped_at_eos": gen.stopped_at_eos})
+        ),
+        Format::Text => {
+            println!("{}", tok.decode(&as_u32(&all))?);
+            let n = gen.ids.len().saturating_sub(1).max(1) as f64;
+            eprintln!(
+                "[{} new tokens; prompt {:.3} s; decode {:.1} tokens/s; {}]",
+                gen.ids.len(),
+                gen.prompt_seconds,
+                n / gen.decode_seconds.max(1e-9),
+                if spec.use_cache {
+                    "KV cache"
+                } else {
+                    "no cache"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn download(a: DownloadArgs) -> Result<()> {
+    let dir = crate::weights::hub::download_gpt2(&a.name)?;
+    println!("{}", dir.display());
     Ok(())
 }
 

@@ -29,8 +29,12 @@ pub enum Command {
     TrainTokenizer(TrainTokenizerArgs),
     /// Parameter count and memory footprint of a model config (book §4.6).
     ModelInfo(ModelInfoArgs),
-    /// Pretrain a GPT on a text with the book's simple loop (ch05 §5.2) and print samples.
-    Pretrain(PretrainArgs),
+    /// Pretrain (or continue pretraining) a GPT on a text (book ch05, appendix D); resumable.
+    Pretrain(Box<PretrainArgs>),
+    /// Generate text from a model: greedy, temperature, top-k, top-p (KV cache by default).
+    Generate(GenerateArgs),
+    /// Download OpenAI's GPT-2 weights (Hugging Face format) into the cache; prints the folder.
+    Download(DownloadArgs),
     /// Micro-benchmarks (forward tokens/s); `make bench` runs them beside PyTorch.
     Bench(BenchArgs),
 }
@@ -108,42 +112,102 @@ pub struct ModelInfoArgs {
 
 #[derive(Args, Debug)]
 pub struct PretrainArgs {
-    /// Model preset or YAML file.
-    #[arg(long, default_value = "gpt-mini")]
-    pub config: String,
-    /// A registered data set name (its first file) or a UTF-8 text file.
-    #[arg(long, default_value = "the-verdict")]
-    pub data: String,
-    /// Override the preset's context_length (windows are this long, stride equal).
+    /// Experiment YAML (`task: pretrain`), e.g. experiments/pretrain_verdict.yaml. Without it,
+    /// the flags below describe the run (defaults: gpt-mini on the-verdict).
+    pub file: Option<PathBuf>,
+    /// Model preset or config YAML (ignored with --init-from).
+    #[arg(long)]
+    pub config: Option<String>,
+    /// Continue pretraining from these weights: a run/model folder, a .safetensors checkpoint, or gpt2:DIR.
+    #[arg(long)]
+    pub init_from: Option<String>,
+    /// A registered data set name or a UTF-8 text file.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Override the model's context_length (windows are this long; stride equal by default).
     #[arg(long)]
     pub context_length: Option<i64>,
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 2)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 4e-4)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 0.1)]
-    pub weight_decay: f64,
+    /// Override the model's drop_rate.
+    #[arg(long)]
+    pub drop_rate: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
     /// Evaluate every N optimizer steps.
-    #[arg(long, default_value_t = 5)]
-    pub eval_freq: usize,
+    #[arg(long)]
+    pub eval_freq: Option<usize>,
     /// Batches per evaluation.
-    #[arg(long, default_value_t = 5)]
-    pub eval_iter: usize,
-    #[arg(long, default_value_t = 123)]
-    pub seed: u64,
+    #[arg(long)]
+    pub eval_iter: Option<usize>,
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub grad_accum_steps: Option<usize>,
+    /// Clip the global gradient norm.
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Save a checkpoint every N steps (0: at each epoch end).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Prompt of the sample printed after each epoch.
-    #[arg(long, default_value = "Every effort moves you")]
-    pub prompt: String,
+    #[arg(long)]
+    pub prompt: Option<String>,
     /// Tokens generated per sample.
-    #[arg(long, default_value_t = 50)]
-    pub sample_tokens: i64,
-    /// Folder for model.safetensors, config.yaml and metrics.jsonl.
+    #[arg(long)]
+    pub sample_tokens: Option<usize>,
+    /// Run name (results in runs/<name> unless --out is given).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Run folder (default runs/<name>); a folder with a checkpoint is resumed.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Delete the run folder's previous state and start over.
+    #[arg(long)]
+    pub restart: bool,
     #[command(flatten)]
     pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A preset (fresh weights), a run or model folder, a .safetensors checkpoint, or gpt2:DIR.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 50)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Recompute the whole window for each token instead of using the KV cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Keep generating past <|endoftext|>.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    /// gpt2-small | gpt2-medium | gpt2-large | gpt2-xl
+    pub name: String,
 }
 
 #[derive(Args, Debug)]

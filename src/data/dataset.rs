@@ -112,10 +112,11 @@ impl DataLoader {
     /// Batch `b` of epoch `epoch` as `(inputs, targets)`, each `(batch, max_length)` int64.
     pub fn batch(&self, epoch: usize, b: usize, device: Device) -> (Tensor, Tensor) {
         let order = self.order(epoch);
-        self.batch_from_order(&order, b, device)
+        self.batch_in_order(&order, b, device)
     }
 
-    fn batch_from_order(&self, order: &[usize], b: usize, device: Device) -> (Tensor, Tensor) {
+    /// Batch `b` of a window order from [`order`](Self::order).
+    pub fn batch_in_order(&self, order: &[usize], b: usize, device: Device) -> (Tensor, Tensor) {
         let lo = b * self.batch_size;
         let hi = (lo + self.batch_size).min(order.len());
         let t = self.dataset.max_length as i64;
@@ -140,6 +141,6 @@ impl DataLoader {
         device: Device,
     ) -> impl Iterator<Item = (Tensor, Tensor)> + '_ {
         let order = self.order(epoch);
-        (0..self.num_batches()).map(move |b| self.batch_from_order(&order, b, device))
+        (0..self.num_batches()).map(move |b| self.batch_in_order(&order, b, device))
     }
 }

@@ -4,6 +4,7 @@
 //! `pos_emb.weight`, `trf_blocks.{i}.att.W_query.weight`, `trf_blocks.{i}.ff.layers.0.weight`,
 //! `trf_blocks.{i}.norm1.scale`, `final_norm.shift`, `out_head.weight`, …
 use crate::error::LlmError;
+use crate::nn::attention::KvCache;
 use crate::nn::{AttentionImpl, FeedForward, LayerNorm, MultiHeadAttention};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -172,9 +173,14 @@ impl TransformerBlock {
 
     /// `(b, n, emb_dim)` → `(b, n, emb_dim)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_cached(x, None, train)
+    }
+
+    /// As [`forward_t`](Self::forward_t), appending to a KV cache when one is given.
+    pub fn forward_cached(&self, x: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let h = self
             .att
-            .forward_t(&self.norm1.forward(x), train)
+            .forward_cached(&self.norm1.forward(x), cache, train)
             .dropout(self.drop_rate, train);
         let x = x + h; // shortcut
         let h = self
@@ -239,15 +245,57 @@ impl GptModel {
 
     /// Token ids `(b, n)` → hidden states after `final_norm`, `(b, n, emb_dim)`.
     pub fn hidden_t(&self, in_idx: &Tensor, train: bool) -> Tensor {
+        self.hidden_cached(in_idx, None, train)
+    }
+
+    /// As [`hidden_t`](Self::hidden_t); with a cache the tokens continue the cached sequence
+    /// (their positions start at the cache length).
+    pub fn hidden_cached(
+        &self,
+        in_idx: &Tensor,
+        cache: Option<&mut GptCache>,
+        train: bool,
+    ) -> Tensor {
         let (_b, n) = in_idx.size2().expect("in_idx is (batch, num_tokens)");
+        let start = cache.as_ref().map_or(0, |c| c.len());
         let tok_embeds = self.tok_emb.forward(in_idx); // (b, n, emb_dim)
-        let pos = Tensor::arange(n, (Kind::Int64, in_idx.device()));
+        let pos = Tensor::arange_start(start, start + n, (Kind::Int64, in_idx.device()));
         let pos_embeds = self.pos_emb.forward(&pos); // (n, emb_dim)
         let mut x = (tok_embeds + pos_embeds).dropout(self.cfg.drop_rate, train);
-        for block in &self.trf_blocks {
-            x = block.forward_t(&x, train);
+        match cache {
+            None => {
+                for block in &self.trf_blocks {
+                    x = block.forward_t(&x, train);
+                }
+            }
+            Some(c) => {
+                for (block, layer) in self.trf_blocks.iter().zip(c.layers.iter_mut()) {
+                    x = block.forward_cached(&x, Some(layer), train);
+                }
+            }
         }
         self.final_norm.forward(&x)
+    }
+
+    /// An empty KV cache for `batch` sequences of up to `context_length` tokens.
+    pub fn new_cache(&self, batch: i64) -> GptCache {
+        let kind = self.tok_emb.ws.kind();
+        let dev = self.tok_emb.ws.device();
+        let h = self.cfg.n_heads;
+        GptCache {
+            layers: (0..self.cfg.n_layers)
+                .map(|_| {
+                    KvCache::new(
+                        batch,
+                        h,
+                        self.cfg.context_length,
+                        self.cfg.emb_dim / h,
+                        kind,
+                        dev,
+                    )
+                })
+                .collect(),
+        }
     }
 
     /// Projects hidden states to vocabulary logits.
@@ -261,6 +309,31 @@ impl GptModel {
     /// Token ids `(b, n)` → logits `(b, n, vocab_size)`.
     pub fn forward_t(&self, in_idx: &Tensor, train: bool) -> Tensor {
         self.logits(&self.hidden_t(in_idx, train))
+    }
+}
+
+/// One [`KvCache`] per transformer block.
+#[derive(Debug)]
+pub struct GptCache {
+    pub layers: Vec<KvCache>,
+}
+
+impl GptCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> i64 {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.layers.first().map_or(0, KvCache::capacity)
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
     }
 }
 

@@ -224,6 +224,12 @@ impl MultiHeadAttention {
 
     /// `x`: `(b, num_tokens, d_in)` → `(b, num_tokens, d_out)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_cached(x, None, train)
+    }
+
+    /// As [`forward_t`](Self::forward_t); with a cache, the keys/values of `x` are appended to
+    /// it and the queries attend over everything cached so far (book ch04 KV-cache bonus).
+    pub fn forward_cached(&self, x: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, d_in)");
         let (q, k, v) = self.qkv(x);
         let (q, k, v) = (
@@ -231,7 +237,13 @@ impl MultiHeadAttention {
             self.split_heads(&k),
             self.split_heads(&v),
         );
-        let ctx = self.attend(&q, &k, &v, train); // (b, num_heads, n, head_dim)
+        let ctx = match cache {
+            None => self.attend(&q, &k, &v, train), // (b, num_heads, n, head_dim)
+            Some(c) => {
+                let (k_all, v_all) = c.append(&k, &v);
+                self.attend(&q, &k_all, &v_all, train)
+            }
+        };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, n, self.d_out]);
         self.out_proj.forward(&ctx)
     }
@@ -273,5 +285,60 @@ impl MultiHeadAttention {
                 attn_weights.matmul(v)
             }
         }
+    }
+}
+
+/// Pre-allocated keys and values of one attention layer: `(b, num_heads, capacity, head_dim)`
+/// buffers filled up to `len`, so decoding a token copies one row instead of re-allocating.
+#[derive(Debug)]
+pub struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    len: i64,
+}
+
+impl KvCache {
+    pub fn new(
+        b: i64,
+        num_heads: i64,
+        capacity: i64,
+        head_dim: i64,
+        kind: Kind,
+        device: tch::Device,
+    ) -> Self {
+        Self {
+            k: Tensor::zeros([b, num_heads, capacity, head_dim], (kind, device)),
+            v: Tensor::zeros([b, num_heads, capacity, head_dim], (kind, device)),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> i64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> i64 {
+        self.k.size()[2]
+    }
+
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Writes `k`, `v` `(b, h, n, hd)` after the cached positions; returns views of all of them.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let n = k.size()[2];
+        assert!(
+            self.len + n <= self.capacity(),
+            "KV cache overflow (the caller re-prefills at capacity)"
+        );
+        self.k.narrow(2, self.len, n).copy_(k);
+        self.v.narrow(2, self.len, n).copy_(v);
+        self.len += n;
+        (self.k.narrow(2, 0, self.len), self.v.narrow(2, 0, self.len))
     }
 }

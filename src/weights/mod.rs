@@ -4,6 +4,9 @@
 //! every tensor of the file must be used; the error names each offending tensor. Values are
 //! copied into the existing variables, so the model keeps its dtype and device (tch's
 //! `VarStore::load` would adopt the file's dtype).
+pub mod gpt2;
+pub mod hub;
+
 use crate::error::LlmError;
 use anyhow::Result;
 use std::collections::BTreeMap;

@@ -1,0 +1,116 @@
+//! PNG plots (plotters, pure Rust): the book's loss figure (ch05 Figure 5.12: training and
+//! validation loss against epochs, tokens seen on a second axis).
+//!
+//! Text is drawn with a system TrueType font (DejaVu/Liberation, or `LLMLAB_FONT=path.ttf`),
+//! read at run time, so no font is shipped and no font library is linked.
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const FONT_CANDIDATES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation-sans/LiberationSans-Regular.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+];
+
+/// Registers a sans-serif font once; `false` when none was found (plots are then skipped).
+fn ensure_font() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let env = std::env::var("LLMLAB_FONT").ok();
+        let candidates = env
+            .iter()
+            .map(String::as_str)
+            .chain(FONT_CANDIDATES.iter().copied());
+        for c in candidates {
+            if let Ok(bytes) = std::fs::read(c) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// One point of a loss curve.
+#[derive(Debug, Clone, Copy)]
+pub struct LossPoint {
+    pub epoch: f64,
+    pub tokens_seen: f64,
+    pub train_loss: f64,
+    pub val_loss: f64,
+}
+
+/// Writes the loss figure; returns `false` (and writes nothing) when no font is available.
+pub fn plot_losses(points: &[LossPoint], path: &Path, title: &str) -> Result<bool> {
+    if points.is_empty() || !ensure_font() {
+        return Ok(false);
+    }
+    let tmp = crate::error::temp_path(path).with_extension("png");
+    {
+        let root = BitMapBackend::new(&tmp, (900, 540)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let max_epoch = points.iter().map(|p| p.epoch).fold(0.0, f64::max).max(1e-9);
+        let max_tokens = points
+            .iter()
+            .map(|p| p.tokens_seen)
+            .fold(0.0, f64::max)
+            .max(1.0);
+        let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+        let max_loss = points
+            .iter()
+            .map(|p| finite(p.train_loss).max(finite(p.val_loss)))
+            .fold(0.0, f64::max)
+            * 1.05;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .top_x_label_area_size(45)
+            .build_cartesian_2d(0.0..max_epoch, 0.0..max_loss.max(1e-6))?
+            .set_secondary_coord(0.0..max_tokens, 0.0..max_loss.max(1e-6));
+        chart
+            .configure_mesh()
+            .x_desc("Epochs")
+            .y_desc("Loss")
+            .label_style(("sans-serif", 15))
+            .draw()?;
+        chart
+            .configure_secondary_axes()
+            .x_desc("Tokens seen")
+            .label_style(("sans-serif", 15))
+            .draw()?;
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.epoch, p.train_loss)),
+                BLUE.stroke_width(2),
+            ))?
+            .label("Training loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().map(|p| (p.epoch, p.val_loss)),
+                RED.stroke_width(2),
+            ))?
+            .label("Validation loss")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .draw()?;
+        root.present()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(true)
+}

@@ -1,0 +1,409 @@
+//! The pretraining loop (book ch05 §5.2 `train_model_simple`, with appendix D's warm-up, cosine
+//! decay and gradient clipping), resumable from checkpoints.
+//!
+//! It reads in the book's order: batch, loss, backward, clip, step; every `eval_freq` steps
+//! evaluate on `eval_iter` batches of train and validation data; a sample after each epoch.
+use super::checkpoint::{self, TrainState, FORMAT_VERSION};
+use super::optim::{AdamW, AdamWConfig};
+use super::spec::PretrainSpec;
+use super::{calc_loss_batch, calc_loss_loader};
+use crate::data::{BpeTokenizer, DataLoader, GptDataset, Registry};
+use crate::error::{read_text, write_atomic, LlmError};
+use crate::generate::generate;
+use crate::models::{GptConfig, ModelSource};
+use crate::plot::{plot_losses, LossPoint};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::Device;
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: usize,
+    pub epoch: usize,
+    pub tokens_seen: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Training throughput since the previous record (wall clock; not reproducible).
+    pub tokens_per_sec: f64,
+}
+
+/// What a finished (or resumed-and-finished) run reports.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub run_dir: PathBuf,
+    pub evals: Vec<EvalRecord>,
+    pub samples: Vec<String>,
+    pub resumed_from_step: Option<usize>,
+    pub already_finished: bool,
+    pub total_steps: usize,
+}
+
+/// The model config a spec asks for (source config + overrides), and where weights come from.
+pub fn resolve_model(spec: &PretrainSpec) -> Result<(ModelSource, GptConfig)> {
+    let source = match (&spec.model.init_from, &spec.model.preset) {
+        (Some(init), _) => ModelSource::parse(init)?,
+        (None, Some(preset)) => ModelSource::Fresh(preset.clone()),
+        (None, None) => unreachable!("validated: one of preset/init_from"),
+    };
+    let mut cfg = source.config()?;
+    spec.model.overrides.apply(&mut cfg);
+    cfg.validate("model.overrides")?;
+    Ok((source, cfg))
+}
+
+/// The training text a data spec names.
+pub fn load_text(data: &super::spec::DataSpec) -> Result<String> {
+    match (&data.dataset, &data.path) {
+        (_, Some(p)) => Ok(read_text(p)?),
+        (Some(name), None) => {
+            let reg = Registry::builtin()?;
+            let dir = reg.fetch(name)?;
+            let first = &reg.get(name)?.files[0].path;
+            Ok(read_text(&dir.join(first))?)
+        }
+        (None, None) => unreachable!("validated: one of dataset/path"),
+    }
+}
+
+/// Splits at a fraction of the characters (the book's `int(train_ratio * len(text))`).
+pub fn split_text(text: &str, train_ratio: f64) -> (&str, &str) {
+    let n_chars = text.chars().count();
+    let split_chars = (train_ratio * n_chars as f64) as usize;
+    let byte = text
+        .char_indices()
+        .nth(split_chars)
+        .map_or(text.len(), |(b, _)| b);
+    text.split_at(byte)
+}
+
+fn seed_for_step(seed: u64, step: usize) {
+    tch::manual_seed(
+        (seed as i64)
+            .wrapping_mul(1_000_003)
+            .wrapping_add(step as i64),
+    );
+}
+
+/// Keeps the records of steps up to `step` (a resumed run recomputes the rest).
+fn truncate_metrics(path: &Path, step: usize) -> Result<Vec<EvalRecord>> {
+    if !path.is_file() {
+        return Ok(Vec::new());
+    }
+    let text = read_text(path)?;
+    let mut kept = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Ok(r) = serde_json::from_str::<EvalRecord>(line) {
+            if r.step <= step {
+                kept.push(r);
+            }
+        }
+    }
+    let body: String = kept
+        .iter()
+        .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    write_atomic(path, body.as_bytes())?;
+    Ok(kept)
+}
+
+fn append_line(path: &Path, line: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| LlmError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    writeln!(f, "{line}").map_err(|source| LlmError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    f.flush().map_err(|source| LlmError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Runs (or resumes, or reports as finished) a pretraining run in `run_dir`.
+pub fn pretrain(
+    spec: &PretrainSpec,
+    run_dir: &Path,
+    device: Device,
+    restart: bool,
+    log: &mut dyn FnMut(&str),
+) -> Result<RunOutcome> {
+    spec.validate("pretrain spec")?;
+    crate::device::set_threads(spec.train.threads);
+    let config_path = run_dir.join("config.yaml");
+    let status_path = run_dir.join("status.json");
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let samples_path = run_dir.join("samples.jsonl");
+    let resolved = serde_yaml::to_string(spec)?;
+    if restart && run_dir.exists() {
+        for p in [&config_path, &status_path, &metrics_path, &samples_path] {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    }
+    if config_path.is_file() {
+        let before = read_text(&config_path)?;
+        if before != resolved {
+            return Err(LlmError::Usage(format!(
+                "{} holds a run with a different config ({}); resume it with the same settings, pass --restart to start over, or choose another --out",
+                run_dir.display(),
+                config_path.display()
+            ))
+            .into());
+        }
+    } else {
+        write_atomic(&config_path, resolved.as_bytes())?;
+    }
+
+    let (source, cfg) = resolve_model(spec)?;
+    let tok = BpeTokenizer::gpt2()?;
+    if cfg.vocab_size < tok.vocab_size() as i64 {
+        return Err(LlmError::Config {
+            origin: "model".into(),
+            message: format!(
+                "vocab_size {} is smaller than the GPT-2 tokenizer's {}",
+                cfg.vocab_size,
+                tok.vocab_size()
+            ),
+        }
+        .into());
+    }
+    if status_path.is_file() && read_text(&status_path)?.contains("\"finished\"") {
+        log(&format!(
+            "{} already finished (pass --restart to train again)",
+            run_dir.display()
+        ));
+        let evals = truncate_metrics(&metrics_path, usize::MAX)?;
+        return Ok(RunOutcome {
+            run_dir: run_dir.into(),
+            evals,
+            samples: Vec::new(),
+            resumed_from_step: None,
+            already_finished: true,
+            total_steps: 0,
+        });
+    }
+
+    let text = load_text(&spec.data)?;
+    let (train_text, val_text) = split_text(&text, spec.data.train_ratio);
+    let ctx = cfg.context_length as usize;
+    let stride = spec.data.stride.unwrap_or(ctx);
+    let train_ds = GptDataset::new(&tok.encode(train_text)?, ctx, stride)?;
+    let val_ds = GptDataset::new(&tok.encode(val_text)?, ctx, stride)?;
+    let t = &spec.train;
+    let train_loader = DataLoader::new(train_ds, t.batch_size, true, true, spec.seed)?;
+    let val_loader = DataLoader::new(val_ds, t.batch_size, false, false, spec.seed)?;
+    let n_batches = train_loader.num_batches();
+    if n_batches == 0 {
+        return Err(LlmError::Usage(format!(
+            "the training split has {} windows of {ctx} tokens, fewer than one batch of {}; lower batch_size or context_length",
+            train_loader.dataset.len(),
+            t.batch_size
+        ))
+        .into());
+    }
+    let groups_per_epoch = n_batches.div_ceil(t.grad_accum_steps);
+    let total_steps = groups_per_epoch * t.epochs;
+
+    crate::device::seed_everything(spec.seed);
+    let (vs, model) = source.load_with(&cfg, device)?;
+    let mut named: Vec<(String, tch::Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, v)| v.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let adam_cfg = AdamWConfig {
+        beta1: t.betas.0,
+        beta2: t.betas.1,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    };
+    let mut opt = AdamW::new(named, adam_cfg);
+
+    let mut state = TrainState {
+        format_version: FORMAT_VERSION,
+        step: 0,
+        epoch: 0,
+        next_group: 0,
+        tokens_seen: 0,
+        seed: spec.seed,
+        lr: t.lr,
+        model_config: cfg.clone(),
+    };
+    let mut resumed_from_step = None;
+    let mut evals = Vec::new();
+    if let Some(dir) = checkpoint::latest(run_dir)? {
+        state = checkpoint::read_state(&dir, &cfg)?;
+        checkpoint::restore(&dir, &vs, &mut opt, &state)?;
+        evals = truncate_metrics(&metrics_path, state.step)?;
+        resumed_from_step = Some(state.step);
+        log(&format!(
+            "resuming from {} (step {}, epoch {})",
+            dir.display(),
+            state.step,
+            state.epoch + 1
+        ));
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+        let _ = std::fs::remove_file(&samples_path);
+    }
+
+    log(&format!(
+        "{} parameters ({} trainable), {} train / {} val windows of {ctx} tokens, {groups_per_epoch} steps per epoch, {total_steps} steps",
+        cfg.num_params(),
+        opt.params().iter().map(|(_, p)| p.numel()).sum::<usize>(),
+        train_loader.dataset.len(),
+        val_loader.dataset.len()
+    ));
+
+    let mut samples = Vec::new();
+    let mut last_time = Instant::now();
+    let mut tokens_at_last = state.tokens_seen;
+    for epoch in state.epoch..t.epochs {
+        let order = train_loader.order(epoch);
+        let first_group = if epoch == state.epoch {
+            state.next_group
+        } else {
+            0
+        };
+        for g in first_group..groups_per_epoch {
+            let lo = g * t.grad_accum_steps;
+            let hi = (lo + t.grad_accum_steps).min(n_batches);
+            let lr = t.schedule.lr(state.step, total_steps, t.lr);
+            seed_for_step(spec.seed, state.step);
+            opt.zero_grad();
+            for b in lo..hi {
+                let (x, y) = train_loader.batch_in_order(&order, b, device);
+                let loss = calc_loss_batch(&model, &x, &y, true);
+                let loss_v = loss.double_value(&[]);
+                if !loss_v.is_finite() {
+                    return Err(LlmError::Usage(format!(
+                        "training loss became {loss_v} at step {} (epoch {}); lower train.lr or set train.max_grad_norm",
+                        state.step + 1,
+                        epoch + 1
+                    ))
+                    .into());
+                }
+                (loss / (hi - lo) as f64).backward();
+                state.tokens_seen += x.numel();
+            }
+            let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+            opt.step(lr);
+            state.step += 1;
+            state.lr = lr;
+            state.epoch = epoch;
+            state.next_group = g + 1;
+            if (state.step - 1).is_multiple_of(t.eval_freq) {
+                let train_loss = calc_loss_loader(&model, &train_loader, Some(t.eval_iter), device);
+                let val_loss = calc_loss_loader(&model, &val_loader, Some(t.eval_iter), device);
+                let secs = last_time.elapsed().as_secs_f64().max(1e-9);
+                let rec = EvalRecord {
+                    step: state.step,
+                    epoch: epoch + 1,
+                    tokens_seen: state.tokens_seen,
+                    train_loss,
+                    val_loss,
+                    lr,
+                    grad_norm,
+                    tokens_per_sec: (state.tokens_seen - tokens_at_last) as f64 / secs,
+                };
+                last_time = Instant::now();
+                tokens_at_last = state.tokens_seen;
+                log(&format!(
+                    "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}, lr {lr:.2e}, {:.0} tok/s",
+                    epoch + 1,
+                    state.step - 1,
+                    rec.tokens_per_sec
+                ));
+                append_line(&metrics_path, &serde_json::to_string(&rec)?)?;
+                evals.push(rec);
+            }
+            let epoch_done = g + 1 == groups_per_epoch;
+            if epoch_done {
+                state.epoch = epoch + 1;
+                state.next_group = 0;
+            }
+            if (t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every))
+                || epoch_done
+            {
+                checkpoint::save(run_dir, &vs, &opt, &state, t.keep_checkpoints)?;
+            }
+        }
+        // Book `generate_and_print_sample`, seeded so a resumed run prints the same text.
+        let prompt: Vec<i64> = tok
+            .encode(&spec.generate.prompt)?
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let gen = generate(
+            &model,
+            &prompt,
+            &spec
+                .generate
+                .settings(spec.seed.wrapping_add(state.step as u64)),
+        )?;
+        let mut ids = prompt.clone();
+        ids.extend(&gen.ids);
+        let text = tok.decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
+        log(&text.replace('\n', " "));
+        append_line(
+            &samples_path,
+            &serde_json::json!({"epoch": epoch + 1, "step": state.step, "text": text}).to_string(),
+        )?;
+        samples.push(text);
+    }
+
+    crate::models::loader::save_model_folder(&vs, &cfg, run_dir)?;
+    write_loss_plot(
+        &evals,
+        groups_per_epoch,
+        &run_dir.join("losses.png"),
+        &spec.name,
+    )?;
+    write_atomic(
+        &status_path,
+        serde_json::json!({"status": "finished", "steps": state.step})
+            .to_string()
+            .as_bytes(),
+    )?;
+    Ok(RunOutcome {
+        run_dir: run_dir.into(),
+        evals,
+        samples,
+        resumed_from_step,
+        already_finished: false,
+        total_steps,
+    })
+}
+
+/// `losses.png`: the book's Figure 5.12 from `metrics.jsonl` records.
+pub fn write_loss_plot(
+    evals: &[EvalRecord],
+    steps_per_epoch: usize,
+    path: &Path,
+    title: &str,
+) -> Result<bool> {
+    let points: Vec<LossPoint> = evals
+        .iter()
+        .map(|r| LossPoint {
+            epoch: r.step as f64 / steps_per_epoch.max(1) as f64,
+            tokens_seen: r.tokens_seen as f64,
+            train_loss: r.train_loss,
+            val_loss: r.val_loss,
+        })
+        .collect();
+    plot_losses(&points, path, title)
+}

@@ -1,0 +1,350 @@
+//! Generation (book ch05 §5.3, ch04 KV-cache bonus) and Hugging Face GPT-2 weights (§5.5).
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod common;
+
+use anyhow::Result;
+use llmlab::generate::{generate, sample_next, GenerateSpec};
+use llmlab::models::{GptConfig, GptModel, ModelSource};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+fn tiny_model(seed: i64, ctx: i64) -> (VarStore, GptModel) {
+    tch::manual_seed(seed);
+    let cfg = GptConfig {
+        vocab_size: 61,
+        context_length: ctx,
+        emb_dim: 32,
+        n_heads: 4,
+        n_layers: 2,
+        drop_rate: 0.1,
+        qkv_bias: true,
+        tie_weights: false,
+    };
+    let vs = VarStore::new(Device::Cpu);
+    let m = GptModel::new(&vs.root(), &cfg);
+    (vs, m)
+}
+
+fn greedy(n: usize, use_cache: bool) -> GenerateSpec {
+    GenerateSpec {
+        max_new_tokens: n,
+        temperature: 0.0,
+        eos_id: None,
+        use_cache,
+        ..Default::default()
+    }
+}
+
+/// Greedy decoding with the KV cache gives exactly the tokens of the no-cache path and of the
+/// book's generate_text_simple, also past the context length (where the window slides).
+#[test]
+fn kv_cache_decoding_matches_full_forward() -> Result<()> {
+    let (_vs, m) = tiny_model(3, 16);
+    let prompt = [5i64, 17, 3, 42, 8];
+    for n in [1usize, 11, 40] {
+        let cached = generate(&m, &prompt, &greedy(n, true))?.ids;
+        let plain = generate(&m, &prompt, &greedy(n, false))?.ids;
+        assert_eq!(cached, plain, "{n} tokens");
+        let simple = llmlab::models::generate_text_simple(
+            &m,
+            &Tensor::from_slice(&prompt).view([1, -1]),
+            n as i64,
+            16,
+        );
+        let simple: Vec<i64> = Vec::try_from(simple.view([-1]))?;
+        assert_eq!(&simple[prompt.len()..], cached.as_slice());
+    }
+    // The cached logits themselves equal the full forward's, position by position.
+    let _g = tch::no_grad_guard();
+    let ids = Tensor::from_slice(&[1i64, 2, 3, 4, 5, 6, 7]).view([1, -1]);
+    let full = m.forward_t(&ids, false);
+    let mut cache = m.new_cache(1);
+    let mut outs = vec![m.logits(&m.hidden_cached(&ids.narrow(1, 0, 3), Some(&mut cache), false))];
+    for i in 3..7 {
+        outs.push(m.logits(&m.hidden_cached(&ids.narrow(1, i, 1), Some(&mut cache), false)));
+    }
+    common::assert_close(&Tensor::cat(&outs, 1), &full, 1e-5, 1e-5, "cached logits")?;
+    Ok(())
+}
+
+/// top-k 1 and a tiny top-p are greedy; a seed repeats a sample; top-k never leaves the k best.
+#[test]
+fn sampling_respects_temperature_top_k_top_p_and_seed() -> Result<()> {
+    let (_vs, m) = tiny_model(4, 32);
+    let prompt = [1i64, 2, 3];
+    let g = generate(&m, &prompt, &greedy(20, true))?.ids;
+    let k1 = GenerateSpec {
+        temperature: 1.5,
+        top_k: Some(1),
+        seed: Some(1),
+        ..greedy(20, true)
+    };
+    assert_eq!(generate(&m, &prompt, &k1)?.ids, g);
+    let p0 = GenerateSpec {
+        temperature: 1.0,
+        top_p: Some(1e-6),
+        seed: Some(1),
+        ..greedy(20, true)
+    };
+    assert_eq!(generate(&m, &prompt, &p0)?.ids, g);
+    let hot = GenerateSpec {
+        temperature: 2.0,
+        seed: Some(9),
+        ..greedy(30, true)
+    };
+    let a = generate(&m, &prompt, &hot)?.ids;
+    assert_eq!(
+        a,
+        generate(&m, &prompt, &hot)?.ids,
+        "same seed, same sample"
+    );
+    assert_ne!(a, g, "temperature 2 departs from greedy");
+    assert_ne!(
+        a,
+        generate(
+            &m,
+            &prompt,
+            &GenerateSpec {
+                seed: Some(10),
+                ..hot.clone()
+            }
+        )?
+        .ids
+    );
+
+    // The book's §5.3 example: next-token logits over a 9-word vocabulary.
+    let logits = Tensor::from_slice(&[4.51f32, 0.89, -1.90, 6.75, 1.63, -1.62, -1.89, 6.28, 1.79])
+        .view([1, 9]);
+    tch::manual_seed(123);
+    let mut counts = [0i64; 9];
+    let spec = GenerateSpec {
+        temperature: 1.0,
+        top_k: Some(3),
+        ..Default::default()
+    };
+    for _ in 0..2000 {
+        counts[sample_next(&logits, &spec).int64_value(&[0, 0]) as usize] += 1;
+    }
+    assert!(
+        counts
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| c == 0 || [0, 3, 7].contains(&i)),
+        "{counts:?}"
+    );
+    assert!(
+        counts[3] > counts[7] && counts[7] > counts[0] && counts[0] > 0,
+        "{counts:?}"
+    );
+    // top-p 0.9 keeps "forward"(3) and "toward"(7) only: their mass is 0.57 + 0.36 >= 0.9.
+    let spec = GenerateSpec {
+        temperature: 1.0,
+        top_p: Some(0.9),
+        ..Default::default()
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..500 {
+        seen.insert(sample_next(&logits, &spec).int64_value(&[0, 0]));
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![3, 7]);
+    assert_eq!(
+        sample_next(&logits, &GenerateSpec::default()).int64_value(&[0, 0]),
+        3
+    );
+    Ok(())
+}
+
+/// Generation stops at the end-of-text id and does not emit it.
+#[test]
+fn generation_stops_at_eos() -> Result<()> {
+    let (_vs, m) = tiny_model(5, 32);
+    let g = generate(&m, &[1, 2, 3], &greedy(10, true))?.ids;
+    let eos = g[4];
+    let first = g.iter().position(|&t| t == eos).unwrap();
+    let spec = GenerateSpec {
+        eos_id: Some(eos),
+        ..greedy(10, true)
+    };
+    let out = generate(&m, &[1, 2, 3], &spec)?;
+    assert!(out.stopped_at_eos);
+    assert_eq!(out.ids, g[..first].to_vec());
+    Ok(())
+}
+
+fn hf_fixture(tied: bool) -> Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    common::run_reference(
+        "gen_hf_gpt2.py",
+        &[
+            dir.path().to_str().unwrap(),
+            "--tied",
+            if tied { "1" } else { "0" },
+        ],
+    )?;
+    Ok(dir)
+}
+
+/// A tiny random GPT2LMHeadModel saved by transformers loads into the book's GPT: logits equal
+/// transformers' (max abs diff < 1e-4) and the greedy continuation equals `model.generate`, token
+/// for token, with and without the KV cache; tied and untied heads.
+#[test]
+fn hf_gpt2_matches_transformers() -> Result<()> {
+    for tied in [true, false] {
+        let dir = hf_fixture(tied)?;
+        let io = common::read_tensors(&dir.path().join("io.safetensors"))?;
+        let spec = format!("gpt2:{}", dir.path().join("model").display());
+        let src = ModelSource::parse(&spec)?;
+        let cfg = src.config()?;
+        assert_eq!(
+            (
+                cfg.vocab_size,
+                cfg.context_length,
+                cfg.emb_dim,
+                cfg.n_layers,
+                cfg.tie_weights
+            ),
+            (211, 32, 48, 3, tied)
+        );
+        let (_vs, m) = src.load(Device::Cpu)?;
+        let logits = tch::no_grad(|| m.forward_t(&io["ids"], false));
+        common::assert_close(
+            &logits,
+            &io["logits"],
+            1e-4,
+            0.0,
+            &format!("GPT-2 logits (tied {tied})"),
+        )?;
+        let gen: Vec<i64> = Vec::try_from(io["generated"].view([-1]))?;
+        let prompt: Vec<i64> = Vec::try_from(io["ids"].get(0))?;
+        for use_cache in [true, false] {
+            let out = generate(&m, &prompt, &greedy(gen.len() - prompt.len(), use_cache))?.ids;
+            assert_eq!(
+                out,
+                gen[prompt.len()..].to_vec(),
+                "greedy continuation (cache {use_cache})"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A GPT-2 file with a tensor the book's model has no place for is rejected, naming it.
+#[test]
+fn hf_gpt2_with_unknown_tensor_is_rejected() -> Result<()> {
+    let dir = hf_fixture(true)?;
+    let path = dir.path().join("model/model.safetensors");
+    let mut t: Vec<(String, Tensor)> = Tensor::read_safetensors(&path)?;
+    t.push((
+        "h.0.attn.rotary.weight".into(),
+        Tensor::zeros([2], (Kind::Float, Device::Cpu)),
+    ));
+    Tensor::write_safetensors(&t, &path)?;
+    let err = ModelSource::parse(&format!("gpt2:{}", dir.path().join("model").display()))?
+        .load(Device::Cpu)
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("h.0.attn.rotary.weight"),
+        "{err:#}"
+    );
+    Ok(())
+}
+
+/// `llmlab download` against a local stand-in for the hub: the announced sha256 is checked and
+/// a mismatch keeps nothing.
+#[test]
+fn download_checks_the_announced_sha256() -> Result<()> {
+    use std::io::{Read, Write};
+    let body = b"not really safetensors".to_vec();
+    let good = llmlab::data::registry::sha256_hex(&body);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let b2 = body.clone();
+    let server = std::thread::spawn(move || {
+        // Two rounds: config.json + weights with the right sha, then weights with a wrong one.
+        for etag in [None, Some(good.clone()), None, Some("0".repeat(64))] {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let (payload, extra) = match &etag {
+                None => (b"{}".to_vec(), String::new()),
+                Some(e) => (b2.clone(), format!("X-Linked-Etag: \"{e}\"\r\n")),
+            };
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+                payload.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&payload);
+        }
+    });
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let cache = tempfile::tempdir()?;
+    let dir =
+        llmlab::weights::hub::download_gpt2_with("gpt2-small", None, cache.path(), &endpoint)?;
+    assert_eq!(std::fs::read(dir.join("model.safetensors"))?, body);
+    let cache2 = tempfile::tempdir()?;
+    let err =
+        llmlab::weights::hub::download_gpt2_with("gpt2-small", None, cache2.path(), &endpoint)
+            .unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("/openai-community/gpt2/resolve/main/model.safetensors")
+            && msg.contains(&"0".repeat(64)),
+        "{msg}"
+    );
+    assert!(!cache2
+        .path()
+        .join("models/gpt2-small/model.safetensors")
+        .exists());
+    let leftovers = std::fs::read_dir(cache2.path().join("models/gpt2-small"))?.count();
+    assert_eq!(leftovers, 1, "only config.json, no partial weights");
+    server.join().expect("server");
+    let err = llmlab::weights::hub::download_gpt2_with("gpt2-huge", None, cache2.path(), &endpoint)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("gpt2-xl"));
+    Ok(())
+}
+
+/// `llmlab generate --format json` prints prompt_ids, ids and text.
+#[test]
+fn generate_cli_prints_json() -> Result<()> {
+    let dir = hf_fixture(true)?;
+    // The tiny model's vocabulary is 211 tokens; its ids decode with the GPT-2 tokenizer.
+    let model = format!("gpt2:{}", dir.path().join("model").display());
+    let (code, out, err) = common::llmlab(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "!",
+        "--max-new-tokens",
+        "5",
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["prompt_ids"], serde_json::json!([0]));
+    assert_eq!(v["ids"].as_array().map(Vec::len), Some(5));
+    assert!(v["text"].is_string());
+    let (code, _, err) = common::llmlab(&[
+        "generate", "--model", &model, "--prompt", "Hello", "--device", "cpu",
+    ])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("token id 15496") && err.contains("vocabulary of 211"),
+        "{err}"
+    );
+    let (code, _, err) =
+        common::llmlab(&["generate", "--model", "no-such-model", "--prompt", "x"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("gpt2:DIR"), "{err}");
+    let (code, _, err) = common::llmlab(&[
+        "generate", "--model", &model, "--prompt", "x", "--top-p", "1.5",
+    ])?;
+    assert_eq!(code, 2);
+    assert!(err.contains("top_p = 1.5"), "{err}");
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! Chapter 5 / appendix D training: AdamW, clipping and the schedule against PyTorch; resumable,
+//! repeatable runs; clear errors for bad checkpoints and diverging losses.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod common;
+
+use anyhow::Result;
+use llmlab::models::{GptConfig, GptModel};
+use llmlab::train::optim::{AdamW, AdamWConfig};
+use llmlab::train::schedule::{Schedule, ScheduleKind};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use tch::nn::VarStore;
+use tch::Device;
+
+/// Five training steps of our loss + AdamW + clip_grad_norm + warm-up/cosine schedule equal
+/// torch.optim.AdamW on the book's GPTModel from the same weights and batches: the first step's
+/// gradients, every loss, every gradient norm, every rate, and the final weights.
+#[test]
+fn adamw_steps_match_pytorch() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = common::run_reference(
+        "gen_train.py",
+        &["--out", dir.path().to_str().unwrap(), "--steps", "5"],
+    )?;
+    let meta: serde_json::Value = serde_json::from_str(&out)?;
+    let cfg: GptConfig = serde_json::from_value(meta["cfg"].clone())?;
+    let t = common::read_tensors(&dir.path().join("train.safetensors"))?;
+    let vs = VarStore::new(Device::Cpu);
+    let model = GptModel::new(&vs.root(), &cfg);
+    llmlab::weights::load_gpt_state_dict(&vs, &dir.path().join("weights.safetensors"))?;
+    let mut named: Vec<_> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = AdamW::new(
+        named,
+        AdamWConfig {
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    );
+    let sched = Schedule {
+        kind: ScheduleKind::Cosine,
+        warmup_steps: 2,
+        initial_lr: meta["initial_lr"].as_f64().unwrap(),
+        min_lr: meta["min_lr"].as_f64().unwrap(),
+    };
+    let want_losses: Vec<f64> = Vec::try_from(&t["losses"])?;
+    let want_norms: Vec<f64> = Vec::try_from(&t["grad_norms"])?;
+    let want_lrs: Vec<f64> = Vec::try_from(&t["lrs"])?;
+    for step in 0..5 {
+        let lr = sched.lr(step, 5, 1e-3);
+        assert!(
+            (lr - want_lrs[step]).abs() < 1e-12,
+            "lr at step {step}: {lr} vs {}",
+            want_lrs[step]
+        );
+        opt.zero_grad();
+        let loss = llmlab::train::calc_loss_batch(
+            &model,
+            &t[&format!("inputs_{step}")],
+            &t[&format!("targets_{step}")],
+            true,
+        );
+        loss.backward();
+        if step == 0 {
+            for (name, p) in opt.params() {
+                common::assert_close(
+                    &p.grad(),
+                    &t[&format!("grads_0.{name}")],
+                    1e-6,
+                    1e-4,
+                    &format!("grad {name}"),
+                )?;
+            }
+        }
+        let norm = opt.clip_grad_norm(Some(0.5));
+        let l = loss.double_value(&[]);
+        assert!(
+            (l - want_losses[step]).abs() < 1e-5,
+            "loss at step {step}: {l} vs {}",
+            want_losses[step]
+        );
+        assert!(
+            (norm - want_norms[step]).abs() < 1e-4 * want_norms[step],
+            "grad norm at step {step}: {norm} vs {}",
+            want_norms[step]
+        );
+        opt.step(lr);
+    }
+    for (name, p) in opt.params() {
+        common::assert_close(
+            p,
+            &t[&format!("final.{name}")],
+            1e-5,
+            1e-4,
+            &format!("final {name}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Appendix D's schedule: linear warm-up from initial_lr, peak at the end of warm-up, cosine to
+/// min_lr at the last step.
+#[test]
+fn schedule_warms_up_then_decays() {
+    let s = Schedule {
+        kind: ScheduleKind::Cosine,
+        warmup_steps: 20,
+        initial_lr: 1e-4,
+        min_lr: 1e-5,
+    };
+    assert_eq!(s.lr(0, 100, 1e-3), 1e-4);
+    assert!((s.lr(10, 100, 1e-3) - 5.5e-4).abs() < 1e-12);
+    assert!((s.lr(20, 100, 1e-3) - 1e-3).abs() < 1e-12);
+    assert!((s.lr(60, 100, 1e-3) - (1e-5 + (1e-3 - 1e-5) * 0.5)).abs() < 1e-12);
+    assert!((s.lr(100, 100, 1e-3) - 1e-5).abs() < 1e-12);
+    let c = Schedule::default();
+    assert_eq!(c.lr(0, 10, 4e-4), 4e-4);
+    assert_eq!(c.lr(9, 10, 4e-4), 4e-4);
+}
+
+const TINY_RUN: &str = "name: tiny
+seed: 7
+model:
+  preset: gpt-mini
+  overrides: {context_length: 32, emb_dim: 64, n_heads: 2, n_layers: 2, drop_rate: 0.1}
+data: {dataset: the-verdict, train_ratio: 0.9}
+train:
+  epochs: 2
+  batch_size: 4
+  lr: 1.0e-3
+  eval_freq: 3
+  eval_iter: 2
+  grad_accum_steps: 2
+  max_grad_norm: 1.0
+  checkpoint_every: 2
+  threads: 2
+  schedule: {kind: cosine, warmup_steps: 3, initial_lr: 1.0e-4, min_lr: 1.0e-5}
+generate: {prompt: Every effort moves you, max_new_tokens: 6, temperature: 1.0, top_k: 20}
+";
+
+fn run_cli(file: &Path, out: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .args([
+            "pretrain",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+        .env("LLMLAB_DATA_MIRROR", common::mirror())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn llmlab")
+}
+
+/// step, train loss, val loss, lr, grad norm, tokens seen.
+type CurvePoint = (u64, f64, f64, f64, f64, u64);
+
+/// The reproducible part of metrics.jsonl (everything but wall-clock throughput).
+fn curve(run: &Path) -> Result<Vec<CurvePoint>> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl"))?;
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+            Ok((
+                v["step"].as_u64().unwrap_or(0),
+                f("train_loss"),
+                f("val_loss"),
+                f("lr"),
+                f("grad_norm"),
+                v["tokens_seen"].as_u64().unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
+/// Two CPU runs with the same seed give bit-for-bit the same curve and samples; a run killed
+/// mid-epoch (SIGKILL) and started again resumes from its last checkpoint and ends with the same
+/// metrics.jsonl as the uninterrupted run.
+#[test]
+fn killed_run_resumes_to_the_uninterrupted_curve() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("tiny.yaml");
+    std::fs::write(&file, TINY_RUN)?;
+    let (a, b, k) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("killed"),
+    );
+    for run in [&a, &b] {
+        let out = run_cli(&file, run).wait_with_output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let full = curve(&a)?;
+    assert!(full.len() >= 4, "{full:?}");
+    assert_eq!(full, curve(&b)?, "same seed, same curve");
+    assert_eq!(
+        std::fs::read_to_string(a.join("samples.jsonl"))?,
+        std::fs::read_to_string(b.join("samples.jsonl"))?
+    );
+
+    // Kill once a mid-epoch checkpoint exists and at least one more eval was written after it.
+    let mut child = run_cli(&file, &k);
+    let started = std::time::Instant::now();
+    loop {
+        let ckpt = std::fs::read_to_string(k.join("checkpoints/latest")).unwrap_or_default();
+        let lines = std::fs::read_to_string(k.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if ckpt.trim() >= "step_00000002" && lines >= 2 {
+            break;
+        }
+        if let Some(status) = child.try_wait()? {
+            panic!("the run ended ({status}) before it could be killed");
+        }
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no checkpoint after 300 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill()?;
+    child.wait()?;
+    assert!(!k.join("status.json").exists(), "killed before the end");
+    let out = run_cli(&file, &k).wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("resuming from"), "{stdout}");
+    assert_eq!(
+        curve(&k)?,
+        full,
+        "resumed curve equals the uninterrupted one"
+    );
+    // The samples after the resume point equal the uninterrupted run's.
+    let last = |p: &Path| {
+        std::fs::read_to_string(p.join("samples.jsonl"))
+            .map(|s| s.lines().last().unwrap_or("").to_string())
+    };
+    assert_eq!(last(&k)?, last(&a)?);
+    assert!(
+        a.join("losses.png").is_file()
+            && a.join("model.safetensors").is_file()
+            && a.join("model.yaml").is_file()
+    );
+    // Running a finished run again does nothing.
+    let out = run_cli(&file, &a).wait_with_output()?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already finished"));
+    // The run folder's model generates, from the folder and from the weights file.
+    for m in [a.clone(), a.join("model.safetensors")] {
+        let (code, out, err) = common::llmlab(&[
+            "generate",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "Every effort",
+            "--max-new-tokens",
+            "3",
+            "--format",
+            "json",
+        ])?;
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("\"ids\""));
+    }
+    Ok(())
+}
+
+/// A checkpoint whose model config differs names the differing key; a truncated optimizer file
+/// names the file; neither panics.
+#[test]
+fn bad_checkpoints_are_clear_errors() -> Result<()> {
+    use llmlab::train::checkpoint;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("tiny.yaml");
+    std::fs::write(&file, TINY_RUN.replace("epochs: 2", "epochs: 1"))?;
+    let run = dir.path().join("r");
+    let out = run_cli(&file, &run).wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ckpt = checkpoint::latest(&run)?.expect("a checkpoint");
+    let mut cfg: GptConfig =
+        serde_yaml::from_str(&std::fs::read_to_string(ckpt.join("model.yaml"))?)?;
+    cfg.n_layers = 3;
+    let msg = format!("{:#}", checkpoint::read_state(&ckpt, &cfg).unwrap_err());
+    assert!(msg.contains("n_layers: checkpoint 2, run 3"), "{msg}");
+    cfg.n_layers = 2;
+    let state = checkpoint::read_state(&ckpt, &cfg)?;
+    let vs = VarStore::new(Device::Cpu);
+    let _m = GptModel::new(&vs.root(), &cfg);
+    let mut named: Vec<_> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut opt = AdamW::new(named, AdamWConfig::default());
+    checkpoint::restore(&ckpt, &vs, &mut opt, &state)?;
+    let optim = ckpt.join("optimizer.safetensors");
+    let bytes = std::fs::read(&optim)?;
+    std::fs::write(&optim, &bytes[..bytes.len() / 3])?;
+    let msg = format!(
+        "{:#}",
+        checkpoint::restore(&ckpt, &vs, &mut opt, &state).unwrap_err()
+    );
+    assert!(msg.contains("optimizer.safetensors"), "{msg}");
+    // Resuming the CLI run with a changed config is refused, naming the folder.
+    std::fs::remove_file(run.join("status.json"))?;
+    std::fs::write(&file, TINY_RUN.replace("epochs: 2", "epochs: 3"))?;
+    let out = run_cli(&file, &run).wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("different config") && err.contains("--restart"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// A diverging run stops with a clear message instead of training on NaN.
+#[test]
+fn nan_loss_stops_the_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("nan.yaml");
+    std::fs::write(
+        &file,
+        TINY_RUN
+            .replace("lr: 1.0e-3", "lr: 1.0e+30")
+            .replace("max_grad_norm: 1.0", "max_grad_norm: 1.0e+30")
+            .replace(
+                "kind: cosine, warmup_steps: 3",
+                "kind: constant, warmup_steps: 0",
+            ),
+    )?;
+    let out = run_cli(&file, &dir.path().join("r")).wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("training loss became") && err.contains("lower train.lr"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    Ok(())
+}
+
+/// Every shipped experiment file parses and validates.
+#[test]
+fn shipped_experiments_validate() -> Result<()> {
+    for e in std::fs::read_dir(common::repo().join("experiments"))? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "yaml") {
+            let spec = llmlab::train::PretrainSpec::from_file(&p)?;
+            if spec.model.init_from.is_none() {
+                llmlab::train::trainer::resolve_model(&spec)?;
+            }
+        }
+    }
+    Ok(())
+}
