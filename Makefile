@@ -42,8 +42,8 @@ build: setup
 	@ldd $(BIN) | grep -q libtorch_cuda.so || { echo "error: $(BIN) does not link libtorch_cuda.so"; exit 1; }
 
 run: build
-	$(BIN) pretrain --config gpt-mini --data the-verdict --epochs 4 --batch-size 4 --context-length 64 \
-	  --lr 1e-3 --eval-freq 5 --eval-iter 2 --device auto --out runs/quickstart
+	$(BIN) pretrain --config gpt-mini --data the-verdict --epochs 4 --batch-size 4 --context-length 64 --restart \
+	  --lr 1e-3 --eval-freq 5 --eval-iter 2 --device auto --name make-run
 
 test: setup
 	cargo fmt --check
@@ -51,7 +51,7 @@ test: setup
 	cargo test --release -- --test-threads=1
 
 bench: build
-	$(PY) tests/reference/bench_forward.py --llmlab $(BIN) --config gpt2-small --batch 2 --seq 256 --threads 2
+	$(PY) tests/reference/bench.py --llmlab $(BIN) --config gpt2-small --threads 2 --rounds 3
 
 tensorboard: setup
 	$(PY) -m tensorboard.main --logdir runs --bind_all

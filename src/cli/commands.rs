@@ -284,64 +284,149 @@ fn download(a: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
+/// Median of timings (sorted in place).
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Runs `f` `warmup + iters` times and returns the median seconds of the timed runs
+/// (synchronizing CUDA so the time covers the kernels).
+fn time_median(device: tch::Device, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..warmup + iters.max(1) {
+        let t = Instant::now();
+        f();
+        if let tch::Device::Cuda(d) = device {
+            tch::Cuda::synchronize(d as i64);
+        }
+        if i >= warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    median(&mut times)
+}
+
+/// A model with fresh weights for benchmarks (seeded).
+fn bench_model(
+    config: &str,
+    compute: &ComputeArgs,
+) -> Result<(tch::Device, GptConfig, tch::nn::VarStore, GptModel)> {
+    let device = parse_device(&compute.device)?;
+    set_threads(compute.threads);
+    let cfg = GptConfig::load(config)?;
+    crate::device::seed_everything(123);
+    let vs = tch::nn::VarStore::new(device);
+    let model = GptModel::new(&vs.root(), &cfg);
+    Ok((device, cfg, vs, model))
+}
+
+fn check_seq(seq: i64, cfg: &GptConfig, config: &str) -> Result<()> {
+    if seq > cfg.context_length {
+        return Err(LlmError::Usage(format!(
+            "--seq {seq} exceeds the context_length {} of {config}",
+            cfg.context_length
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 fn bench(a: BenchArgs) -> Result<()> {
-    match a.what {
+    let report = match a.what {
         BenchWhat::Forward {
-            config,
-            batch,
-            seq,
-            warmup,
-            iters,
+            shape:
+                BenchShape {
+                    config,
+                    batch,
+                    seq,
+                    warmup,
+                    iters,
+                },
             manual_attention,
             compute,
         } => {
-            let device = parse_device(&compute.device)?;
-            set_threads(compute.threads);
-            let cfg = GptConfig::load(&config)?;
-            if seq > cfg.context_length {
-                return Err(LlmError::Usage(format!(
-                    "--seq {seq} exceeds the context_length {} of {config}",
-                    cfg.context_length
-                ))
-                .into());
-            }
-            crate::device::seed_everything(123);
-            let vs = tch::nn::VarStore::new(device);
-            let mut model = GptModel::new(&vs.root(), &cfg);
+            let (device, cfg, _vs, mut model) = bench_model(&config, &compute)?;
+            check_seq(seq, &cfg, &config)?;
             if manual_attention {
                 model.set_attention_impl(AttentionImpl::Manual);
             }
             let x = tch::Tensor::randint(cfg.vocab_size, [batch, seq], (tch::Kind::Int64, device));
             let _g = tch::no_grad_guard();
-            let sync = || {
-                if let tch::Device::Cuda(i) = device {
-                    tch::Cuda::synchronize(i as i64);
-                }
-            };
-            for _ in 0..warmup {
+            let med = time_median(device, warmup, iters, || {
                 let _ = model.forward_t(&x, false);
-            }
-            sync();
-            let mut times = Vec::with_capacity(iters);
-            for _ in 0..iters {
-                let t = Instant::now();
-                let _ = model.forward_t(&x, false);
-                sync();
-                times.push(t.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            let tokens = (batch * seq) as f64;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "impl": "llmlab", "config": config, "batch": batch, "seq": seq,
-                    "threads": tch::get_num_threads(), "device": device_name(device),
-                    "median_s": median, "tokens_per_s": tokens / median,
-                    "min_s": times[0], "max_s": times[times.len() - 1],
-                })
-            );
+            });
+            serde_json::json!({"impl": "llmlab", "what": "forward", "config": config, "batch": batch, "seq": seq,
+                "threads": tch::get_num_threads(), "device": device_name(device),
+                "median_s": med, "tokens_per_s": (batch * seq) as f64 / med})
         }
-    }
+        BenchWhat::Train {
+            shape:
+                BenchShape {
+                    config,
+                    batch,
+                    seq,
+                    warmup,
+                    iters,
+                },
+            compute,
+        } => {
+            let (device, cfg, vs, model) = bench_model(&config, &compute)?;
+            check_seq(seq, &cfg, &config)?;
+            let mut named: Vec<_> = vs.variables().into_iter().collect();
+            named.sort_by(|x, y| x.0.cmp(&y.0));
+            let mut opt = crate::train::optim::AdamW::new(named, Default::default());
+            let x = tch::Tensor::randint(cfg.vocab_size, [batch, seq], (tch::Kind::Int64, device));
+            let y = tch::Tensor::randint(cfg.vocab_size, [batch, seq], (tch::Kind::Int64, device));
+            let med = time_median(device, warmup, iters, || {
+                opt.zero_grad();
+                crate::train::calc_loss_batch(&model, &x, &y, true).backward();
+                opt.step(4e-4);
+            });
+            serde_json::json!({"impl": "llmlab", "what": "train", "config": config, "batch": batch, "seq": seq,
+                "threads": tch::get_num_threads(), "device": device_name(device),
+                "median_s": med, "tokens_per_s": (batch * seq) as f64 / med})
+        }
+        BenchWhat::Generate {
+            config,
+            prompt_tokens,
+            new_tokens,
+            no_cache,
+            iters,
+            compute,
+        } => {
+            let (device, cfg, _vs, model) = bench_model(&config, &compute)?;
+            let prompt: Vec<i64> = (0..prompt_tokens as i64)
+                .map(|i| (i * 7919) % cfg.vocab_size)
+                .collect();
+            let spec = GenerateSpec {
+                max_new_tokens: new_tokens,
+                eos_id: None,
+                use_cache: !no_cache,
+                ..GenerateSpec::default()
+            };
+            let _ = generate(
+                &model,
+                &prompt,
+                &GenerateSpec {
+                    max_new_tokens: 4,
+                    ..spec.clone()
+                },
+            )?; // warm-up
+            let mut decode = Vec::with_capacity(iters);
+            let mut prefill = Vec::with_capacity(iters);
+            for _ in 0..iters {
+                let g = generate(&model, &prompt, &spec)?;
+                // The first new token comes from the prompt pass; the rest are decode steps.
+                decode.push((g.ids.len().saturating_sub(1)) as f64 / g.decode_seconds.max(1e-9));
+                prefill.push(prompt_tokens as f64 / g.prompt_seconds.max(1e-9));
+            }
+            serde_json::json!({"impl": "llmlab", "what": "generate", "config": config, "kv_cache": !no_cache,
+                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+                "threads": tch::get_num_threads(), "device": device_name(device),
+                "tokens_per_s": median(&mut decode), "prompt_tokens_per_s": median(&mut prefill)})
+        }
+    };
+    println!("{report}");
     Ok(())
 }

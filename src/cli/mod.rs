@@ -220,20 +220,51 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// Forward-pass tokens/s of a GPT config (eval mode, no grad), printed as one JSON line.
     Forward {
-        #[arg(long, default_value = "gpt2-small")]
-        config: String,
-        #[arg(long, default_value_t = 2)]
-        batch: i64,
-        #[arg(long, default_value_t = 256)]
-        seq: i64,
-        #[arg(long, default_value_t = 2)]
-        warmup: usize,
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
+        #[command(flatten)]
+        shape: BenchShape,
         /// Use the book's explicit attention instead of the fused SDPA kernel.
         #[arg(long)]
         manual_attention: bool,
         #[command(flatten)]
         compute: ComputeArgs,
     },
+    /// Training tokens/s: forward + backward + AdamW step (train mode, the config's dropout).
+    Train {
+        #[command(flatten)]
+        shape: BenchShape,
+        #[command(flatten)]
+        compute: ComputeArgs,
+    },
+    /// Greedy decoding tokens/s after a prompt, batch 1, with or without the KV cache.
+    Generate {
+        #[arg(long, default_value = "gpt2-small")]
+        config: String,
+        #[arg(long, default_value_t = 20)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        new_tokens: usize,
+        #[arg(long)]
+        no_cache: bool,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[command(flatten)]
+        compute: ComputeArgs,
+    },
+}
+
+/// Model and input shape of a throughput benchmark.
+#[derive(Args, Debug)]
+pub struct BenchShape {
+    #[arg(long, default_value = "gpt2-small")]
+    pub config: String,
+    #[arg(long, default_value_t = 2)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 256)]
+    pub seq: i64,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
 }
