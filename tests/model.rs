@@ -395,3 +395,50 @@ fn save_then_load_round_trips() -> Result<()> {
     assert!(m.forward_t(&x, false).equal(&m2.forward_t(&x, false)));
     Ok(())
 }
+
+/// Fresh weights follow PyTorch's defaults, so runs train like the book's: Linear weights
+/// uniform in ±1/√in_dim (std = bound/√3), embeddings N(0, 1), LayerNorm scale 1 and shift 0.
+#[test]
+fn fresh_weights_follow_pytorch_init() -> Result<()> {
+    tch::manual_seed(0);
+    let cfg = GptConfig {
+        emb_dim: 256,
+        n_heads: 4,
+        n_layers: 1,
+        vocab_size: 1000,
+        ..tiny()
+    };
+    let vs = VarStore::new(Device::Cpu);
+    let _m = GptModel::new(&vs.root(), &cfg);
+    let v = vs.variables();
+    for (name, fan_in) in [
+        ("trf_blocks.0.att.W_query.weight", 256.0),
+        ("trf_blocks.0.ff.layers.2.weight", 1024.0),
+        ("out_head.weight", 256.0),
+        ("trf_blocks.0.ff.layers.0.bias", 256.0),
+    ] {
+        let t = &v[name];
+        let bound = 1.0 / f64::sqrt(fan_in);
+        let max = t.abs().max().double_value(&[]);
+        let std = t.std(false).double_value(&[]);
+        assert!(
+            max <= bound && max > 0.95 * bound,
+            "{name}: max {max} vs bound {bound}"
+        );
+        if t.numel() > 10_000 {
+            assert!(
+                (std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.05,
+                "{name}: std {std}"
+            );
+        }
+    }
+    let emb_std = v["tok_emb.weight"].std(false).double_value(&[]);
+    assert!((emb_std - 1.0).abs() < 0.02, "tok_emb std {emb_std}");
+    assert_eq!(
+        v["trf_blocks.0.norm1.scale"]
+            .mean(Kind::Float)
+            .double_value(&[]),
+        1.0
+    );
+    Ok(())
+}

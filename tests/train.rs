@@ -365,3 +365,47 @@ fn shipped_experiments_validate() -> Result<()> {
     }
     Ok(())
 }
+
+/// Continued pretraining: a run that starts from another run's weights (`init_from`) begins at
+/// that run's loss, not at a fresh model's ~ln(vocab).
+#[test]
+fn init_from_continues_from_the_weights() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let base_file = dir.path().join("base.yaml");
+    std::fs::write(
+        &base_file,
+        TINY_RUN
+            .replace("epochs: 2", "epochs: 3")
+            .replace("checkpoint_every: 2", "checkpoint_every: 0"),
+    )?;
+    let base = dir.path().join("base");
+    let out = run_cli(&base_file, &base).wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base_last = curve(&base)?.last().copied().unwrap();
+    let cont = TINY_RUN
+        .replace("  preset: gpt-mini\n  overrides: {context_length: 32, emb_dim: 64, n_heads: 2, n_layers: 2, drop_rate: 0.1}", &format!("  init_from: {}", base.display()))
+        .replace("epochs: 2", "epochs: 1")
+        .replace("lr: 1.0e-3", "lr: 1.0e-5");
+    let cont_file = dir.path().join("cont.yaml");
+    std::fs::write(&cont_file, cont)?;
+    let out = run_cli(&cont_file, &dir.path().join("cont")).wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first = curve(&dir.path().join("cont"))?[0];
+    assert!(
+        base_last.1 < 9.0,
+        "the base run learned something (fresh ~10.8): {base_last:?}"
+    );
+    assert!(
+        (first.1 - base_last.1).abs() < 0.5,
+        "continued run starts at the base's loss: {first:?} vs {base_last:?}"
+    );
+    Ok(())
+}

@@ -223,15 +223,7 @@ impl GptModel {
                 .collect(),
             final_norm: LayerNorm::new(&(p / "final_norm"), cfg.emb_dim),
             out_head: (!cfg.tie_weights).then(|| {
-                nn::linear(
-                    p / "out_head",
-                    cfg.emb_dim,
-                    cfg.vocab_size,
-                    nn::LinearConfig {
-                        bias: false,
-                        ..Default::default()
-                    },
-                )
+                crate::nn::layers::linear(p / "out_head", cfg.emb_dim, cfg.vocab_size, false)
             }),
         }
     }

@@ -45,15 +45,7 @@ pub struct SelfAttentionV2 {
 }
 
 fn proj(p: &nn::Path, name: &str, d_in: i64, d_out: i64, bias: bool) -> nn::Linear {
-    nn::linear(
-        p / name,
-        d_in,
-        d_out,
-        nn::LinearConfig {
-            bias,
-            ..Default::default()
-        },
-    )
+    crate::nn::layers::linear(p / name, d_in, d_out, bias)
 }
 
 impl SelfAttentionV2 {
@@ -190,7 +182,7 @@ impl MultiHeadAttention {
             w_query: proj(p, "W_query", d_in, d_out, qkv_bias),
             w_key: proj(p, "W_key", d_in, d_out, qkv_bias),
             w_value: proj(p, "W_value", d_in, d_out, qkv_bias),
-            out_proj: nn::linear(p / "out_proj", d_out, d_out, Default::default()),
+            out_proj: proj(p, "out_proj", d_out, d_out, true),
             d_out,
             num_heads,
             head_dim: d_out / num_heads,

@@ -2,6 +2,27 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+/// `torch.nn.Linear` with PyTorch's initialisation: weights and bias uniform in
+/// ±1/√in_dim (kaiming_uniform with a = √5). tch's own default uses the ReLU gain, √6 times wider,
+/// which trains differently from the book's runs.
+pub fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> nn::Linear {
+    let ws_init = nn::Init::Kaiming {
+        dist: nn::init::NormalOrUniform::Uniform,
+        fan: nn::init::FanInOut::FanIn,
+        non_linearity: nn::init::NonLinearity::ExplicitGain(1.0 / 3f64.sqrt()),
+    };
+    nn::linear(
+        p,
+        in_dim,
+        out_dim,
+        nn::LinearConfig {
+            ws_init,
+            bs_init: None,
+            bias,
+        },
+    )
+}
+
 /// Book `LayerNorm`: learnable `scale`/`shift`, eps 1e-5, biased variance. Runs libtorch's fused
 /// `layer_norm`, which computes the same normalisation as the book's explicit mean/var formula.
 #[derive(Debug)]
@@ -67,8 +88,8 @@ impl FeedForward {
     pub fn new(p: &nn::Path, emb_dim: i64) -> Self {
         let layers = p / "layers";
         Self {
-            fc1: nn::linear(&layers / 0, emb_dim, 4 * emb_dim, Default::default()),
-            fc2: nn::linear(&layers / 2, 4 * emb_dim, emb_dim, Default::default()),
+            fc1: linear(&layers / 0, emb_dim, 4 * emb_dim, true),
+            fc2: linear(&layers / 2, 4 * emb_dim, emb_dim, true),
         }
     }
 }

@@ -90,26 +90,42 @@ fn seed_for_step(seed: u64, step: usize) {
     );
 }
 
-/// Keeps the records of steps up to `step` (a resumed run recomputes the rest).
-fn truncate_metrics(path: &Path, step: usize) -> Result<Vec<EvalRecord>> {
+/// Keeps the lines of a JSONL file whose `step` is at most `step` (a resumed run recomputes
+/// the rest); returns the kept lines.
+fn truncate_jsonl(path: &Path, step: usize) -> Result<Vec<String>> {
     if !path.is_file() {
         return Ok(Vec::new());
     }
     let text = read_text(path)?;
-    let mut kept = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        if let Ok(r) = serde_json::from_str::<EvalRecord>(line) {
-            if r.step <= step {
-                kept.push(r);
-            }
-        }
-    }
-    let body: String = kept
-        .iter()
-        .map(|r| serde_json::to_string(r).map(|s| s + "\n"))
-        .collect::<Result<_, _>>()?;
+    let kept: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(String::from)
+        .collect();
+    let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
     write_atomic(path, body.as_bytes())?;
     Ok(kept)
+}
+
+/// [`truncate_jsonl`] for `metrics.jsonl`, parsed.
+fn truncate_metrics(path: &Path, step: usize) -> Result<Vec<EvalRecord>> {
+    truncate_jsonl(path, step)?
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| {
+                LlmError::Config {
+                    origin: path.display().to_string(),
+                    message: e.to_string(),
+                }
+                .into()
+            })
+        })
+        .collect()
 }
 
 fn append_line(path: &Path, line: &str) -> Result<()> {
@@ -249,6 +265,7 @@ pub fn pretrain(
         state = checkpoint::read_state(&dir, &cfg)?;
         checkpoint::restore(&dir, &vs, &mut opt, &state)?;
         evals = truncate_metrics(&metrics_path, state.step)?;
+        truncate_jsonl(&samples_path, state.step)?;
         resumed_from_step = Some(state.step);
         log(&format!(
             "resuming from {} (step {}, epoch {})",
