@@ -93,6 +93,8 @@ fn non_utf8_file_is_a_clear_error() -> Result<()> {
         readme.to_str().unwrap(),
         "--device",
         "cpu",
+        "--out",
+        dir.path().join("run").to_str().unwrap(),
     ])?;
     assert_eq!(code, 1);
     assert!(err.contains("not valid UTF-8"), "{err}");
@@ -112,6 +114,8 @@ fn text_shorter_than_one_window_is_a_clear_error() -> Result<()> {
         "cpu",
         "--epochs",
         "1",
+        "--out",
+        dir.path().join("run").to_str().unwrap(),
     ])?;
     assert_eq!(code, 1);
     assert!(err.contains("fewer than one window"), "{err}");
