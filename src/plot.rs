@@ -80,11 +80,14 @@ pub fn plot_losses(points: &[LossPoint], path: &Path, title: &str) -> Result<boo
             .configure_mesh()
             .x_desc("Epochs")
             .y_desc("Loss")
+            .x_label_formatter(&|v| format!("{v:.1}"))
+            .y_label_formatter(&|v| format!("{v:.1}"))
             .label_style(("sans-serif", 15))
             .draw()?;
         chart
             .configure_secondary_axes()
             .x_desc("Tokens seen")
+            .x_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 15))
             .draw()?;
         chart
