@@ -2,6 +2,7 @@
 use clap::Parser;
 
 fn main() {
+    llmlab::device::keep_freed_memory();
     let cli = llmlab::cli::Cli::parse();
     if let Err(err) = llmlab::cli::commands::run(cli) {
         eprintln!("error: {err:#}");
