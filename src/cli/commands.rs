@@ -321,71 +321,68 @@ fn bench_model(
     Ok((device, cfg, vs, model))
 }
 
-fn check_seq(seq: i64, cfg: &GptConfig, config: &str) -> Result<()> {
-    if seq > cfg.context_length {
+/// Model with fresh weights and a random `(batch, seq)` input for a throughput benchmark.
+fn bench_setup(
+    shape: &BenchShape,
+    compute: &ComputeArgs,
+) -> Result<(tch::Device, tch::nn::VarStore, GptModel, tch::Tensor)> {
+    let (device, cfg, vs, model) = bench_model(&shape.config, compute)?;
+    if shape.seq > cfg.context_length {
         return Err(LlmError::Usage(format!(
-            "--seq {seq} exceeds the context_length {} of {config}",
-            cfg.context_length
+            "--seq {} exceeds the context_length {} of {}",
+            shape.seq, cfg.context_length, shape.config
         ))
         .into());
     }
-    Ok(())
+    let x = tch::Tensor::randint(
+        cfg.vocab_size,
+        [shape.batch, shape.seq],
+        (tch::Kind::Int64, device),
+    );
+    Ok((device, vs, model, x))
+}
+
+/// One JSON line for a throughput benchmark.
+fn throughput_report(
+    what: &str,
+    shape: &BenchShape,
+    device: tch::Device,
+    median_s: f64,
+) -> serde_json::Value {
+    serde_json::json!({"impl": "llmlab", "what": what, "config": shape.config, "batch": shape.batch, "seq": shape.seq,
+        "threads": tch::get_num_threads(), "device": device_name(device),
+        "median_s": median_s, "tokens_per_s": (shape.batch * shape.seq) as f64 / median_s})
 }
 
 fn bench(a: BenchArgs) -> Result<()> {
     let report = match a.what {
         BenchWhat::Forward {
-            shape:
-                BenchShape {
-                    config,
-                    batch,
-                    seq,
-                    warmup,
-                    iters,
-                },
+            shape,
             manual_attention,
             compute,
         } => {
-            let (device, cfg, _vs, mut model) = bench_model(&config, &compute)?;
-            check_seq(seq, &cfg, &config)?;
+            let (device, _vs, mut model, x) = bench_setup(&shape, &compute)?;
             if manual_attention {
                 model.set_attention_impl(AttentionImpl::Manual);
             }
-            let x = tch::Tensor::randint(cfg.vocab_size, [batch, seq], (tch::Kind::Int64, device));
             let _g = tch::no_grad_guard();
-            let med = time_median(device, warmup, iters, || {
+            let med = time_median(device, shape.warmup, shape.iters, || {
                 let _ = model.forward_t(&x, false);
             });
-            serde_json::json!({"impl": "llmlab", "what": "forward", "config": config, "batch": batch, "seq": seq,
-                "threads": tch::get_num_threads(), "device": device_name(device),
-                "median_s": med, "tokens_per_s": (batch * seq) as f64 / med})
+            throughput_report("forward", &shape, device, med)
         }
-        BenchWhat::Train {
-            shape:
-                BenchShape {
-                    config,
-                    batch,
-                    seq,
-                    warmup,
-                    iters,
-                },
-            compute,
-        } => {
-            let (device, cfg, vs, model) = bench_model(&config, &compute)?;
-            check_seq(seq, &cfg, &config)?;
+        BenchWhat::Train { shape, compute } => {
+            let (device, vs, model, x) = bench_setup(&shape, &compute)?;
+            let y = x.roll([1], [1]); // any targets of the right shape
             let mut named: Vec<_> = vs.variables().into_iter().collect();
-            named.sort_by(|x, y| x.0.cmp(&y.0));
+            named.sort_by(|p, q| p.0.cmp(&q.0));
             let mut opt = crate::train::optim::AdamW::new(named, Default::default());
-            let x = tch::Tensor::randint(cfg.vocab_size, [batch, seq], (tch::Kind::Int64, device));
-            let y = tch::Tensor::randint(cfg.vocab_size, [batch, seq], (tch::Kind::Int64, device));
-            let med = time_median(device, warmup, iters, || {
+            let med = time_median(device, shape.warmup, shape.iters, || {
                 opt.zero_grad();
                 crate::train::calc_loss_batch(&model, &x, &y, true).backward();
                 opt.step(4e-4);
             });
-            serde_json::json!({"impl": "llmlab", "what": "train", "config": config, "batch": batch, "seq": seq,
-                "threads": tch::get_num_threads(), "device": device_name(device),
-                "median_s": med, "tokens_per_s": (batch * seq) as f64 / med})
+            throughput_report("train", &shape, device, med)
         }
         BenchWhat::Generate {
             config,

@@ -115,10 +115,6 @@ impl Dataset {
     pub fn folder_name<'a>(&'a self, name: &'a str) -> &'a str {
         self.folder.as_deref().unwrap_or(name)
     }
-
-    pub fn total_files(&self) -> usize {
-        self.files.len()
-    }
 }
 
 impl Registry {

@@ -201,7 +201,10 @@ pub fn pretrain(
             "{} already finished (pass --restart to train again)",
             run_dir.display()
         ));
-        let evals = truncate_metrics(&metrics_path, usize::MAX)?;
+        let evals = read_text(&metrics_path)?
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         return Ok(RunOutcome {
             run_dir: run_dir.into(),
             evals,
