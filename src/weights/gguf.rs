@@ -58,10 +58,11 @@ impl Value {
         }
     }
 
-    /// Any number as `f64`.
+    /// Any number as `f64`; an `f32` becomes the shortest decimal that round-trips it (the
+    /// value the writer meant: `1e-5`, not `9.99999974e-6`).
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
-            Value::F32(v) => Some(v.into()),
+            Value::F32(v) => v.to_string().parse().ok(),
             Value::F64(v) => Some(v),
             _ => self.as_i64().map(|v| v as f64),
         }

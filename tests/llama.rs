@@ -1,0 +1,214 @@
+//! The Llama family against Hugging Face transformers: SmolLM2-135M-Instruct from its GGUF file
+//! (transformers dequantizes the same file) and tiny random LlamaForCausalLM folders.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod common;
+
+use anyhow::Result;
+use llmlab::chat::{ChatTemplate, Message};
+use llmlab::generate::{generate, GenerateSpec};
+use llmlab::models::lm::{smollm2_gguf, AnyModel, LoadedLm};
+use llmlab::models::LlamaConfig;
+use llmlab::weights::llama::load_hf;
+use tch::{Device, Tensor};
+
+fn greedy(n: usize, use_cache: bool, eos: Option<i64>) -> GenerateSpec {
+    GenerateSpec {
+        max_new_tokens: n,
+        temperature: 0.0,
+        eos_id: eos,
+        use_cache,
+        ..Default::default()
+    }
+}
+
+/// SmolLM2 parity, in one transformers run (loading the GGUF there takes most of the time):
+/// token ids on English, code and Unicode text; last-position logits (max abs diff < 1e-3);
+/// greedy 32-token continuations with and without the KV cache; the chat template's text; and
+/// `llmlab generate --format json` on the first prompt.
+#[test]
+fn smollm2_matches_transformers() -> Result<()> {
+    let gguf = smollm2_gguf()?;
+    let dir = tempfile::tempdir()?;
+    let repo = common::repo();
+    let corpus = [
+        common::mirror().join("the-verdict/the-verdict.txt"),
+        repo.join("src/generate.rs"),
+        repo.join("tests/fixtures/unicode_edge_cases.txt"),
+    ];
+    let mut args = vec![
+        "smollm2".to_string(),
+        gguf.display().to_string(),
+        dir.path().display().to_string(),
+    ];
+    args.extend(corpus.iter().map(|p| p.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    common::run_reference("hf_llama.py", &args)?;
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("ref.json"))?)?;
+    let logits = common::read_tensors(&dir.path().join("logits.safetensors"))?;
+
+    let lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
+    let AnyModel::Llama(model) = &lm.model else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    assert_eq!(model.cfg, LlamaConfig::preset("smollm2-135m")?);
+
+    // Tokenizer. transformers ignores `tokenizer.ggml.pre = smollm` (digits split one by one,
+    // as llama.cpp and SmolLM2's tokenizer.json do); the texts without digits after a space tell
+    // no difference, and on all of them llmlab equals transformers' tokenizer with that
+    // pre-tokenizer set.
+    for (i, p) in corpus.iter().enumerate() {
+        let key = p.to_str().unwrap();
+        let text = std::fs::read_to_string(p)?;
+        let want: Vec<i64> = serde_json::from_value(reference["ids_pre"][key].clone())?;
+        let got = lm.encode_prompt(&text)?;
+        assert!(want.len() > 300, "{}: a real corpus", p.display());
+        assert_eq!(got, want, "token ids of {}", p.display());
+        assert_eq!(lm.decode(&got)?, text, "round trip of {}", p.display());
+        let plain: Vec<i64> = serde_json::from_value(reference["ids"][key].clone())?;
+        if i < 2 {
+            assert_eq!(
+                got,
+                plain,
+                "token ids of {} (transformers as loaded)",
+                p.display()
+            );
+        } else {
+            // The Unicode file has non-ASCII digits after spaces: the only differences.
+            assert_ne!(got, plain);
+            assert!(got.len() > plain.len() && got.len() < plain.len() + 10);
+        }
+    }
+
+    // Logits and greedy continuations.
+    let prompts = reference["prompts"].as_array().unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = lm.encode_prompt(p.as_str().unwrap())?;
+        let want_ids: Vec<i64> =
+            serde_json::from_value(reference["greedy"][i]["prompt_ids"].clone())?;
+        assert_eq!(ids, want_ids, "prompt {i} ids");
+        let got = lm.forward_logits(&Tensor::from_slice(&ids).view([1, -1]));
+        common::assert_close(
+            &got.select(1, -1).squeeze(),
+            &logits[&format!("prompt{i}")],
+            1e-3,
+            0.0,
+            &format!("SmolLM2 last-position logits, prompt {i}"),
+        )?;
+        let mut want: Vec<i64> = serde_json::from_value(reference["greedy"][i]["ids"].clone())?;
+        // transformers keeps the end-of-text token it stopped at; llmlab reports it as a stop.
+        let ended = want.last() == lm.eos_id.as_ref();
+        if ended {
+            want.pop();
+        }
+        for use_cache in [true, false] {
+            let out = generate(model, &ids, &greedy(32, use_cache, lm.eos_id))?;
+            assert_eq!(
+                out.ids, want,
+                "greedy continuation of prompt {i} (cache {use_cache})"
+            );
+            assert_eq!(out.stopped_at_eos, ended, "prompt {i}: stop at end of text");
+        }
+    }
+
+    // Chat template.
+    let tpl = lm.chat.clone().expect("SmolLM2 has a ChatML template");
+    assert!(matches!(
+        tpl,
+        ChatTemplate::ChatMl {
+            default_system: Some(_)
+        }
+    ));
+    for (conv, want) in reference["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference["chats"].as_array().unwrap())
+    {
+        let msgs: Vec<Message> = serde_json::from_value(conv.clone())?;
+        assert_eq!(tpl.render(&msgs, true), want.as_str().unwrap());
+    }
+    assert_eq!(lm.end_of_turn_id(), Some(2));
+
+    // The command line gives the same continuation.
+    let (code, out, err) = common::llmlab(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--prompt",
+        prompts[0].as_str().unwrap(),
+        "--max-new-tokens",
+        "32",
+        "--format",
+        "json",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(v["prompt_ids"], reference["greedy"][0]["prompt_ids"]);
+    assert_eq!(v["ids"], reference["greedy"][0]["ids"]);
+    assert_eq!(v["ids"].as_array().unwrap().len(), 32);
+    Ok(())
+}
+
+/// Tiny random LlamaForCausalLM folders (GQA 8 query / 2 KV heads): sharded with Llama 3.1 RoPE
+/// scaling and an untied head; single-file bf16 with a tied head. Logits max abs diff < 1e-4,
+/// greedy continuation equal to `model.generate`, with and without the KV cache.
+#[test]
+fn hf_llama_folders_match_transformers() -> Result<()> {
+    for flags in [
+        &["--shards", "--llama3-rope"][..],
+        &["--tied", "--bf16"][..],
+    ] {
+        let dir = tempfile::tempdir()?;
+        let mut args = vec!["tiny-llama", dir.path().to_str().unwrap()];
+        args.extend(flags);
+        common::run_reference("hf_llama.py", &args)?;
+        let (_vs, m) = load_hf(dir.path(), Device::Cpu)?;
+        assert_eq!(m.cfg.n_kv_groups, 2);
+        assert_eq!(m.cfg.tie_weights, flags.contains(&"--tied"));
+        assert_eq!(m.cfg.rope_freq.is_some(), flags.contains(&"--llama3-rope"));
+        let io = common::read_tensors(&dir.path().join("ref.safetensors"))?;
+        let logits = tch::no_grad(|| m.forward_t(&io["input_ids"], false));
+        common::assert_close(
+            &logits,
+            &io["logits"],
+            1e-4,
+            0.0,
+            &format!("logits {flags:?}"),
+        )?;
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("ref.json"))?)?;
+        let prompt: Vec<i64> = serde_json::from_value(r["prompt"].clone())?;
+        let want: Vec<i64> = serde_json::from_value(r["greedy"].clone())?;
+        for use_cache in [true, false] {
+            let out = generate(&m, &prompt, &greedy(want.len(), use_cache, None))?.ids;
+            assert_eq!(out, want, "greedy {flags:?} (cache {use_cache})");
+        }
+    }
+    Ok(())
+}
+
+/// Presets and config validation.
+#[test]
+fn llama_presets_and_bad_configs() -> Result<()> {
+    let c = LlamaConfig::preset("llama-3.2-1b")?;
+    assert_eq!((c.n_heads, c.n_kv_groups, c.head_dim()), (32, 8, 64));
+    // Llama 3.2 1B has 1.24 B parameters (tied head).
+    assert_eq!(c.num_params(), 1_235_814_400);
+    assert_eq!(
+        LlamaConfig::preset("smollm2-135m")?.num_params(),
+        134_515_008
+    );
+    let mut bad = LlamaConfig::preset("smollm2-135m")?;
+    bad.n_kv_groups = 4;
+    let e = bad.validate("test").unwrap_err().to_string();
+    assert!(
+        e.contains("n_heads = 9 is not a multiple of n_kv_groups = 4"),
+        "{e}"
+    );
+    let e = LlamaConfig::from_yaml("family: llama\nvocab_size: 10\n", "x.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("x.yaml") && e.contains("missing field"), "{e}");
+    Ok(())
+}
