@@ -7,6 +7,7 @@ VENV ?= $(if $(LLMLAB_VENV),$(LLMLAB_VENV),.venv)
 VENV_ABS := $(abspath $(VENV))
 PY := $(VENV_ABS)/bin/python
 REQS := tests/reference/requirements.txt
+REQS_NODEPS := tests/reference/requirements-nodeps.txt
 STAMP := $(VENV_ABS)/.llmlab-setup
 
 export VIRTUAL_ENV := $(VENV_ABS)
@@ -32,9 +33,10 @@ help:
 
 # Idempotent: re-runs pip only when the requirements change or the venv is missing.
 setup: $(STAMP)
-$(STAMP): $(REQS)
+$(STAMP): $(REQS) $(REQS_NODEPS)
 	@test -x $(PY) || python3 -m venv $(VENV_ABS)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r $(REQS)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(REQS_NODEPS)
 	@touch $(STAMP)
 
 build: setup

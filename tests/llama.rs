@@ -212,3 +212,62 @@ fn llama_presets_and_bad_configs() -> Result<()> {
     assert!(e.contains("x.yaml") && e.contains("missing field"), "{e}");
     Ok(())
 }
+
+/// `llmlab download` of a sharded Llama checkpoint against a local stand-in for the hub: the
+/// single file is missing (404), so the index and then every shard are fetched, each checked
+/// against its announced sha256; the folder then loads and matches the original.
+#[test]
+fn download_fetches_sharded_llama_checkpoints() -> Result<()> {
+    use std::io::{Read, Write};
+    let src = tempfile::tempdir()?;
+    common::run_reference(
+        "hf_llama.py",
+        &["tiny-llama", src.path().to_str().unwrap(), "--shards"],
+    )?;
+    let root = src.path().to_path_buf();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut s = stream.expect("accept");
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let file = path.rsplit('/').next().unwrap_or("").to_string();
+            let body = if file.starts_with("tokenizer") {
+                Some(b"{}".to_vec())
+            } else {
+                std::fs::read(root.join(&file)).ok()
+            };
+            let head = match &body {
+                None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
+                Some(b) => format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Linked-Etag: \"{}\"\r\nConnection: close\r\n\r\n",
+                    b.len(),
+                    llmlab::data::registry::sha256_hex(b)
+                ),
+            };
+            let _ = s.write_all(head.as_bytes());
+            if let Some(b) = body {
+                let _ = s.write_all(&b);
+            }
+        }
+    });
+    let cache = tempfile::tempdir()?;
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let dir =
+        llmlab::weights::hub::download_llama_with("llama-3.2-1b", None, cache.path(), &endpoint)?;
+    assert!(dir.join("model.safetensors.index.json").is_file());
+    assert!(!dir.join("model.safetensors").exists());
+    let shards = llmlab::weights::llama::hf_weight_files(&dir)?;
+    assert!(shards.len() > 5 && shards.iter().all(|s| s.is_file()));
+    let (_vs, m) = load_hf(&dir, Device::Cpu)?;
+    let io = common::read_tensors(&src.path().join("ref.safetensors"))?;
+    let logits = tch::no_grad(|| m.forward_t(&io["input_ids"], false));
+    common::assert_close(&logits, &io["logits"], 1e-4, 0.0, "downloaded shards")?;
+    let err = llmlab::weights::hub::download_llama_with("llama-9", None, cache.path(), &endpoint)
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("smollm2-360m"));
+    Ok(())
+}

@@ -26,7 +26,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         use_cache: true,
     };
     spec.validate()?;
-    let lm = LoadedLm::load(&a.model, device)?;
+    let mut lm = LoadedLm::load(&a.model, device)?;
+    lm.set_kind(a.dtype.kind());
     let tpl = lm.chat.clone().ok_or_else(|| {
         LlmError::Usage(format!(
             "{} has no chat template llmlab knows (ChatML or Llama 3); use `llmlab generate` for plain completion",

@@ -4,7 +4,7 @@ use crate::chat::Message;
 use crate::data::{registry::Registry, tokenizer::train_bpe, BpeTokenizer};
 use crate::device::{device_name, parse_device, set_threads};
 use crate::error::{read_text, LlmError};
-use crate::generate::{generate, GenerateSpec};
+use crate::generate::GenerateSpec;
 use crate::models::LoadedLm;
 use crate::models::{gpt::ParamStats, GptConfig, GptModel};
 use crate::nn::AttentionImpl;
@@ -241,7 +241,8 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         use_cache: !a.no_cache,
     };
     spec.validate()?;
-    let lm = LoadedLm::load(&a.model, device)?;
+    let mut lm = LoadedLm::load(&a.model, device)?;
+    lm.set_kind(a.dtype.kind());
     if !a.ignore_eos {
         spec.eos_id = lm.eos_id;
     }
@@ -298,7 +299,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
 }
 
 fn download(a: DownloadArgs) -> Result<()> {
-    let dir = crate::weights::hub::download_gpt2(&a.name)?;
+    let dir = crate::weights::hub::download_model(&a.name)?;
     println!("{}", dir.display());
     Ok(())
 }
@@ -405,40 +406,49 @@ fn bench(a: BenchArgs) -> Result<()> {
         }
         BenchWhat::Generate {
             config,
+            model,
             prompt_tokens,
             new_tokens,
             no_cache,
             iters,
+            dtype,
             compute,
         } => {
-            let (device, cfg, _vs, model) = bench_model(&config, &compute)?;
-            let prompt: Vec<i64> = (0..prompt_tokens as i64)
-                .map(|i| (i * 7919) % cfg.vocab_size)
-                .collect();
+            let device = parse_device(&compute.device)?;
+            set_threads(compute.threads);
             let spec = GenerateSpec {
                 max_new_tokens: new_tokens,
                 eos_id: None,
                 use_cache: !no_cache,
                 ..GenerateSpec::default()
             };
-            let _ = generate(
-                &model,
-                &prompt,
-                &GenerateSpec {
-                    max_new_tokens: 4,
-                    ..spec.clone()
-                },
-            )?; // warm-up
+            let warm = GenerateSpec {
+                max_new_tokens: 4,
+                ..spec.clone()
+            };
+            let (label, mut lm) = match &model {
+                Some(m) => (m.clone(), LoadedLm::load(m, device)?),
+                None => {
+                    crate::device::seed_everything(123);
+                    (config.clone(), LoadedLm::fresh_gpt(&config, device)?)
+                }
+            };
+            lm.set_kind(dtype.kind());
+            let vocab = lm.vocab_size();
+            let prompt: Vec<i64> = (0..prompt_tokens as i64)
+                .map(|i| (i * 7919) % vocab)
+                .collect();
+            lm.generate_stream(&prompt, &warm, |_| true)?;
             let mut decode = Vec::with_capacity(iters);
             let mut prefill = Vec::with_capacity(iters);
             for _ in 0..iters {
-                let g = generate(&model, &prompt, &spec)?;
+                let g = lm.generate_stream(&prompt, &spec, |_| true)?;
                 // The first new token comes from the prompt pass; the rest are decode steps.
                 decode.push((g.ids.len().saturating_sub(1)) as f64 / g.decode_seconds.max(1e-9));
                 prefill.push(prompt_tokens as f64 / g.prompt_seconds.max(1e-9));
             }
-            serde_json::json!({"impl": "llmlab", "what": "generate", "config": config, "kv_cache": !no_cache,
-                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+            serde_json::json!({"impl": "llmlab", "what": "generate", "config": label, "kv_cache": !no_cache,
+                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "dtype": format!("{dtype:?}").to_lowercase(),
                 "threads": tch::get_num_threads(), "device": device_name(device),
                 "tokens_per_s": median(&mut decode), "prompt_tokens_per_s": median(&mut prefill)})
         }

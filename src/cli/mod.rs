@@ -36,7 +36,7 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Chat with a model in the terminal (streams tokens; /reset, /system TEXT, /exit).
     Chat(ChatArgs),
-    /// Download OpenAI's GPT-2 weights (Hugging Face format) into the cache; prints the folder.
+    /// Download Hugging Face weights (GPT-2, SmolLM2, Llama 3.x) into the cache; prints the folder.
     Download(DownloadArgs),
     /// Micro-benchmarks (forward tokens/s); `make bench` runs them beside PyTorch.
     Bench(BenchArgs),
@@ -54,6 +54,23 @@ pub enum DataAction {
         /// Data set name (see `llmlab data list`).
         name: String,
     },
+}
+
+/// Weight dtype for inference: f32 (exact, the parity tests' setting) or bf16 (half the bytes
+/// per decoded token; f32 accumulation in the matmuls).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DType {
+    F32,
+    Bf16,
+}
+
+impl DType {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            DType::F32 => tch::Kind::Float,
+            DType::Bf16 => tch::Kind::BFloat16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -209,6 +226,8 @@ pub struct GenerateArgs {
     /// Keep generating past <|endoftext|>.
     #[arg(long)]
     pub ignore_eos: bool,
+    #[arg(long, value_enum, default_value_t = DType::F32)]
+    pub dtype: DType,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     #[command(flatten)]
@@ -235,13 +254,18 @@ pub struct ChatArgs {
     pub top_p: f64,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// bf16 weights answer about twice as fast on CPUs with AVX512-BF16 and on GPUs.
+    #[arg(long, value_enum, default_value_t = DType::F32)]
+    pub dtype: DType,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct DownloadArgs {
-    /// gpt2-small | gpt2-medium | gpt2-large | gpt2-xl
+    /// gpt2-small|medium|large|xl, smollm2-135m, smollm2-360m[-instruct], smollm2-1.7b[-instruct],
+    /// llama-3.2-1b[-instruct], llama-3.2-3b[-instruct], llama-3.1-8b[-instruct] (Llama: set HF_TOKEN).
+    /// Load the folder with `--model hf:DIR`.
     pub name: String,
 }
 
@@ -274,6 +298,9 @@ pub enum BenchWhat {
     Generate {
         #[arg(long, default_value = "gpt2-small")]
         config: String,
+        /// Benchmark this model instead of a fresh GPT config (e.g. smollm2-135m-instruct).
+        #[arg(long)]
+        model: Option<String>,
         #[arg(long, default_value_t = 20)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 64)]
@@ -282,6 +309,8 @@ pub enum BenchWhat {
         no_cache: bool,
         #[arg(long, default_value_t = 3)]
         iters: usize,
+        #[arg(long, value_enum, default_value_t = DType::F32)]
+        dtype: DType,
         #[command(flatten)]
         compute: ComputeArgs,
     },

@@ -177,7 +177,7 @@ impl LlamaConfig {
                 self.rope_base
             )));
         }
-        if !(self.rms_eps > 0.0) {
+        if self.rms_eps.is_nan() || self.rms_eps <= 0.0 {
             return Err(err(format!("rms_eps = {}: expected > 0", self.rms_eps)));
         }
         if !(0.0..1.0).contains(&self.drop_rate) {
@@ -235,7 +235,7 @@ impl LlamaConfig {
                 } else {
                     *f as f64
                 };
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let medium = (high_wavelen..=low_wavelen).contains(&wavelen);
                 *f = if medium {
                     let smooth = (old / wavelen - r.low_freq_factor)
                         / (r.high_freq_factor - r.low_freq_factor);

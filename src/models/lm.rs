@@ -300,6 +300,33 @@ impl LoadedLm {
         })
     }
 
+    /// A fresh GPT from a preset or config file (random weights, GPT-2 tokenizer).
+    pub fn fresh_gpt(config: &str, device: Device) -> Result<Self> {
+        let source = ModelSource::Fresh(config.into());
+        let (vs, model) = source.load(device)?;
+        Ok(Self {
+            vs,
+            model: AnyModel::Gpt(model),
+            tokenizer: BpeTokenizer::gpt2()?,
+            chat: None,
+            eos_id: Some(END_OF_TEXT_ID as i64),
+            bos_id: None,
+            name: config.into(),
+        })
+    }
+
+    /// Casts the weights (in place) to `kind`, e.g. bf16 for faster decoding.
+    pub fn set_kind(&mut self, kind: tch::Kind) {
+        self.vs.set_kind(kind);
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        match &self.model {
+            AnyModel::Gpt(m) => m.cfg.vocab_size,
+            AnyModel::Llama(m) => m.cfg.vocab_size,
+        }
+    }
+
     /// Token ids of a prompt (with the BOS token when the model expects one).
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<i64>> {
         let mut ids: Vec<i64> = self

@@ -590,7 +590,7 @@ pub fn dequantize(t: GgmlType, raw: &[u8], n: usize) -> Result<Vec<f32>, String>
         ));
     }
     let (block, size) = t.block_layout().ok_or("unknown layout")?;
-    if n % block != 0 || raw.len() != n / block * size {
+    if !n.is_multiple_of(block) || raw.len() != n / block * size {
         return Err(format!(
             "{} bytes for {n} weights of type {}: expected {}",
             raw.len(),

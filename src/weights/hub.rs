@@ -1,11 +1,13 @@
-//! Downloading OpenAI's GPT-2 weights in Hugging Face format (book ch05 §5.5 loads the same
-//! tensors from TensorFlow files; safetensors needs no TensorFlow).
+//! Downloading Hugging Face checkpoints: OpenAI's GPT-2 (book ch05 §5.5 loads the same tensors
+//! from TensorFlow files; safetensors needs no TensorFlow), SmolLM2 and Llama 3.x.
 //!
-//! `gpt2-small|medium|large|xl` map to `openai-community/gpt2[-medium|-large|-xl]`. Files go to
-//! `<cache>/models/<name>/` through a temp file that is hashed while it streams; the weights'
-//! sha256 must equal the one the hub announces for the file (`X-Linked-Etag`, its LFS object id),
-//! else nothing is kept. `HF_ENDPOINT` changes the server; with `LLMLAB_DATA_MIRROR` set, the
-//! files are read from `<mirror>/<name>/` instead, like the data sets.
+//! `gpt2-small|medium|large|xl` map to `openai-community/gpt2[-medium|-large|-xl]`, `smollm2-*` to
+//! `HuggingFaceTB/SmolLM2-*`, `llama-3.*` to `meta-llama/Llama-3.*` (gated: set `HF_TOKEN`). Files
+//! go to `<cache>/models/<name>/` through a temp file that is hashed while it streams; the
+//! weights' sha256 must equal the one the hub announces for the file (`X-Linked-Etag`, its LFS
+//! object id), else nothing is kept. Sharded weights are fetched from the list in
+//! `model.safetensors.index.json`. `HF_ENDPOINT` changes the server; with `LLMLAB_DATA_MIRROR`
+//! set, the files are read from `<mirror>/<name>/` instead, like the data sets.
 use crate::data::registry::{cache_root, mirror_root};
 use crate::error::{temp_path, LlmError};
 use anyhow::Result;
@@ -20,6 +22,106 @@ pub const GPT2_MODELS: &[(&str, &str)] = &[
     ("gpt2-xl", "openai-community/gpt2-xl"),
 ];
 const FILES: &[&str] = &["config.json", "model.safetensors"];
+
+/// Llama-family checkpoints: (name, repository). Their folders load with `hf:DIR`.
+pub const LLAMA_MODELS: &[(&str, &str)] = &[
+    ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M"),
+    (
+        "smollm2-135m-instruct-hf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
+    ("smollm2-360m", "HuggingFaceTB/SmolLM2-360M"),
+    (
+        "smollm2-360m-instruct",
+        "HuggingFaceTB/SmolLM2-360M-Instruct",
+    ),
+    ("smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B"),
+    (
+        "smollm2-1.7b-instruct",
+        "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+    ),
+    ("llama-3.2-1b", "meta-llama/Llama-3.2-1B"),
+    ("llama-3.2-1b-instruct", "meta-llama/Llama-3.2-1B-Instruct"),
+    ("llama-3.2-3b", "meta-llama/Llama-3.2-3B"),
+    ("llama-3.2-3b-instruct", "meta-llama/Llama-3.2-3B-Instruct"),
+    ("llama-3.1-8b", "meta-llama/Llama-3.1-8B"),
+    ("llama-3.1-8b-instruct", "meta-llama/Llama-3.1-8B-Instruct"),
+];
+const LLAMA_FILES: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.json"];
+
+/// Every model name `llmlab download` knows.
+pub fn model_names() -> Vec<String> {
+    GPT2_MODELS
+        .iter()
+        .chain(LLAMA_MODELS)
+        .map(|(n, _)| n.to_string())
+        .collect()
+}
+
+/// Makes a GPT-2 or Llama-family checkpoint available locally; returns its folder.
+pub fn download_model(name: &str) -> Result<PathBuf> {
+    if GPT2_MODELS.iter().any(|(n, _)| *n == name) {
+        return download_gpt2(name);
+    }
+    download_llama_with(name, mirror_root().as_deref(), &cache_root(), &endpoint())
+}
+
+pub fn download_llama_with(
+    name: &str,
+    mirror: Option<&Path>,
+    cache: &Path,
+    endpoint: &str,
+) -> Result<PathBuf> {
+    let repo = LLAMA_MODELS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, r)| *r)
+        .ok_or_else(|| LlmError::Unknown {
+            what: "model to download",
+            name: name.into(),
+            expected: model_names(),
+        })?;
+    let base = match mirror {
+        Some(m) if m.join(name).join("config.json").is_file() => return Ok(m.join(name)),
+        _ => cache.join("models").join(name),
+    };
+    for f in LLAMA_FILES {
+        let dst = base.join(f);
+        if !dst.is_file() {
+            fetch_to(&format!("{endpoint}/{repo}/resolve/main/{f}"), &dst, false)?;
+        }
+    }
+    let single = base.join("model.safetensors");
+    let index = base.join("model.safetensors.index.json");
+    if single.is_file() {
+        return Ok(base);
+    }
+    if !index.is_file() {
+        match fetch_to(
+            &format!("{endpoint}/{repo}/resolve/main/model.safetensors"),
+            &single,
+            true,
+        ) {
+            Ok(()) => return Ok(base),
+            Err(e) if e.to_string().contains("404") => fetch_to(
+                &format!("{endpoint}/{repo}/resolve/main/model.safetensors.index.json"),
+                &index,
+                false,
+            )?,
+            Err(e) => return Err(e),
+        }
+    }
+    for shard in crate::weights::llama::hf_weight_files(&base)? {
+        if !shard.is_file() {
+            let f = shard
+                .file_name()
+                .and_then(|f| f.to_str())
+                .unwrap_or_default();
+            fetch_to(&format!("{endpoint}/{repo}/resolve/main/{f}"), &shard, true)?;
+        }
+    }
+    Ok(base)
+}
 
 fn endpoint() -> String {
     std::env::var("HF_ENDPOINT")
@@ -83,7 +185,18 @@ fn fetch_to(url: &str, dst: &Path, need_sha: bool) -> Result<()> {
         url: url.into(),
         message,
     };
-    let resp = ureq::get(url).call().map_err(|e| err(e.to_string()))?;
+    let mut req = ureq::get(url);
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        req = req.header("Authorization", &format!("Bearer {token}"));
+    }
+    let resp = req.call().map_err(|e| {
+        let hint = if e.to_string().contains("401") || e.to_string().contains("403") {
+            " (a gated repository: accept its licence on the hub and set HF_TOKEN)"
+        } else {
+            ""
+        };
+        err(format!("{e}{hint}"))
+    })?;
     let announced = ["x-linked-etag", "etag"]
         .iter()
         .filter_map(|h| resp.headers().get(*h))

