@@ -163,7 +163,7 @@ fn hf_llama_folders_match_transformers() -> Result<()> {
         let mut args = vec!["tiny-llama", dir.path().to_str().unwrap()];
         args.extend(flags);
         common::run_reference("hf_llama.py", &args)?;
-        let (_vs, m) = load_hf(dir.path(), Device::Cpu)?;
+        let (_vs, mut m) = load_hf(dir.path(), Device::Cpu)?;
         assert_eq!(m.cfg.n_kv_groups, 2);
         assert_eq!(m.cfg.tie_weights, flags.contains(&"--tied"));
         assert_eq!(m.cfg.rope_freq.is_some(), flags.contains(&"--llama3-rope"));
@@ -184,6 +184,18 @@ fn hf_llama_folders_match_transformers() -> Result<()> {
             let out = generate(&m, &prompt, &greedy(want.len(), use_cache, None))?.ids;
             assert_eq!(out, want, "greedy {flags:?} (cache {use_cache})");
         }
+        // The inference set-up (fused q/k/v and gate/up) computes the same logits.
+        m.prepare_for_inference();
+        let fused = tch::no_grad(|| m.forward_t(&io["input_ids"], false));
+        common::assert_close(
+            &fused,
+            &io["logits"],
+            1e-4,
+            0.0,
+            &format!("fused {flags:?}"),
+        )?;
+        let out = generate(&m, &prompt, &greedy(want.len(), true, None))?.ids;
+        assert_eq!(out, want, "greedy {flags:?} (fused)");
     }
     Ok(())
 }
@@ -269,5 +281,44 @@ fn download_fetches_sharded_llama_checkpoints() -> Result<()> {
     let err = llmlab::weights::hub::download_llama_with("llama-9", None, cache.path(), &endpoint)
         .unwrap_err();
     assert!(format!("{err:#}").contains("smollm2-360m"));
+    Ok(())
+}
+
+/// `llmlab chat` driven through stdin: greedy answers stream to stdout, `/system` and `/reset`
+/// work, tokens/s is reported, `/exit` ends with status 0.
+#[test]
+fn chat_cli_answers_and_obeys_commands() -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .args([
+            "chat",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--threads",
+            "2",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(
+        b"What is the capital of France?\n/reset\n/system Answer in one word.\nWhat color is the sky on a clear day?\n/bogus\n/exit\nnot read\n",
+    )?;
+    let out = child.wait_with_output()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    let answers: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(answers.len(), 2, "two answers: {stdout}");
+    assert!(answers[0].contains("Paris"), "{stdout}");
+    assert!(answers[1].to_lowercase().contains("blue"), "{stdout}");
+    assert!(stderr.contains("[conversation reset]"), "{stderr}");
+    assert!(stderr.contains("system message set"), "{stderr}");
+    assert!(stderr.contains("unknown command /bogus"), "{stderr}");
+    assert_eq!(stderr.matches("tokens/s").count(), 2, "{stderr}");
     Ok(())
 }

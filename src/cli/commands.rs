@@ -117,6 +117,40 @@ fn train_tokenizer(a: TrainTokenizerArgs) -> Result<()> {
 }
 
 fn model_info(a: ModelInfoArgs) -> Result<()> {
+    let llama = match crate::models::LmSpec::parse(&a.config) {
+        Ok(crate::models::LmSpec::LlamaFresh(_)) => Some(if Path::new(&a.config).is_file() {
+            crate::models::llama::load_config_file(Path::new(&a.config))?
+        } else {
+            crate::models::LlamaConfig::preset(&a.config)?
+        }),
+        _ => None,
+    };
+    if let Some(cfg) = llama {
+        let n = cfg.num_params();
+        match a.format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"config": a.config, "family": "llama", "total_params": n,
+                    "size_mb_f32": n as f64 * 4.0 / 1024.0 / 1024.0, "size_mb_bf16": n as f64 * 2.0 / 1024.0 / 1024.0, "model": cfg})
+            ),
+            Format::Text => {
+                println!("config: {} (Llama family)", a.config);
+                println!("Total number of parameters: {n}");
+                println!(
+                    "Grouped-query attention: {} query heads, {} key/value heads, head_dim {}",
+                    cfg.n_heads,
+                    cfg.n_kv_groups,
+                    cfg.head_dim()
+                );
+                println!(
+                    "Total size of the model: {:.2} MB (f32), {:.2} MB (bf16)",
+                    n as f64 * 4.0 / 1024.0 / 1024.0,
+                    n as f64 * 2.0 / 1024.0 / 1024.0
+                );
+            }
+        }
+        return Ok(());
+    }
     let cfg = GptConfig::load(&a.config)?;
     let st = ParamStats::from_config(&cfg);
     match a.format {

@@ -123,7 +123,8 @@ pub struct TrainTokenizerArgs {
 
 #[derive(Args, Debug)]
 pub struct ModelInfoArgs {
-    /// Preset name (gpt2-small, gpt2-medium, gpt2-large, gpt2-xl, gpt-mini) or a YAML file.
+    /// Preset name (gpt2-small|medium|large|xl, gpt-mini, smollm2-135m|360m|1.7b,
+    /// llama-3.2-1b|3b, llama-3.1-8b) or a YAML file.
     #[arg(long, default_value = "gpt2-small")]
     pub config: String,
     #[arg(long, value_enum, default_value_t = Format::Text)]

@@ -302,6 +302,12 @@ impl Rope {
         self.cos.size()[0]
     }
 
+    /// Keeps the tables in `kind` (the model's dtype), so applying them converts nothing.
+    pub fn set_kind(&mut self, kind: Kind) {
+        self.cos = self.cos.to_kind(kind);
+        self.sin = self.sin.to_kind(kind);
+    }
+
     /// Rotates `x` `(b, h, n, hd)` whose tokens sit at positions `start..start + n`.
     pub fn apply(&self, x: &Tensor, start: i64) -> Tensor {
         let n = x.size()[2];
@@ -325,6 +331,24 @@ pub struct GroupedQueryAttention {
     pub n_heads: i64,
     pub n_kv: i64,
     pub head_dim: i64,
+    /// `[W_query; W_key; W_value]` in one tensor whose rows the three weights are views of
+    /// (see [`LlamaModel::fuse_projections`]); used in eval mode: one matmul instead of three.
+    qkv: Option<Tensor>,
+}
+
+/// Concatenates `weights` along the rows into one tensor and makes each weight a view of its
+/// rows: same storage, so in-place updates of either are seen by both.
+fn fuse_rows(weights: &mut [&mut Tensor]) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let parts: Vec<Tensor> = weights.iter().map(|w| w.detach()).collect();
+    let fused = Tensor::cat(&parts, 0);
+    let mut start = 0;
+    for w in weights.iter_mut() {
+        let rows = w.size()[0];
+        w.set_data(&fused.narrow(0, start, rows));
+        start += rows;
+    }
+    fused
 }
 
 fn plain_linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
@@ -342,7 +366,16 @@ impl GroupedQueryAttention {
             n_heads: cfg.n_heads,
             n_kv: cfg.n_kv_groups,
             head_dim: hd,
+            qkv: None,
         }
+    }
+
+    fn fuse(&mut self) {
+        self.qkv = Some(fuse_rows(&mut [
+            &mut self.w_query.ws,
+            &mut self.w_key.ws,
+            &mut self.w_value.ws,
+        ]));
     }
 
     pub fn forward(
@@ -354,10 +387,25 @@ impl GroupedQueryAttention {
         dropout: f64,
     ) -> Tensor {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, emb_dim)");
-        let heads = |t: Tensor, h: i64| t.view([b, n, h, self.head_dim]).transpose(1, 2);
-        let q = heads(self.w_query.forward(x), self.n_heads);
-        let k = heads(self.w_key.forward(x), self.n_kv);
-        let v = heads(self.w_value.forward(x), self.n_kv);
+        let heads = |t: &Tensor, h: i64| t.view([b, n, h, self.head_dim]).transpose(1, 2);
+        let (q, k, v) = match (&self.qkv, train) {
+            (Some(w), false) => {
+                let (dq, dkv) = (self.n_heads * self.head_dim, self.n_kv * self.head_dim);
+                let parts = x
+                    .linear::<Tensor>(w, None)
+                    .split_with_sizes([dq, dkv, dkv], -1);
+                (
+                    heads(&parts[0], self.n_heads),
+                    heads(&parts[1], self.n_kv),
+                    heads(&parts[2], self.n_kv),
+                )
+            }
+            _ => (
+                heads(&self.w_query.forward(x), self.n_heads),
+                heads(&self.w_key.forward(x), self.n_kv),
+                heads(&self.w_value.forward(x), self.n_kv),
+            ),
+        };
         let start = cache.as_ref().map_or(0, |c| c.len());
         let q = rope.apply(&q, start);
         let k = rope.apply(&k, start);
@@ -403,6 +451,8 @@ pub struct SwiGlu {
     pub fc1: nn::Linear,
     pub fc2: nn::Linear,
     pub fc3: nn::Linear,
+    /// `[fc1; fc2]` fused like the attention's `qkv`.
+    gate_up: Option<Tensor>,
 }
 
 impl SwiGlu {
@@ -411,14 +461,24 @@ impl SwiGlu {
             fc1: plain_linear(p / "fc1", cfg.emb_dim, cfg.hidden_dim),
             fc2: plain_linear(p / "fc2", cfg.emb_dim, cfg.hidden_dim),
             fc3: plain_linear(p / "fc3", cfg.hidden_dim, cfg.emb_dim),
+            gate_up: None,
         }
     }
-}
 
-impl Module for SwiGlu {
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc3
-            .forward(&(self.fc1.forward(x).silu() * self.fc2.forward(x)))
+    fn fuse(&mut self) {
+        self.gate_up = Some(fuse_rows(&mut [&mut self.fc1.ws, &mut self.fc2.ws]));
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match (&self.gate_up, train) {
+            (Some(w), false) => {
+                let gu = x.linear::<Tensor>(w, None).chunk(2, -1);
+                self.fc3.forward(&(gu[0].silu() * &gu[1]))
+            }
+            _ => self
+                .fc3
+                .forward(&(self.fc1.forward(x).silu() * self.fc2.forward(x))),
+        }
     }
 }
 
@@ -456,7 +516,7 @@ impl LlamaBlock {
         let x = x + h;
         let h = self
             .ff
-            .forward(&self.norm2.forward(&x))
+            .forward_t(&self.norm2.forward(&x), train)
             .dropout(self.drop_rate, train);
         x + h
     }
@@ -574,6 +634,19 @@ impl LlamaModel {
                     )
                 })
                 .collect(),
+        }
+    }
+
+    /// Inference set-up: the RoPE tables in the weights' dtype, and the q/k/v and gate/up
+    /// projections fused into one matmul each (eval mode only). The separate weights become views
+    /// of the fused ones, so training later still updates what inference reads; call it again
+    /// after changing the dtype.
+    pub fn prepare_for_inference(&mut self) {
+        let kind = self.tok_emb.ws.kind();
+        self.rope.set_kind(kind);
+        for b in &mut self.trf_blocks {
+            b.att.fuse();
+            b.ff.fuse();
         }
     }
 

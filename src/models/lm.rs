@@ -315,9 +315,13 @@ impl LoadedLm {
         })
     }
 
-    /// Casts the weights (in place) to `kind`, e.g. bf16 for faster decoding.
+    /// Casts the weights (in place) to `kind`, e.g. bf16 for faster decoding, and sets the
+    /// model up for inference (fused projections; see [`LlamaModel::prepare_for_inference`]).
     pub fn set_kind(&mut self, kind: tch::Kind) {
         self.vs.set_kind(kind);
+        if let AnyModel::Llama(m) = &mut self.model {
+            m.prepare_for_inference();
+        }
     }
 
     pub fn vocab_size(&self) -> i64 {
