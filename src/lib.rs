@@ -14,6 +14,7 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod experiment;
 pub mod generate;
 pub mod models;
 pub mod nn;

@@ -15,6 +15,8 @@ use std::time::Instant;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(a) => run_experiment(a),
+        Command::Report(a) => report(a),
         Command::Data { action } => data(action),
         Command::Tokenize(a) => tokenize(a),
         Command::TrainTokenizer(a) => train_tokenizer(a),
@@ -25,6 +27,75 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Download(a) => download(a),
         Command::Bench(a) => bench(a),
     }
+}
+
+fn run_experiment(a: RunArgs) -> Result<()> {
+    use crate::experiment::{report, run, value_text, Experiment};
+    let exp = Experiment::load(&a.file, &a.sets)?;
+    let trials = run::prepare(&exp)?;
+    if a.dry_run {
+        println!(
+            "experiment {} (task {}): {} trial(s) -> {}",
+            exp.name,
+            exp.task,
+            trials.len(),
+            a.runs.join(&exp.name).display()
+        );
+        for (t, _) in &trials {
+            let vals: Vec<String> = t
+                .values
+                .iter()
+                .map(|(k, v)| format!("{k}={}", value_text(v)))
+                .collect();
+            let status = run::read_status(&a.runs.join(&exp.name).join(&t.slug))
+                .map(|s| format!(" [{}]", s.status))
+                .unwrap_or_default();
+            println!("  {}  {}{status}", t.slug, vals.join(" "));
+        }
+        return Ok(());
+    }
+    let device = parse_device(&a.compute.device)?;
+    let dir = a.runs.join(&exp.name);
+    std::fs::create_dir_all(&dir).map_err(|source| LlmError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
+    report::write_record(&dir, &report::record(&exp, &plain))?;
+    let opts = run::RunOptions {
+        runs_root: a.runs.clone(),
+        device,
+        threads: a.compute.threads,
+        restart: a.restart,
+    };
+    let results = run::run(&exp, &trials, &opts, &mut |m| eprintln!("{m}"))?;
+    println!("{}", report::write_summaries(&dir)?);
+    let failed = results
+        .iter()
+        .filter(|r| matches!(r.outcome, run::Outcome::Failed(_)))
+        .count();
+    eprintln!(
+        "results: {} (summary.md, summary.csv); TensorBoard: make tensorboard",
+        dir.display()
+    );
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} trial(s) failed; their errors are in status.json; run the file again to retry them",
+            results.len()
+        );
+    }
+    Ok(())
+}
+
+fn report(a: ReportArgs) -> Result<()> {
+    use crate::experiment::report as r;
+    let (rec, rows) = r::rows(&a.dir)?;
+    match a.format {
+        ReportFormat::Table => print!("{}", r::write_summaries(&a.dir)?),
+        ReportFormat::Markdown => print!("{}", r::markdown(&rec, &rows)),
+        ReportFormat::Csv => print!("{}", r::csv(&rec, &rows)),
+    }
+    Ok(())
 }
 
 fn data(action: DataAction) -> Result<()> {

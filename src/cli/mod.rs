@@ -19,6 +19,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run an experiment file: every trial of its sweep, resumable (runs/<experiment>/<trial>/).
+    Run(RunArgs),
+    /// Summary table of an experiment's trials (terminal; writes summary.md and summary.csv).
+    Report(ReportArgs),
     /// Data sets of the book: list them or fetch one (mirror, cache or download).
     Data {
         #[command(subcommand)]
@@ -40,6 +44,41 @@ pub enum Command {
     Download(DownloadArgs),
     /// Micro-benchmarks (forward tokens/s); `make bench` runs them beside PyTorch.
     Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Experiment YAML (e.g. experiments/pretrain_verdict.yaml).
+    pub file: PathBuf,
+    /// Override a setting: --set train.lr=1e-3 (a dotted key and a YAML value; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Print the trials that would run, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Folder of the experiments' results.
+    #[arg(long, default_value = "runs")]
+    pub runs: PathBuf,
+    /// Start every trial over, even finished ones.
+    #[arg(long)]
+    pub restart: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// An experiment's folder (runs/<experiment>).
+    pub dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+    pub format: ReportFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Markdown,
+    Csv,
 }
 
 #[derive(Subcommand, Debug)]
