@@ -18,6 +18,7 @@
 //! overrides, expands the sweep into trials, and validates every trial against its task's schema
 //! before anything runs. An error names the file, line and column of the offending key, the key,
 //! and what is accepted (for an unknown key: the valid ones).
+pub mod generate_task;
 pub mod locate;
 pub mod report;
 pub mod run;

@@ -46,9 +46,19 @@ fn final_metrics(trial_dir: &Path) -> Vec<(String, f64)> {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for key in ["train_loss", "val_loss", "step", "tokens_seen"] {
-        if let Some(v) = last.get(key).and_then(|v| v.as_f64()) {
-            out.push((key.to_string(), v));
+    // Training records: the losses and where the run ended; other tasks: every figure.
+    let keys: Vec<String> = if last.get("train_loss").is_some() {
+        ["train_loss", "val_loss", "step", "tokens_seen"]
+            .map(String::from)
+            .to_vec()
+    } else {
+        last.as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    for key in keys {
+        if let Some(v) = last.get(&key).and_then(|v| v.as_f64()) {
+            out.push((key, v));
         }
     }
     let best = records

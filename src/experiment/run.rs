@@ -2,6 +2,7 @@
 //! any starts; finished trials are skipped, an interrupted one resumes from its last checkpoint,
 //! a failed one is run again, and a trial that fails is recorded with its error while the sweep
 //! goes on.
+use super::generate_task::GenerateTaskSpec;
 use super::{value_text, Experiment, Trial};
 use crate::error::{write_atomic, LlmError};
 use crate::train::PretrainSpec;
@@ -13,10 +14,11 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub enum TaskSpec {
     Pretrain(Box<PretrainSpec>),
+    Generate(Box<GenerateTaskSpec>),
 }
 
 /// The tasks `llmlab run` knows so far.
-pub const TASKS: &[&str] = &["pretrain"];
+pub const TASKS: &[&str] = &["pretrain", "generate"];
 
 /// What `status.json` of a trial says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,8 +69,7 @@ pub fn prepare(exp: &Experiment) -> Result<Vec<(Trial, TaskSpec)>> {
         )
         .map_err(LlmError::Usage)?;
         let t = Trial { doc, ..trial };
-        let spec: PretrainSpec = exp.parse_trial(&t)?;
-        spec.validate("").map_err(|e| match e {
+        let locate = |e: LlmError| match e {
             LlmError::Config { message, .. } => {
                 let key = message.split(':').next().unwrap_or("").trim().to_string();
                 LlmError::Config {
@@ -77,9 +78,25 @@ pub fn prepare(exp: &Experiment) -> Result<Vec<(Trial, TaskSpec)>> {
                 }
             }
             other => other,
-        })?;
-        check_inputs(&spec, exp)?;
-        out.push((t, TaskSpec::Pretrain(Box::new(spec))));
+        };
+        let task = match exp.task.as_str() {
+            "generate" => {
+                let spec: GenerateTaskSpec = exp.parse_trial(&t)?;
+                spec.validate().map_err(locate)?;
+                crate::models::LmSpec::parse(&spec.model).map_err(|e| LlmError::Config {
+                    origin: exp.origin_of("model", &t),
+                    message: format!("model: {e:#}"),
+                })?;
+                TaskSpec::Generate(Box::new(spec))
+            }
+            _ => {
+                let spec: PretrainSpec = exp.parse_trial(&t)?;
+                spec.validate("").map_err(locate)?;
+                check_inputs(&spec, exp)?;
+                TaskSpec::Pretrain(Box::new(spec))
+            }
+        };
+        out.push((t, task));
     }
     Ok(out)
 }
@@ -194,6 +211,11 @@ pub fn run(
                     log(&format!("  {m}"))
                 })
                 .map(|_| ())
+            }
+            TaskSpec::Generate(spec) => {
+                crate::device::set_threads(opts.threads);
+                super::generate_task::run(spec, &dir, opts.device, &mut |m| log(&format!("  {m}")))
+                    .map(|_| ())
             }
         };
         let outcome = match outcome {
