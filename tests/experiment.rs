@@ -55,7 +55,9 @@ fn grid_zip_extends_set_and_slugs() -> Result<()> {
     // Stable: loading again gives the same slugs, and each trial has its values.
     assert_eq!(slugs(&Experiment::load(&grid, &[])?), slugs(&exp));
     let trials = run::prepare(&exp)?;
-    let run::TaskSpec::Pretrain(spec) = &trials[4].1;
+    let run::TaskSpec::Pretrain(spec) = &trials[4].1 else {
+        panic!("a pretrain trial")
+    };
     assert_eq!((spec.train.lr, spec.seed), (4.0e-4, 2));
     assert_eq!(spec.model.overrides.context_length, Some(32));
 
@@ -91,7 +93,9 @@ fn grid_zip_extends_set_and_slugs() -> Result<()> {
     assert_eq!(exp.name, "child");
     assert_eq!(slugs(&exp), ["drop_rate-0.0", "drop_rate-0.1"]);
     let trials = run::prepare(&exp)?;
-    let run::TaskSpec::Pretrain(spec) = &trials[1].1;
+    let run::TaskSpec::Pretrain(spec) = &trials[1].1 else {
+        panic!("a pretrain trial")
+    };
     assert_eq!(spec.train.lr, 5.0e-4);
     assert_eq!(spec.train.batch_size, 2);
     assert_eq!(spec.train.epochs, 3);
@@ -160,7 +164,7 @@ fn validation_errors_name_file_line_key_and_choices() -> Result<()> {
             "task",
             BASE.replace("task: pretrain", "task: summarize"),
             vec![],
-            format!("invalid config {d}/task.yaml:2:1: task: 'summarize' is not a task llmlab runs yet; expected one of: pretrain"),
+            format!("invalid config {d}/task.yaml:2:1: task: 'summarize' is not a task llmlab runs yet; expected one of: pretrain, generate"),
         ),
         (
             "yaml",
