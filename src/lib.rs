@@ -7,7 +7,8 @@
 //! | ch04 GPT: LayerNorm, GELU, feed-forward, blocks, `GPTModel`, greedy generation | [`nn::layers`], [`models::gpt`] |
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //!
-//! The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
+//! [`shim`] holds the FFI to a small C++ shim for libtorch functions tch does not bind (fused
+//! AdamW, bf16 autocast). The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
 pub mod cli;
 pub mod data;
 pub mod device;
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod models;
 pub mod nn;
 pub mod plot;
+pub mod shim;
 pub mod train;
 pub mod weights;
 
