@@ -701,8 +701,9 @@ fn precision_and_fused_adamw_keys_are_validated() -> Result<()> {
     let default = PretrainSpec::from_yaml(TINY_RUN, "t.yaml")?;
     assert_eq!(default.train.precision, Precision::Fp32);
     assert_eq!(default.train.fused_adamw, FusedAdamW::Auto);
-    assert!(!default.train.fused_adamw.resolve(Device::Cpu));
+    assert!(default.train.fused_adamw.resolve(Device::Cpu));
     assert!(default.train.fused_adamw.resolve(Device::Cuda(0)));
+    assert!(!default.train.fused_adamw.resolve(Device::Mps));
     let text = serde_yaml::to_string(&default)?;
     assert!(
         !text.contains("precision") && !text.contains("fused_adamw"),

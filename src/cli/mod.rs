@@ -158,7 +158,7 @@ pub struct PretrainArgs {
     /// fp32, or bf16 autocast for forward and loss (meant for CUDA).
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
-    /// AdamW kernel: auto (fused on CUDA), true (libtorch's fused kernel) or false (plain).
+    /// AdamW kernel: auto (fused on CPU and CUDA), true (libtorch's fused kernel) or false (plain).
     #[arg(long, value_enum)]
     pub fused_adamw: Option<FusedAdamW>,
     #[arg(long)]
@@ -243,7 +243,7 @@ pub enum BenchWhat {
         /// fp32, or bf16 autocast for forward and loss.
         #[arg(long, value_enum, default_value = "fp32")]
         precision: Precision,
-        /// AdamW kernel: auto (fused on CUDA), true or false.
+        /// AdamW kernel: auto (fused on CPU and CUDA), true or false.
         #[arg(long, value_enum, default_value = "auto")]
         fused_adamw: FusedAdamW,
         #[command(flatten)]

@@ -121,7 +121,8 @@ pub struct TrainSpec {
     /// only when not the default, so runs from before this key resume unchanged.
     #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
-    /// AdamW implementation: `auto` (default: fused on CUDA, plain on the CPU), `true` (libtorch's
+    /// AdamW implementation: `auto` (default: fused on the CPU and CUDA, where libtorch has the
+    /// kernel; plain elsewhere), `true` (libtorch's
     /// fused kernel) or `false` (the plain tensor-op update). The same math either way, so a run
     /// may change it on resume.
     #[serde(default, skip_serializing_if = "FusedAdamW::is_auto")]
@@ -144,10 +145,13 @@ impl FusedAdamW {
         *self == FusedAdamW::Auto
     }
 
-    /// Whether a run on `device` uses the fused kernel (`auto`: on CUDA only).
+    /// Whether a run on `device` uses the fused kernel. `auto` picks it on CUDA and on the CPU:
+    /// on the CPU it measured 5x faster than the plain update (gpt2-small, 2 threads: 0.13 s vs
+    /// 0.68 s per optimizer step) and it equals `torch.optim.AdamW(fused=True)` bit for bit
+    /// (tests/train.rs). libtorch has no fused AdamW for other devices.
     pub fn resolve(self, device: tch::Device) -> bool {
         match self {
-            FusedAdamW::Auto => device.is_cuda(),
+            FusedAdamW::Auto => matches!(device, tch::Device::Cpu | tch::Device::Cuda(_)),
             FusedAdamW::On => true,
             FusedAdamW::Off => false,
         }
