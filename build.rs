@@ -1,20 +1,89 @@
-//! Link-time settings for libtorch (DEVELOPERS.md, "Set-up facts").
+//! Build settings for libtorch (DEVELOPERS.md, "Set-up facts").
 //!
 //! * an rpath to the torch `lib` folder that torch-sys found (`DEP_TCH_LIBTORCH_LIB`), so the
 //!   binary and the test binaries run without `LD_LIBRARY_PATH`;
 //! * `libtorch_cuda.so` kept as a `DT_NEEDED` entry: the linker's `--as-needed` drops it because
-//!   no symbol of it is referenced directly, and libtorch then never registers its CUDA backend.
+//!   no symbol of it is referenced directly, and libtorch then never registers its CUDA backend;
+//! * `src/shim/llmlab_shim.cpp`, the small C shim over what tch 0.24 does not bind (the fused
+//!   AdamW kernel, autocast with a dtype), compiled against the same libtorch with torch-sys's
+//!   own flags (C++17, the library's `_GLIBCXX_USE_CXX11_ABI`, warnings off).
+use std::path::Path;
+use std::process::Command;
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/shim/llmlab_shim.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
-    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        return;
+    let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        Ok(lib) => lib,
+        Err(_) => panic!(
+            "DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not report its libtorch `lib` folder, \
+             so llmlab's C++ shim cannot be built. Build with torch-sys finding libtorch \
+             (e.g. LIBTORCH_USE_PYTORCH=1 with the venv's python on PATH, or LIBTORCH=DIR); see README.md"
+        ),
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+    if Path::new(&lib).join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
         println!("cargo:rustc-link-arg=-L{lib}");
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    build_shim(Path::new(&lib));
+}
+
+/// `_GLIBCXX_USE_CXX11_ABI` of the libtorch torch-sys links, found the way torch-sys finds it:
+/// from the Python torch package when `LIBTORCH_USE_PYTORCH` is set, else `LIBTORCH_CXX11_ABI`
+/// (default 1).
+fn cxx11_abi() -> String {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    if std::env::var_os("LIBTORCH_USE_PYTORCH").is_none() {
+        return std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
+    }
+    let python = if std::env::var_os("VIRTUAL_ENV").is_some() {
+        "python"
+    } else {
+        "python3"
+    };
+    let out = Command::new(python)
+        .args(["-c", "import torch; print(torch._C._GLIBCXX_USE_CXX11_ABI)"])
+        .output()
+        .unwrap_or_else(|e| panic!("LIBTORCH_USE_PYTORCH is set but `{python}` did not run: {e}"));
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "True" => "1".into(),
+        "False" => "0".into(),
+        other => panic!(
+            "`{python} -c 'import torch; print(torch._C._GLIBCXX_USE_CXX11_ABI)'` printed {other:?} ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
+fn build_shim(lib: &Path) {
+    let include = lib.join("../include");
+    if !include.join("ATen/autocast_mode.h").is_file() {
+        panic!(
+            "libtorch headers not found at {} (expected beside DEP_TCH_LIBTORCH_LIB={}); llmlab's C++ shim needs them",
+            include.display(),
+            lib.display()
+        );
+    }
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .flag("-w")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("src/shim/llmlab_shim.cpp")
+        .compile("llmlab_shim");
+    // The shim's libtorch symbols live in torch_cpu and c10 (torch-sys links them too; naming
+    // them after the static library keeps the link order right).
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }

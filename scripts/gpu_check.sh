@@ -18,7 +18,12 @@ done
 B=target/release/llmlab
 {
   for b in 8 32; do $B bench forward --device cuda --config gpt2-small --batch $b --seq 256 --warmup 3 --iters 10; done
-  for b in 8 32; do $B bench train --device cuda --config gpt2-small --batch $b --seq 256 --warmup 3 --iters 10; done
+  for b in 8 32; do
+    for fa in false true; do
+      $B bench train --device cuda --config gpt2-small --batch $b --seq 256 --warmup 3 --iters 10 --fused-adamw $fa
+    done
+    $B bench train --device cuda --config gpt2-small --batch $b --seq 256 --warmup 3 --iters 10 --fused-adamw true --precision bf16
+  done
   $B bench generate --device cuda --config gpt2-small --new-tokens 128
   $B bench generate --device cuda --config gpt2-small --new-tokens 128 --no-cache
 } 2>&1 | tee "$OUT/bench_gpu.jsonl"

@@ -1,6 +1,32 @@
 //! `--device auto|cpu|cuda|cuda:N`, thread count and seeding shared by every compute command.
 use crate::error::LlmError;
-use tch::Device;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind};
+
+/// Compute precision of training (`train.precision`, `--precision`): `fp32` everywhere, or
+/// `bf16` autocast for forward and loss (weights, gradients and AdamW state stay f32). bf16 is
+/// meant for CUDA (Ampere or newer); CPU autocast to bf16 works too, mainly for testing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// The autocast dtype, or `None` for full precision.
+    pub fn autocast_kind(self) -> Option<Kind> {
+        match self {
+            Precision::Fp32 => None,
+            Precision::Bf16 => Some(Kind::BFloat16),
+        }
+    }
+
+    pub fn is_fp32(&self) -> bool {
+        *self == Precision::Fp32
+    }
+}
 
 /// Parses a device spec. `auto` picks CUDA device 0 when libtorch sees a GPU, else the CPU.
 pub fn parse_device(spec: &str) -> Result<Device, LlmError> {

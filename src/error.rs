@@ -40,6 +40,9 @@ pub enum LlmError {
     BadFile { path: PathBuf, message: String },
     #[error("{0}")]
     Usage(String),
+    /// A libtorch call through llmlab's C++ shim failed (its C++ exception message).
+    #[error("libtorch {op} failed: {message}")]
+    Torch { op: &'static str, message: String },
 }
 
 impl LlmError {

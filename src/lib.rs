@@ -8,7 +8,10 @@
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
 //!
-//! The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
+//! | experiments: YAML files, sweeps, trials, reports | [`experiment`] |
+//!
+//! [`shim`] holds the FFI to a small C++ shim for libtorch functions tch does not bind (fused
+//! AdamW, bf16 autocast). The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
 pub mod chat;
 pub mod cli;
 pub mod data;
@@ -19,6 +22,7 @@ pub mod generate;
 pub mod models;
 pub mod nn;
 pub mod plot;
+pub mod shim;
 pub mod train;
 pub mod weights;
 

@@ -8,6 +8,7 @@ use crate::generate::GenerateSpec;
 use crate::models::LoadedLm;
 use crate::models::{gpt::ParamStats, GptConfig, GptModel};
 use crate::nn::AttentionImpl;
+use crate::shim::with_autocast;
 use crate::train::PretrainSpec;
 use anyhow::Result;
 use std::path::Path;
@@ -275,6 +276,12 @@ fn pretrain_spec(a: &PretrainArgs) -> Result<PretrainSpec> {
     set!(epochs => t.epochs, batch_size => t.batch_size, lr => t.lr, weight_decay => t.weight_decay,
          eval_freq => t.eval_freq, eval_iter => t.eval_iter, grad_accum_steps => t.grad_accum_steps,
          checkpoint_every => t.checkpoint_every, seed => spec.seed, sample_tokens => spec.generate.max_new_tokens);
+    if let Some(p) = a.precision {
+        t.precision = p;
+    }
+    if let Some(f) = a.fused_adamw {
+        t.fused_adamw = f;
+    }
     if a.max_grad_norm.is_some() {
         t.max_grad_norm = a.max_grad_norm;
     }
@@ -496,18 +503,44 @@ fn bench(a: BenchArgs) -> Result<()> {
             });
             throughput_report("forward", &shape, device, med)
         }
-        BenchWhat::Train { shape, compute } => {
+        BenchWhat::Train {
+            shape,
+            precision,
+            fused_adamw,
+            compute,
+        } => {
             let (device, vs, model, x) = bench_setup(&shape, &compute)?;
             let y = x.roll([1], [1]); // any targets of the right shape
             let mut named: Vec<_> = vs.variables().into_iter().collect();
             named.sort_by(|p, q| p.0.cmp(&q.0));
             let mut opt = crate::train::optim::AdamW::new(named, Default::default());
+            let fused = fused_adamw.resolve(device);
+            let mut failed = None;
             let med = time_median(device, shape.warmup, shape.iters, || {
                 opt.zero_grad();
-                crate::train::calc_loss_batch(&model, &x, &y, true).backward();
-                opt.step(4e-4);
+                let step = with_autocast(device, precision, || {
+                    crate::train::calc_loss_batch(&model, &x, &y, true)
+                })
+                .and_then(|loss| {
+                    loss.backward();
+                    if fused {
+                        opt.step_fused(4e-4)
+                    } else {
+                        opt.step(4e-4);
+                        Ok(())
+                    }
+                });
+                if let Err(e) = step {
+                    failed.get_or_insert(e);
+                }
             });
-            throughput_report("train", &shape, device, med)
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            let mut r = throughput_report("train", &shape, device, med);
+            r["precision"] = serde_json::json!(precision);
+            r["fused_adamw"] = serde_json::json!(fused);
+            r
         }
         BenchWhat::Generate {
             config,

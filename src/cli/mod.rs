@@ -1,4 +1,6 @@
 //! Command-line interface (clap only; every command calls into the library).
+use crate::device::Precision;
+use crate::train::spec::FusedAdamW;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -213,6 +215,12 @@ pub struct PretrainArgs {
     /// Save a checkpoint every N steps (0: at each epoch end).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
+    /// fp32, or bf16 autocast for forward and loss (meant for CUDA).
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// AdamW kernel: auto (fused on CPU and CUDA), true (libtorch's fused kernel) or false (plain).
+    #[arg(long, value_enum)]
+    pub fused_adamw: Option<FusedAdamW>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Prompt of the sample printed after each epoch.
@@ -331,6 +339,12 @@ pub enum BenchWhat {
     Train {
         #[command(flatten)]
         shape: BenchShape,
+        /// fp32, or bf16 autocast for forward and loss.
+        #[arg(long, value_enum, default_value = "fp32")]
+        precision: Precision,
+        /// AdamW kernel: auto (fused on CPU and CUDA), true or false.
+        #[arg(long, value_enum, default_value = "auto")]
+        fused_adamw: FusedAdamW,
         #[command(flatten)]
         compute: ComputeArgs,
     },

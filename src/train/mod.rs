@@ -8,14 +8,19 @@ pub mod trainer;
 
 use crate::data::DataLoader;
 use crate::models::GptModel;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub use spec::PretrainSpec;
 pub use trainer::{pretrain, EvalRecord, RunOutcome};
 
 /// Book `calc_loss_batch`: mean cross-entropy of logits `(b, n, V)` against targets `(b, n)`.
+/// Under bf16 autocast the logits come out bf16; they are widened to f32 first so the loss
+/// (and the gradient it starts) is computed in f32.
 pub fn calc_loss_batch(model: &GptModel, input: &Tensor, target: &Tensor, train: bool) -> Tensor {
-    let logits = model.forward_t(input, train);
+    let mut logits = model.forward_t(input, train);
+    if matches!(logits.kind(), Kind::BFloat16 | Kind::Half) {
+        logits = logits.to_kind(Kind::Float);
+    }
     let v = logits.size()[2];
     logits
         .view([-1, v])

@@ -1,5 +1,6 @@
 //! The pretraining experiment file (`task: pretrain`): what a YAML run says, validated before
 //! anything runs. Keys follow the book (`eval_freq`, `eval_iter`, `drop_rate`, …).
+use crate::device::Precision;
 use crate::error::LlmError;
 use crate::generate::GenerateSpec;
 use crate::train::schedule::Schedule;
@@ -115,6 +116,80 @@ pub struct TrainSpec {
     /// libtorch intra-op threads (default: libtorch's choice).
     #[serde(default)]
     pub threads: Option<usize>,
+    /// `fp32` (default) or `bf16`: forward and loss under bf16 autocast; weights, gradients and
+    /// AdamW state stay f32. Meant for CUDA; it runs on the CPU too. Written to config.yaml
+    /// only when not the default, so runs from before this key resume unchanged.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
+    pub precision: Precision,
+    /// AdamW implementation: `auto` (default: fused on the CPU and CUDA, where libtorch has the
+    /// kernel; plain elsewhere), `true` (libtorch's
+    /// fused kernel) or `false` (the plain tensor-op update). The same math either way, so a run
+    /// may change it on resume.
+    #[serde(default, skip_serializing_if = "FusedAdamW::is_auto")]
+    pub fused_adamw: FusedAdamW,
+}
+
+/// `train.fused_adamw`: `auto | true | false`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum FusedAdamW {
+    #[default]
+    Auto,
+    #[value(name = "true")]
+    On,
+    #[value(name = "false")]
+    Off,
+}
+
+impl FusedAdamW {
+    pub fn is_auto(&self) -> bool {
+        *self == FusedAdamW::Auto
+    }
+
+    /// Whether a run on `device` uses the fused kernel. `auto` picks it on CUDA and on the CPU:
+    /// on the CPU it measured 5x faster than the plain update (gpt2-small, 2 threads: 0.13 s vs
+    /// 0.68 s per optimizer step) and it equals `torch.optim.AdamW(fused=True)` bit for bit
+    /// (tests/train.rs). libtorch has no fused AdamW for other devices.
+    pub fn resolve(self, device: tch::Device) -> bool {
+        match self {
+            FusedAdamW::Auto => matches!(device, tch::Device::Cpu | tch::Device::Cuda(_)),
+            FusedAdamW::On => true,
+            FusedAdamW::Off => false,
+        }
+    }
+}
+
+impl Serialize for FusedAdamW {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            FusedAdamW::Auto => s.serialize_str("auto"),
+            FusedAdamW::On => s.serialize_bool(true),
+            FusedAdamW::Off => s.serialize_bool(false),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FusedAdamW {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = FusedAdamW;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("auto, true or false")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<FusedAdamW, E> {
+                Ok(if b { FusedAdamW::On } else { FusedAdamW::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FusedAdamW, E> {
+                match v {
+                    "auto" => Ok(FusedAdamW::Auto),
+                    "true" => Ok(FusedAdamW::On),
+                    "false" => Ok(FusedAdamW::Off),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn default_wd() -> f64 {

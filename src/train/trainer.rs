@@ -12,6 +12,7 @@ use crate::error::{read_text, write_atomic, LlmError};
 use crate::generate::generate;
 use crate::models::{GptConfig, ModelSource};
 use crate::plot::{plot_losses, LossPoint};
+use crate::shim::with_autocast;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -148,6 +149,15 @@ fn append_line(path: &Path, line: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a run folder's config.yaml differs from `spec` in `train.fused_adamw` only.
+fn same_but_fused_adamw(before: &str, spec: &PretrainSpec) -> bool {
+    let Ok(mut old) = serde_yaml::from_str::<PretrainSpec>(before) else {
+        return false;
+    };
+    old.train.fused_adamw = spec.train.fused_adamw;
+    &old == spec
+}
+
 /// Runs (or resumes, or reports as finished) a pretraining run in `run_dir`.
 pub fn pretrain(
     spec: &PretrainSpec,
@@ -171,7 +181,12 @@ pub fn pretrain(
     }
     if config_path.is_file() {
         let before = read_text(&config_path)?;
-        if before != resolved {
+        if before != resolved && same_but_fused_adamw(&before, spec) {
+            // train.fused_adamw picks an implementation of the same update, so a run may
+            // switch it on resume; config.yaml records the setting in use from now on.
+            log("train.fused_adamw differs from config.yaml (same update, other kernel); resuming with the new setting");
+            write_atomic(&config_path, resolved.as_bytes())?;
+        } else if before != resolved {
             return Err(LlmError::Usage(format!(
                 "{} holds a run with a different config ({}); resume it with the same settings, pass --restart to start over, or choose another --out",
                 run_dir.display(),
@@ -251,6 +266,8 @@ pub fn pretrain(
         weight_decay: t.weight_decay,
     };
     let mut opt = AdamW::new(named, adam_cfg);
+    let fused = t.fused_adamw.resolve(device);
+    let precision = t.precision;
 
     let mut state = TrainState {
         format_version: FORMAT_VERSION,
@@ -282,12 +299,23 @@ pub fn pretrain(
     }
 
     log(&format!(
-        "{} parameters ({} trainable), {} train / {} val windows of {ctx} tokens, {groups_per_epoch} steps per epoch, {total_steps} steps",
+        "{} parameters ({} trainable), {} train / {} val windows of {ctx} tokens, {groups_per_epoch} steps per epoch, {total_steps} steps, {}, {} AdamW",
         cfg.num_params(),
         opt.params().iter().map(|(_, p)| p.numel()).sum::<usize>(),
         train_loader.dataset.len(),
-        val_loader.dataset.len()
+        val_loader.dataset.len(),
+        if precision.is_fp32() { "fp32" } else { "bf16 autocast" },
+        if fused { "fused" } else { "plain" },
     ));
+    // Forward + loss at the run's precision (the loss comes back f32 either way).
+    let loss_at = |x: &tch::Tensor, y: &tch::Tensor| {
+        with_autocast(device, precision, || calc_loss_batch(&model, x, y, true))
+    };
+    let eval_loss = |loader: &DataLoader| {
+        with_autocast(device, precision, || {
+            calc_loss_loader(&model, loader, Some(t.eval_iter), device)
+        })
+    };
 
     let mut samples = Vec::new();
     let mut last_time = Instant::now();
@@ -307,7 +335,7 @@ pub fn pretrain(
             opt.zero_grad();
             for b in lo..hi {
                 let (x, y) = train_loader.batch_in_order(&order, b, device);
-                let loss = calc_loss_batch(&model, &x, &y, true);
+                let loss = loss_at(&x, &y)?;
                 let loss_v = loss.double_value(&[]);
                 if !loss_v.is_finite() {
                     return Err(LlmError::Usage(format!(
@@ -321,14 +349,18 @@ pub fn pretrain(
                 state.tokens_seen += x.numel();
             }
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            opt.step(lr);
+            if fused {
+                opt.step_fused(lr)?;
+            } else {
+                opt.step(lr);
+            }
             state.step += 1;
             state.lr = lr;
             state.epoch = epoch;
             state.next_group = g + 1;
             if (state.step - 1).is_multiple_of(t.eval_freq) {
-                let train_loss = calc_loss_loader(&model, &train_loader, Some(t.eval_iter), device);
-                let val_loss = calc_loss_loader(&model, &val_loader, Some(t.eval_iter), device);
+                let train_loss = eval_loss(&train_loader)?;
+                let val_loss = eval_loss(&val_loader)?;
                 let secs = last_time.elapsed().as_secs_f64().max(1e-9);
                 let rec = EvalRecord {
                     step: state.step,

@@ -5,8 +5,9 @@ Every measurement runs in a fresh process; the implementations alternate (A B C 
 counts; tables report medians over rounds, the spread, and ratios against the references.
 
   forward   forward pass tokens/s (eval, no grad): llmlab vs the book's GPTModel
-  train     forward + backward + AdamW step tokens/s (train mode, dropout 0.1): llmlab vs the book's
-            GPTModel and vs an optimized PyTorch model (F.layer_norm, F.gelu, SDPA)
+  train     forward + backward + AdamW step tokens/s (train mode, dropout 0.1): llmlab (fused AdamW,
+            its default) vs the book's GPTModel (torch.optim.AdamW defaults) and vs an optimized
+            PyTorch model (F.layer_norm, F.gelu, SDPA, AdamW(fused=True))
   generate  greedy decode tokens/s, batch 1: llmlab with and without its KV cache, and the book's
             generate_text_simple (no cache)
   smollm2   SmolLM2-135M-Instruct from its GGUF file, batch 1: greedy decode of 128 tokens after a
@@ -98,7 +99,8 @@ def worker(a):
         return {"tokens_per_s": a.batch * a.seq / med}
     if a.what == "train":
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+        # The optimized twin uses PyTorch's fused AdamW kernel, as llmlab does by default.
+        opt = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1, fused=(a.impl == "optimized"))
         x = torch.randint(0, cfg["vocab_size"], (a.batch, a.seq))
         y = torch.randint(0, cfg["vocab_size"], (a.batch, a.seq))
         times = []

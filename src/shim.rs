@@ -1,0 +1,250 @@
+//! Safe wrappers over `src/shim/llmlab_shim.cpp`, the C++ shim for what tch 0.24 does not bind
+//! (issue 3): libtorch's fused AdamW kernel (`at::_fused_adamw_`, PyTorch's
+//! `torch.optim.AdamW(fused=True)`) and autocast with a chosen dtype per device type (tch's
+//! `tch::autocast` only toggles CUDA autocast with its default fp16).
+//!
+//! The only `unsafe` of the crate besides `device::keep_freed_memory`: each block passes tch
+//! tensor handles (`*const C_tensor`, a `torch::Tensor*`) that outlive the call, and every shim
+//! function returns NULL or an error string that [`check`] copies and frees.
+#![allow(unsafe_code)]
+
+use crate::device::Precision;
+use crate::error::LlmError;
+use std::ffi::{c_char, c_int, CStr};
+use std::marker::PhantomData;
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+extern "C" {
+    fn llmlab_free_error(err: *mut c_char);
+    fn llmlab_fused_adamw(
+        params: *const *const C_tensor,
+        grads: *const *const C_tensor,
+        exp_avgs: *const *const C_tensor,
+        exp_avg_sqs: *const *const C_tensor,
+        state_steps: *const *const C_tensor,
+        n: usize,
+        step: f64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn llmlab_autocast_get(device: c_int, enabled: *mut c_int, dtype: *mut c_int) -> *mut c_char;
+    fn llmlab_autocast_set(device: c_int, enabled: c_int, dtype: c_int) -> *mut c_char;
+    fn llmlab_autocast_increment_nesting(depth: *mut c_int) -> *mut c_char;
+    fn llmlab_autocast_decrement_nesting(depth: *mut c_int) -> *mut c_char;
+    fn llmlab_autocast_clear_cache() -> *mut c_char;
+}
+
+/// Turns a shim return value into a `Result`, freeing the error string.
+fn check(err: *mut c_char, op: &'static str) -> Result<(), LlmError> {
+    if err.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string malloc'd by the shim; we copy it
+    // and hand it back to the shim's `free` exactly once.
+    let message = unsafe {
+        let m = CStr::from_ptr(err).to_string_lossy().into_owned();
+        llmlab_free_error(err);
+        m
+    };
+    Err(LlmError::Torch { op, message })
+}
+
+/// The tensors of one fused AdamW step, index-aligned: parameter i, its gradient, its two
+/// moments and its step tensor (a float scalar on the parameter's device).
+pub struct FusedAdamWTensors<'a> {
+    pub params: &'a [&'a Tensor],
+    pub grads: &'a [&'a Tensor],
+    pub exp_avgs: &'a [&'a Tensor],
+    pub exp_avg_sqs: &'a [&'a Tensor],
+    pub state_steps: &'a [&'a Tensor],
+}
+
+/// AdamW's hyper-parameters for one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWHyper {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+}
+
+/// One AdamW update of every parameter in place with libtorch's fused kernel
+/// (`at::_fused_adamw_`, amsgrad and maximize off, no grad scaler). `step` is the step count
+/// after this update (t in the bias corrections); the shim writes it into every `state_steps`
+/// tensor first, since the kernel reads the count from there and never increments it.
+pub fn fused_adamw_step(t: &FusedAdamWTensors, step: i64, h: AdamWHyper) -> Result<(), LlmError> {
+    let n = t.params.len();
+    for (what, len) in [
+        ("grads", t.grads.len()),
+        ("exp_avgs", t.exp_avgs.len()),
+        ("exp_avg_sqs", t.exp_avg_sqs.len()),
+        ("state_steps", t.state_steps.len()),
+    ] {
+        if len != n {
+            return Err(LlmError::Torch {
+                op: "_fused_adamw_",
+                message: format!("{n} params but {len} {what}"),
+            });
+        }
+    }
+    let ptrs = |ts: &[&Tensor]| ts.iter().map(|x| x.as_ptr()).collect::<Vec<_>>();
+    let (p, g, m, v, s) = (
+        ptrs(t.params),
+        ptrs(t.grads),
+        ptrs(t.exp_avgs),
+        ptrs(t.exp_avg_sqs),
+        ptrs(t.state_steps),
+    );
+    let _no_grad = tch::no_grad_guard();
+    // SAFETY: the five arrays hold `n` handles each, borrowed from live `Tensor`s for the
+    // whole call; the shim only reads the handles (it updates the tensors' data in place).
+    let err = unsafe {
+        llmlab_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            s.as_ptr(),
+            n,
+            step as f64,
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+        )
+    };
+    check(err, "_fused_adamw_")
+}
+
+fn device_code(device: Device) -> Result<c_int, LlmError> {
+    match device {
+        Device::Cpu => Ok(0),
+        Device::Cuda(_) => Ok(1),
+        other => Err(LlmError::Usage(format!(
+            "autocast is supported on cpu and cuda, not {other:?}"
+        ))),
+    }
+}
+
+fn kind_code(kind: Kind) -> Result<c_int, LlmError> {
+    match kind {
+        Kind::Float => Ok(0),
+        Kind::BFloat16 => Ok(1),
+        Kind::Half => Ok(2),
+        other => Err(LlmError::Usage(format!(
+            "autocast dtype must be bf16, f16 or f32, not {other:?}"
+        ))),
+    }
+}
+
+fn code_kind(code: c_int) -> Option<Kind> {
+    match code {
+        0 => Some(Kind::Float),
+        1 => Some(Kind::BFloat16),
+        2 => Some(Kind::Half),
+        _ => None,
+    }
+}
+
+/// Whether autocast is on for `device`'s type in this thread, and its lower-precision dtype
+/// (`None` if it is one the shim does not name).
+pub fn autocast_state(device: Device) -> Result<(bool, Option<Kind>), LlmError> {
+    let d = device_code(device)?;
+    let (mut enabled, mut dtype) = (0, -1);
+    // SAFETY: both out-pointers point at live locals.
+    check(
+        unsafe { llmlab_autocast_get(d, &mut enabled, &mut dtype) },
+        "autocast state",
+    )?;
+    Ok((enabled != 0, code_kind(dtype)))
+}
+
+/// Sets the flag and dtype code (negative: keep the dtype).
+fn set_autocast(d: c_int, enabled: bool, dtype: c_int) -> Result<(), LlmError> {
+    // SAFETY: plain values; the shim validates the codes.
+    check(
+        unsafe { llmlab_autocast_set(d, c_int::from(enabled), dtype) },
+        "set autocast",
+    )
+}
+
+/// Autocast on for one device type while the guard lives (`torch.autocast(device_type,
+/// dtype)`): ops on the autocast lists run in `dtype` (matmuls, linear layers), precision-
+/// sensitive ones (softmax, log-softmax, losses, norms) in f32. Dropping the guard restores
+/// the previous enabled flag and dtype, also when the guarded code returned an error or
+/// panicked, and clears the cast-weight cache when the outermost guard ends (weights change
+/// at the next optimizer step). Autocast state is per thread, so the guard is `!Send`.
+#[must_use = "autocast is off again as soon as the guard is dropped"]
+pub struct AutocastGuard {
+    device: c_int,
+    prev_enabled: bool,
+    prev_dtype: c_int,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl AutocastGuard {
+    pub fn new(device: Device, dtype: Kind) -> Result<Self, LlmError> {
+        let d = device_code(device)?;
+        let k = kind_code(dtype)?;
+        let (mut prev_enabled, mut prev_dtype) = (0, -1);
+        // SAFETY: both out-pointers point at live locals.
+        check(
+            unsafe { llmlab_autocast_get(d, &mut prev_enabled, &mut prev_dtype) },
+            "autocast state",
+        )?;
+        set_autocast(d, true, k)?;
+        let mut depth = 0;
+        // SAFETY: the out-pointer points at a live local.
+        check(
+            unsafe { llmlab_autocast_increment_nesting(&mut depth) },
+            "autocast nesting",
+        )?;
+        Ok(Self {
+            device: d,
+            prev_enabled: prev_enabled != 0,
+            prev_dtype,
+            _not_send: PhantomData,
+        })
+    }
+}
+
+impl Drop for AutocastGuard {
+    fn drop(&mut self) {
+        // Errors cannot propagate out of drop; these calls only fail on invalid codes, which
+        // `new` has ruled out, so each result is checked (freeing any message) and dropped.
+        let mut depth = 0;
+        // SAFETY: the out-pointer points at a live local.
+        let nested = check(
+            unsafe { llmlab_autocast_decrement_nesting(&mut depth) },
+            "autocast nesting",
+        );
+        if nested.is_ok() && depth == 0 {
+            // SAFETY: no arguments.
+            let _ = check(unsafe { llmlab_autocast_clear_cache() }, "autocast cache");
+        }
+        // An unknown previous dtype (-1) leaves the dtype as is; the flag is restored anyway.
+        let _ = set_autocast(self.device, self.prev_enabled, self.prev_dtype);
+    }
+}
+
+/// Runs `f` under autocast on `device`'s type at `precision` (see [`AutocastGuard`]);
+/// `Precision::Fp32` runs it as is.
+pub fn with_autocast<T>(
+    device: Device,
+    precision: Precision,
+    f: impl FnOnce() -> T,
+) -> Result<T, LlmError> {
+    match precision.autocast_kind() {
+        None => Ok(f()),
+        Some(k) => {
+            let _guard = AutocastGuard::new(device, k)?;
+            Ok(f())
+        }
+    }
+}
