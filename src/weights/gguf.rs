@@ -752,11 +752,11 @@ mod tests {
     #[test]
     fn scale_min_unpacks_the_high_bits() {
         let mut q = [0u8; 12];
-        q[0] = 0b1100_0001; // sc0 = 1, high bits of m4's scale
-        q[4] = 0b0100_0010; // m0 = 2, high bits of sc4
-        q[8] = 0x35; // sc4 low = 5, m4 low = 3
+        q[0] = 0b1100_0001; // sc0 = 1; its top two bits are sc4's high bits (3)
+        q[4] = 0b0100_0010; // m0 = 2; its top two bits are m4's high bits (1)
+        q[8] = 0x35; // sc4 low nibble = 5, m4 low nibble = 3
         assert_eq!(scale_min_k4(0, &q), (1, 2));
-        assert_eq!(scale_min_k4(4, &q), (5 | (1 << 4), 3 | (3 << 4)));
+        assert_eq!(scale_min_k4(4, &q), (5 | (3 << 4), 3 | (1 << 4)));
     }
 
     #[test]
