@@ -40,6 +40,9 @@ pub enum LlmError {
     BadFile { path: PathBuf, message: String },
     #[error("{0}")]
     Usage(String),
+    /// Ctrl-C (or SIGTERM) stopped a run after its state was written.
+    #[error("interrupted at step {step}; the state is saved in {dir}: run the same command again to resume")]
+    Interrupted { step: usize, dir: PathBuf },
     /// A libtorch call through llmlab's C++ shim failed (its C++ exception message).
     #[error("libtorch {op} failed: {message}")]
     Torch { op: &'static str, message: String },
@@ -50,6 +53,7 @@ impl LlmError {
     pub fn exit_code(&self) -> i32 {
         match self {
             LlmError::Unknown { .. } | LlmError::Config { .. } | LlmError::Usage(_) => 2,
+            LlmError::Interrupted { .. } => 130,
             _ => 1,
         }
     }

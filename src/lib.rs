@@ -23,6 +23,7 @@ pub mod models;
 pub mod nn;
 pub mod plot;
 pub mod shim;
+pub mod signal;
 pub mod train;
 pub mod weights;
 

@@ -69,7 +69,8 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         threads: a.compute.threads,
         restart: a.restart,
     };
-    let results = run::run(&exp, &trials, &opts, &mut |m| eprintln!("{m}"))?;
+    crate::signal::install();
+    let results = run::run(&exp, &trials, &opts)?;
     println!("{}", report::write_summaries(&dir)?);
     let failed = results
         .iter()
@@ -319,7 +320,10 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         device_name(device)
     );
     let t0 = Instant::now();
-    let out = crate::train::pretrain(&spec, &run_dir, device, a.restart, &mut |l| println!("{l}"))?;
+    crate::signal::install();
+    let out = crate::train::pretrain(&spec, &run_dir, device, a.restart, &mut |l: &str| {
+        println!("{l}")
+    })?;
     if !out.already_finished {
         if let Some(last) = out.evals.last() {
             println!(

@@ -45,8 +45,15 @@ fn write_status(dir: &Path, status: &str, error: Option<String>) -> Result<()> {
     Ok(())
 }
 
-/// Parses and validates every trial; the first problem is returned (nothing has run).
+/// Parses and validates every trial, including that the files they read exist; the first
+/// problem is returned (nothing has run).
 pub fn prepare(exp: &Experiment) -> Result<Vec<(Trial, TaskSpec)>> {
+    prepare_with(exp, true)
+}
+
+/// As [`prepare`]; `check_files: false` skips the checks of input files and model folders (for
+/// an experiment that reads another one's results before that one has run).
+pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, TaskSpec)>> {
     if !TASKS.contains(&exp.task.as_str()) {
         return Err(LlmError::Config {
             origin: exp.location("task"),
@@ -83,16 +90,20 @@ pub fn prepare(exp: &Experiment) -> Result<Vec<(Trial, TaskSpec)>> {
             "generate" => {
                 let spec: GenerateTaskSpec = exp.parse_trial(&t)?;
                 spec.validate().map_err(locate)?;
-                crate::models::LmSpec::parse(&spec.model).map_err(|e| LlmError::Config {
-                    origin: exp.origin_of("model", &t),
-                    message: format!("model: {e:#}"),
-                })?;
+                if check_files {
+                    crate::models::LmSpec::parse(&spec.model).map_err(|e| LlmError::Config {
+                        origin: exp.origin_of("model", &t),
+                        message: format!("model: {e:#}"),
+                    })?;
+                }
                 TaskSpec::Generate(Box::new(spec))
             }
             _ => {
                 let spec: PretrainSpec = exp.parse_trial(&t)?;
                 spec.validate("").map_err(locate)?;
-                check_inputs(&spec, exp)?;
+                if check_files {
+                    check_inputs(&spec, exp)?;
+                }
                 TaskSpec::Pretrain(Box::new(spec))
             }
         };
@@ -156,12 +167,92 @@ pub struct RunOptions {
     pub restart: bool,
 }
 
+/// Progress bars (a sweep bar and one per trial, with loss and ETA) on a terminal; plain log
+/// lines otherwise.
+struct Progress {
+    multi: indicatif::MultiProgress,
+    sweep: indicatif::ProgressBar,
+    trial: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(n_trials: usize) -> Self {
+        let multi = indicatif::MultiProgress::new();
+        let sweep = multi.add(indicatif::ProgressBar::new(n_trials as u64));
+        sweep.set_style(
+            indicatif::ProgressStyle::with_template("sweep {bar:30} {pos}/{len} trials  {msg}")
+                .expect("static template"),
+        );
+        Self {
+            multi,
+            sweep,
+            trial: None,
+        }
+    }
+
+    fn log(&self, msg: &str) {
+        if self.multi.is_hidden() {
+            eprintln!("{msg}");
+        } else {
+            let _ = self.multi.println(msg);
+        }
+    }
+}
+
+/// Routes a trial's training events to the progress bars (and, later, TensorBoard).
+struct TrialEvents<'a> {
+    progress: &'a mut Progress,
+    label: String,
+}
+
+impl crate::train::trainer::TrainEvents for TrialEvents<'_> {
+    fn log(&mut self, msg: &str) {
+        self.progress.log(&format!("  {msg}"));
+    }
+    fn start(&mut self, step: usize, total: usize) {
+        let bar = self
+            .progress
+            .multi
+            .add(indicatif::ProgressBar::new(total as u64));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
+            )
+            .expect("static template"),
+        );
+        bar.set_prefix(self.label.clone());
+        bar.set_position(step as u64);
+        bar.reset_eta();
+        self.progress.trial = Some(bar);
+    }
+    fn step(&mut self, step: usize, loss: f64) {
+        if let Some(b) = &self.progress.trial {
+            b.set_position(step as u64);
+            b.set_message(format!("loss {loss:.3}"));
+        }
+    }
+}
+
 /// Runs the trials one after the other.
 pub fn run(
     exp: &Experiment,
     trials: &[(Trial, TaskSpec)],
     opts: &RunOptions,
-    log: &mut dyn FnMut(&str),
+) -> Result<Vec<TrialResult>> {
+    let mut progress = Progress::new(trials.len());
+    let results = run_with(exp, trials, opts, &mut progress);
+    if let Some(b) = progress.trial.take() {
+        b.finish_and_clear();
+    }
+    progress.sweep.finish_and_clear();
+    results
+}
+
+fn run_with(
+    exp: &Experiment,
+    trials: &[(Trial, TaskSpec)],
+    opts: &RunOptions,
+    progress: &mut Progress,
 ) -> Result<Vec<TrialResult>> {
     let root = opts.runs_root.join(&exp.name);
     std::fs::create_dir_all(&root).map_err(|source| LlmError::Io {
@@ -173,8 +264,13 @@ pub fn run(
         let dir = root.join(&trial.slug);
         let prior = read_status(&dir);
         let label = format!("[{}/{}] {}", i + 1, trials.len(), trial.slug);
+        progress.sweep.set_position(i as u64);
+        progress.sweep.set_message(trial.slug.clone());
+        if let Some(b) = progress.trial.take() {
+            b.finish_and_clear();
+        }
         if !opts.restart && prior.as_ref().is_some_and(|s| s.status == "finished") {
-            log(&format!("{label}: finished before, skipped"));
+            progress.log(&format!("{label}: finished before, skipped"));
             results.push(TrialResult {
                 slug: trial.slug.clone(),
                 dir,
@@ -188,7 +284,7 @@ pub fn run(
             .iter()
             .map(|(k, v)| format!("{k}={}", value_text(v)))
             .collect();
-        log(&format!(
+        progress.log(&format!(
             "{label}: {}{}",
             if swept.is_empty() {
                 "running".to_string()
@@ -207,28 +303,39 @@ pub fn run(
                 crate::device::set_threads(opts.threads);
                 let spec = (**spec).clone();
                 let restart = opts.restart || rerun_failed;
-                crate::train::trainer::pretrain(&spec, &dir, opts.device, restart, &mut |m| {
-                    log(&format!("  {m}"))
-                })
-                .map(|_| ())
+                let mut events = TrialEvents {
+                    progress: &mut *progress,
+                    label: trial.slug.clone(),
+                };
+                crate::train::trainer::pretrain(&spec, &dir, opts.device, restart, &mut events)
+                    .map(|_| ())
             }
             TaskSpec::Generate(spec) => {
                 crate::device::set_threads(opts.threads);
-                super::generate_task::run(spec, &dir, opts.device, &mut |m| log(&format!("  {m}")))
-                    .map(|_| ())
+                super::generate_task::run(spec, &dir, opts.device, &mut |m: &str| {
+                    progress.log(&format!("  {m}"))
+                })
+                .map(|_| ())
             }
         };
         let outcome = match outcome {
             Ok(()) => Outcome::Finished,
+            // Ctrl-C: the trial saved its state; stop the sweep (rerunning resumes it).
+            Err(e)
+                if e.downcast_ref::<LlmError>()
+                    .is_some_and(|l| matches!(l, LlmError::Interrupted { .. })) =>
+            {
+                return Err(e);
+            }
             Err(e) => {
                 let msg = format!("{e:#}");
                 if let Err(w) = std::fs::create_dir_all(&dir)
                     .map_err(anyhow::Error::from)
                     .and_then(|_| write_status(&dir, "failed", Some(msg.clone())))
                 {
-                    log(&format!("{label}: could not record the failure: {w:#}"));
+                    progress.log(&format!("{label}: could not record the failure: {w:#}"));
                 }
-                log(&format!("{label}: FAILED: {msg}"));
+                progress.log(&format!("{label}: FAILED: {msg}"));
                 Outcome::Failed(msg)
             }
         };

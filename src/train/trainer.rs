@@ -34,6 +34,25 @@ pub struct EvalRecord {
     pub tokens_per_sec: f64,
 }
 
+/// What a training run tells its caller as it goes: log lines, progress, evaluations, samples.
+/// A closure `FnMut(&str)` is the simplest implementation (log lines only).
+pub trait TrainEvents {
+    fn log(&mut self, msg: &str);
+    /// The run starts (or resumes at `step`) and will end at `total_steps`.
+    fn start(&mut self, _step: usize, _total_steps: usize) {}
+    /// An optimizer step finished with this mean micro-batch loss.
+    fn step(&mut self, _step: usize, _loss: f64) {}
+    fn eval(&mut self, _rec: &EvalRecord) {}
+    /// The sample generated after an epoch (prompt + continuation).
+    fn sample(&mut self, _step: usize, _epoch: usize, _text: &str) {}
+}
+
+impl<F: FnMut(&str)> TrainEvents for F {
+    fn log(&mut self, msg: &str) {
+        self(msg)
+    }
+}
+
 /// What a finished (or resumed-and-finished) run reports.
 #[derive(Debug)]
 pub struct RunOutcome {
@@ -164,7 +183,7 @@ pub fn pretrain(
     run_dir: &Path,
     device: Device,
     restart: bool,
-    log: &mut dyn FnMut(&str),
+    events: &mut dyn TrainEvents,
 ) -> Result<RunOutcome> {
     spec.validate("pretrain spec")?;
     crate::device::set_threads(spec.train.threads);
@@ -184,7 +203,7 @@ pub fn pretrain(
         if before != resolved && same_but_fused_adamw(&before, spec) {
             // train.fused_adamw picks an implementation of the same update, so a run may
             // switch it on resume; config.yaml records the setting in use from now on.
-            log("train.fused_adamw differs from config.yaml (same update, other kernel); resuming with the new setting");
+            events.log("train.fused_adamw differs from config.yaml (same update, other kernel); resuming with the new setting");
             write_atomic(&config_path, resolved.as_bytes())?;
         } else if before != resolved {
             return Err(LlmError::Usage(format!(
@@ -212,7 +231,7 @@ pub fn pretrain(
         .into());
     }
     if status_path.is_file() && read_text(&status_path)?.contains("\"finished\"") {
-        log(&format!(
+        events.log(&format!(
             "{} already finished (pass --restart to train again)",
             run_dir.display()
         ));
@@ -287,7 +306,7 @@ pub fn pretrain(
         evals = truncate_metrics(&metrics_path, state.step)?;
         truncate_jsonl(&samples_path, state.step)?;
         resumed_from_step = Some(state.step);
-        log(&format!(
+        events.log(&format!(
             "resuming from {} (step {}, epoch {})",
             dir.display(),
             state.step,
@@ -298,7 +317,7 @@ pub fn pretrain(
         let _ = std::fs::remove_file(&samples_path);
     }
 
-    log(&format!(
+    events.log(&format!(
         "{} parameters ({} trainable), {} train / {} val windows of {ctx} tokens, {groups_per_epoch} steps per epoch, {total_steps} steps, {}, {} AdamW",
         cfg.num_params(),
         opt.params().iter().map(|(_, p)| p.numel()).sum::<usize>(),
@@ -317,6 +336,7 @@ pub fn pretrain(
         })
     };
 
+    events.start(state.step, total_steps);
     let mut samples = Vec::new();
     let mut last_time = Instant::now();
     let mut tokens_at_last = state.tokens_seen;
@@ -333,6 +353,7 @@ pub fn pretrain(
             let lr = t.schedule.lr(state.step, total_steps, t.lr);
             seed_for_step(spec.seed, state.step);
             opt.zero_grad();
+            let mut step_loss = 0.0;
             for b in lo..hi {
                 let (x, y) = train_loader.batch_in_order(&order, b, device);
                 let loss = loss_at(&x, &y)?;
@@ -345,6 +366,7 @@ pub fn pretrain(
                     ))
                     .into());
                 }
+                step_loss += loss_v / (hi - lo) as f64;
                 (loss / (hi - lo) as f64).backward();
                 state.tokens_seen += x.numel();
             }
@@ -355,6 +377,7 @@ pub fn pretrain(
                 opt.step(lr);
             }
             state.step += 1;
+            events.step(state.step, step_loss);
             state.lr = lr;
             state.epoch = epoch;
             state.next_group = g + 1;
@@ -374,13 +397,14 @@ pub fn pretrain(
                 };
                 last_time = Instant::now();
                 tokens_at_last = state.tokens_seen;
-                log(&format!(
+                events.log(&format!(
                     "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}, lr {lr:.2e}, {:.0} tok/s",
                     epoch + 1,
                     state.step - 1,
                     rec.tokens_per_sec
                 ));
                 append_line(&metrics_path, &serde_json::to_string(&rec)?)?;
+                events.eval(&rec);
                 evals.push(rec);
             }
             let epoch_done = g + 1 == groups_per_epoch;
@@ -388,10 +412,19 @@ pub fn pretrain(
                 state.epoch = epoch + 1;
                 state.next_group = 0;
             }
+            let stop = crate::signal::interrupted();
             if (t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every))
                 || epoch_done
+                || stop
             {
                 checkpoint::save(run_dir, &vs, &opt, &state, t.keep_checkpoints)?;
+            }
+            if stop {
+                return Err(LlmError::Interrupted {
+                    step: state.step,
+                    dir: run_dir.to_path_buf(),
+                }
+                .into());
             }
         }
         // Book `generate_and_print_sample`, seeded so a resumed run prints the same text.
@@ -410,7 +443,8 @@ pub fn pretrain(
         let mut ids = prompt.clone();
         ids.extend(&gen.ids);
         let text = tok.decode(&ids.iter().map(|&i| i as u32).collect::<Vec<_>>())?;
-        log(&text.replace('\n', " "));
+        events.log(&text.replace('\n', " "));
+        events.sample(state.step, epoch + 1, &text);
         append_line(
             &samples_path,
             &serde_json::json!({"epoch": epoch + 1, "step": state.step, "text": text}).to_string(),

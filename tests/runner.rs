@@ -1,0 +1,179 @@
+//! `llmlab run` end to end: a two-trial sweep; Ctrl-C (SIGINT) mid-trial stops after writing
+//! state (exit 130), a SIGKILL loses nothing either, and running the file again resumes to exactly
+//! the metrics of an uninterrupted run (CPU); finished trials are not rerun; a failing trial is
+//! recorded and the sweep goes on.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+mod common;
+
+use anyhow::Result;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const SWEEP: &str = "name: tiny-sweep
+seed: 7
+model:
+  preset: gpt-mini
+  overrides: {context_length: 32, emb_dim: 64, n_heads: 2, n_layers: 2, drop_rate: 0.1}
+data: {dataset: the-verdict, train_ratio: 0.9}
+train:
+  epochs: 2
+  batch_size: 4
+  lr: 1.0e-3
+  eval_freq: 3
+  eval_iter: 2
+  checkpoint_every: 2
+generate: {max_new_tokens: 5}
+sweep:
+  train.lr: [1.0e-3, 5.0e-4]
+";
+
+fn spawn(file: &Path, runs: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .args([
+            "run",
+            file.to_str().unwrap(),
+            "--runs",
+            runs.to_str().unwrap(),
+            "--threads",
+            "1",
+        ])
+        .env("LLMLAB_DATA_MIRROR", common::mirror())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn llmlab")
+}
+
+/// metrics.jsonl without the wall-clock throughput.
+fn curve(trial: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(trial.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_sec");
+            v
+        })
+        .collect()
+}
+
+/// Waits until the trial has a checkpoint at step >= 2 and 2 evaluations.
+fn wait_mid_trial(child: &mut Child, trial: &Path) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        let ckpt = std::fs::read_to_string(trial.join("checkpoints/latest")).unwrap_or_default();
+        let evals = curve(trial).len();
+        if ckpt.trim() >= "step_00000002" && evals >= 2 {
+            return Ok(());
+        }
+        if let Some(s) = child.try_wait()? {
+            panic!("the sweep ended ({s}) before it could be interrupted");
+        }
+        assert!(t0.elapsed().as_secs() < 300, "no checkpoint after 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("sweep.yaml");
+    std::fs::write(&file, SWEEP)?;
+    let (full, cut) = (dir.path().join("full"), dir.path().join("cut"));
+    let out = spawn(&file, &full).wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let slugs = ["lr-0.001", "lr-0.0005"];
+    for s in slugs {
+        assert!(curve(&full.join("tiny-sweep").join(s)).len() >= 4);
+    }
+    let summary = std::fs::read_to_string(full.join("tiny-sweep/summary.csv"))?;
+    assert!(
+        summary.starts_with("trial,train.lr,status,train_loss,val_loss"),
+        "{summary}"
+    );
+    assert_eq!(summary.lines().count(), 3);
+
+    // Ctrl-C in the first trial: exit 130, state saved, not finished.
+    let t1 = cut.join("tiny-sweep").join(slugs[0]);
+    let mut child = spawn(&file, &cut);
+    wait_mid_trial(&mut child, &t1)?;
+    send_sigint(child.id());
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted at step"), "{err}");
+    assert!(!t1.join("status.json").exists());
+    assert!(
+        !cut.join("tiny-sweep").join(slugs[1]).exists(),
+        "the sweep stopped"
+    );
+
+    // SIGKILL in the second trial after the first finished.
+    let t2 = cut.join("tiny-sweep").join(slugs[1]);
+    let mut child = spawn(&file, &cut);
+    wait_mid_trial(&mut child, &t2)?;
+    child.kill()?;
+    child.wait()?;
+    assert_eq!(
+        std::fs::read_to_string(t1.join("status.json"))?.contains("finished"),
+        true
+    );
+
+    // Again: the first trial is skipped, the second resumes; both equal the uninterrupted run.
+    let out = spawn(&file, &cut).wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("{}: finished before, skipped", slugs[0])),
+        "{err}"
+    );
+    assert!(err.contains("resuming from"), "{err}");
+    for s in slugs {
+        assert_eq!(
+            curve(&cut.join("tiny-sweep").join(s)),
+            curve(&full.join("tiny-sweep").join(s)),
+            "{s}: resumed metrics equal the uninterrupted ones"
+        );
+    }
+
+    // Trials that fail at run time (a text shorter than one window) are recorded; the sweep goes
+    // on and exits with 1; the report lists them.
+    let text_file = dir.path().join("text.txt");
+    std::fs::write(&text_file, "too short")?;
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        SWEEP
+            .replace("name: tiny-sweep", "name: bad-sweep")
+            .replace(
+                "data: {dataset: the-verdict, train_ratio: 0.9}",
+                &format!("data: {{path: {}}}", text_file.display()),
+            ),
+    )?;
+    let out = spawn(&bad, &cut).wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("2 of 2 trial(s) failed"), "{err}");
+    let status = std::fs::read_to_string(cut.join("bad-sweep/lr-0.001/status.json"))?;
+    assert!(
+        status.contains("\"failed\"") && status.contains("fewer than one window"),
+        "{status}"
+    );
+    let (code, report, _) = common::llmlab(&["report", cut.join("bad-sweep").to_str().unwrap()])?;
+    assert_eq!(code, 0);
+    assert_eq!(report.matches("failed").count(), 2, "{report}");
+    Ok(())
+}
+
+/// SIGINT to a child process, as Ctrl-C sends it.
+fn send_sigint(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+}
