@@ -118,10 +118,7 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
     wait_mid_trial(&mut child, &t2)?;
     child.kill()?;
     child.wait()?;
-    assert_eq!(
-        std::fs::read_to_string(t1.join("status.json"))?.contains("finished"),
-        true
-    );
+    assert!(std::fs::read_to_string(t1.join("status.json"))?.contains("finished"));
 
     // Again: the first trial is skipped, the second resumes; both equal the uninterrupted run.
     let out = spawn(&file, &cut).wait_with_output()?;
