@@ -8,6 +8,9 @@
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
 //!
+//! Experiments: sweeps and reports in [`experiment`]; TensorBoard event files (scalars, text
+//! samples, the HParams dashboard's data) in [`tensorboard`].
+//!
 //! The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
 pub mod chat;
 pub mod cli;
@@ -19,6 +22,7 @@ pub mod generate;
 pub mod models;
 pub mod nn;
 pub mod plot;
+pub mod tensorboard;
 pub mod train;
 pub mod weights;
 
