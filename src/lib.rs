@@ -8,7 +8,8 @@
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
 //!
-//! | experiments: YAML files, sweeps, trials, reports | [`experiment`] |
+//! Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
+//! text samples, the HParams dashboard's data) in [`tensorboard`].
 //!
 //! [`shim`] holds the FFI to a small C++ shim for libtorch functions tch does not bind (fused
 //! AdamW, bf16 autocast). The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
@@ -24,6 +25,7 @@ pub mod nn;
 pub mod plot;
 pub mod shim;
 pub mod signal;
+pub mod tensorboard;
 pub mod train;
 pub mod weights;
 

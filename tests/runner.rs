@@ -1,4 +1,4 @@
-//! `llmlab run` end to end: a two-trial sweep; Ctrl-C (SIGINT) mid-trial stops after writing
+//! `llmlab run` end to end: a two-trial sweep, read back by the real TensorBoard; Ctrl-C (SIGINT) mid-trial stops after writing
 //! state (exit 130), a SIGKILL loses nothing either, and running the file again resumes to exactly
 //! the metrics of an uninterrupted run (CPU); finished trials are not rerun; a failing trial is
 //! recorded and the sweep goes on.
@@ -90,6 +90,7 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
     for s in slugs {
         assert!(curve(&full.join("tiny-sweep").join(s)).len() >= 4);
     }
+    check_tensorboard(&full.join("tiny-sweep"), &slugs)?;
     let summary = std::fs::read_to_string(full.join("tiny-sweep/summary.csv"))?;
     assert!(
         summary.starts_with("trial,train.lr,status,train_loss,val_loss"),
@@ -173,4 +174,74 @@ fn send_sigint(pid: u32) {
         .status()
         .expect("kill -INT");
     assert!(status.success());
+}
+
+/// The real `tensorboard` package reads the sweep (tests/reference/tb_read.py): each trial's
+/// scalars equal its metrics.jsonl by tag and step, its samples are there as text, and the
+/// HParams dashboard's backend lists every trial with its `train.lr`, status and metrics.
+fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<()> {
+    let out = common::run_reference("tb_read.py", &[exp_dir.to_str().unwrap()])?;
+    let tb: serde_json::Value = serde_json::from_str(&out)?;
+    let infos = tb["experiment"]["hparam_infos"].as_array().unwrap();
+    assert_eq!(infos.len(), 1);
+    assert_eq!(infos[0]["name"], "train.lr");
+    let metric_tags: Vec<&str> = tb["experiment"]["metric_infos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"]["tag"].as_str().unwrap())
+        .collect();
+    assert_eq!(metric_tags, ["val/loss", "train/loss"]);
+    let groups = tb["session_groups"]["session_groups"].as_array().unwrap();
+    assert_eq!(groups.len(), slugs.len());
+    for (slug, lr) in slugs.iter().zip([1.0e-3, 5.0e-4]) {
+        let metrics = curve(&exp_dir.join(slug));
+        let run = &tb["runs"][*slug];
+        for (tag, key) in [
+            ("train/loss", "train_loss"),
+            ("val/loss", "val_loss"),
+            ("train/lr", "lr"),
+        ] {
+            let got: Vec<(u64, f32)> = run["scalars"][tag]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap() as f32))
+                .collect();
+            let want: Vec<(u64, f32)> = metrics
+                .iter()
+                .map(|m| (m["step"].as_u64().unwrap(), m[key].as_f64().unwrap() as f32))
+                .collect();
+            // f32 on both sides; serde_json's fast float parsing may be 1 ulp off in f64.
+            assert_eq!(got.len(), want.len(), "{slug} {tag}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    g.0 == w.0 && (g.1 - w.1).abs() <= 1e-6 * w.1.abs(),
+                    "{slug} {tag}: {g:?} vs {w:?}"
+                );
+            }
+        }
+        let samples = run["text"]["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), 2, "one sample per epoch");
+        assert!(samples[0][1]
+            .as_str()
+            .unwrap()
+            .starts_with("epoch 1: Every effort moves you"));
+        let g = groups.iter().find(|g| g["name"] == *slug).unwrap();
+        assert_eq!(g["hparams"]["train.lr"].as_f64().unwrap(), lr);
+        assert_eq!(g["sessions"][0]["status"], "STATUS_SUCCESS");
+        let last_val = metrics.last().unwrap()["val_loss"].as_f64().unwrap() as f32;
+        let val = g["metric_values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"]["tag"] == "val/loss")
+            .unwrap();
+        let shown = val["value"].as_f64().unwrap() as f32;
+        assert!(
+            (shown - last_val).abs() <= 1e-6 * last_val.abs(),
+            "{slug}: dashboard metric {shown} vs {last_val}"
+        );
+    }
+    Ok(())
 }

@@ -5,9 +5,11 @@
 use super::generate_task::GenerateTaskSpec;
 use super::{value_text, Experiment, Trial};
 use crate::error::{write_atomic, LlmError};
+use crate::tensorboard::{HParamDomain, HValue, SessionStatus, TbWriter};
 use crate::train::PretrainSpec;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// A trial's task settings, parsed and validated.
@@ -199,15 +201,88 @@ impl Progress {
     }
 }
 
-/// Routes a trial's training events to the progress bars (and, later, TensorBoard).
+/// A swept value as a TensorBoard hparam value.
+fn hvalue(v: &serde_yaml::Value) -> HValue {
+    match v {
+        serde_yaml::Value::Bool(b) => HValue::Bool(*b),
+        serde_yaml::Value::Number(n) => n
+            .as_f64()
+            .map(HValue::Number)
+            .unwrap_or_else(|| HValue::Str(value_text(v))),
+        other => HValue::Str(value_text(other)),
+    }
+}
+
+/// The experiment's hparams (each axis with its values; an axis mixing kinds becomes strings)
+/// and metric tags, written to `runs/<experiment>/` for the HParams dashboard.
+fn write_tb_experiment(exp: &Experiment, dir: &Path) -> Result<()> {
+    let hparams: Vec<(String, HParamDomain)> = exp
+        .axes
+        .iter()
+        .map(|(k, vals)| {
+            let hv: Vec<HValue> = vals.iter().map(hvalue).collect();
+            let same_kind = hv
+                .windows(2)
+                .all(|w| std::mem::discriminant(&w[0]) == std::mem::discriminant(&w[1]));
+            let hv = if same_kind {
+                hv
+            } else {
+                vals.iter().map(|v| HValue::Str(value_text(v))).collect()
+            };
+            (k.clone(), HParamDomain::Discrete(hv))
+        })
+        .collect();
+    let metrics: &[&str] = match exp.task.as_str() {
+        "generate" => &[
+            "generate/distinct_1",
+            "generate/distinct_2",
+            "generate/mean_length",
+        ],
+        _ => &["val/loss", "train/loss"],
+    };
+    let mut w = TbWriter::new(dir)?;
+    w.hparams_experiment(&hparams, metrics)?;
+    w.flush()
+}
+
+/// Routes a trial's training events to the progress bars and TensorBoard.
 struct TrialEvents<'a> {
     progress: &'a mut Progress,
     label: String,
+    tb: Option<TbWriter>,
+}
+
+impl TrialEvents<'_> {
+    /// TensorBoard problems are reported, never fatal to training.
+    fn tb(&mut self, f: impl FnOnce(&mut TbWriter) -> Result<()>) {
+        if let Some(w) = self.tb.as_mut() {
+            if let Err(e) = f(w) {
+                self.progress.log(&format!(
+                    "  TensorBoard: {e:#} (no more events for this trial)"
+                ));
+                self.tb = None;
+            }
+        }
+    }
 }
 
 impl crate::train::trainer::TrainEvents for TrialEvents<'_> {
     fn log(&mut self, msg: &str) {
         self.progress.log(&format!("  {msg}"));
+    }
+    fn eval(&mut self, r: &crate::train::trainer::EvalRecord) {
+        let step = r.step as i64;
+        self.tb(|w| {
+            w.scalar("train/loss", r.train_loss, step)?;
+            w.scalar("val/loss", r.val_loss, step)?;
+            w.scalar("train/lr", r.lr, step)?;
+            w.scalar("train/grad_norm", r.grad_norm, step)?;
+            w.scalar("train/tokens_per_sec", r.tokens_per_sec, step)?;
+            w.scalar("train/tokens_seen", r.tokens_seen as f64, step)
+        });
+    }
+    fn sample(&mut self, step: usize, epoch: usize, text: &str) {
+        self.tb(|w| w.text("samples", &format!("epoch {epoch}: {text}"), step as i64));
     }
     fn start(&mut self, step: usize, total: usize) {
         let bar = self
@@ -240,6 +315,9 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<Vec<TrialResult>> {
     let mut progress = Progress::new(trials.len());
+    if let Err(e) = write_tb_experiment(exp, &opts.runs_root.join(&exp.name)) {
+        progress.log(&format!("TensorBoard: {e:#}"));
+    }
     let results = run_with(exp, trials, opts, &mut progress);
     if let Some(b) = progress.trial.take() {
         b.finish_and_clear();
@@ -297,6 +375,22 @@ fn run_with(
                 ""
             }
         ));
+        let tb = match TbWriter::new(&dir).and_then(|mut w| {
+            let hp: BTreeMap<String, HValue> = trial
+                .values
+                .iter()
+                .map(|(k, v)| (k.clone(), hvalue(v)))
+                .collect();
+            w.hparams_session_start(&hp, "")?;
+            Ok(w)
+        }) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                progress.log(&format!("{label}: TensorBoard: {e:#}"));
+                None
+            }
+        };
+        let tb_end;
         let outcome = match task {
             TaskSpec::Pretrain(spec) => {
                 // Threads are not part of a trial's identity (its config.yaml): set them here.
@@ -306,18 +400,58 @@ fn run_with(
                 let mut events = TrialEvents {
                     progress: &mut *progress,
                     label: trial.slug.clone(),
+                    tb,
                 };
-                crate::train::trainer::pretrain(&spec, &dir, opts.device, restart, &mut events)
-                    .map(|_| ())
+                let r =
+                    crate::train::trainer::pretrain(&spec, &dir, opts.device, restart, &mut events)
+                        .map(|_| ());
+                tb_end = events.tb.take();
+                r
             }
             TaskSpec::Generate(spec) => {
                 crate::device::set_threads(opts.threads);
-                super::generate_task::run(spec, &dir, opts.device, &mut |m: &str| {
+                let r = super::generate_task::run(spec, &dir, opts.device, &mut |m: &str| {
                     progress.log(&format!("  {m}"))
-                })
-                .map(|_| ())
+                });
+                let mut tb = tb;
+                if let (Ok((samples, div)), Some(w)) = (&r, tb.as_mut()) {
+                    let logged = (|| -> Result<()> {
+                        w.scalar("generate/distinct_1", div.distinct_1, 0)?;
+                        w.scalar("generate/distinct_2", div.distinct_2, 0)?;
+                        w.scalar("generate/mean_length", div.mean_length, 0)?;
+                        for (i, p) in spec.prompts.iter().enumerate() {
+                            let text: Vec<String> = samples
+                                .iter()
+                                .filter(|s| &s.prompt == p)
+                                .map(|s| format!("**{}** {}", s.prompt, s.text))
+                                .collect();
+                            w.text(&format!("samples/prompt_{i}"), &text.join("\n\n"), 0)?;
+                        }
+                        Ok(())
+                    })();
+                    if let Err(e) = logged {
+                        progress.log(&format!("{label}: TensorBoard: {e:#}"));
+                    }
+                }
+                tb_end = tb;
+                r.map(|_| ())
             }
         };
+        if let Some(mut w) = tb_end {
+            let status = match &outcome {
+                Ok(()) => SessionStatus::Success,
+                Err(e)
+                    if e.downcast_ref::<LlmError>()
+                        .is_some_and(|l| matches!(l, LlmError::Interrupted { .. })) =>
+                {
+                    SessionStatus::Running
+                }
+                Err(_) => SessionStatus::Failure,
+            };
+            if let Err(e) = w.hparams_session_end(status).and_then(|_| w.flush()) {
+                progress.log(&format!("{label}: TensorBoard: {e:#}"));
+            }
+        }
         let outcome = match outcome {
             Ok(()) => Outcome::Finished,
             // Ctrl-C: the trial saved its state; stop the sweep (rerunning resumes it).
