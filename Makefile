@@ -56,7 +56,7 @@ bench: build
 	$(PY) tests/reference/bench.py --llmlab $(BIN) --config gpt2-small --threads 2 --rounds 3
 
 tensorboard: setup
-	$(PY) -m tensorboard.main --logdir runs --bind_all
+	$(PY) -m tensorboard.main --logdir runs --host 127.0.0.1
 
 fmt:
 	cargo fmt
