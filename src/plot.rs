@@ -117,3 +117,75 @@ pub fn plot_losses(points: &[LossPoint], path: &Path, title: &str) -> Result<boo
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(true)
 }
+
+/// The experiment report's figure: a metric (y) for each value of one swept axis (x, in the
+/// sweep's order), one dot per trial (trials differing in other axes share an x position), and
+/// the mean per value joined by a line. Returns `false` when no font is available or no trial
+/// has the metric.
+pub fn plot_metric_by_axis(
+    axis: &str,
+    values: &[String],
+    points: &[(usize, f64)],
+    metric: &str,
+    path: &Path,
+    title: &str,
+) -> Result<bool> {
+    let finite: Vec<(usize, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(_, y)| y.is_finite())
+        .collect();
+    if finite.is_empty() || values.is_empty() || !ensure_font() {
+        return Ok(false);
+    }
+    let (lo, hi) = finite
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| {
+            (a.min(*y), b.max(*y))
+        });
+    let pad = ((hi - lo) * 0.1).max(hi.abs() * 0.01).max(1e-6);
+    let tmp = crate::error::temp_path(path).with_extension("png");
+    {
+        let root = BitMapBackend::new(&tmp, (800, 500)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let n = values.len();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(70)
+            .build_cartesian_2d(-0.5..(n as f64 - 0.5), (lo - pad)..(hi + pad))?;
+        chart
+            .configure_mesh()
+            .x_desc(axis)
+            .y_desc(metric)
+            .x_labels(n.max(2))
+            .x_label_formatter(&|x| {
+                let i = x.round();
+                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < n {
+                    values[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .y_label_formatter(&|v| format!("{v:.3}"))
+            .label_style(("sans-serif", 15))
+            .draw()?;
+        chart.draw_series(
+            finite
+                .iter()
+                .map(|&(i, y)| Circle::new((i as f64, y), 5, BLUE.filled())),
+        )?;
+        let means: Vec<(f64, f64)> = (0..n)
+            .filter_map(|i| {
+                let ys: Vec<f64> = finite.iter().filter(|p| p.0 == i).map(|p| p.1).collect();
+                (!ys.is_empty()).then(|| (i as f64, ys.iter().sum::<f64>() / ys.len() as f64))
+            })
+            .collect();
+        chart.draw_series(LineSeries::new(means, RED.stroke_width(2)))?;
+        root.present()
+            .with_context(|| format!("writing {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(true)
+}

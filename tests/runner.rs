@@ -97,6 +97,10 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
         "{summary}"
     );
     assert_eq!(summary.lines().count(), 3);
+    // The target metric (val_loss by default) against the swept axis, as a PNG.
+    let png = std::fs::read(full.join("tiny-sweep/val_loss_by_train.lr.png"))?;
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into()?), 800, "width");
 
     // Ctrl-C in the first trial: exit 130, state saved, not finished.
     let t1 = cut.join("tiny-sweep").join(slugs[0]);

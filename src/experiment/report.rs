@@ -224,12 +224,52 @@ pub fn terminal(rec: &ExperimentRecord, rows: &[Row]) -> String {
     s
 }
 
-/// Writes `summary.md` and `summary.csv` beside the trials and returns the terminal table.
+/// Writes `summary.md`, `summary.csv` and, per swept axis, `<metric>_by_<axis>.png` beside the
+/// trials, and returns the terminal table.
 pub fn write_summaries(dir: &Path) -> Result<String> {
     let (rec, rows) = rows(dir)?;
     crate::error::write_atomic(&dir.join("summary.md"), markdown(&rec, &rows).as_bytes())?;
     crate::error::write_atomic(&dir.join("summary.csv"), csv(&rec, &rows).as_bytes())?;
+    write_plots(dir, &rec, &rows)?;
     Ok(terminal(&rec, &rows))
+}
+
+/// The target metric against each swept axis (PNG, one file per axis).
+pub fn write_plots(dir: &Path, rec: &ExperimentRecord, rows: &[Row]) -> Result<Vec<PathBuf>> {
+    let metric = rec
+        .target
+        .as_ref()
+        .map_or("val_loss".to_string(), |t| t.metric.clone());
+    let mut written = Vec::new();
+    for axis in &rec.axes {
+        // The axis values in the sweep's order (as the trials list them).
+        let mut values: Vec<String> = Vec::new();
+        for (_, vals) in &rec.trials {
+            if let Some((_, v)) = vals.iter().find(|(k, _)| k == axis) {
+                if !values.contains(v) {
+                    values.push(v.clone());
+                }
+            }
+        }
+        let points: Vec<(usize, f64)> = rows
+            .iter()
+            .filter_map(|r| {
+                let v = r.values.iter().find(|(k, _)| k == axis)?.1.clone();
+                let y = r.metrics.iter().find(|(k, _)| *k == metric)?.1;
+                Some((values.iter().position(|x| *x == v)?, y))
+            })
+            .collect();
+        let file = dir.join(format!(
+            "{}_by_{}.png",
+            metric.replace('/', "_"),
+            axis.replace('/', "_")
+        ));
+        let title = format!("{}: {metric} by {axis}", rec.name);
+        if crate::plot::plot_metric_by_axis(axis, &values, &points, &metric, &file, &title)? {
+            written.push(file);
+        }
+    }
+    Ok(written)
 }
 
 /// The record of an experiment's trials (for `experiment.json`).
