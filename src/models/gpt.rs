@@ -57,15 +57,7 @@ impl GptConfig {
 
     /// A built-in preset by name (`gpt2-small`, …, `gpt-mini`).
     pub fn preset(name: &str) -> Result<Self> {
-        let (_, text) =
-            PRESETS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| LlmError::Unknown {
-                    what: "model config preset",
-                    name: name.into(),
-                    expected: Self::preset_names(),
-                })?;
+        let text = super::preset_text(PRESETS, "model config preset", name)?;
         Self::from_yaml(text, &format!("preset {name}"))
     }
 

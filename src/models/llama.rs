@@ -93,15 +93,7 @@ impl LlamaConfig {
     }
 
     pub fn preset(name: &str) -> Result<Self> {
-        let (_, text) =
-            PRESETS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| LlmError::Unknown {
-                    what: "Llama config preset",
-                    name: name.into(),
-                    expected: Self::preset_names(),
-                })?;
+        let text = super::preset_text(PRESETS, "Llama config preset", name)?;
         Self::from_yaml(text, &format!("preset {name}"))
     }
 
@@ -384,7 +376,6 @@ impl GroupedQueryAttention {
         rope: &Rope,
         cache: Option<&mut KvCache>,
         train: bool,
-        dropout: f64,
     ) -> Tensor {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, emb_dim)");
         let heads = |t: &Tensor, h: i64| t.view([b, n, h, self.head_dim]).transpose(1, 2);
@@ -409,7 +400,8 @@ impl GroupedQueryAttention {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let q = rope.apply(&q, start);
         let k = rope.apply(&k, start);
-        let p = if train { dropout } else { 0.0 };
+        // Llama has no attention dropout (the block's drop_rate acts after the attention).
+        let p = 0.0;
         let gqa = self.n_kv != self.n_heads;
         let ctx = match cache {
             None => {
@@ -511,7 +503,7 @@ impl LlamaBlock {
     ) -> Tensor {
         let h = self
             .att
-            .forward(&self.norm1.forward(x), rope, cache, train, 0.0)
+            .forward(&self.norm1.forward(x), rope, cache, train)
             .dropout(self.drop_rate, train);
         let x = x + h;
         let h = self

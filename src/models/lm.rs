@@ -196,15 +196,7 @@ impl LoadedLm {
                     crate::device::seed_everything(123);
                 }
                 let (vs, model) = source.load(device)?;
-                Ok(Self {
-                    vs,
-                    model: AnyModel::Gpt(model),
-                    tokenizer: BpeTokenizer::gpt2()?,
-                    chat: None,
-                    eos_id: Some(END_OF_TEXT_ID as i64),
-                    bos_id: None,
-                    name: spec.into(),
-                })
+                Self::gpt(vs, model, spec)
             }
             LmSpec::LlamaGguf(path) => {
                 let (vs, model, g) = crate::weights::llama::load_gguf(&path, device)?;
@@ -302,8 +294,12 @@ impl LoadedLm {
 
     /// A fresh GPT from a preset or config file (random weights, GPT-2 tokenizer).
     pub fn fresh_gpt(config: &str, device: Device) -> Result<Self> {
-        let source = ModelSource::Fresh(config.into());
-        let (vs, model) = source.load(device)?;
+        let (vs, model) = ModelSource::Fresh(config.into()).load(device)?;
+        Self::gpt(vs, model, config)
+    }
+
+    /// A GPT with the GPT-2 tokenizer and end-of-text id.
+    fn gpt(vs: VarStore, model: GptModel, name: &str) -> Result<Self> {
         Ok(Self {
             vs,
             model: AnyModel::Gpt(model),
@@ -311,7 +307,7 @@ impl LoadedLm {
             chat: None,
             eos_id: Some(END_OF_TEXT_ID as i64),
             bos_id: None,
-            name: config.into(),
+            name: name.into(),
         })
     }
 

@@ -164,7 +164,8 @@ pub fn load_gguf_with(
     let vs = VarStore::new(device);
     let model = LlamaModel::new(&vs.root(), &cfg, factors.as_deref());
     let mut tensors = BTreeMap::new();
-    for name in vs.variables().keys() {
+    let vars = vs.variables();
+    for name in vars.keys() {
         let Some(file) = file_name(name, Format::Gguf) else {
             continue;
         };
@@ -180,13 +181,12 @@ pub fn load_gguf_with(
         tensors.insert(name.clone(), t);
     }
     // File tensors no variable asked for are errors, except the RoPE factors used above.
+    let wanted: std::collections::BTreeSet<String> = vars
+        .keys()
+        .filter_map(|v| file_name(v, Format::Gguf))
+        .collect();
     for t in &g.tensors {
-        if t.name != "rope_freqs.weight"
-            && !vs
-                .variables()
-                .keys()
-                .any(|v| file_name(v, Format::Gguf).as_deref() == Some(t.name.as_str()))
-        {
+        if t.name != "rope_freqs.weight" && !wanted.contains(&t.name) {
             tensors.insert(
                 format!("{} (GGUF)", t.name),
                 Tensor::zeros([1], (Kind::Float, Device::Cpu)),
