@@ -6,6 +6,7 @@
 //! | ch03 attention: self-attention → causal → multi-head | [`nn::attention`] |
 //! | ch04 GPT: LayerNorm, GELU, feed-forward, blocks, `GPTModel`, greedy generation | [`nn::layers`], [`models::gpt`] |
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
+//! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
 //!
 //! Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
@@ -14,6 +15,7 @@
 //! [`shim`] holds the FFI to a small C++ shim for libtorch functions tch does not bind (fused
 //! AdamW, bf16 autocast). The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
 pub mod chat;
+pub mod classify;
 pub mod cli;
 pub mod data;
 pub mod device;

@@ -38,6 +38,13 @@ fn ensure_font() -> bool {
     })
 }
 
+fn capitalised(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
 /// One point of a loss curve.
 #[derive(Debug, Clone, Copy)]
 pub struct LossPoint {
@@ -49,6 +56,18 @@ pub struct LossPoint {
 
 /// Writes the loss figure; returns `false` (and writes nothing) when no font is available.
 pub fn plot_losses(points: &[LossPoint], path: &Path, title: &str) -> Result<bool> {
+    plot_values(points, path, title, "loss", "Tokens seen")
+}
+
+/// The book's `plot_values`: training and validation `what` (loss, accuracy) against epochs,
+/// with `x2` (tokens or examples seen, from `tokens_seen`) on a second axis.
+pub fn plot_values(
+    points: &[LossPoint],
+    path: &Path,
+    title: &str,
+    what: &str,
+    x2: &str,
+) -> Result<bool> {
     if points.is_empty() || !ensure_font() {
         return Ok(false);
     }
@@ -79,14 +98,14 @@ pub fn plot_losses(points: &[LossPoint], path: &Path, title: &str) -> Result<boo
         chart
             .configure_mesh()
             .x_desc("Epochs")
-            .y_desc("Loss")
+            .y_desc(capitalised(what))
             .x_label_formatter(&|v| format!("{v:.1}"))
-            .y_label_formatter(&|v| format!("{v:.1}"))
+            .y_label_formatter(&|v| format!("{v:.2}"))
             .label_style(("sans-serif", 15))
             .draw()?;
         chart
             .configure_secondary_axes()
-            .x_desc("Tokens seen")
+            .x_desc(x2)
             .x_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 15))
             .draw()?;
@@ -95,14 +114,14 @@ pub fn plot_losses(points: &[LossPoint], path: &Path, title: &str) -> Result<boo
                 points.iter().map(|p| (p.epoch, p.train_loss)),
                 BLUE.stroke_width(2),
             ))?
-            .label("Training loss")
+            .label(format!("Training {what}"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
         chart
             .draw_series(LineSeries::new(
                 points.iter().map(|p| (p.epoch, p.val_loss)),
                 RED.stroke_width(2),
             ))?
-            .label("Validation loss")
+            .label(format!("Validation {what}"))
             .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
         chart
             .configure_series_labels()

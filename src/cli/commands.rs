@@ -25,6 +25,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain(*a),
         Command::Generate(a) => generate_cmd(a),
         Command::Chat(a) => super::chat::chat(a),
+        Command::Classify(a) => classify_cmd(a),
         Command::Download(a) => download(a),
         Command::Bench(a) => bench(a),
     }
@@ -339,6 +340,37 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
             "wrote model.safetensors, model.yaml, metrics.jsonl, samples.jsonl, losses.png in {}",
             run_dir.display()
         );
+    }
+    Ok(())
+}
+
+fn classify_cmd(a: ClassifyArgs) -> Result<()> {
+    let device = parse_device(&a.compute.device)?;
+    set_threads(a.compute.threads);
+    let mut texts = a.text.clone();
+    if let Some(f) = &a.file {
+        texts.extend(
+            crate::error::read_text(f)?
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if texts.is_empty() {
+        return Err(LlmError::Usage(
+            "no text to classify: give --text or a non-empty --file".into(),
+        )
+        .into());
+    }
+    let saved = crate::classify::train::SavedClassifier::load(&a.model, device)?;
+    for (text, (label, prob)) in texts.iter().zip(saved.predict(&texts)?) {
+        match a.format {
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"text": text, "label": label, "probability": prob})
+            ),
+            Format::Text => println!("{label}\t{prob:.4}\t{text}"),
+        }
     }
     Ok(())
 }

@@ -42,6 +42,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Chat with a model in the terminal (streams tokens; /reset, /system TEXT, /exit).
     Chat(ChatArgs),
+    /// Classify texts with a fine-tuned classifier (a `task: classify` run folder): label and probability.
+    Classify(ClassifyArgs),
     /// Download Hugging Face weights (GPT-2, SmolLM2, Llama 3.x) into the cache; prints the folder.
     Download(DownloadArgs),
     /// Micro-benchmarks (forward tokens/s); `make bench` runs them beside PyTorch.
@@ -64,6 +66,25 @@ pub struct RunArgs {
     /// Start every trial over, even finished ones.
     #[arg(long)]
     pub restart: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ClassifyArgs {
+    /// A classification run folder (holds classifier.json and classifier.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A text to classify (repeatable).
+    #[arg(long, required_unless_present = "file")]
+    pub text: Vec<String>,
+    /// A UTF-8 file with one text per line (empty lines are skipped).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// `text`: one `label<TAB>probability<TAB>text` line per text; `json`: one
+    /// `{"text", "label", "probability"}` object per line.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }

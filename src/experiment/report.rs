@@ -47,7 +47,21 @@ fn final_metrics(trial_dir: &Path) -> Vec<(String, f64)> {
     };
     let mut out = Vec::new();
     // Training records: the losses and where the run ended; other tasks: every figure.
-    let keys: Vec<String> = if last.get("train_loss").is_some() {
+    let keys: Vec<String> = if last.get("test_accuracy").is_some() {
+        // Classification: accuracy and loss on the three splits, then the training time.
+        [
+            "train_accuracy",
+            "val_accuracy",
+            "test_accuracy",
+            "train_loss",
+            "val_loss",
+            "test_loss",
+            "train_seconds",
+            "step",
+        ]
+        .map(String::from)
+        .to_vec()
+    } else if last.get("train_loss").is_some() {
         ["train_loss", "val_loss", "step", "tokens_seen"]
             .map(String::from)
             .to_vec()

@@ -4,6 +4,7 @@
 //! goes on.
 use super::generate_task::GenerateTaskSpec;
 use super::{value_text, Experiment, Trial};
+use crate::classify::ClassifySpec;
 use crate::error::{write_atomic, LlmError};
 use crate::tensorboard::{HParamDomain, HValue, SessionStatus, TbWriter};
 use crate::train::PretrainSpec;
@@ -17,10 +18,11 @@ use std::path::{Path, PathBuf};
 pub enum TaskSpec {
     Pretrain(Box<PretrainSpec>),
     Generate(Box<GenerateTaskSpec>),
+    Classify(Box<ClassifySpec>),
 }
 
 /// The tasks `llmlab run` knows so far.
-pub const TASKS: &[&str] = &["pretrain", "generate"];
+pub const TASKS: &[&str] = &["pretrain", "generate", "classify"];
 
 /// What `status.json` of a trial says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +102,14 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
                 }
                 TaskSpec::Generate(Box::new(spec))
             }
+            "classify" => {
+                let spec: ClassifySpec = exp.parse_trial(&t)?;
+                spec.validate().map_err(locate)?;
+                if check_files {
+                    check_classify_inputs(&spec, exp, &t)?;
+                }
+                TaskSpec::Classify(Box::new(spec))
+            }
             _ => {
                 let spec: PretrainSpec = exp.parse_trial(&t)?;
                 spec.validate("").map_err(locate)?;
@@ -112,6 +122,69 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
         out.push((t, task));
     }
     Ok(out)
+}
+
+/// A classification trial's data set or file and its model must exist before anything runs.
+fn check_classify_inputs(spec: &ClassifySpec, exp: &Experiment, t: &Trial) -> Result<()> {
+    if let Some(p) = &spec.data.path {
+        if !p.is_file() {
+            return Err(LlmError::Config {
+                origin: exp.origin_of("data.path", t),
+                message: format!("data.path: {} does not exist", p.display()),
+            }
+            .into());
+        }
+    }
+    if let Some(d) = &spec.data.dataset {
+        let reg = crate::data::registry::Registry::builtin()?;
+        reg.get(d).map_err(|e| LlmError::Config {
+            origin: exp.origin_of("data.dataset", t),
+            message: format!("data.dataset: {e}"),
+        })?;
+    }
+    crate::models::LmSpec::parse(&spec.model.name).map_err(|e| LlmError::Config {
+        origin: exp.origin_of("model.name", t),
+        message: format!("model.name: {e:#}"),
+    })?;
+    Ok(())
+}
+
+/// For each classification trial, the experiment's frozen-prefix cache folder and the
+/// boundaries (blocks from the end) of the other trials that share its prefix.
+fn prefix_sharing(
+    root: &Path,
+    trials: &[(Trial, TaskSpec)],
+) -> Vec<crate::classify::train::PrefixSharing> {
+    use crate::classify::train::{prefix_key, PrefixSharing};
+    use crate::classify::Trainable;
+    let from_end = |s: &ClassifySpec| match s.finetune.trainable {
+        Trainable::Head | Trainable::LastLayer => Some(0),
+        Trainable::LastBlocks(k) => Some(k),
+        Trainable::All | Trainable::Lora => None,
+    };
+    let reusable =
+        |s: &ClassifySpec| s.finetune.reuse_frozen && s.model.dropout.unwrap_or(0.0) == 0.0;
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (_, task) in trials {
+        if let TaskSpec::Classify(s) = task {
+            if let (true, Some(k)) = (reusable(s), from_end(s)) {
+                groups.entry(prefix_key(s)).or_default().push(k);
+            }
+        }
+    }
+    trials
+        .iter()
+        .map(|(_, task)| match task {
+            TaskSpec::Classify(s) if reusable(s) => {
+                let key = prefix_key(s);
+                PrefixSharing {
+                    dir: Some(root.join(".frozen-prefix").join(&key)),
+                    from_end: groups.get(&key).cloned().unwrap_or_default(),
+                }
+            }
+            _ => PrefixSharing::default(),
+        })
+        .collect()
 }
 
 /// Files a trial reads must exist before anything runs.
@@ -238,6 +311,13 @@ fn write_tb_experiment(exp: &Experiment, dir: &Path) -> Result<()> {
             "generate/distinct_2",
             "generate/mean_length",
         ],
+        "classify" => &[
+            "val/accuracy",
+            "val/loss",
+            "train/accuracy",
+            "final/val_accuracy",
+            "final/test_accuracy",
+        ],
         _ => &["val/loss", "train/loss"],
     };
     let mut w = TbWriter::new(dir)?;
@@ -279,6 +359,14 @@ impl crate::train::trainer::TrainEvents for TrialEvents<'_> {
             w.scalar("train/grad_norm", r.grad_norm, step)?;
             w.scalar("train/tokens_per_sec", r.tokens_per_sec, step)?;
             w.scalar("train/tokens_seen", r.tokens_seen as f64, step)
+        });
+    }
+    fn scalars(&mut self, step: usize, values: &[(&str, f64)]) {
+        self.tb(|w| {
+            for (tag, v) in values {
+                w.scalar(tag, *v, step as i64)?;
+            }
+            Ok(())
         });
     }
     fn sample(&mut self, step: usize, epoch: usize, text: &str) {
@@ -338,6 +426,7 @@ fn run_with(
         source,
     })?;
     let mut results = Vec::new();
+    let sharing = prefix_sharing(&root, trials);
     for (i, (trial, task)) in trials.iter().enumerate() {
         let dir = root.join(&trial.slug);
         let prior = read_status(&dir);
@@ -405,6 +494,26 @@ fn run_with(
                 let r =
                     crate::train::trainer::pretrain(&spec, &dir, opts.device, restart, &mut events)
                         .map(|_| ());
+                tb_end = events.tb.take();
+                r
+            }
+            TaskSpec::Classify(spec) => {
+                crate::device::set_threads(opts.threads);
+                let restart = opts.restart || rerun_failed;
+                let mut events = TrialEvents {
+                    progress: &mut *progress,
+                    label: trial.slug.clone(),
+                    tb,
+                };
+                let r = crate::classify::train::run(
+                    spec,
+                    &dir,
+                    opts.device,
+                    restart,
+                    &sharing[i],
+                    &mut events,
+                )
+                .map(|_| ());
                 tb_end = events.tb.take();
                 r
             }

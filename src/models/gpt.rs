@@ -177,7 +177,7 @@ impl TransformerBlock {
         let x = x + h; // shortcut
         let h = self
             .ff
-            .forward(&self.norm2.forward(&x))
+            .forward_t(&self.norm2.forward(&x), train)
             .dropout(self.drop_rate, train);
         x + h
     }
@@ -192,7 +192,7 @@ pub struct GptModel {
     pub trf_blocks: Vec<TransformerBlock>,
     pub final_norm: LayerNorm,
     /// `None` when tied to `tok_emb`.
-    pub out_head: Option<nn::Linear>,
+    pub out_head: Option<crate::nn::Linear>,
 }
 
 impl GptModel {
@@ -259,6 +259,14 @@ impl GptModel {
             }
         }
         self.final_norm.forward(&x)
+    }
+
+    /// Token plus position embeddings (with dropout when training): the input of block 0.
+    pub fn embed(&self, in_idx: &Tensor, train: bool) -> Tensor {
+        let n = in_idx.size()[1];
+        let pos = Tensor::arange(n, (Kind::Int64, in_idx.device()));
+        (self.tok_emb.forward(in_idx) + self.pos_emb.forward(&pos))
+            .dropout(self.cfg.drop_rate, train)
     }
 
     /// An empty KV cache for `batch` sequences of up to `context_length` tokens.

@@ -9,6 +9,7 @@
 //! [`crate::weights::llama`] maps GGUF and Hugging Face names onto them.
 use crate::error::LlmError;
 use crate::nn::attention::{causal_mask, KvCache};
+use crate::nn::Linear;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -316,13 +317,15 @@ impl Rope {
 /// Grouped-query attention: `n_heads` query heads share `n_kv_groups` key/value heads.
 #[derive(Debug)]
 pub struct GroupedQueryAttention {
-    pub w_query: nn::Linear,
-    pub w_key: nn::Linear,
-    pub w_value: nn::Linear,
-    pub out_proj: nn::Linear,
+    pub w_query: Linear,
+    pub w_key: Linear,
+    pub w_value: Linear,
+    pub out_proj: Linear,
     pub n_heads: i64,
     pub n_kv: i64,
     pub head_dim: i64,
+    /// `false` lets every token attend to every other one (a classification ablation).
+    pub causal: bool,
     /// `[W_query; W_key; W_value]` in one tensor whose rows the three weights are views of
     /// (see [`LlamaModel::fuse_projections`]); used in eval mode: one matmul instead of three.
     qkv: Option<Tensor>,
@@ -343,7 +346,7 @@ fn fuse_rows(weights: &mut [&mut Tensor]) -> Tensor {
     fused
 }
 
-fn plain_linear(p: nn::Path, i: i64, o: i64) -> nn::Linear {
+fn plain_linear(p: nn::Path, i: i64, o: i64) -> Linear {
     crate::nn::layers::linear(p, i, o, false)
 }
 
@@ -358,6 +361,7 @@ impl GroupedQueryAttention {
             n_heads: cfg.n_heads,
             n_kv: cfg.n_kv_groups,
             head_dim: hd,
+            causal: true,
             qkv: None,
         }
     }
@@ -379,7 +383,10 @@ impl GroupedQueryAttention {
     ) -> Tensor {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, emb_dim)");
         let heads = |t: &Tensor, h: i64| t.view([b, n, h, self.head_dim]).transpose(1, 2);
-        let (q, k, v) = match (&self.qkv, train) {
+        let adapted = [&self.w_query, &self.w_key, &self.w_value]
+            .iter()
+            .any(|l| l.lora.is_some());
+        let (q, k, v) = match (&self.qkv, train || adapted) {
             (Some(w), false) => {
                 let (dq, dkv) = (self.n_heads * self.head_dim, self.n_kv * self.head_dim);
                 let parts = x
@@ -392,9 +399,9 @@ impl GroupedQueryAttention {
                 )
             }
             _ => (
-                heads(&self.w_query.forward(x), self.n_heads),
-                heads(&self.w_key.forward(x), self.n_kv),
-                heads(&self.w_value.forward(x), self.n_kv),
+                heads(&self.w_query.forward_t(x, train), self.n_heads),
+                heads(&self.w_key.forward_t(x, train), self.n_kv),
+                heads(&self.w_value.forward_t(x, train), self.n_kv),
             ),
         };
         let start = cache.as_ref().map_or(0, |c| c.len());
@@ -404,9 +411,16 @@ impl GroupedQueryAttention {
         let p = 0.0;
         let gqa = self.n_kv != self.n_heads;
         let ctx = match cache {
-            None => {
-                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, p, true, None, gqa)
-            }
+            None => Tensor::scaled_dot_product_attention::<Tensor>(
+                &q,
+                &k,
+                &v,
+                None,
+                p,
+                self.causal,
+                None,
+                gqa,
+            ),
             Some(c) => {
                 let (k_all, v_all) = c.append(&k, &v);
                 if n == 1 {
@@ -433,16 +447,16 @@ impl GroupedQueryAttention {
             .transpose(1, 2)
             .contiguous()
             .view([b, n, self.n_heads * self.head_dim]);
-        self.out_proj.forward(&ctx)
+        self.out_proj.forward_t(&ctx, train)
     }
 }
 
 /// SwiGLU feed-forward: `fc3(silu(fc1(x)) * fc2(x))`.
 #[derive(Debug)]
 pub struct SwiGlu {
-    pub fc1: nn::Linear,
-    pub fc2: nn::Linear,
-    pub fc3: nn::Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub fc3: Linear,
     /// `[fc1; fc2]` fused like the attention's `qkv`.
     gate_up: Option<Tensor>,
 }
@@ -462,14 +476,16 @@ impl SwiGlu {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        match (&self.gate_up, train) {
+        let adapted = self.fc1.lora.is_some() || self.fc2.lora.is_some();
+        match (&self.gate_up, train || adapted) {
             (Some(w), false) => {
                 let gu = x.linear::<Tensor>(w, None).chunk(2, -1);
-                self.fc3.forward(&(gu[0].silu() * &gu[1]))
+                self.fc3.forward_t(&(gu[0].silu() * &gu[1]), false)
             }
-            _ => self
-                .fc3
-                .forward(&(self.fc1.forward(x).silu() * self.fc2.forward(x))),
+            _ => self.fc3.forward_t(
+                &(self.fc1.forward_t(x, train).silu() * self.fc2.forward_t(x, train)),
+                train,
+            ),
         }
     }
 }
@@ -522,7 +538,7 @@ pub struct LlamaModel {
     pub trf_blocks: Vec<LlamaBlock>,
     pub final_norm: RmsNorm,
     /// `None` when tied to `tok_emb`.
-    pub out_head: Option<nn::Linear>,
+    pub out_head: Option<Linear>,
     rope: Rope,
 }
 
@@ -596,6 +612,24 @@ impl LlamaModel {
             }
         }
         self.final_norm.forward(&x)
+    }
+
+    /// Sets the dropout rate (embeddings and every block).
+    pub fn set_drop_rate(&mut self, p: f64) {
+        self.cfg.drop_rate = p;
+        for b in &mut self.trf_blocks {
+            b.drop_rate = p;
+        }
+    }
+
+    /// Token embeddings (with the embedding dropout when training): the input of block 0.
+    pub fn embed(&self, idx: &Tensor, train: bool) -> Tensor {
+        self.tok_emb.forward(idx).dropout(self.cfg.drop_rate, train)
+    }
+
+    /// Runs block `i` (no cache) on `x`.
+    pub fn block_forward(&self, i: usize, x: &Tensor, train: bool) -> Tensor {
+        self.trf_blocks[i].forward(x, &self.rope, None, train)
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {

@@ -39,12 +39,12 @@ impl SelfAttentionV1 {
 /// Book §3.4.2 `SelfAttention_v2`: `nn.Linear` projections (weights stored `(d_out, d_in)`).
 #[derive(Debug)]
 pub struct SelfAttentionV2 {
-    pub w_query: nn::Linear,
-    pub w_key: nn::Linear,
-    pub w_value: nn::Linear,
+    pub w_query: crate::nn::layers::Linear,
+    pub w_key: crate::nn::layers::Linear,
+    pub w_value: crate::nn::layers::Linear,
 }
 
-fn proj(p: &nn::Path, name: &str, d_in: i64, d_out: i64, bias: bool) -> nn::Linear {
+fn proj(p: &nn::Path, name: &str, d_in: i64, d_out: i64, bias: bool) -> crate::nn::layers::Linear {
     crate::nn::layers::linear(p / name, d_in, d_out, bias)
 }
 
@@ -79,9 +79,9 @@ pub(crate) fn causal_mask(n_q: i64, n_k: i64, device: tch::Device) -> Tensor {
 /// Book §3.5 `CausalAttention`: single head with causal mask and dropout on the weights.
 #[derive(Debug)]
 pub struct CausalAttention {
-    pub w_query: nn::Linear,
-    pub w_key: nn::Linear,
-    pub w_value: nn::Linear,
+    pub w_query: crate::nn::layers::Linear,
+    pub w_key: crate::nn::layers::Linear,
+    pub w_value: crate::nn::layers::Linear,
     pub dropout: f64,
 }
 
@@ -154,15 +154,17 @@ pub enum AttentionImpl {
 /// they are applied as one `(3·d_out, d_in)` matmul (one qkv projection).
 #[derive(Debug)]
 pub struct MultiHeadAttention {
-    pub w_query: nn::Linear,
-    pub w_key: nn::Linear,
-    pub w_value: nn::Linear,
-    pub out_proj: nn::Linear,
+    pub w_query: crate::nn::layers::Linear,
+    pub w_key: crate::nn::layers::Linear,
+    pub w_value: crate::nn::layers::Linear,
+    pub out_proj: crate::nn::layers::Linear,
     pub d_out: i64,
     pub num_heads: i64,
     pub head_dim: i64,
     pub dropout: f64,
     pub imp: AttentionImpl,
+    /// `false` lets every token attend to every other one (a classification ablation).
+    pub causal: bool,
 }
 
 impl MultiHeadAttention {
@@ -188,6 +190,7 @@ impl MultiHeadAttention {
             head_dim: d_out / num_heads,
             dropout,
             imp: AttentionImpl::Sdpa,
+            causal: true,
         }
     }
 
@@ -223,7 +226,17 @@ impl MultiHeadAttention {
     /// it and the queries attend over everything cached so far (book ch04 KV-cache bonus).
     pub fn forward_cached(&self, x: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, d_in)");
-        let (q, k, v) = self.qkv(x);
+        let (mut q, mut k, mut v) = self.qkv(x);
+        // LoRA adapters (appendix E) add their low-rank updates to the fused projection.
+        for (t, lin) in [
+            (&mut q, &self.w_query),
+            (&mut k, &self.w_key),
+            (&mut v, &self.w_value),
+        ] {
+            if let Some(l) = &lin.lora {
+                *t = &*t + l.delta(x, train);
+            }
+        }
         let (q, k, v) = (
             self.split_heads(&q),
             self.split_heads(&k),
@@ -237,7 +250,7 @@ impl MultiHeadAttention {
             }
         };
         let ctx = ctx.transpose(1, 2).contiguous().view([b, n, self.d_out]);
-        self.out_proj.forward(&ctx)
+        self.out_proj.forward_t(&ctx, train)
     }
 
     /// Causal attention of `q` `(b, h, n_q, hd)` over `k`, `v` `(b, h, n_k, hd)`, where the
@@ -246,6 +259,18 @@ impl MultiHeadAttention {
         let n_q = q.size()[2];
         let n_k = k.size()[2];
         let p = if train { self.dropout } else { 0.0 };
+        if !self.causal {
+            return match self.imp {
+                AttentionImpl::Sdpa => Tensor::scaled_dot_product_attention::<Tensor>(
+                    q, k, v, None, p, false, None, false,
+                ),
+                AttentionImpl::Manual => (q.matmul(&k.transpose(2, 3))
+                    / (self.head_dim as f64).sqrt())
+                .softmax(-1, q.kind())
+                .dropout(self.dropout, train)
+                .matmul(v),
+            };
+        }
         match self.imp {
             AttentionImpl::Sdpa => {
                 if n_q == n_k {

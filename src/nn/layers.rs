@@ -1,26 +1,91 @@
 //! The GPT building blocks of book ch04 §4.2–4.3: LayerNorm, GELU, FeedForward.
+use super::lora::{Lora, LoraConfig};
 use tch::nn::{self, Module};
 use tch::Tensor;
 
 /// `torch.nn.Linear` with PyTorch's initialisation: weights and bias uniform in
 /// ±1/√in_dim (kaiming_uniform with a = √5). tch's own default uses the ReLU gain, √6 times wider,
 /// which trains differently from the book's runs.
-pub fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> nn::Linear {
+pub fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Linear {
     let ws_init = nn::Init::Kaiming {
         dist: nn::init::NormalOrUniform::Uniform,
         fan: nn::init::FanInOut::FanIn,
         non_linearity: nn::init::NonLinearity::ExplicitGain(1.0 / 3f64.sqrt()),
     };
-    nn::linear(
-        p,
-        in_dim,
-        out_dim,
-        nn::LinearConfig {
-            ws_init,
-            bs_init: None,
-            bias,
-        },
-    )
+    let path = p.clone();
+    Linear {
+        inner: nn::linear(
+            p,
+            in_dim,
+            out_dim,
+            nn::LinearConfig {
+                ws_init,
+                bs_init: None,
+                bias,
+            },
+        ),
+        lora: None,
+        path: path.components().collect::<Vec<_>>().join("."),
+    }
+}
+
+/// A linear layer (tch's `nn::Linear`, reached through `Deref`: `.ws`, `.bs`) that may carry a
+/// LoRA adapter (appendix E). Without one it is exactly `x Wᵀ + b`.
+#[derive(Debug)]
+pub struct Linear {
+    pub inner: nn::Linear,
+    pub lora: Option<Lora>,
+    /// The variables' name prefix in the `VarStore` (e.g. `trf_blocks.0.att.W_query`).
+    pub path: String,
+}
+
+impl Linear {
+    /// `x Wᵀ + b` plus the adapter's update (its dropout active when `train`).
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let y = self.inner.forward(x);
+        match &self.lora {
+            Some(l) => y + l.delta(x, train),
+            None => y,
+        }
+    }
+
+    /// Adds a fresh adapter (its variables created under `vs`, beside the layer's own).
+    pub fn add_lora(&mut self, vs: &nn::Path, cfg: &LoraConfig) {
+        let (out_dim, in_dim) = self.inner.ws.size2().expect("2-d linear weight");
+        let mut p = vs.clone();
+        for part in self.path.split('.') {
+            p = &p / part;
+        }
+        self.lora = Some(Lora::new(&p, in_dim, out_dim, cfg));
+    }
+
+    /// Folds the adapter into the weight (`W += scale · (A B)ᵀ`) and drops it.
+    pub fn merge_lora(&mut self) {
+        if let Some(l) = self.lora.take() {
+            let _g = tch::no_grad_guard();
+            let d = l.weight_delta().to_kind(self.inner.ws.kind());
+            let _ = self.inner.ws.g_add_(&d);
+        }
+    }
+}
+
+impl std::ops::Deref for Linear {
+    type Target = nn::Linear;
+    fn deref(&self) -> &nn::Linear {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Linear {
+    fn deref_mut(&mut self) -> &mut nn::Linear {
+        &mut self.inner
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_t(x, false)
+    }
 }
 
 /// Book `LayerNorm`: learnable `scale`/`shift`, eps 1e-5, biased variance. Runs libtorch's fused
@@ -80,8 +145,8 @@ pub fn gelu_explicit(x: &Tensor) -> Tensor {
 /// Book `FeedForward`: `layers.0` (emb → 4·emb), GELU, `layers.2` (4·emb → emb).
 #[derive(Debug)]
 pub struct FeedForward {
-    pub fc1: nn::Linear,
-    pub fc2: nn::Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
 }
 
 impl FeedForward {
@@ -94,8 +159,16 @@ impl FeedForward {
     }
 }
 
+impl FeedForward {
+    /// As [`Module::forward`]; `train` switches on the dropout of LoRA adapters.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.fc2
+            .forward_t(&gelu(&self.fc1.forward_t(x, train)), train)
+    }
+}
+
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Tensor {
-        gelu(&self.fc1.forward(x)).apply(&self.fc2)
+        self.forward_t(x, false)
     }
 }

@@ -2,9 +2,11 @@
 //! the feed-forward network (ch04).
 pub mod attention;
 pub mod layers;
+pub mod lora;
 
 pub use attention::{
     AttentionImpl, CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper, SelfAttentionV1,
     SelfAttentionV2,
 };
-pub use layers::{FeedForward, LayerNorm};
+pub use layers::{FeedForward, LayerNorm, Linear};
+pub use lora::{Lora, LoraConfig};

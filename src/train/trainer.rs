@@ -45,6 +45,8 @@ pub trait TrainEvents {
     fn eval(&mut self, _rec: &EvalRecord) {}
     /// The sample generated after an epoch (prompt + continuation).
     fn sample(&mut self, _step: usize, _epoch: usize, _text: &str) {}
+    /// Named figures at a step (classification: losses and accuracies).
+    fn scalars(&mut self, _step: usize, _values: &[(&str, f64)]) {}
 }
 
 impl<F: FnMut(&str)> TrainEvents for F {
@@ -102,7 +104,7 @@ pub fn split_text(text: &str, train_ratio: f64) -> (&str, &str) {
     text.split_at(byte)
 }
 
-fn seed_for_step(seed: u64, step: usize) {
+pub(crate) fn seed_for_step(seed: u64, step: usize) {
     tch::manual_seed(
         (seed as i64)
             .wrapping_mul(1_000_003)
@@ -112,7 +114,7 @@ fn seed_for_step(seed: u64, step: usize) {
 
 /// Keeps the lines of a JSONL file whose `step` is at most `step` (a resumed run recomputes
 /// the rest); returns the kept lines.
-fn truncate_jsonl(path: &Path, step: usize) -> Result<Vec<String>> {
+pub(crate) fn truncate_jsonl(path: &Path, step: usize) -> Result<Vec<String>> {
     if !path.is_file() {
         return Ok(Vec::new());
     }
@@ -148,7 +150,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<Vec<EvalRecord>> {
         .collect()
 }
 
-fn append_line(path: &Path, line: &str) -> Result<()> {
+pub(crate) fn append_line(path: &Path, line: &str) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -1,0 +1,959 @@
+//! Fine-tuning for classification (book ch06 §6.7 `train_classifier_simple`): loss and accuracy
+//! on train/validation every `eval_freq` steps, accuracy on every split at the end, the trained
+//! tensors saved beside a reference to the base model. Interrupted runs resume from their last
+//! checkpoint (end of each epoch, or where Ctrl-C stopped them).
+//!
+//! Frozen-prefix reuse: when the blocks before the first trained one are frozen and run without
+//! dropout, their output for an example never changes, so it is computed once (batched, no
+//! gradients), kept, and fed to the trained blocks at every step and evaluation. The outputs are
+//! also written to a cache folder the runner shares between the trials of an experiment, so a
+//! sweep over `finetune.trainable` computes each prefix once for all of them.
+use super::data::{self, Encoded, Padding, Splits};
+use super::model::{check_trainable, class_loss, correct, Classifier, Trainable};
+use super::spec::{ClassifySpec, Weights};
+use crate::error::{read_text, write_atomic, LlmError};
+use crate::models::lm::{AnyModel, LoadedLm};
+use crate::plot::{plot_values, LossPoint};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::trainer::{append_line, seed_for_step, truncate_jsonl, TrainEvents};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// A model ready to fine-tune with its encoded splits.
+pub struct Prepared {
+    pub clf: Classifier,
+    pub labels: Vec<String>,
+    pub splits: Splits,
+    pub train: Encoded,
+    pub val: Encoded,
+    pub test: Encoded,
+    /// The padded length (`None`: no padding).
+    pub pad_to: Option<usize>,
+}
+
+/// The padding token: `<|endoftext|>` when the tokenizer has it, else the end-of-sequence id.
+pub fn pad_id(lm: &LoadedLm) -> i64 {
+    lm.tokenizer
+        .token_to_id("<|endoftext|>")
+        .map(i64::from)
+        .or(lm.eos_id)
+        .unwrap_or(0)
+}
+
+/// Re-initialises every weight GPT-2 style: matrices N(0, 0.02), norm scales 1, the rest 0.
+fn randomize(vs: &tch::nn::VarStore) {
+    let _g = tch::no_grad_guard();
+    for (name, mut t) in vs.variables() {
+        if t.dim() >= 2 {
+            let _ = t.normal_(0.0, 0.02);
+        } else if name.contains("norm") && (name.ends_with(".scale") || name.ends_with(".weight")) {
+            let _ = t.fill_(1.0);
+        } else {
+            let _ = t.zero_();
+        }
+    }
+}
+
+/// Loads the model (with its head, dropout, causal mask and adapters as `spec` says) and the data.
+pub fn prepare(spec: &ClassifySpec, device: Device) -> Result<Prepared> {
+    let (examples, labels) = spec.data.read()?;
+    let splits = data::split(&examples, labels.len(), &spec.data, spec.seed);
+    if splits.train.is_empty() || splits.val.is_empty() {
+        return Err(LlmError::Usage(format!(
+            "the data gives {} training and {} validation examples; need at least one of each (check data.split and data.max_per_class)",
+            splits.train.len(),
+            splits.val.len()
+        ))
+        .into());
+    }
+    let lm = LoadedLm::load(&spec.model.name, device)?;
+    if spec.model.weights == Weights::Random {
+        crate::device::seed_everything(spec.seed);
+        randomize(&lm.vs);
+    }
+    crate::device::seed_everything(spec.seed);
+    let mut clf = Classifier::new(lm, labels.len() as i64, spec.finetune.token);
+    check_trainable(spec.finetune.trainable, clf.n_layers())?;
+    if let Some(p) = spec.model.dropout {
+        clf.set_dropout(p);
+    }
+    clf.set_causal(spec.finetune.causal_mask);
+    if spec.finetune.trainable == Trainable::Lora {
+        clf.add_lora(&spec.finetune.lora);
+    }
+    let ctx = clf.context_length() as usize;
+    let limit = spec.data.max_length.unwrap_or(ctx).min(ctx);
+    let bos = clf.lm.bos_id;
+    let pad = pad_id(&clf.lm);
+    let tok = &clf.lm.tokenizer;
+    let mut train = data::encode(&splits.train, tok, bos, Some(limit), None, pad)?;
+    let pad_to = match spec.data.padding {
+        Padding::Longest => Some(train.lens.iter().copied().max().unwrap_or(1) as usize),
+        Padding::Fixed => Some(limit),
+        Padding::Context => Some(ctx),
+        Padding::None => None,
+    };
+    let cut = pad_to.or(Some(limit));
+    train.pad_to = pad_to;
+    let val = data::encode(&splits.val, tok, bos, cut, pad_to, pad)?;
+    let test = data::encode(&splits.test, tok, bos, cut, pad_to, pad)?;
+    Ok(Prepared {
+        clf,
+        labels,
+        splits,
+        train,
+        val,
+        test,
+        pad_to,
+    })
+}
+
+/// Where a run stands (checkpoint `state.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClassifyState {
+    pub step: usize,
+    pub epoch: usize,
+    /// The next batch group of `epoch`.
+    pub next_group: usize,
+    pub examples_seen: usize,
+}
+
+/// One line of `metrics.jsonl` written at each evaluation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassifyEval {
+    pub step: usize,
+    pub epoch: usize,
+    pub examples_seen: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub train_accuracy: f64,
+    pub val_accuracy: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub examples_per_sec: f64,
+}
+
+/// The last line of `metrics.jsonl`: accuracy and loss on all three splits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassifyFinal {
+    pub step: usize,
+    pub train_accuracy: f64,
+    pub val_accuracy: f64,
+    pub test_accuracy: f64,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub test_loss: f64,
+    /// Wall time of this invocation's training (not reproducible).
+    pub train_seconds: f64,
+    /// Whether the frozen prefix was computed once and reused.
+    pub reused_frozen: bool,
+}
+
+/// What `classifier.json` records: enough to rebuild the model for `llmlab classify`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClassifierRecord {
+    pub base_model: String,
+    pub weights: Weights,
+    pub labels: Vec<String>,
+    pub token: super::model::TokenPos,
+    pub causal_mask: bool,
+    pub trainable: Trainable,
+    #[serde(default)]
+    pub lora: Option<crate::nn::lora::LoraConfig>,
+    /// Padded length used in training (`None`: unpadded).
+    pub pad_to: Option<usize>,
+    pub max_length: usize,
+    pub pad_id: i64,
+    /// `classifier.safetensors` holds every weight (`true`) or only the trained ones.
+    pub full: bool,
+}
+
+/// Inputs of the first trained block for every example of a split (`(T_i, emb)` each).
+pub type Prefix = Vec<Tensor>;
+
+/// Computes the outputs of blocks `0..to` for a split in batches without gradients, saving the
+/// boundaries in `keep` that it passes (block index → per-example tensors).
+fn compute_prefix(
+    clf: &Classifier,
+    enc: &Encoded,
+    from: Option<(usize, &Prefix)>,
+    to: usize,
+    keep: &[usize],
+    batch: usize,
+) -> BTreeMap<usize, Prefix> {
+    let _g = tch::no_grad_guard();
+    let dev = clf.lm.vs.device();
+    let mut out: BTreeMap<usize, Prefix> = BTreeMap::new();
+    let idx: Vec<usize> = (0..enc.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        // Unpadded data has its own length per example: run those one by one.
+        let groups: Vec<Vec<usize>> = if enc.pad_to.is_none() {
+            chunk.iter().map(|&i| vec![i]).collect()
+        } else {
+            vec![chunk.to_vec()]
+        };
+        for g in groups {
+            let (start, mut x) = match from {
+                Some((b, p)) => (
+                    b,
+                    Tensor::stack(&g.iter().map(|&i| &p[i]).collect::<Vec<_>>(), 0),
+                ),
+                None => {
+                    let (ids, _, _) = enc.batch(&g, dev);
+                    (0, clf.embed(&ids, false))
+                }
+            };
+            for blk in start..to {
+                x = clf.blocks(&x, blk, blk + 1, false);
+                if keep.contains(&(blk + 1)) || blk + 1 == to {
+                    let e = out.entry(blk + 1).or_default();
+                    for j in 0..g.len() {
+                        e.push(x.get(j as i64).copy());
+                    }
+                }
+            }
+            if start == to {
+                let e = out.entry(to).or_default();
+                for j in 0..g.len() {
+                    e.push(x.get(j as i64).copy());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn prefix_file(dir: &Path, boundary: usize) -> PathBuf {
+    dir.join(format!("after-block-{boundary}.safetensors"))
+}
+
+fn save_prefix(dir: &Path, boundary: usize, splits: &[&Prefix; 3]) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| LlmError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (s, p) in ["train", "val", "test"].iter().zip(splits.iter()) {
+        for (i, t) in p.iter().enumerate() {
+            named.push((format!("{s}.{i}"), t.to_device(Device::Cpu)));
+        }
+    }
+    let path = prefix_file(dir, boundary);
+    let tmp = crate::error::temp_path(&path);
+    Tensor::write_safetensors(&named, &tmp)?;
+    std::fs::rename(&tmp, &path).map_err(|source| LlmError::Io { path, source })?;
+    Ok(())
+}
+
+fn load_prefix(dir: &Path, boundary: usize, sizes: [usize; 3], dev: Device) -> Option<[Prefix; 3]> {
+    let path = prefix_file(dir, boundary);
+    let tensors: BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(&path).ok()?.into_iter().collect();
+    let mut out: [Prefix; 3] = Default::default();
+    for (k, (s, n)) in ["train", "val", "test"].iter().zip(sizes).enumerate() {
+        for i in 0..n {
+            out[k].push(tensors.get(&format!("{s}.{i}"))?.to(dev));
+        }
+    }
+    Some(out)
+}
+
+/// The cache key of a prefix: everything that changes the frozen blocks' outputs.
+pub fn prefix_key(spec: &ClassifySpec) -> String {
+    let key = serde_json::json!({
+        "model": spec.model.name,
+        "weights": spec.model.weights,
+        "seed": spec.seed,
+        "data": spec.data,
+        "causal_mask": spec.finetune.causal_mask,
+    });
+    crate::data::registry::sha256_hex(key.to_string().as_bytes())[..16].to_string()
+}
+
+/// Where and with whom a trial shares frozen-prefix outputs.
+#[derive(Debug, Clone, Default)]
+pub struct PrefixSharing {
+    /// The experiment's cache folder (`runs/<experiment>/.frozen-prefix/<key>/`).
+    pub dir: Option<PathBuf>,
+    /// Where the other trials with the same key start training, as a number of blocks from the
+    /// end (`0`: only the head and final norm train); their prefixes are computed in the same pass.
+    pub from_end: Vec<usize>,
+}
+
+/// The frozen prefix of every split, from the shared cache or computed (and cached).
+fn frozen_prefix(
+    p: &Prepared,
+    boundary: usize,
+    sharing: &PrefixSharing,
+    batch: usize,
+    log: &mut dyn TrainEvents,
+) -> Result<[Prefix; 3]> {
+    let dev = p.clf.lm.vs.device();
+    let sizes = [p.train.len(), p.val.len(), p.test.len()];
+    if let Some(dir) = &sharing.dir {
+        if let Some(hit) = load_prefix(dir, boundary, sizes, dev) {
+            log.log(&format!(
+                "frozen blocks 0..{boundary}: outputs reused from {}",
+                dir.display()
+            ));
+            return Ok(hit);
+        }
+    }
+    let t0 = Instant::now();
+    // Start from the deepest cached boundary below this one, and pass the others' boundaries.
+    let n = p.clf.n_layers();
+    let mut keep: Vec<usize> = sharing
+        .from_end
+        .iter()
+        .filter(|&&k| k < n)
+        .map(|&k| n - k)
+        .collect();
+    keep.push(boundary);
+    keep.sort_unstable();
+    keep.dedup();
+    let to = *keep.last().unwrap_or(&boundary);
+    let start = sharing.dir.as_ref().and_then(|dir| {
+        (1..boundary)
+            .rev()
+            .find_map(|b| load_prefix(dir, b, sizes, dev).map(|pre| (b, pre)))
+    });
+    let mut results: [BTreeMap<usize, Prefix>; 3] = Default::default();
+    for (k, enc) in [&p.train, &p.val, &p.test].into_iter().enumerate() {
+        let from = start.as_ref().map(|(b, pre)| (*b, &pre[k]));
+        results[k] = compute_prefix(&p.clf, enc, from, to, &keep, batch);
+    }
+    log.log(&format!(
+        "frozen blocks 0..{boundary}: outputs computed once for {} examples in {:.1}s",
+        sizes.iter().sum::<usize>(),
+        t0.elapsed().as_secs_f64()
+    ));
+    if let Some(dir) = &sharing.dir {
+        for &b in &keep {
+            if let (Some(a), Some(v), Some(t)) =
+                (results[0].get(&b), results[1].get(&b), results[2].get(&b))
+            {
+                if !prefix_file(dir, b).is_file() {
+                    save_prefix(dir, b, &[a, v, t])?;
+                }
+            }
+        }
+    }
+    let mut take = |k: usize| results[k].remove(&boundary).unwrap_or_default();
+    Ok([take(0), take(1), take(2)])
+}
+
+/// Loss and number correct of examples `idx` of a split.
+fn batch_logits(
+    clf: &Classifier,
+    enc: &Encoded,
+    pre: Option<(usize, &Prefix)>,
+    idx: &[usize],
+    train: bool,
+) -> (Tensor, Tensor) {
+    let dev = clf.lm.vs.device();
+    let (ids, lens, ys) = enc.batch(idx, dev);
+    let logits = match pre {
+        Some((b, p)) => {
+            let x = Tensor::stack(&idx.iter().map(|&i| &p[i]).collect::<Vec<_>>(), 0);
+            clf.logits_from(&x, b, &lens, train)
+        }
+        None => clf.logits(&ids, &lens, train),
+    };
+    (logits, ys)
+}
+
+/// Mean loss and accuracy over the first `max_batches` batches (all when `None`), in eval mode.
+fn evaluate(
+    clf: &Classifier,
+    enc: &Encoded,
+    pre: Option<(usize, &Prefix)>,
+    batch: usize,
+    max_batches: Option<usize>,
+    ignore_index: i64,
+) -> (f64, f64) {
+    let _g = tch::no_grad_guard();
+    let bs = data::batches(enc.len(), batch, false, false, 0, 0);
+    let n = max_batches.unwrap_or(bs.len()).min(bs.len());
+    let (mut loss, mut right, mut seen) = (0.0, 0i64, 0usize);
+    for b in &bs[..n] {
+        let (logits, ys) = batch_logits(clf, enc, pre, b, false);
+        loss += class_loss(&logits, &ys, ignore_index).double_value(&[]);
+        right += correct(&logits, &ys);
+        seen += b.len();
+    }
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    (loss / n as f64, right as f64 / seen.max(1) as f64)
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct ClassifyOutcome {
+    pub evals: Vec<ClassifyEval>,
+    pub result: ClassifyFinal,
+    pub already_finished: bool,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
+    move |source| LlmError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Saves the trained tensors, the optimizer moments and the state (atomically: a temp folder
+/// renamed over `checkpoints/last`).
+fn save_checkpoint(
+    run_dir: &Path,
+    trained: &[(String, Tensor)],
+    opt: &AdamW,
+    state: &ClassifyState,
+) -> Result<()> {
+    let ck = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&ck).map_err(io(&ck))?;
+    let tmp = ck.join(".last.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let mut named: Vec<(String, Tensor)> = trained
+        .iter()
+        .map(|(n, t)| (format!("param.{n}"), t.detach().to_device(Device::Cpu)))
+        .collect();
+    named.extend(opt.state_tensors());
+    Tensor::write_safetensors(&named, tmp.join("trainable.safetensors"))?;
+    write_atomic(
+        &tmp.join("state.json"),
+        serde_json::to_string(&(state, opt.step))?.as_bytes(),
+    )?;
+    let last = ck.join("last");
+    let old = ck.join(".last.old");
+    let _ = std::fs::remove_dir_all(&old);
+    if last.exists() {
+        std::fs::rename(&last, &old).map_err(io(&last))?;
+    }
+    std::fs::rename(&tmp, &last).map_err(io(&last))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+fn load_checkpoint(
+    run_dir: &Path,
+    trained: &[(String, Tensor)],
+    opt: &mut AdamW,
+) -> Result<Option<ClassifyState>> {
+    let dir = run_dir.join("checkpoints").join("last");
+    if !dir.join("state.json").is_file() {
+        return Ok(None);
+    }
+    let bad = |m: String| LlmError::Checkpoint {
+        path: dir.clone(),
+        message: m,
+    };
+    let (state, step): (ClassifyState, i64) =
+        serde_json::from_str(&read_text(&dir.join("state.json"))?)
+            .map_err(|e| bad(e.to_string()))?;
+    let tensors: BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(dir.join("trainable.safetensors"))
+            .map_err(|e| bad(e.to_string()))?
+            .into_iter()
+            .collect();
+    {
+        let _g = tch::no_grad_guard();
+        for (name, t) in trained {
+            let src = tensors
+                .get(&format!("param.{name}"))
+                .ok_or_else(|| bad(format!("missing tensor '{name}'")))?;
+            t.shallow_clone().copy_(src);
+        }
+    }
+    opt.load_state_tensors(&tensors, step).map_err(bad)?;
+    Ok(Some(state))
+}
+
+/// Fine-tunes (or resumes, or reports as finished) the classifier `spec` describes in `run_dir`.
+pub fn run(
+    spec: &ClassifySpec,
+    run_dir: &Path,
+    device: Device,
+    restart: bool,
+    sharing: &PrefixSharing,
+    events: &mut dyn TrainEvents,
+) -> Result<ClassifyOutcome> {
+    spec.validate()?;
+    crate::device::set_threads(spec.train.threads);
+    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
+    let config_path = run_dir.join("config.yaml");
+    let status_path = run_dir.join("status.json");
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let resolved = serde_yaml::to_string(spec)?;
+    if restart {
+        for p in [&config_path, &status_path, &metrics_path] {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    }
+    if config_path.is_file() {
+        if read_text(&config_path)? != resolved {
+            return Err(LlmError::Usage(format!(
+                "{} holds a run with a different config ({}); resume it with the same settings, pass --restart to start over, or choose another folder",
+                run_dir.display(),
+                config_path.display()
+            ))
+            .into());
+        }
+    } else {
+        write_atomic(&config_path, resolved.as_bytes())?;
+    }
+    if status_path.is_file() && read_text(&status_path)?.contains("\"finished\"") {
+        let text = read_text(&metrics_path)?;
+        let evals = text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let result = text
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<ClassifyFinal>(l).ok())
+            .ok_or_else(|| LlmError::BadFile {
+                path: metrics_path.clone(),
+                message: "a finished run without its final record".into(),
+            })?;
+        events.log(&format!(
+            "{} already finished (pass --restart to train again)",
+            run_dir.display()
+        ));
+        return Ok(ClassifyOutcome {
+            evals,
+            result,
+            already_finished: true,
+        });
+    }
+
+    let mut p = prepare(spec, device)?;
+    data::write_splits(run_dir, &p.splits)?;
+    let t = &spec.train;
+    let strategy = spec.finetune.trainable;
+    let trained = p.clf.set_trainable(strategy);
+    let n_layers = p.clf.n_layers();
+    let boundary = strategy.first_trained_block(n_layers);
+    let reuse = spec.finetune.reuse_frozen && boundary > 0 && p.clf.drop_rate() == 0.0;
+    let mut opt = AdamW::new(
+        trained
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect(),
+        AdamWConfig {
+            weight_decay: t.weight_decay,
+            ..AdamWConfig::default()
+        },
+    );
+    let fused = t.fused_adamw.resolve(device);
+    let n_trained: i64 = trained.iter().map(|(_, t)| t.numel() as i64).sum();
+    let n_total: i64 = p
+        .clf
+        .lm
+        .vs
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+
+    let mut state = ClassifyState::default();
+    let mut evals: Vec<ClassifyEval> = Vec::new();
+    if let Some(s) = load_checkpoint(run_dir, &trained, &mut opt)? {
+        state = s;
+        evals = truncate_jsonl(&metrics_path, state.step)?
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        events.log(&format!(
+            "resuming at step {} (epoch {})",
+            state.step,
+            state.epoch + 1
+        ));
+    } else {
+        let _ = std::fs::remove_file(&metrics_path);
+    }
+
+    let prefix = if reuse {
+        Some(frozen_prefix(&p, boundary, sharing, t.batch_size, events)?)
+    } else {
+        None
+    };
+    let pre = |k: usize| prefix.as_ref().map(|pr| (boundary, &pr[k]));
+    let groups_per_epoch = data::batches(p.train.len(), t.batch_size, true, true, spec.seed, 0)
+        .len()
+        .div_ceil(t.grad_accum_steps);
+    if groups_per_epoch == 0 {
+        return Err(LlmError::Usage(format!(
+            "{} training examples are fewer than one batch of {}; lower train.batch_size",
+            p.train.len(),
+            t.batch_size
+        ))
+        .into());
+    }
+    let total_steps = groups_per_epoch * t.epochs;
+    events.log(&format!(
+        "{} classes, {} train / {} val / {} test examples, {} tokens each, {n_trained} of {n_total} parameters trained ({}), {}",
+        p.labels.len(),
+        p.train.len(),
+        p.val.len(),
+        p.test.len(),
+        p.pad_to.map_or("unpadded".to_string(), |n| n.to_string()),
+        strategy.name(),
+        if reuse {
+            format!("frozen blocks 0..{boundary} computed once")
+        } else {
+            "every block run at every step".to_string()
+        }
+    ));
+    events.start(state.step, total_steps);
+    let started = Instant::now();
+    let mut last_time = Instant::now();
+    let mut seen_at_last = state.examples_seen;
+    let ignore = spec.finetune.ignore_index;
+    for epoch in state.epoch..t.epochs {
+        let order = data::batches(p.train.len(), t.batch_size, true, true, spec.seed, epoch);
+        let first = if epoch == state.epoch {
+            state.next_group
+        } else {
+            0
+        };
+        for g in first..groups_per_epoch {
+            let lo = g * t.grad_accum_steps;
+            let hi = (lo + t.grad_accum_steps).min(order.len());
+            seed_for_step(spec.seed, state.step);
+            opt.zero_grad();
+            let mut step_loss = 0.0;
+            for b in &order[lo..hi] {
+                let (logits, ys) = batch_logits(&p.clf, &p.train, pre(0), b, true);
+                let loss = class_loss(&logits, &ys, ignore);
+                let v = loss.double_value(&[]);
+                if !v.is_finite() {
+                    return Err(LlmError::Usage(format!(
+                        "training loss became {v} at step {} (epoch {}); lower train.lr or set train.max_grad_norm",
+                        state.step + 1,
+                        epoch + 1
+                    ))
+                    .into());
+                }
+                step_loss += v / (hi - lo) as f64;
+                (loss / (hi - lo) as f64).backward();
+                state.examples_seen += b.len();
+            }
+            let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
+            if fused {
+                opt.step_fused(t.lr)?;
+            } else {
+                opt.step(t.lr);
+            }
+            state.step += 1;
+            state.epoch = epoch;
+            state.next_group = g + 1;
+            events.step(state.step, step_loss);
+            if (state.step - 1).is_multiple_of(t.eval_freq) {
+                let (train_loss, train_acc) = evaluate(
+                    &p.clf,
+                    &p.train,
+                    pre(0),
+                    t.batch_size,
+                    Some(t.eval_iter),
+                    ignore,
+                );
+                let (val_loss, val_acc) = evaluate(
+                    &p.clf,
+                    &p.val,
+                    pre(1),
+                    t.batch_size,
+                    Some(t.eval_iter),
+                    ignore,
+                );
+                let secs = last_time.elapsed().as_secs_f64().max(1e-9);
+                let rec = ClassifyEval {
+                    step: state.step,
+                    epoch: epoch + 1,
+                    examples_seen: state.examples_seen,
+                    train_loss,
+                    val_loss,
+                    train_accuracy: train_acc,
+                    val_accuracy: val_acc,
+                    lr: t.lr,
+                    grad_norm,
+                    examples_per_sec: (state.examples_seen - seen_at_last) as f64 / secs,
+                };
+                last_time = Instant::now();
+                seen_at_last = state.examples_seen;
+                events.log(&format!(
+                    "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}, Train acc {:.2}%, Val acc {:.2}%",
+                    epoch + 1,
+                    state.step - 1,
+                    train_acc * 100.0,
+                    val_acc * 100.0
+                ));
+                append_line(&metrics_path, &serde_json::to_string(&rec)?)?;
+                events.scalars(
+                    state.step,
+                    &[
+                        ("train/loss", train_loss),
+                        ("val/loss", val_loss),
+                        ("train/accuracy", train_acc),
+                        ("val/accuracy", val_acc),
+                        ("train/lr", t.lr),
+                        ("train/grad_norm", grad_norm),
+                        ("train/examples_per_sec", rec.examples_per_sec),
+                    ],
+                );
+                evals.push(rec);
+            }
+            let epoch_done = g + 1 == groups_per_epoch;
+            if epoch_done {
+                state.epoch = epoch + 1;
+                state.next_group = 0;
+            }
+            let stop = crate::signal::interrupted();
+            if epoch_done || stop {
+                save_checkpoint(run_dir, &trained, &opt, &state)?;
+            }
+            if stop {
+                return Err(LlmError::Interrupted {
+                    step: state.step,
+                    dir: run_dir.to_path_buf(),
+                }
+                .into());
+            }
+        }
+    }
+    let train_seconds = started.elapsed().as_secs_f64();
+
+    let (train_loss, train_acc) = evaluate(&p.clf, &p.train, pre(0), t.batch_size, None, ignore);
+    let (val_loss, val_acc) = evaluate(&p.clf, &p.val, pre(1), t.batch_size, None, ignore);
+    let (test_loss, test_acc) = if p.test.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        evaluate(&p.clf, &p.test, pre(2), t.batch_size, None, ignore)
+    };
+    events.log(&format!(
+        "Training accuracy: {:.2}%  Validation accuracy: {:.2}%  Test accuracy: {:.2}%",
+        train_acc * 100.0,
+        val_acc * 100.0,
+        test_acc * 100.0
+    ));
+    let result = ClassifyFinal {
+        step: state.step,
+        train_accuracy: train_acc,
+        val_accuracy: val_acc,
+        test_accuracy: test_acc,
+        train_loss,
+        val_loss,
+        test_loss,
+        train_seconds,
+        reused_frozen: reuse,
+    };
+    events.scalars(
+        state.step,
+        &[
+            ("final/train_accuracy", train_acc),
+            ("final/val_accuracy", val_acc),
+            ("final/test_accuracy", test_acc),
+        ],
+    );
+    append_line(&metrics_path, &serde_json::to_string(&result)?)?;
+    save_classifier(&mut p, spec, &trained, run_dir)?;
+    write_plots(&evals, groups_per_epoch, run_dir, &spec.name)?;
+    write_atomic(
+        &status_path,
+        serde_json::json!({"status": "finished", "steps": state.step})
+            .to_string()
+            .as_bytes(),
+    )?;
+    let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    Ok(ClassifyOutcome {
+        evals,
+        result,
+        already_finished: false,
+    })
+}
+
+/// `loss.png` and `accuracy.png` (the book's Figures 6.16 and 6.17).
+fn write_plots(
+    evals: &[ClassifyEval],
+    steps_per_epoch: usize,
+    dir: &Path,
+    title: &str,
+) -> Result<()> {
+    let pts = |f: &dyn Fn(&ClassifyEval) -> (f64, f64)| -> Vec<LossPoint> {
+        evals
+            .iter()
+            .map(|r| {
+                let (a, b) = f(r);
+                LossPoint {
+                    epoch: r.step as f64 / steps_per_epoch.max(1) as f64,
+                    tokens_seen: r.examples_seen as f64,
+                    train_loss: a,
+                    val_loss: b,
+                }
+            })
+            .collect()
+    };
+    plot_values(
+        &pts(&|r| (r.train_loss, r.val_loss)),
+        &dir.join("loss.png"),
+        title,
+        "loss",
+        "Examples seen",
+    )?;
+    plot_values(
+        &pts(&|r| (r.train_accuracy, r.val_accuracy)),
+        &dir.join("accuracy.png"),
+        title,
+        "accuracy",
+        "Examples seen",
+    )?;
+    Ok(())
+}
+
+/// Writes `classifier.json` and `classifier.safetensors`: the trained tensors only, unless the
+/// run trained everything (or started from random weights), when every tensor is saved.
+fn save_classifier(
+    p: &mut Prepared,
+    spec: &ClassifySpec,
+    trained: &[(String, Tensor)],
+    dir: &Path,
+) -> Result<()> {
+    let full = spec.finetune.trainable == Trainable::All || spec.model.weights == Weights::Random;
+    let named: Vec<(String, Tensor)> = if full {
+        let mut v: Vec<(String, Tensor)> = p.clf.lm.vs.variables().into_iter().collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    } else {
+        trained
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()
+    };
+    let named: Vec<(String, Tensor)> = named
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
+        .collect();
+    let path = dir.join("classifier.safetensors");
+    let tmp = crate::error::temp_path(&path);
+    Tensor::write_safetensors(&named, &tmp)?;
+    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    let rec = ClassifierRecord {
+        base_model: spec.model.name.clone(),
+        weights: spec.model.weights,
+        labels: p.labels.clone(),
+        token: spec.finetune.token,
+        causal_mask: spec.finetune.causal_mask,
+        trainable: spec.finetune.trainable,
+        lora: (spec.finetune.trainable == Trainable::Lora).then(|| spec.finetune.lora.clone()),
+        pad_to: p.pad_to,
+        max_length: p.pad_to.unwrap_or_else(|| {
+            spec.data
+                .max_length
+                .unwrap_or(p.clf.context_length() as usize)
+        }),
+        pad_id: p.train.pad_id,
+        full,
+    };
+    write_atomic(
+        &dir.join("classifier.json"),
+        serde_json::to_string_pretty(&rec)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// A fine-tuned classifier loaded from a run folder.
+pub struct SavedClassifier {
+    pub clf: Classifier,
+    pub rec: ClassifierRecord,
+}
+
+impl SavedClassifier {
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let json = dir.join("classifier.json");
+        let rec: ClassifierRecord =
+            serde_json::from_str(&read_text(&json)?).map_err(|e| LlmError::BadFile {
+                path: json.clone(),
+                message: format!("not an llmlab classifier record ({e})"),
+            })?;
+        let lm = LoadedLm::load(&rec.base_model, device)?;
+        let mut clf = Classifier::new(lm, rec.labels.len() as i64, rec.token);
+        clf.set_causal(rec.causal_mask);
+        if let Some(l) = &rec.lora {
+            clf.add_lora(l);
+        }
+        let file = dir.join("classifier.safetensors");
+        let saved = Tensor::read_safetensors(&file).map_err(|e| LlmError::BadFile {
+            path: file.clone(),
+            message: e.to_string(),
+        })?;
+        let vars = clf.lm.vs.variables();
+        let _g = tch::no_grad_guard();
+        for (name, t) in saved {
+            let Some(dst) = vars.get(&name) else {
+                return Err(LlmError::BadFile {
+                    path: file,
+                    message: format!("tensor '{name}' is not a parameter of {}", rec.base_model),
+                }
+                .into());
+            };
+            if dst.size() != t.size() {
+                return Err(LlmError::BadFile {
+                    path: file,
+                    message: format!(
+                        "tensor '{name}' has shape {:?}, the model's has {:?}",
+                        t.size(),
+                        dst.size()
+                    ),
+                }
+                .into());
+            }
+            dst.shallow_clone().copy_(&t);
+        }
+        if let AnyModel::Llama(m) = &mut clf.lm.model {
+            m.prepare_for_inference();
+        }
+        Ok(Self { clf, rec })
+    }
+
+    /// `(label, probability)` of each text.
+    pub fn predict(&self, texts: &[String]) -> Result<Vec<(String, f64)>> {
+        let _g = tch::no_grad_guard();
+        let dev = self.clf.lm.vs.device();
+        let mut out = Vec::with_capacity(texts.len());
+        for text in texts {
+            let mut ids: Vec<i64> = self.clf.lm.bos_id.into_iter().collect();
+            ids.extend(
+                self.clf
+                    .lm
+                    .tokenizer
+                    .encode(text)?
+                    .into_iter()
+                    .map(i64::from),
+            );
+            ids.truncate(self.rec.max_length);
+            let len = ids.len() as i64;
+            if let Some(t) = self.rec.pad_to {
+                ids.resize(t.max(ids.len()), self.rec.pad_id);
+            }
+            let x = Tensor::from_slice(&ids).view([1, -1]).to(dev);
+            let lens = Tensor::from_slice(&[len]).to(dev);
+            let probs = self
+                .clf
+                .logits(&x, &lens, false)
+                .softmax(-1, Kind::Float)
+                .squeeze_dim(0);
+            let best = probs.argmax(0, false).int64_value(&[]) as usize;
+            out.push((
+                self.rec.labels[best].clone(),
+                probs.double_value(&[best as i64]),
+            ));
+        }
+        Ok(out)
+    }
+}

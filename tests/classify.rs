@@ -1,0 +1,448 @@
+//! Classification fine-tuning (book ch06, appendix E): the SMS Spam data and its split, the
+//! freezing strategies, LoRA, frozen-prefix reuse, and a short real run with SmolLM2.
+mod common;
+
+use anyhow::Result;
+use llmlab::classify::data::{self, ClassifyDataSpec};
+use llmlab::classify::model::{class_loss, Classifier, TokenPos, Trainable};
+use llmlab::classify::spec::ClassifySpec;
+use llmlab::classify::train::{self, PrefixSharing};
+use llmlab::models::LoadedLm;
+use llmlab::nn::lora::LoraConfig;
+use llmlab::train::optim::{AdamW, AdamWConfig};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Device, Kind, Tensor};
+
+fn set_mirror() {
+    std::env::set_var("LLMLAB_DATA_MIRROR", common::mirror());
+}
+
+/// The SMS Spam Collection reads as Python's `csv` module reads it (quoted fields that span
+/// lines included): 5,572 messages, 4,825 ham and 747 spam; the split is exactly 70/10/20 of the
+/// balanced 1,494, the same for the same seed and different for another.
+#[test]
+fn sms_spam_reads_like_python_csv_and_splits_70_10_20() -> Result<()> {
+    set_mirror();
+    let spec = ClassifyDataSpec::default();
+    let (examples, labels) = spec.read()?;
+    assert_eq!(labels, ["ham", "spam"]);
+    assert_eq!(examples.len(), 5572);
+    assert_eq!(examples.iter().filter(|e| e.label == 0).count(), 4825);
+    assert_eq!(examples.iter().filter(|e| e.label == 1).count(), 747);
+
+    let file = common::mirror().join("sms-spam-collection/SMSSpamCollection");
+    let out = std::process::Command::new(common::python())
+        .args([
+            "-c",
+            "import csv,json,sys; print(json.dumps(list(csv.reader(open(sys.argv[1], newline='', encoding='utf-8'), delimiter='\\t'))))",
+        ])
+        .arg(&file)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<(String, String)> = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(rows.len(), examples.len());
+    for (e, (label, text)) in examples.iter().zip(&rows) {
+        assert_eq!(&e.text, text, "line {}", e.line);
+        assert_eq!(labels[e.label], *label, "line {}", e.line);
+    }
+
+    let s = data::split(&examples, 2, &spec, 123);
+    assert_eq!((s.train.len(), s.val.len(), s.test.len()), (1045, 149, 300));
+    let all: Vec<_> = s.train.iter().chain(&s.val).chain(&s.test).collect();
+    assert_eq!(all.iter().filter(|e| e.label == 0).count(), 747);
+    assert_eq!(all.iter().filter(|e| e.label == 1).count(), 747);
+    let mut lines: Vec<usize> = all.iter().map(|e| e.line).collect();
+    lines.sort_unstable();
+    lines.dedup();
+    assert_eq!(lines.len(), 1494, "an example appears in two splits");
+    assert_eq!(
+        s,
+        data::split(&examples, 2, &spec, 123),
+        "same seed, same split"
+    );
+    let other = data::split(&examples, 2, &spec, 7);
+    assert_ne!(s.train, other.train, "another seed, another split");
+
+    let dir = tempfile::tempdir()?;
+    data::write_splits(dir.path(), &s)?;
+    let train_csv = std::fs::read_to_string(dir.path().join("train.csv"))?;
+    assert!(train_csv.starts_with("Label,Text\n"));
+    Ok(())
+}
+
+/// A missing column, an empty text and a label outside the set each name the file and line.
+#[test]
+fn bad_label_files_name_the_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cases: &[(&str, &str, Option<Vec<&str>>, &str)] = &[
+        (
+            "a.csv",
+            "text,kind\nhello,ham\n",
+            None,
+            "line 1: no column 'label'; the header has: text, kind",
+        ),
+        (
+            "b.csv",
+            "text,label\nhello,ham\n  ,spam\n",
+            None,
+            "line 3: empty text in 'text'",
+        ),
+        (
+            "c.csv",
+            "text,label\nhello,ham\nbuy now,eggs\n",
+            Some(vec!["ham", "spam"]),
+            "line 3: label 'eggs' is not one of the classes [ham, spam]",
+        ),
+        (
+            "d.jsonl",
+            "{\"text\": \"hi\", \"label\": \"ham\"}\n{\"text\": \"yo\"}\n",
+            None,
+            "line 2: missing key 'label'",
+        ),
+        (
+            "e.tsv",
+            "label\ttext\nham\thi\n",
+            None,
+            "found 1 distinct label(s)",
+        ),
+    ];
+    for (name, body, labels, want) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, body)?;
+        let spec = ClassifyDataSpec {
+            dataset: None,
+            path: Some(path.clone()),
+            labels: labels
+                .as_ref()
+                .map(|l| l.iter().map(|s| s.to_string()).collect()),
+            ..ClassifyDataSpec::default()
+        };
+        let e = format!("{:#}", spec.read().unwrap_err());
+        assert!(e.contains(want) && e.contains(name), "{name}: got {e}");
+    }
+    Ok(())
+}
+
+fn tiny_llama_yaml(dir: &Path) -> Result<String> {
+    let p = dir.join("tiny-llama.yaml");
+    std::fs::write(
+        &p,
+        "family: llama\nvocab_size: 49152\ncontext_length: 128\nemb_dim: 64\nn_heads: 4\nn_kv_groups: 2\nn_layers: 3\nhidden_dim: 128\nrope_base: 10000.0\nrms_eps: 1.0e-5\ntie_weights: true\n",
+    )?;
+    Ok(p.display().to_string())
+}
+
+/// A GPT (gpt-mini) and a Llama (3 blocks) with random weights, without dropout.
+fn tiny_models(dir: &Path) -> Result<Vec<(String, LoadedLm)>> {
+    let llama = tiny_llama_yaml(dir)?;
+    Ok(vec![
+        ("gpt-mini".into(), LoadedLm::load("gpt-mini", Device::Cpu)?),
+        ("tiny-llama".into(), LoadedLm::load(&llama, Device::Cpu)?),
+    ])
+}
+
+fn snapshot(clf: &Classifier) -> BTreeMap<String, Tensor> {
+    clf.lm
+        .vs
+        .variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().copy()))
+        .collect()
+}
+
+fn batch() -> (Tensor, Tensor, Tensor) {
+    let ids = Tensor::from_slice(&[15496i64, 11, 995, 13, 1148, 428, 438, 257, 1332, 30, 0, 0])
+        .view([2, 6]);
+    (
+        ids,
+        Tensor::from_slice(&[6i64, 4]),
+        Tensor::from_slice(&[1i64, 0]),
+    )
+}
+
+/// After one AdamW step exactly the chosen strategy's parameters changed (every other one is
+/// bit-identical), and only they have optimizer state; for every strategy and both families.
+#[test]
+fn freezing_strategies_change_only_their_parameters() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let names = [
+        "head",
+        "last_layer",
+        "last_block",
+        "last_2_blocks",
+        "all",
+        "lora",
+    ];
+    for (family, _) in tiny_models(dir.path())? {
+        for name in names {
+            let strategy = Trainable::parse(name).expect("known strategy");
+            let lm = if family == "gpt-mini" {
+                LoadedLm::load("gpt-mini", Device::Cpu)?
+            } else {
+                LoadedLm::load(&tiny_llama_yaml(dir.path())?, Device::Cpu)?
+            };
+            let mut clf = Classifier::new(lm, 2, TokenPos::Flexible);
+            clf.set_dropout(0.0);
+            if strategy == Trainable::Lora {
+                clf.add_lora(&LoraConfig::default());
+            }
+            let n = clf.n_layers();
+            let trained = clf.set_trainable(strategy);
+            let before = snapshot(&clf);
+            let expected = |v: &str| -> bool {
+                let block = v
+                    .strip_prefix("trf_blocks.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok());
+                v.starts_with("cls_head.")
+                    || match name {
+                        "head" => false,
+                        "last_layer" => v.starts_with("final_norm."),
+                        "last_block" => v.starts_with("final_norm.") || block == Some(n - 1),
+                        "last_2_blocks" => {
+                            v.starts_with("final_norm.") || block.is_some_and(|b| b >= n - 2)
+                        }
+                        "all" => !v.starts_with("out_head."), // replaced by cls_head: unused
+                        _ => v.starts_with("final_norm.") || v.contains(".lora_"),
+                    }
+            };
+            let want: Vec<String> = before.keys().filter(|k| expected(k)).cloned().collect();
+            let got: Vec<String> = trained.iter().map(|(n, _)| n.clone()).collect();
+            assert_eq!(got, want, "{family} {name}: trained set");
+            let mut opt = AdamW::new(trained, AdamWConfig::default());
+            assert_eq!(
+                opt.state_tensors().len(),
+                2 * want.len(),
+                "{family} {name}: optimizer state"
+            );
+            let (ids, lens, ys) = batch();
+            let loss = class_loss(&clf.logits(&ids, &lens, true), &ys, -100);
+            loss.backward();
+            opt.step(1e-3);
+            for (k, old) in &before {
+                let now = clf.lm.vs.variables()[k].detach();
+                let same = now.equal(old);
+                if want.contains(k) {
+                    assert!(!same, "{family} {name}: trained {k} did not change");
+                } else {
+                    assert!(same, "{family} {name}: frozen {k} changed");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A fresh adapter (B = 0) leaves the outputs exactly as they were; with a non-zero B, merging
+/// the adapters into the weights gives the unmerged model's logits.
+#[test]
+fn lora_starts_as_identity_and_merges_exactly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ids, lens, _) = batch();
+    for (family, lm) in tiny_models(dir.path())? {
+        let mut clf = Classifier::new(lm, 3, TokenPos::Last);
+        clf.set_dropout(0.0);
+        let plain = clf.logits(&ids, &lens, false);
+        clf.add_lora(&LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            ..LoraConfig::default()
+        });
+        let fresh = clf.logits(&ids, &lens, false);
+        assert!(fresh.equal(&plain), "{family}: B = 0 changed the outputs");
+        tch::manual_seed(3);
+        {
+            let _g = tch::no_grad_guard();
+            for (name, t) in clf.lm.vs.variables() {
+                if name.ends_with(".lora_B") {
+                    t.shallow_clone()
+                        .copy_(&(Tensor::randn(t.size(), (Kind::Float, Device::Cpu)) * 0.02));
+                }
+            }
+        }
+        let adapted = clf.logits(&ids, &lens, false);
+        let diff = (&adapted - &plain).abs().max().double_value(&[]);
+        assert!(
+            diff > 1e-3,
+            "{family}: the adapters have no effect ({diff})"
+        );
+        clf.merge_lora();
+        let merged = clf.logits(&ids, &lens, false);
+        common::assert_close(
+            &merged,
+            &adapted,
+            2e-5,
+            1e-4,
+            &format!("{family} merged vs unmerged"),
+        )?;
+    }
+    Ok(())
+}
+
+fn small_spec(model: &str, trainable: &str, reuse: bool) -> Result<ClassifySpec> {
+    Ok(ClassifySpec::from_yaml(
+        &format!(
+            "name: t\ntask: classify\nseed: 5\nmodel: {{name: '{model}', dropout: 0.0}}\ndata: {{dataset: sms-spam-collection, max_per_class: 24, max_length: 24}}\nfinetune: {{trainable: {trainable}, token: flexible, reuse_frozen: {reuse}}}\ntrain: {{epochs: 2, batch_size: 4, lr: 1.0e-3, eval_freq: 3, eval_iter: 2}}\n"
+        ),
+        "test",
+    )?)
+}
+
+fn metric_lines(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    Ok(std::fs::read_to_string(dir.join("metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
+}
+
+/// Computing the frozen blocks once and reusing them gives the plain path's losses and
+/// accuracies (same examples, same order; only float summation order may differ), for both
+/// families; the shared cache serves a second trial.
+#[test]
+fn frozen_prefix_reuse_matches_the_plain_path() -> Result<()> {
+    set_mirror();
+    let dir = tempfile::tempdir()?;
+    let llama = tiny_llama_yaml(dir.path())?;
+    for model in ["gpt-mini", llama.as_str()] {
+        let mut runs = Vec::new();
+        for reuse in [false, true] {
+            let spec = small_spec(model, "last_block", reuse)?;
+            let out = dir.path().join(format!("{}-{reuse}", runs.len()));
+            let sharing = PrefixSharing {
+                dir: reuse.then(|| dir.path().join("cache")),
+                from_end: vec![1, 0],
+            };
+            let r = train::run(&spec, &out, Device::Cpu, true, &sharing, &mut |_: &str| {})?;
+            assert_eq!(r.result.reused_frozen, reuse);
+            runs.push(metric_lines(&out)?);
+        }
+        assert_eq!(runs[0].len(), runs[1].len());
+        for (a, b) in runs[0].iter().zip(&runs[1]) {
+            for key in [
+                "train_loss",
+                "val_loss",
+                "train_accuracy",
+                "val_accuracy",
+                "test_loss",
+                "test_accuracy",
+            ] {
+                if let (Some(x), Some(y)) = (a[key].as_f64(), b[key].as_f64()) {
+                    assert!(
+                        (x - y).abs() < 1e-5,
+                        "{model} {key}: plain {x} vs reused {y}"
+                    );
+                }
+            }
+        }
+        // The head-only trial finds its prefix (after the last block) in the shared cache.
+        let mut logs = Vec::new();
+        let spec = small_spec(model, "head", true)?;
+        let sharing = PrefixSharing {
+            dir: Some(dir.path().join("cache")),
+            from_end: vec![1, 0],
+        };
+        train::run(
+            &spec,
+            &dir.path().join("head"),
+            Device::Cpu,
+            true,
+            &sharing,
+            &mut |m: &str| logs.push(m.to_string()),
+        )?;
+        assert!(
+            logs.iter().any(|l| l.contains("reused from")),
+            "{model}: {logs:?}"
+        );
+        std::fs::remove_dir_all(dir.path().join("cache"))?;
+    }
+    Ok(())
+}
+
+/// SmolLM2-135M-Instruct with a new head on mean-pooled hidden states, trained on 40 balanced
+/// messages: validation accuracy at least 80 %. The classes are balanced, so the majority class
+/// gives 50 %; on 20 validation messages, chance stays below 80 % with probability > 99.5 %.
+/// Then `llmlab classify` labels a clear spam and a clear ham message with the saved model.
+#[test]
+fn smollm2_spam_classifier_end_to_end() -> Result<()> {
+    set_mirror();
+    let dir = tempfile::tempdir()?;
+    let spec = ClassifySpec::from_yaml(
+        "name: e2e\ntask: classify\nmodel: {name: smollm2-135m-instruct}\ndata: {dataset: sms-spam-collection, max_per_class: 40, max_length: 32, split: [0.5, 0.25, 0.25]}\nfinetune: {trainable: head, token: mean}\ntrain: {epochs: 3, batch_size: 8, lr: 1.0e-3, eval_freq: 5, eval_iter: 2}\n",
+        "test",
+    )?;
+    let run = dir.path().join("run");
+    let r = train::run(
+        &spec,
+        &run,
+        Device::Cpu,
+        false,
+        &PrefixSharing::default(),
+        &mut |_: &str| {},
+    )?;
+    assert!(
+        r.result.val_accuracy >= 0.8,
+        "validation accuracy {}",
+        r.result.val_accuracy
+    );
+    for f in [
+        "classifier.json",
+        "classifier.safetensors",
+        "train.csv",
+        "validation.csv",
+        "test.csv",
+        "accuracy.png",
+        "loss.png",
+    ] {
+        assert!(run.join(f).is_file(), "{f} missing");
+    }
+    // Only the trained tensors are saved (head + nothing else for `head`).
+    let saved = common::read_tensors(&run.join("classifier.safetensors"))?;
+    assert_eq!(
+        saved.keys().collect::<Vec<_>>(),
+        ["cls_head.bias", "cls_head.weight"]
+    );
+
+    let spam = "WINNER!! You have been selected to receive a £900 prize reward! To claim call 09061701461. Claim code KL341.";
+    let ham = "Ok, I'll see you at home after work. Do you want me to pick up some bread?";
+    let (code, out, err) = common::llmlab(&[
+        "classify",
+        "--model",
+        run.to_str().unwrap(),
+        "--text",
+        spam,
+        "--text",
+        ham,
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["text"], spam);
+    assert_eq!(lines[0]["label"], "spam", "{out}");
+    assert_eq!(lines[1]["label"], "ham", "{out}");
+    for l in &lines {
+        let p = l["probability"].as_f64().unwrap();
+        assert!((0.5..=1.0).contains(&p), "{l}");
+    }
+    let (code, _, err) = common::llmlab(&[
+        "classify",
+        "--model",
+        dir.path().to_str().unwrap(),
+        "--text",
+        "x",
+    ])?;
+    assert_eq!(code, 1);
+    assert!(err.contains("classifier.json"), "{err}");
+    Ok(())
+}
