@@ -122,7 +122,7 @@ fn bad_label_files_name_the_line() -> Result<()> {
                 .map(|l| l.iter().map(|s| s.to_string()).collect()),
             ..ClassifyDataSpec::default()
         };
-        let e = format!("{:#}", spec.read().unwrap_err());
+        let e = format!("{:#}", spec.read().expect_err("a bad file must not read"));
         assert!(e.contains(want) && e.contains(name), "{name}: got {e}");
     }
     Ok(())
@@ -412,7 +412,7 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
     let (code, out, err) = common::llmlab(&[
         "classify",
         "--model",
-        run.to_str().unwrap(),
+        run.to_str().expect("UTF-8 path"),
         "--text",
         spam,
         "--text",
@@ -432,13 +432,13 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
     assert_eq!(lines[0]["label"], "spam", "{out}");
     assert_eq!(lines[1]["label"], "ham", "{out}");
     for l in &lines {
-        let p = l["probability"].as_f64().unwrap();
+        let p = l["probability"].as_f64().expect("a probability");
         assert!((0.5..=1.0).contains(&p), "{l}");
     }
     let (code, _, err) = common::llmlab(&[
         "classify",
         "--model",
-        dir.path().to_str().unwrap(),
+        dir.path().to_str().expect("UTF-8 path"),
         "--text",
         "x",
     ])?;
