@@ -23,7 +23,7 @@ endif
 
 BIN := target/release/llmlab
 
-.PHONY: setup build run test bench tensorboard fmt lint clean help
+.PHONY: setup build run test bench tensorboard notebooks fmt lint clean help
 
 help:
 	@echo "make run    - install, build, run the default experiment"
@@ -43,9 +43,10 @@ build: setup
 	cargo build --release
 	@ldd $(BIN) | grep -q libtorch_cuda.so || { echo "error: $(BIN) does not link libtorch_cuda.so"; exit 1; }
 
+# The default experiment: SmolLM2-135M-Instruct fine-tuned into a spam classifier, 6 trials
+# (trainable layers x dropout); a second `make run` skips the finished trials.
 run: build
-	$(BIN) pretrain --config gpt-mini --data the-verdict --epochs 4 --batch-size 4 --context-length 64 --restart \
-	  --lr 1e-3 --eval-freq 5 --eval-iter 2 --device auto --name make-run
+	$(BIN) run experiments/quickstart.yaml
 
 test: setup
 	cargo fmt --check
@@ -54,6 +55,12 @@ test: setup
 
 bench: build
 	$(PY) tests/reference/bench.py --llmlab $(BIN) --config gpt2-small --threads 2 --rounds 3
+	$(PY) tests/reference/bench_freeze.py --llmlab $(BIN) --threads 2
+
+# Runs the freeze sweep (skips finished trials) and executes its notebook in place.
+notebooks: build
+	$(BIN) run experiments/freeze_sweep.yaml
+	LLMLAB_EXPERIMENT_DIR=$(abspath runs/freeze-sweep) $(PY) tests/reference/run_notebook.py notebooks/freeze_sweep.ipynb notebooks/freeze_sweep.ipynb
 
 tensorboard: setup
 	$(PY) -m tensorboard.main --logdir runs --host 127.0.0.1

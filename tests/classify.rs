@@ -446,3 +446,60 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
     assert!(err.contains("classifier.json"), "{err}");
     Ok(())
 }
+
+/// notebooks/freeze_sweep.ipynb runs headless on a tiny freeze sweep: it reads the summary CSV
+/// and the TensorBoard scalars of all five trials and writes its two plots.
+#[test]
+fn freeze_sweep_notebook_runs_on_a_tiny_sweep() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let runs = dir.path().join("runs");
+    let yaml = common::repo().join("experiments/freeze_sweep.yaml");
+    let (code, _, err) = common::llmlab(&[
+        "run",
+        yaml.to_str().expect("UTF-8 path"),
+        "--runs",
+        runs.to_str().expect("UTF-8 path"),
+        "--set",
+        "data.max_per_class=12",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.eval_freq=1",
+        "--set",
+        "data.max_length=16",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let exp = runs.join("freeze-sweep");
+    let out = std::process::Command::new(common::python())
+        .arg(common::repo().join("tests/reference/run_notebook.py"))
+        .arg(common::repo().join("notebooks/freeze_sweep.ipynb"))
+        .arg(dir.path().join("executed.ipynb"))
+        .env("LLMLAB_EXPERIMENT_DIR", &exp)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("5 trials"), "{stdout}");
+    for t in [
+        "head",
+        "last_layer",
+        "last_block",
+        "last_2_blocks",
+        "last_3_blocks",
+    ] {
+        assert!(
+            stdout.contains(&format!("'{t}': ")),
+            "{t} missing: {stdout}"
+        );
+    }
+    for f in [
+        "notebook_accuracy_by_trainable.png",
+        "notebook_val_accuracy_curves.png",
+    ] {
+        assert!(exp.join(f).is_file(), "{f} missing");
+    }
+    Ok(())
+}
