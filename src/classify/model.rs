@@ -3,7 +3,7 @@
 //! Which parameters train is a [`Trainable`] strategy; LoRA adapters come from [`crate::nn::lora`].
 use crate::error::LlmError;
 use crate::models::lm::{AnyModel, LoadedLm};
-use crate::nn::lora::{LoraConfig, LoraTarget};
+use crate::nn::lora::LoraConfig;
 use crate::nn::Linear;
 use serde::{Deserialize, Serialize};
 use tch::nn::Module;
@@ -179,20 +179,12 @@ impl Classifier {
 
     /// Adds LoRA adapters (`lora_A`, `lora_B` beside each adapted weight).
     pub fn add_lora(&mut self, cfg: &LoraConfig) {
-        let root = self.lm.vs.root();
-        for l in lora_layers(&mut self.lm.model, &cfg.targets) {
-            l.add_lora(&root, cfg);
-        }
+        self.lm.add_lora(cfg);
     }
 
     /// Folds every adapter into its weight.
     pub fn merge_lora(&mut self) {
-        for l in lora_layers(
-            &mut self.lm.model,
-            &[LoraTarget::Attention, LoraTarget::FeedForward],
-        ) {
-            l.merge_lora();
-        }
+        self.lm.merge_lora();
     }
 
     /// Marks what `strategy` trains (`requires_grad`) and freezes everything else; returns the
@@ -295,48 +287,6 @@ impl Classifier {
     pub fn logits(&self, idx: &Tensor, lens: &Tensor, train: bool) -> Tensor {
         self.logits_from(&self.embed(idx, train), 0, lens, train)
     }
-}
-
-/// The block layers LoRA adapts, by target.
-fn lora_layers<'a>(model: &'a mut AnyModel, targets: &[LoraTarget]) -> Vec<&'a mut Linear> {
-    let att = targets.contains(&LoraTarget::Attention);
-    let ff = targets.contains(&LoraTarget::FeedForward);
-    let mut out = Vec::new();
-    match model {
-        AnyModel::Gpt(m) => {
-            for b in &mut m.trf_blocks {
-                if att {
-                    let a = &mut b.att;
-                    out.extend([
-                        &mut a.w_query,
-                        &mut a.w_key,
-                        &mut a.w_value,
-                        &mut a.out_proj,
-                    ]);
-                }
-                if ff {
-                    out.extend([&mut b.ff.fc1, &mut b.ff.fc2]);
-                }
-            }
-        }
-        AnyModel::Llama(m) => {
-            for b in &mut m.trf_blocks {
-                if att {
-                    let a = &mut b.att;
-                    out.extend([
-                        &mut a.w_query,
-                        &mut a.w_key,
-                        &mut a.w_value,
-                        &mut a.out_proj,
-                    ]);
-                }
-                if ff {
-                    out.extend([&mut b.ff.fc1, &mut b.ff.fc2, &mut b.ff.fc3]);
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Cross-entropy of class logits against labels, with the book's `ignore_index`.

@@ -172,6 +172,52 @@ pub enum AnyModel {
     Llama(LlamaModel),
 }
 
+/// The block layers LoRA adapts, by target.
+pub fn lora_layers<'a>(
+    model: &'a mut AnyModel,
+    targets: &[crate::nn::lora::LoraTarget],
+) -> Vec<&'a mut crate::nn::Linear> {
+    use crate::nn::lora::LoraTarget;
+    let att = targets.contains(&LoraTarget::Attention);
+    let ff = targets.contains(&LoraTarget::FeedForward);
+    let mut out = Vec::new();
+    match model {
+        AnyModel::Gpt(m) => {
+            for b in &mut m.trf_blocks {
+                if att {
+                    let a = &mut b.att;
+                    out.extend([
+                        &mut a.w_query,
+                        &mut a.w_key,
+                        &mut a.w_value,
+                        &mut a.out_proj,
+                    ]);
+                }
+                if ff {
+                    out.extend([&mut b.ff.fc1, &mut b.ff.fc2]);
+                }
+            }
+        }
+        AnyModel::Llama(m) => {
+            for b in &mut m.trf_blocks {
+                if att {
+                    let a = &mut b.att;
+                    out.extend([
+                        &mut a.w_query,
+                        &mut a.w_key,
+                        &mut a.w_value,
+                        &mut a.out_proj,
+                    ]);
+                }
+                if ff {
+                    out.extend([&mut b.ff.fc1, &mut b.ff.fc2, &mut b.ff.fc3]);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A loaded model with what generating text from it needs.
 #[derive(Debug)]
 pub struct LoadedLm {
@@ -309,6 +355,26 @@ impl LoadedLm {
             bos_id: None,
             name: name.into(),
         })
+    }
+
+    /// Adds LoRA adapters (appendix E) to the blocks' linear layers `cfg.targets` names; their
+    /// variables (`…lora_A`, `…lora_B`) join the `VarStore` beside each adapted weight.
+    pub fn add_lora(&mut self, cfg: &crate::nn::lora::LoraConfig) {
+        let root = self.vs.root();
+        for l in lora_layers(&mut self.model, &cfg.targets) {
+            l.add_lora(&root, cfg);
+        }
+    }
+
+    /// Folds every adapter into its weight (`W += scale · (A B)ᵀ`) and drops it.
+    pub fn merge_lora(&mut self) {
+        use crate::nn::lora::LoraTarget;
+        for l in lora_layers(
+            &mut self.model,
+            &[LoraTarget::Attention, LoraTarget::FeedForward],
+        ) {
+            l.merge_lora();
+        }
     }
 
     /// Casts the weights (in place) to `kind`, e.g. bf16 for faster decoding, and sets the
