@@ -503,3 +503,73 @@ fn freeze_sweep_notebook_runs_on_a_tiny_sweep() -> Result<()> {
     }
     Ok(())
 }
+
+/// Stops a run after every `stop_at` step.
+struct StopAt(usize);
+
+impl llmlab::train::trainer::TrainEvents for StopAt {
+    fn log(&mut self, _msg: &str) {}
+    fn step(&mut self, step: usize, _loss: f64) {
+        if step == self.0 {
+            llmlab::signal::request_stop();
+        }
+    }
+}
+
+/// A run stopped by Ctrl-C mid-epoch (checkpoint at the stop) and resumed ends with the same
+/// metrics as an uninterrupted run, with and without frozen-prefix reuse and with dropout.
+#[test]
+fn interrupted_classification_resumes_to_the_same_result() -> Result<()> {
+    set_mirror();
+    let dir = tempfile::tempdir()?;
+    for (trainable, dropout) in [("last_block", 0.0), ("last_2_blocks", 0.1)] {
+        let mut spec = small_spec("gpt-mini", trainable, true)?;
+        spec.model.dropout = Some(dropout);
+        let sharing = PrefixSharing {
+            dir: Some(dir.path().join("cache")),
+            from_end: vec![1, 2],
+        };
+        let whole = dir.path().join(format!("whole-{trainable}"));
+        train::run(
+            &spec,
+            &whole,
+            Device::Cpu,
+            true,
+            &sharing,
+            &mut |_: &str| {},
+        )?;
+        let parts = dir.path().join(format!("parts-{trainable}"));
+        llmlab::signal::reset();
+        let e = train::run(&spec, &parts, Device::Cpu, true, &sharing, &mut StopAt(4))
+            .expect_err("stopped at step 4");
+        llmlab::signal::reset();
+        assert!(format!("{e}").contains("interrupted at step 4"), "{e}");
+        let mut logs = Vec::new();
+        train::run(
+            &spec,
+            &parts,
+            Device::Cpu,
+            false,
+            &sharing,
+            &mut |m: &str| logs.push(m.to_string()),
+        )?;
+        assert!(
+            logs.iter().any(|l| l.contains("resuming at step 4")),
+            "{logs:?}"
+        );
+        let (a, b) = (metric_lines(&whole)?, metric_lines(&parts)?);
+        assert_eq!(a.len(), b.len(), "{trainable}");
+        for (x, y) in a.iter().zip(&b) {
+            for key in [
+                "step",
+                "train_loss",
+                "val_loss",
+                "val_accuracy",
+                "test_accuracy",
+            ] {
+                assert_eq!(x[key], y[key], "{trainable} {key}");
+            }
+        }
+    }
+    Ok(())
+}
