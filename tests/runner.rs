@@ -1,7 +1,7 @@
 //! `llmlab run` end to end: a two-trial sweep, read back by the real TensorBoard; Ctrl-C (SIGINT) mid-trial stops after writing
 //! state (exit 130), a SIGKILL loses nothing either, and running the file again resumes to exactly
-//! the metrics of an uninterrupted run (CPU); finished trials are not rerun; a failing trial is
-//! recorded and the sweep goes on.
+//! the metrics and TensorBoard curves of an uninterrupted run (CPU); finished trials are not
+//! rerun; a failing trial is recorded and the sweep goes on.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod common;
 
@@ -21,22 +21,25 @@ train:
   lr: 1.0e-3
   eval_freq: 3
   eval_iter: 2
-  checkpoint_every: 2
+  checkpoint_every: 10
 generate: {max_new_tokens: 5}
 sweep:
   train.lr: [1.0e-3, 5.0e-4]
 ";
 
 fn spawn(file: &Path, runs: &Path) -> Child {
+    spawn_with(file, runs, &["--threads", "1"])
+}
+
+fn spawn_with(file: &Path, runs: &Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_llmlab"))
         .args([
             "run",
             file.to_str().unwrap(),
             "--runs",
             runs.to_str().unwrap(),
-            "--threads",
-            "1",
         ])
+        .args(extra)
         .env("LLMLAB_DATA_MIRROR", common::mirror())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -57,13 +60,34 @@ fn curve(trial: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits until the trial has a checkpoint at step >= 2 and 2 evaluations.
+/// The step of a trial's latest checkpoint (0: none yet).
+fn checkpoint_step(trial: &Path) -> u64 {
+    std::fs::read_to_string(trial.join("checkpoints/latest"))
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("step_")
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The steps of a trial's evaluations so far.
+fn eval_steps(trial: &Path) -> Vec<u64> {
+    curve(trial)
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// Waits until the trial has a checkpoint and 2 evaluations.
 fn wait_mid_trial(child: &mut Child, trial: &Path) -> Result<()> {
+    wait_for(child, trial, |ckpt, evals| ckpt > 0 && evals.len() >= 2)
+}
+
+/// Waits until `done(checkpoint step, evaluation steps)` holds for the trial.
+fn wait_for(child: &mut Child, trial: &Path, done: impl Fn(u64, &[u64]) -> bool) -> Result<()> {
     let t0 = std::time::Instant::now();
     loop {
-        let ckpt = std::fs::read_to_string(trial.join("checkpoints/latest")).unwrap_or_default();
-        let evals = curve(trial).len();
-        if ckpt.trim() >= "step_00000002" && evals >= 2 {
+        if done(checkpoint_step(trial), &eval_steps(trial)) {
             return Ok(());
         }
         if let Some(s) = child.try_wait()? {
@@ -90,7 +114,7 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
     for s in slugs {
         assert!(curve(&full.join("tiny-sweep").join(s)).len() >= 4);
     }
-    check_tensorboard(&full.join("tiny-sweep"), &slugs)?;
+    let tb_full = check_tensorboard(&full.join("tiny-sweep"), &slugs)?;
     let summary = std::fs::read_to_string(full.join("tiny-sweep/summary.csv"))?;
     assert!(
         summary.starts_with("trial,train.lr,status,train_loss,val_loss"),
@@ -117,13 +141,33 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
         "the sweep stopped"
     );
 
-    // SIGKILL in the second trial after the first finished.
+    // SIGKILL in the second trial after the first finished, once two evaluations past the last
+    // checkpoint are logged: the resumed run computes them again (every 10 steps a checkpoint,
+    // every 3 an evaluation; the first is in TensorBoard, as it is logged before the second).
     let t2 = cut.join("tiny-sweep").join(slugs[1]);
     let mut child = spawn(&file, &cut);
-    wait_mid_trial(&mut child, &t2)?;
+    wait_for(&mut child, &t2, |ckpt, evals| {
+        ckpt > 0 && evals.iter().filter(|&&s| s > ckpt).count() >= 2
+    })?;
     child.kill()?;
     child.wait()?;
     assert!(std::fs::read_to_string(t1.join("status.json"))?.contains("finished"));
+    let ckpt = checkpoint_step(&t2);
+    let killed: serde_json::Value = serde_json::from_str(&common::run_reference(
+        "tb_read.py",
+        &[cut.join("tiny-sweep").to_str().unwrap()],
+    )?)?;
+    let logged = killed["runs"][slugs[1]]["scalars"]["val/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        logged > ckpt,
+        "the killed run logged step {logged} past its checkpoint at step {ckpt}"
+    );
 
     // Again: the first trial is skipped, the second resumes; both equal the uninterrupted run.
     let out = spawn(&file, &cut).wait_with_output()?;
@@ -140,6 +184,31 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
             curve(&full.join("tiny-sweep").join(s)),
             "{s}: resumed metrics equal the uninterrupted ones"
         );
+    }
+    // TensorBoard shows one point per step, the uninterrupted run's points (tokens/s aside).
+    let tb_cut = check_tensorboard(&cut.join("tiny-sweep"), &slugs)?;
+    for s in slugs {
+        let (full_tags, cut_tags) = (
+            tb_full["runs"][s]["scalars"].as_object().unwrap(),
+            tb_cut["runs"][s]["scalars"].as_object().unwrap(),
+        );
+        assert_eq!(
+            cut_tags.keys().collect::<Vec<_>>(),
+            full_tags.keys().collect::<Vec<_>>()
+        );
+        for (tag, points) in cut_tags {
+            let steps = |p: &serde_json::Value| -> Vec<u64> {
+                p.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x[0].as_u64().unwrap())
+                    .collect()
+            };
+            assert_eq!(steps(points), steps(&full_tags[tag]), "{s} {tag}: steps");
+            if tag != "train/tokens_per_sec" {
+                assert_eq!(points, &full_tags[tag], "{s} {tag}: values");
+            }
+        }
     }
 
     // Trials that fail at run time (a text shorter than one window) are recorded; the sweep goes
@@ -181,9 +250,10 @@ fn send_sigint(pid: u32) {
 }
 
 /// The real `tensorboard` package reads the sweep (tests/reference/tb_read.py): each trial's
-/// scalars equal its metrics.jsonl by tag and step, its samples are there as text, and the
-/// HParams dashboard's backend lists every trial with its `train.lr`, status and metrics.
-fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<()> {
+/// scalars equal its metrics.jsonl by tag and step, every tag's steps strictly increase, its
+/// samples are there as text, and the HParams dashboard's backend lists every trial with its
+/// `train.lr`, one session start, its status and metrics. Returns what tb_read.py read.
+fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<serde_json::Value> {
     let out = common::run_reference("tb_read.py", &[exp_dir.to_str().unwrap()])?;
     let tb: serde_json::Value = serde_json::from_str(&out)?;
     let infos = tb["experiment"]["hparam_infos"].as_array().unwrap();
@@ -201,6 +271,22 @@ fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<()> {
     for (slug, lr) in slugs.iter().zip([1.0e-3, 5.0e-4]) {
         let metrics = curve(&exp_dir.join(slug));
         let run = &tb["runs"][*slug];
+        for (tag, points) in run["scalars"].as_object().unwrap() {
+            let steps: Vec<u64> = points
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[0].as_u64().unwrap())
+                .collect();
+            assert!(
+                steps.windows(2).all(|w| w[0] < w[1]),
+                "{slug} {tag}: steps {steps:?}"
+            );
+        }
+        assert_eq!(
+            run["hparams"]["_hparams_/session_start_info"]["_events"], 1,
+            "{slug}: one session"
+        );
         for (tag, key) in [
             ("train/loss", "train_loss"),
             ("val/loss", "val_loss"),
@@ -247,5 +333,5 @@ fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<()> {
             "{slug}: dashboard metric {shown} vs {last_val}"
         );
     }
-    Ok(())
+    Ok(tb)
 }

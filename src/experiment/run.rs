@@ -321,6 +321,8 @@ fn write_tb_experiment(exp: &Experiment, dir: &Path) -> Result<()> {
         _ => &["val/loss", "train/loss"],
     };
     let mut w = TbWriter::new(dir)?;
+    // One definition per folder: an earlier invocation's may list other axis values.
+    w.prune_earlier_files(None)?;
     w.hparams_experiment(&hparams, metrics)?;
     w.flush()
 }
@@ -349,6 +351,17 @@ impl TrialEvents<'_> {
 impl crate::train::trainer::TrainEvents for TrialEvents<'_> {
     fn log(&mut self, msg: &str) {
         self.progress.log(&format!("  {msg}"));
+    }
+    /// An earlier process's events after `step` are dropped from its event files, so every
+    /// step has one point per tag (see `crate::tensorboard`, "Resumed runs").
+    fn resume_after(&mut self, step: usize) {
+        let step = step as i64;
+        self.tb(|w| {
+            if w.prune_earlier_files(Some(step))? {
+                w.session_restart(step + 1)?;
+            }
+            Ok(())
+        });
     }
     fn eval(&mut self, r: &crate::train::trainer::EvalRecord) {
         let step = r.step as i64;
@@ -519,10 +532,15 @@ fn run_with(
             }
             TaskSpec::Generate(spec) => {
                 crate::device::set_threads(opts.threads);
+                // Generation starts over each time: an earlier attempt's events are stale.
+                let mut tb = tb;
+                if let Some(Err(e)) = tb.as_ref().map(|w| w.prune_earlier_files(None)) {
+                    progress.log(&format!("{label}: TensorBoard: {e:#}"));
+                    tb = None;
+                }
                 let r = super::generate_task::run(spec, &dir, opts.device, &mut |m: &str| {
                     progress.log(&format!("  {m}"))
                 });
-                let mut tb = tb;
                 if let (Ok((samples, div)), Some(w)) = (&r, tb.as_mut()) {
                     let logged = (|| -> Result<()> {
                         w.scalar("generate/distinct_1", div.distinct_1, 0)?;
