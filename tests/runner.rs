@@ -1,7 +1,14 @@
 //! `llmlab run` end to end: a two-trial sweep, read back by the real TensorBoard; Ctrl-C (SIGINT) mid-trial stops after writing
 //! state (exit 130), a SIGKILL loses nothing either, and running the file again resumes to exactly
 //! the metrics and TensorBoard curves of an uninterrupted run (CPU); finished trials are not
-//! rerun; a failing trial is recorded and the sweep goes on.
+//! rerun; a failing trial is recorded and the sweep goes on. `--jobs N` gives the results of a
+//! sequential run, records failures the same way, and stops on Ctrl-C with every trial resumable.
+//!
+//! Equal results need equal threads per trial: libtorch's CPU reductions split work by thread
+//! count, which moves the last bits of the losses (measured: `--threads 1` and `--threads 2`
+//! differ in the 7th significant digit). A `--jobs N` trial runs on `max(1, threads / N)`
+//! threads, so `--threads 2 --jobs 2` is compared with `--threads 1`; then the trial runs the
+//! same operations in a fresh process, and the numbers are bit-equal.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod common;
 
@@ -334,4 +341,181 @@ fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<serde_json::Value
         );
     }
     Ok(tb)
+}
+
+/// A sweep of tiny trials on the first 1,500 characters of the-verdict (a few steps each).
+fn parallel_sweep(
+    dir: &Path,
+    name: &str,
+    epochs: usize,
+    sweep: &str,
+) -> Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(common::mirror().join("the-verdict/the-verdict.txt"))?;
+    let short = dir.join("short.txt");
+    std::fs::write(&short, text.chars().take(1500).collect::<String>())?;
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &file,
+        format!(
+            "name: {name}
+model:
+  preset: gpt-mini
+  overrides: {{context_length: 16, emb_dim: 32, n_heads: 2, n_layers: 1, drop_rate: 0.1}}
+data: {{path: {}, train_ratio: 0.9}}
+train: {{epochs: {epochs}, batch_size: 4, lr: 1.0e-3, eval_freq: 2, eval_iter: 1, checkpoint_every: 2}}
+generate: {{max_new_tokens: 3}}
+{sweep}",
+            short.display()
+        ),
+    )?;
+    Ok(file)
+}
+
+/// Every trial folder's curve, by slug.
+fn curves(exp_dir: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
+    let mut out: Vec<_> = std::fs::read_dir(exp_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_str().unwrap().starts_with('.'))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_str().unwrap().to_string(),
+                curve(&p),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Four trials and one that fails at run time (a batch larger than the data): `--jobs 2` on two
+/// threads gives, trial by trial, the metrics of a sequential run on one thread (bit for bit),
+/// runs two trials at once, records the failure the same way and writes the same report.
+#[test]
+fn parallel_trials_give_the_sequential_results() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = parallel_sweep(
+        dir.path(),
+        "jobs",
+        2,
+        "sweep:
+  mode: zip
+  axes:
+    train.lr: [1.0e-3, 5.0e-4, 1.0e-3, 5.0e-4, 1.0e-3]
+    seed: [1, 1, 2, 2, 3]
+    train.batch_size: [4, 4, 2, 2, 64]
+",
+    )?;
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let seq = spawn_with(&file, &one, &["--threads", "1"]).wait_with_output()?;
+    let par = spawn_with(&file, &two, &["--threads", "2", "--jobs", "2"]).wait_with_output()?;
+    let (seq_err, par_err) = (
+        String::from_utf8_lossy(&seq.stderr),
+        String::from_utf8_lossy(&par.stderr),
+    );
+    for (out, err) in [(&seq, &seq_err), (&par, &par_err)] {
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("1 of 5 trial(s) failed"), "{err}");
+    }
+    // Two processes at once, one thread each, output in the trial's log.txt.
+    let first_end = par_err.find(": finished in").unwrap();
+    for (i, slug) in [
+        "lr-0.001_seed-1_batch_size-4",
+        "lr-0.0005_seed-1_batch_size-4",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let started = par_err
+            .find(&format!("[{}/5] {slug}: ", i + 1))
+            .unwrap_or_else(|| panic!("{par_err}"));
+        assert!(started < first_end, "{par_err}");
+        assert!(
+            par_err.contains(&format!("{slug}: started: train.lr=")),
+            "{par_err}"
+        );
+        let log = std::fs::read_to_string(two.join("jobs").join(slug).join("log.txt"))?;
+        assert!(log.contains("--threads\" \"1\" \"--only-trial\""), "{log}");
+    }
+    assert!(
+        par_err.contains("FAILED: the training split has"),
+        "{par_err}"
+    );
+    let (a, b) = (curves(&one.join("jobs")), curves(&two.join("jobs")));
+    assert_eq!(a.len(), 5);
+    assert_eq!(a, b, "per-trial metrics of --jobs 2 and of one by one");
+    assert!(a.iter().filter(|(_, c)| c.len() >= 4).count() == 4);
+    for f in ["summary.csv", "summary.md", "experiment.json"] {
+        assert_eq!(
+            std::fs::read_to_string(one.join("jobs").join(f))?,
+            std::fs::read_to_string(two.join("jobs").join(f))?,
+            "{f}"
+        );
+    }
+    assert_eq!(seq.stdout, par.stdout, "the summary table");
+    let failed = "jobs/lr-0.001_seed-3_batch_size-64/status.json";
+    assert_eq!(
+        std::fs::read_to_string(one.join(failed))?,
+        std::fs::read_to_string(two.join(failed))?
+    );
+
+    // --jobs 0 is a usage error, before anything runs.
+    let (code, _, err) = common::llmlab(&["run", file.to_str().unwrap(), "--jobs", "0"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--jobs 0: give the number of trials"), "{err}");
+    Ok(())
+}
+
+/// Ctrl-C to a `--jobs 2` sweep reaches both trials (each saves its state and exits 130; the
+/// sweep exits 130 and records no failure); running the file again resumes them to the metrics
+/// of an uninterrupted sequential run.
+#[test]
+fn ctrl_c_stops_parallel_trials_which_resume_to_the_same_metrics() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = parallel_sweep(
+        dir.path(),
+        "stop",
+        6,
+        "sweep: {train.lr: [1.0e-3, 5.0e-4]}\n",
+    )?;
+    let (full, cut) = (dir.path().join("full"), dir.path().join("cut"));
+    let out = spawn_with(&file, &full, &["--threads", "1"]).wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let slugs = ["lr-0.001", "lr-0.0005"];
+    let mut child = spawn_with(&file, &cut, &["--threads", "2", "--jobs", "2"]);
+    for s in slugs {
+        wait_for(&mut child, &cut.join("stop").join(s), |ckpt, _| ckpt > 0)?;
+    }
+    send_sigint(child.id());
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted; "), "{err}");
+    let mut stopped = 0;
+    for s in slugs {
+        let t = cut.join("stop").join(s);
+        let log = std::fs::read_to_string(t.join("log.txt"))?;
+        match std::fs::read_to_string(t.join("status.json")) {
+            Ok(status) => assert!(status.contains("finished"), "{s}: {status}"),
+            Err(_) => {
+                assert!(log.contains("interrupted at step"), "{s}: {log}");
+                assert!(err.contains(s), "{err}");
+                stopped += 1;
+            }
+        }
+    }
+    assert!(stopped > 0, "a trial was running at Ctrl-C: {err}");
+    let out = spawn_with(&file, &cut, &["--threads", "2", "--jobs", "2"]).wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(curves(&cut.join("stop")), curves(&full.join("stop")));
+    for s in slugs {
+        let log = std::fs::read_to_string(cut.join("stop").join(s).join("log.txt"))?;
+        assert!(log.contains("resuming from"), "{s}: {log}");
+    }
+    Ok(())
 }
