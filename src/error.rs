@@ -43,9 +43,24 @@ pub enum LlmError {
     /// Ctrl-C (or SIGTERM) stopped a run after its state was written.
     #[error("interrupted at step {step}; the state is saved in {dir}: run the same command again to resume")]
     Interrupted { step: usize, dir: PathBuf },
+    /// Ctrl-C stopped a `--jobs` sweep; each running trial saved its state.
+    #[error("interrupted; {}: run the same command again to resume", stopped_text(.stopped, .dir))]
+    SweepInterrupted { stopped: Vec<String>, dir: PathBuf },
     /// A libtorch call through llmlab's C++ shim failed (its C++ exception message).
     #[error("libtorch {op} failed: {message}")]
     Torch { op: &'static str, message: String },
+}
+
+fn stopped_text(stopped: &[String], dir: &std::path::Path) -> String {
+    match stopped {
+        [] => "no trial was running".into(),
+        [one] => format!("trial {one} saved its state in {}", dir.join(one).display()),
+        many => format!(
+            "trials {} saved their state under {}",
+            many.join(", "),
+            dir.display()
+        ),
+    }
 }
 
 impl LlmError {
@@ -53,7 +68,7 @@ impl LlmError {
     pub fn exit_code(&self) -> i32 {
         match self {
             LlmError::Unknown { .. } | LlmError::Config { .. } | LlmError::Usage(_) => 2,
-            LlmError::Interrupted { .. } => 130,
+            LlmError::Interrupted { .. } | LlmError::SweepInterrupted { .. } => 130,
             _ => 1,
         }
     }

@@ -31,6 +31,16 @@
 //! - trials with the same non-empty `group_name` are one session group (repeats, e.g. seeds);
 //!   an empty group name makes each trial its own group.
 //!
+//! **Resumed runs** ([`TbWriter::prune_earlier_files`], [`TbWriter::session_restart`]): a run
+//! killed after step `S` may have logged steps past its last checkpoint `C`; the resumed process
+//! logs `C+1..` again. TensorBoard would show both (with `file_version` 2 it purges orphaned
+//! points only at a `SessionLog.START` event, `plugin_event_accumulator._MaybePurgeOrphanedData`,
+//! and only in a reader that is already running; RustBoard does not purge at all). So a resumed
+//! run rewrites the folder's earlier event files keeping only the events of steps `<= C` (and
+//! drops their hparams session start/end, which the new file writes again: the dashboard keeps the
+//! first instance of a tag's metadata, so a stale `RUNNING` end would win over the final one), then
+//! writes `SessionLog.START` at step `C+1` for a TensorBoard that had read the stale points.
+//!
 //! Tags follow STYLE.md: `train/loss`, `val/loss`, `train/lr`, `train/grad_norm`,
 //! `train/tokens_per_sec`, `val/accuracy`, by global step.
 use crate::error::LlmError;
@@ -46,7 +56,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tensorboard_proto::api::{
     DataType as HDataType, Experiment, HParamInfo, Interval, MetricInfo, MetricName, Status,
 };
-use tensorboard_proto::event::Event;
+use tensorboard_proto::event::{Event, SessionLog, SessionLog_SessionStatus};
 use tensorboard_proto::plugin_hparams::{HParamsPluginData, SessionEndInfo, SessionStartInfo};
 use tensorboard_proto::summary::{
     Summary, SummaryMetadata, SummaryMetadata_PluginData, Summary_Value,
@@ -54,6 +64,7 @@ use tensorboard_proto::summary::{
 use tensorboard_proto::tensor::TensorProto;
 use tensorboard_proto::tensor_shape::{TensorShapeProto, TensorShapeProto_Dim};
 use tensorboard_proto::types::DataType;
+use tensorboard_rs::masked_crc32c::masked_crc32c;
 use tensorboard_rs::record_writer::RecordWriter;
 
 /// Tags of the hparams plugin (`tensorboard/plugins/hparams/metadata.py`).
@@ -294,6 +305,62 @@ impl TbWriter {
         self.write_hparams(SESSION_END_INFO_TAG, &data)
     }
 
+    /// Marks a restart at `step` (`SessionLog.START`): a TensorBoard reading the folder drops the
+    /// points of steps `>= step` it read before, the orphans of an interrupted run.
+    pub fn session_restart(&mut self, step: i64) -> Result<()> {
+        let mut log = SessionLog::new();
+        log.set_status(SessionLog_SessionStatus::START);
+        let mut ev = Event::new();
+        ev.set_wall_time(now_secs());
+        ev.set_step(step);
+        ev.set_session_log(log);
+        self.write_event(ev)
+    }
+
+    /// Rewrites the folder's other event files (an earlier process's) keeping only the events of
+    /// steps `<= keep_through` (`None`: none), without their hparams session start/end; a file
+    /// left without summaries is deleted. Returns whether there were earlier files. A record cut
+    /// short by a killed writer ends its file, as it does for TensorBoard's reader.
+    pub fn prune_earlier_files(&self, keep_through: Option<i64>) -> Result<bool> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LlmError::Io { path, source }
+        };
+        let mut found = false;
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let path = entry.map_err(io(&self.dir))?.path();
+            let is_events = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("events.out.tfevents."));
+            if path == self.path || !is_events || !path.is_file() {
+                continue;
+            }
+            found = true;
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let records = read_records(&bytes);
+            let kept: Vec<&(&[u8], Event)> = records
+                .iter()
+                .filter(|(_, ev)| keep_event(ev, keep_through))
+                .collect();
+            if !kept.iter().any(|(_, ev)| ev.has_summary()) {
+                std::fs::remove_file(&path).map_err(io(&path))?;
+            } else if kept.iter().map(|(r, _)| r.len()).sum::<usize>() < bytes.len() {
+                let body: Vec<u8> = kept.iter().flat_map(|(r, _)| r.iter().copied()).collect();
+                // The temp name has no "tfevents" in it: TensorBoard must never read it.
+                let tmp = self
+                    .dir
+                    .join(format!(".llmlab-prune.{}.tmp", std::process::id()));
+                std::fs::write(&tmp, &body)
+                    .and_then(|()| File::open(&tmp)?.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .map_err(io(&path))
+                    .with_context(|| format!("cannot rewrite the event file {}", path.display()))?;
+            }
+        }
+        Ok(found)
+    }
+
     /// Flushes the file's buffer to the OS (each call above already does).
     pub fn flush(&mut self) -> Result<()> {
         self.records.flush().map_err(|source| self.io_error(source))
@@ -344,6 +411,53 @@ impl TbWriter {
             self.path.display()
         ))
     }
+}
+
+/// The complete records of an event file: the framed bytes and the event of each, up to the first
+/// record that is cut short or fails a CRC.
+fn read_records(bytes: &[u8]) -> Vec<(&[u8], Event)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(header) = bytes.get(at..at + 12) {
+        let (len_bytes, len_crc) = header.split_at(8);
+        if masked_crc32c(len_bytes).to_le_bytes() != len_crc {
+            break;
+        }
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|n| (at + 16).checked_add(n))
+        else {
+            break;
+        };
+        let Some(record) = bytes.get(at..end) else {
+            break;
+        };
+        let (data, crc) = record[12..].split_at(record.len() - 16);
+        if masked_crc32c(data).to_le_bytes() != crc {
+            break;
+        }
+        let Ok(ev) = Event::parse_from_bytes(data) else {
+            break;
+        };
+        out.push((record, ev));
+        at = end;
+    }
+    out
+}
+
+/// Whether an earlier process's event survives a resume after step `keep_through`.
+fn keep_event(ev: &Event, keep_through: Option<i64>) -> bool {
+    if ev.has_file_version() {
+        return true;
+    }
+    if keep_through.is_none_or(|k| ev.get_step() > k) {
+        return false;
+    }
+    !ev.get_summary()
+        .get_value()
+        .iter()
+        .any(|v| v.get_tag() == SESSION_START_INFO_TAG || v.get_tag() == SESSION_END_INFO_TAG)
 }
 
 /// A `Summary.Value` owned by a plugin (`metadata.plugin_data`).

@@ -1,7 +1,14 @@
 //! `llmlab run` end to end: a two-trial sweep, read back by the real TensorBoard; Ctrl-C (SIGINT) mid-trial stops after writing
 //! state (exit 130), a SIGKILL loses nothing either, and running the file again resumes to exactly
-//! the metrics of an uninterrupted run (CPU); finished trials are not rerun; a failing trial is
-//! recorded and the sweep goes on.
+//! the metrics and TensorBoard curves of an uninterrupted run (CPU); finished trials are not
+//! rerun; a failing trial is recorded and the sweep goes on. `--jobs N` gives the results of a
+//! sequential run, records failures the same way, and stops on Ctrl-C with every trial resumable.
+//!
+//! Equal results need equal threads per trial: libtorch's CPU reductions split work by thread
+//! count, which moves the last bits of the losses (measured: `--threads 1` and `--threads 2`
+//! differ in the 7th significant digit). A `--jobs N` trial runs on `max(1, threads / N)`
+//! threads, so `--threads 2 --jobs 2` is compared with `--threads 1`; then the trial runs the
+//! same operations in a fresh process, and the numbers are bit-equal.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod common;
 
@@ -21,22 +28,25 @@ train:
   lr: 1.0e-3
   eval_freq: 3
   eval_iter: 2
-  checkpoint_every: 2
+  checkpoint_every: 10
 generate: {max_new_tokens: 5}
 sweep:
   train.lr: [1.0e-3, 5.0e-4]
 ";
 
 fn spawn(file: &Path, runs: &Path) -> Child {
+    spawn_with(file, runs, &["--threads", "1"])
+}
+
+fn spawn_with(file: &Path, runs: &Path, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_llmlab"))
         .args([
             "run",
             file.to_str().unwrap(),
             "--runs",
             runs.to_str().unwrap(),
-            "--threads",
-            "1",
         ])
+        .args(extra)
         .env("LLMLAB_DATA_MIRROR", common::mirror())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -57,13 +67,34 @@ fn curve(trial: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Waits until the trial has a checkpoint at step >= 2 and 2 evaluations.
+/// The step of a trial's latest checkpoint (0: none yet).
+fn checkpoint_step(trial: &Path) -> u64 {
+    std::fs::read_to_string(trial.join("checkpoints/latest"))
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("step_")
+        .parse()
+        .unwrap_or(0)
+}
+
+/// The steps of a trial's evaluations so far.
+fn eval_steps(trial: &Path) -> Vec<u64> {
+    curve(trial)
+        .iter()
+        .map(|m| m["step"].as_u64().unwrap())
+        .collect()
+}
+
+/// Waits until the trial has a checkpoint and 2 evaluations.
 fn wait_mid_trial(child: &mut Child, trial: &Path) -> Result<()> {
+    wait_for(child, trial, |ckpt, evals| ckpt > 0 && evals.len() >= 2)
+}
+
+/// Waits until `done(checkpoint step, evaluation steps)` holds for the trial.
+fn wait_for(child: &mut Child, trial: &Path, done: impl Fn(u64, &[u64]) -> bool) -> Result<()> {
     let t0 = std::time::Instant::now();
     loop {
-        let ckpt = std::fs::read_to_string(trial.join("checkpoints/latest")).unwrap_or_default();
-        let evals = curve(trial).len();
-        if ckpt.trim() >= "step_00000002" && evals >= 2 {
+        if done(checkpoint_step(trial), &eval_steps(trial)) {
             return Ok(());
         }
         if let Some(s) = child.try_wait()? {
@@ -90,7 +121,7 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
     for s in slugs {
         assert!(curve(&full.join("tiny-sweep").join(s)).len() >= 4);
     }
-    check_tensorboard(&full.join("tiny-sweep"), &slugs)?;
+    let tb_full = check_tensorboard(&full.join("tiny-sweep"), &slugs)?;
     let summary = std::fs::read_to_string(full.join("tiny-sweep/summary.csv"))?;
     assert!(
         summary.starts_with("trial,train.lr,status,train_loss,val_loss"),
@@ -117,13 +148,33 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
         "the sweep stopped"
     );
 
-    // SIGKILL in the second trial after the first finished.
+    // SIGKILL in the second trial after the first finished, once two evaluations past the last
+    // checkpoint are logged: the resumed run computes them again (every 10 steps a checkpoint,
+    // every 3 an evaluation; the first is in TensorBoard, as it is logged before the second).
     let t2 = cut.join("tiny-sweep").join(slugs[1]);
     let mut child = spawn(&file, &cut);
-    wait_mid_trial(&mut child, &t2)?;
+    wait_for(&mut child, &t2, |ckpt, evals| {
+        ckpt > 0 && evals.iter().filter(|&&s| s > ckpt).count() >= 2
+    })?;
     child.kill()?;
     child.wait()?;
     assert!(std::fs::read_to_string(t1.join("status.json"))?.contains("finished"));
+    let ckpt = checkpoint_step(&t2);
+    let killed: serde_json::Value = serde_json::from_str(&common::run_reference(
+        "tb_read.py",
+        &[cut.join("tiny-sweep").to_str().unwrap()],
+    )?)?;
+    let logged = killed["runs"][slugs[1]]["scalars"]["val/loss"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(
+        logged > ckpt,
+        "the killed run logged step {logged} past its checkpoint at step {ckpt}"
+    );
 
     // Again: the first trial is skipped, the second resumes; both equal the uninterrupted run.
     let out = spawn(&file, &cut).wait_with_output()?;
@@ -140,6 +191,31 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
             curve(&full.join("tiny-sweep").join(s)),
             "{s}: resumed metrics equal the uninterrupted ones"
         );
+    }
+    // TensorBoard shows one point per step, the uninterrupted run's points (tokens/s aside).
+    let tb_cut = check_tensorboard(&cut.join("tiny-sweep"), &slugs)?;
+    for s in slugs {
+        let (full_tags, cut_tags) = (
+            tb_full["runs"][s]["scalars"].as_object().unwrap(),
+            tb_cut["runs"][s]["scalars"].as_object().unwrap(),
+        );
+        assert_eq!(
+            cut_tags.keys().collect::<Vec<_>>(),
+            full_tags.keys().collect::<Vec<_>>()
+        );
+        for (tag, points) in cut_tags {
+            let steps = |p: &serde_json::Value| -> Vec<u64> {
+                p.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x[0].as_u64().unwrap())
+                    .collect()
+            };
+            assert_eq!(steps(points), steps(&full_tags[tag]), "{s} {tag}: steps");
+            if tag != "train/tokens_per_sec" {
+                assert_eq!(points, &full_tags[tag], "{s} {tag}: values");
+            }
+        }
     }
 
     // Trials that fail at run time (a text shorter than one window) are recorded; the sweep goes
@@ -181,9 +257,10 @@ fn send_sigint(pid: u32) {
 }
 
 /// The real `tensorboard` package reads the sweep (tests/reference/tb_read.py): each trial's
-/// scalars equal its metrics.jsonl by tag and step, its samples are there as text, and the
-/// HParams dashboard's backend lists every trial with its `train.lr`, status and metrics.
-fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<()> {
+/// scalars equal its metrics.jsonl by tag and step, every tag's steps strictly increase, its
+/// samples are there as text, and the HParams dashboard's backend lists every trial with its
+/// `train.lr`, one session start, its status and metrics. Returns what tb_read.py read.
+fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<serde_json::Value> {
     let out = common::run_reference("tb_read.py", &[exp_dir.to_str().unwrap()])?;
     let tb: serde_json::Value = serde_json::from_str(&out)?;
     let infos = tb["experiment"]["hparam_infos"].as_array().unwrap();
@@ -201,6 +278,22 @@ fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<()> {
     for (slug, lr) in slugs.iter().zip([1.0e-3, 5.0e-4]) {
         let metrics = curve(&exp_dir.join(slug));
         let run = &tb["runs"][*slug];
+        for (tag, points) in run["scalars"].as_object().unwrap() {
+            let steps: Vec<u64> = points
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p[0].as_u64().unwrap())
+                .collect();
+            assert!(
+                steps.windows(2).all(|w| w[0] < w[1]),
+                "{slug} {tag}: steps {steps:?}"
+            );
+        }
+        assert_eq!(
+            run["hparams"]["_hparams_/session_start_info"]["_events"], 1,
+            "{slug}: one session"
+        );
         for (tag, key) in [
             ("train/loss", "train_loss"),
             ("val/loss", "val_loss"),
@@ -246,6 +339,183 @@ fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<()> {
             (shown - last_val).abs() <= 1e-6 * last_val.abs(),
             "{slug}: dashboard metric {shown} vs {last_val}"
         );
+    }
+    Ok(tb)
+}
+
+/// A sweep of tiny trials on the first 1,500 characters of the-verdict (a few steps each).
+fn parallel_sweep(
+    dir: &Path,
+    name: &str,
+    epochs: usize,
+    sweep: &str,
+) -> Result<std::path::PathBuf> {
+    let text = std::fs::read_to_string(common::mirror().join("the-verdict/the-verdict.txt"))?;
+    let short = dir.join("short.txt");
+    std::fs::write(&short, text.chars().take(1500).collect::<String>())?;
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &file,
+        format!(
+            "name: {name}
+model:
+  preset: gpt-mini
+  overrides: {{context_length: 16, emb_dim: 32, n_heads: 2, n_layers: 1, drop_rate: 0.1}}
+data: {{path: {}, train_ratio: 0.9}}
+train: {{epochs: {epochs}, batch_size: 4, lr: 1.0e-3, eval_freq: 2, eval_iter: 1, checkpoint_every: 2}}
+generate: {{max_new_tokens: 3}}
+{sweep}",
+            short.display()
+        ),
+    )?;
+    Ok(file)
+}
+
+/// Every trial folder's curve, by slug.
+fn curves(exp_dir: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
+    let mut out: Vec<_> = std::fs::read_dir(exp_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir() && !p.file_name().unwrap().to_str().unwrap().starts_with('.'))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_str().unwrap().to_string(),
+                curve(&p),
+            )
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Four trials and one that fails at run time (a batch larger than the data): `--jobs 2` on two
+/// threads gives, trial by trial, the metrics of a sequential run on one thread (bit for bit),
+/// runs two trials at once, records the failure the same way and writes the same report.
+#[test]
+fn parallel_trials_give_the_sequential_results() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = parallel_sweep(
+        dir.path(),
+        "jobs",
+        2,
+        "sweep:
+  mode: zip
+  axes:
+    train.lr: [1.0e-3, 5.0e-4, 1.0e-3, 5.0e-4, 1.0e-3]
+    seed: [1, 1, 2, 2, 3]
+    train.batch_size: [4, 4, 2, 2, 64]
+",
+    )?;
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let seq = spawn_with(&file, &one, &["--threads", "1"]).wait_with_output()?;
+    let par = spawn_with(&file, &two, &["--threads", "2", "--jobs", "2"]).wait_with_output()?;
+    let (seq_err, par_err) = (
+        String::from_utf8_lossy(&seq.stderr),
+        String::from_utf8_lossy(&par.stderr),
+    );
+    for (out, err) in [(&seq, &seq_err), (&par, &par_err)] {
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("1 of 5 trial(s) failed"), "{err}");
+    }
+    // Two processes at once, one thread each, output in the trial's log.txt.
+    let first_end = par_err.find(": finished in").unwrap();
+    for (i, slug) in [
+        "lr-0.001_seed-1_batch_size-4",
+        "lr-0.0005_seed-1_batch_size-4",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let started = par_err
+            .find(&format!("[{}/5] {slug}: ", i + 1))
+            .unwrap_or_else(|| panic!("{par_err}"));
+        assert!(started < first_end, "{par_err}");
+        assert!(
+            par_err.contains(&format!("{slug}: started: train.lr=")),
+            "{par_err}"
+        );
+        let log = std::fs::read_to_string(two.join("jobs").join(slug).join("log.txt"))?;
+        assert!(log.contains("--threads\" \"1\" \"--only-trial\""), "{log}");
+    }
+    assert!(
+        par_err.contains("FAILED: the training split has"),
+        "{par_err}"
+    );
+    let (a, b) = (curves(&one.join("jobs")), curves(&two.join("jobs")));
+    assert_eq!(a.len(), 5);
+    assert_eq!(a, b, "per-trial metrics of --jobs 2 and of one by one");
+    assert!(a.iter().filter(|(_, c)| c.len() >= 4).count() == 4);
+    for f in ["summary.csv", "summary.md", "experiment.json"] {
+        assert_eq!(
+            std::fs::read_to_string(one.join("jobs").join(f))?,
+            std::fs::read_to_string(two.join("jobs").join(f))?,
+            "{f}"
+        );
+    }
+    assert_eq!(seq.stdout, par.stdout, "the summary table");
+    let failed = "jobs/lr-0.001_seed-3_batch_size-64/status.json";
+    assert_eq!(
+        std::fs::read_to_string(one.join(failed))?,
+        std::fs::read_to_string(two.join(failed))?
+    );
+
+    // --jobs 0 is a usage error, before anything runs.
+    let (code, _, err) = common::llmlab(&["run", file.to_str().unwrap(), "--jobs", "0"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--jobs 0: give the number of trials"), "{err}");
+    Ok(())
+}
+
+/// Ctrl-C to a `--jobs 2` sweep reaches both trials (each saves its state and exits 130; the
+/// sweep exits 130 and records no failure); running the file again resumes them to the metrics
+/// of an uninterrupted sequential run.
+#[test]
+fn ctrl_c_stops_parallel_trials_which_resume_to_the_same_metrics() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = parallel_sweep(
+        dir.path(),
+        "stop",
+        6,
+        "sweep: {train.lr: [1.0e-3, 5.0e-4]}\n",
+    )?;
+    let (full, cut) = (dir.path().join("full"), dir.path().join("cut"));
+    let out = spawn_with(&file, &full, &["--threads", "1"]).wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let slugs = ["lr-0.001", "lr-0.0005"];
+    let mut child = spawn_with(&file, &cut, &["--threads", "2", "--jobs", "2"]);
+    for s in slugs {
+        wait_for(&mut child, &cut.join("stop").join(s), |ckpt, _| ckpt > 0)?;
+    }
+    send_sigint(child.id());
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted; "), "{err}");
+    let mut stopped = 0;
+    for s in slugs {
+        let t = cut.join("stop").join(s);
+        let log = std::fs::read_to_string(t.join("log.txt"))?;
+        match std::fs::read_to_string(t.join("status.json")) {
+            Ok(status) => assert!(status.contains("finished"), "{s}: {status}"),
+            Err(_) => {
+                assert!(log.contains("interrupted at step"), "{s}: {log}");
+                assert!(err.contains(s), "{err}");
+                stopped += 1;
+            }
+        }
+    }
+    assert!(stopped > 0, "a trial was running at Ctrl-C: {err}");
+    let out = spawn_with(&file, &cut, &["--threads", "2", "--jobs", "2"]).wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(curves(&cut.join("stop")), curves(&full.join("stop")));
+    for s in slugs {
+        let log = std::fs::read_to_string(cut.join("stop").join(s).join("log.txt"))?;
+        assert!(log.contains("resuming from"), "{s}: {log}");
     }
     Ok(())
 }

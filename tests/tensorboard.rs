@@ -338,3 +338,63 @@ fn write_errors_name_the_path_and_do_not_panic() -> Result<()> {
     assert!(w.hparams_experiment(&[("z", bad)], &["m"]).is_err());
     Ok(())
 }
+
+/// A resumed run's writer drops what the killed one logged past the checkpoint (steps 4 and 5 of
+/// a run resumed after step 3), the killed run's session start/end and a record cut short, so
+/// TensorBoard reads one point per step and one session ending in success; a fresh start drops
+/// the earlier file altogether.
+#[test]
+fn a_resumed_writer_prunes_the_killed_runs_later_steps() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let run = dir.path().join("trial");
+    let hp = BTreeMap::from([("lr".to_string(), HValue::Number(1e-3))]);
+    let killed = {
+        let mut w = TbWriter::new(&run)?;
+        w.hparams_session_start(&hp, "")?;
+        for step in 1..=5 {
+            w.scalar("train/loss", 10.0 - step as f64, step)?;
+        }
+        w.hparams_session_end(SessionStatus::Running)?;
+        w.path().to_path_buf()
+    };
+    // A record the kill cut short: a length and its CRC, no data.
+    let mut bytes = std::fs::read(&killed)?;
+    bytes.extend_from_slice(&[7, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4]);
+    std::fs::write(&killed, &bytes)?;
+
+    let mut w = TbWriter::new(&run)?;
+    w.hparams_session_start(&hp, "")?;
+    assert!(w.prune_earlier_files(Some(3))?);
+    w.session_restart(4)?;
+    for step in 4..=6 {
+        w.scalar("train/loss", 20.0 - step as f64, step)?;
+    }
+    w.hparams_session_end(SessionStatus::Success)?;
+    let tb = read_back(dir.path())?;
+    let points = f32_series(&tb["runs"]["trial"]["scalars"]["train/loss"]);
+    assert_eq!(
+        points,
+        [
+            (1, 9.0),
+            (2, 8.0),
+            (3, 7.0),
+            (4, 16.0),
+            (5, 15.0),
+            (6, 14.0)
+        ]
+    );
+    let hparams = &tb["runs"]["trial"]["hparams"];
+    assert_eq!(hparams["_hparams_/session_start_info"]["_events"], 1);
+    assert_eq!(
+        hparams["_hparams_/session_end_info"]["session_end_info"]["status"],
+        "STATUS_SUCCESS"
+    );
+
+    // Starting over: nothing of the earlier files is kept.
+    let w = TbWriter::new(&run)?;
+    assert!(w.prune_earlier_files(None)?);
+    let files: Vec<_> = std::fs::read_dir(&run)?.collect::<Result<_, _>>()?;
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(!TbWriter::new(dir.path().join("fresh"))?.prune_earlier_files(None)?);
+    Ok(())
+}

@@ -578,6 +578,7 @@ pub fn run(
     } else {
         let _ = std::fs::remove_file(&metrics_path);
     }
+    events.resume_after(state.step);
 
     let prefix = if reuse {
         Some(frozen_prefix(&p, boundary, sharing, t.batch_size, events)?)

@@ -33,6 +33,12 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn run_experiment(a: RunArgs) -> Result<()> {
     use crate::experiment::{report, run, value_text, Experiment};
+    if a.jobs == 0 {
+        return Err(LlmError::Usage(
+            "--jobs 0: give the number of trials to run at once, at least 1".into(),
+        )
+        .into());
+    }
     let exp = Experiment::load(&a.file, &a.sets)?;
     let trials = run::prepare(&exp)?;
     if a.dry_run {
@@ -58,20 +64,71 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     }
     let device = parse_device(&a.compute.device)?;
     let dir = a.runs.join(&exp.name);
+    let opts = run::RunOptions {
+        runs_root: a.runs.clone(),
+        device,
+        threads: a.compute.threads,
+        restart: a.restart,
+        only_trial: a.only_trial.clone(),
+    };
+    crate::signal::install();
+    if let Some(slug) = &a.only_trial {
+        // One trial of a `--jobs` sweep: the parent process writes the experiment's records.
+        if !trials.iter().any(|(t, _)| t.slug == *slug) {
+            return Err(LlmError::Usage(format!(
+                "--only-trial {slug}: {} has no such trial (see --dry-run)",
+                a.file.display()
+            ))
+            .into());
+        }
+        let results = run::run(&exp, &trials, &opts)?;
+        if let Some(r) = results
+            .iter()
+            .find(|r| matches!(r.outcome, run::Outcome::Failed(_)))
+        {
+            anyhow::bail!(
+                "trial {} failed; its error is in {}",
+                r.slug,
+                r.dir.join("status.json").display()
+            );
+        }
+        return Ok(());
+    }
     std::fs::create_dir_all(&dir).map_err(|source| LlmError::Io {
         path: dir.clone(),
         source,
     })?;
     let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
     report::write_record(&dir, &report::record(&exp, &plain))?;
-    let opts = run::RunOptions {
-        runs_root: a.runs.clone(),
-        device,
-        threads: a.compute.threads,
-        restart: a.restart,
+    let results = if a.jobs > 1 {
+        let exe = std::env::current_exe().map_err(|source| LlmError::Io {
+            path: "/proc/self/exe".into(),
+            source,
+        })?;
+        // The same run (file, overrides, folders, device) for one trial, on its share of threads.
+        let command = |slug: &str, threads: usize| {
+            let mut c = std::process::Command::new(&exe);
+            c.arg("run").arg(&a.file);
+            for s in &a.sets {
+                c.arg("--set").arg(s);
+            }
+            c.arg("--runs").arg(&a.runs);
+            c.args(["--device", &a.compute.device]);
+            c.args(["--threads", &threads.to_string(), "--only-trial", slug]);
+            if a.restart {
+                c.arg("--restart");
+            }
+            c
+        };
+        let launch = run::Launch {
+            jobs: a.jobs,
+            gpus: run::visible_gpus(&a.compute.device),
+            command: &command,
+        };
+        run::run_parallel(&exp, &trials, &opts, &launch)?
+    } else {
+        run::run(&exp, &trials, &opts)?
     };
-    crate::signal::install();
-    let results = run::run(&exp, &trials, &opts)?;
     println!("{}", report::write_summaries(&dir)?);
     let failed = results
         .iter()

@@ -66,6 +66,18 @@ pub struct RunArgs {
     /// Start every trial over, even finished ones.
     #[arg(long)]
     pub restart: bool,
+    /// Trials to run at once (default 1: one after the other, in this process). With N > 1 each
+    /// trial runs in an llmlab process of its own, its output in <trial>/log.txt; the --threads
+    /// budget (default: all cores) is split evenly, max(1, threads / N) per trial, and on a
+    /// machine with several CUDA GPUs each trial gets one GPU. Same results and report as one by
+    /// one given the same threads per trial (e.g. --threads 4 --jobs 2 = --threads 2 --jobs 1 on
+    /// CPU). Ctrl-C stops every running trial after its state is saved.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub jobs: usize,
+    /// Internal (--jobs): run only this trial of the sweep, leaving the experiment's records
+    /// and report to the process that started it.
+    #[arg(long, value_name = "SLUG", hide = true)]
+    pub only_trial: Option<String>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }

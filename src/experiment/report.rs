@@ -34,7 +34,7 @@ pub fn write_record(dir: &Path, rec: &ExperimentRecord) -> Result<()> {
     Ok(())
 }
 
-fn final_metrics(trial_dir: &Path) -> Vec<(String, f64)> {
+pub(crate) fn final_metrics(trial_dir: &Path) -> Vec<(String, f64)> {
     let Ok(text) = std::fs::read_to_string(trial_dir.join("metrics.jsonl")) else {
         return Vec::new();
     };

@@ -38,6 +38,10 @@ pub struct EvalRecord {
 /// A closure `FnMut(&str)` is the simplest implementation (log lines only).
 pub trait TrainEvents {
     fn log(&mut self, msg: &str);
+    /// The run continues after `step` (0: from the start): whatever an earlier, interrupted
+    /// attempt recorded for later steps is stale (this run records them again). Called before
+    /// anything is logged for the steps of this attempt.
+    fn resume_after(&mut self, _step: usize) {}
     /// The run starts (or resumes at `step`) and will end at `total_steps`.
     fn start(&mut self, _step: usize, _total_steps: usize) {}
     /// An optimizer step finished with this mean micro-batch loss.
@@ -318,6 +322,7 @@ pub fn pretrain(
         let _ = std::fs::remove_file(&metrics_path);
         let _ = std::fs::remove_file(&samples_path);
     }
+    events.resume_after(state.step);
 
     events.log(&format!(
         "{} parameters ({} trainable), {} train / {} val windows of {ctx} tokens, {groups_per_epoch} steps per epoch, {total_steps} steps, {}, {} AdamW",
