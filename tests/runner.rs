@@ -519,3 +519,42 @@ fn ctrl_c_stops_parallel_trials_which_resume_to_the_same_metrics() -> Result<()>
     }
     Ok(())
 }
+
+/// A finished trial whose settings changed since is not silently skipped: the run stops before
+/// anything starts, names the trial folder and the changed key; `--restart` runs it again.
+#[test]
+fn changed_settings_of_finished_trials_are_an_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("g.yaml");
+    std::fs::write(
+        &file,
+        "name: g\ntask: generate\nmodel: gpt-mini\nprompts: [\"Every effort moves you\"]\ngenerate: {max_new_tokens: 3, samples: 1}\nsweep:\n  generate.temperature: [0.0, 1.0]\n",
+    )?;
+    let runs = dir.path().join("runs");
+    let (f, r) = (file.to_str().expect("UTF-8"), runs.to_str().expect("UTF-8"));
+    let (code, _, err) = common::llmlab(&["run", f, "--runs", r])?;
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = common::llmlab(&["run", f, "--runs", r])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("finished before, skipped"), "{err}");
+    let (code, _, err) =
+        common::llmlab(&["run", f, "--runs", r, "--set", "generate.max_new_tokens=4"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("2 trial folder(s) hold results of other settings")
+            && err.contains("temperature-0.0/config.yaml (generate.max_new_tokens: 3 -> 4)")
+            && err.contains("--restart"),
+        "{err}"
+    );
+    let (code, _, err) = common::llmlab(&[
+        "run",
+        f,
+        "--runs",
+        r,
+        "--set",
+        "generate.max_new_tokens=4",
+        "--restart",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    Ok(())
+}

@@ -566,7 +566,14 @@ pub fn run(
     let mut evals: Vec<ClassifyEval> = Vec::new();
     if let Some(s) = load_checkpoint(run_dir, &trained, &mut opt)? {
         state = s;
-        evals = truncate_jsonl(&metrics_path, state.step)?
+        // A run stopped after its final evaluation recomputes it: drop that line.
+        let kept: Vec<String> = truncate_jsonl(&metrics_path, state.step)?
+            .into_iter()
+            .filter(|l| serde_json::from_str::<ClassifyFinal>(l).is_err())
+            .collect();
+        let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
+        write_atomic(&metrics_path, body.as_bytes())?;
+        evals = kept
             .iter()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect();

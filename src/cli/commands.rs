@@ -64,6 +64,9 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     }
     let device = parse_device(&a.compute.device)?;
     let dir = a.runs.join(&exp.name);
+    if !a.restart {
+        run::check_existing_configs(&trials, &dir)?;
+    }
     let opts = run::RunOptions {
         runs_root: a.runs.clone(),
         device,

@@ -221,6 +221,78 @@ fn check_inputs(spec: &PretrainSpec, exp: &Experiment) -> Result<()> {
     Ok(())
 }
 
+/// The `config.yaml` a trial writes (what its folder must hold to be resumed or skipped).
+fn resolved_config(task: &TaskSpec) -> Result<String> {
+    Ok(match task {
+        TaskSpec::Pretrain(s) => serde_yaml::to_string(s)?,
+        TaskSpec::Generate(s) => serde_yaml::to_string(s)?,
+        TaskSpec::Classify(s) => serde_yaml::to_string(s)?,
+    })
+}
+
+/// Trial folders already in `exp_dir` must hold the same settings as the trials now resolved
+/// (a finished trial would otherwise be skipped although the file changed); the error lists the
+/// trials that differ and the keys, before anything runs.
+pub fn check_existing_configs(trials: &[(Trial, TaskSpec)], exp_dir: &Path) -> Result<()> {
+    let mut differ = Vec::new();
+    for (trial, task) in trials {
+        let path = exp_dir.join(&trial.slug).join("config.yaml");
+        let Ok(before) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let now = resolved_config(task)?;
+        if before == now {
+            continue;
+        }
+        if let TaskSpec::Pretrain(spec) = task {
+            if crate::train::trainer::same_but_fused_adamw(&before, spec) {
+                continue; // the same update with another kernel: resumable
+            }
+        }
+        let old: serde_yaml::Value = serde_yaml::from_str(&before).unwrap_or_default();
+        let new: serde_yaml::Value = serde_yaml::from_str(&now).unwrap_or_default();
+        let mut keys = Vec::new();
+        diff_keys(&old, &new, "", &mut keys);
+        differ.push(format!("{} ({})", path.display(), keys.join(", ")));
+    }
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(LlmError::Usage(format!(
+        "{} trial folder(s) hold results of other settings:\n  {}\nrerun with --restart to start them over, or use another --runs folder or experiment name",
+        differ.len(),
+        differ.join("\n  ")
+    ))
+    .into())
+}
+
+fn diff_keys(a: &serde_yaml::Value, b: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) {
+    match (a, b) {
+        (serde_yaml::Value::Mapping(x), serde_yaml::Value::Mapping(y)) => {
+            let mut keys: Vec<String> = x.keys().chain(y.keys()).map(value_text).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let key = serde_yaml::Value::String(k.clone());
+                let null = serde_yaml::Value::Null;
+                let path = if prefix.is_empty() {
+                    k
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                diff_keys(
+                    x.get(&key).unwrap_or(&null),
+                    y.get(&key).unwrap_or(&null),
+                    &path,
+                    out,
+                );
+            }
+        }
+        _ if a != b => out.push(format!("{prefix}: {} -> {}", value_text(a), value_text(b))),
+        _ => {}
+    }
+}
+
 /// How a trial ended in this invocation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {

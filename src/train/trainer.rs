@@ -175,7 +175,7 @@ pub(crate) fn append_line(path: &Path, line: &str) -> Result<()> {
 }
 
 /// Whether a run folder's config.yaml differs from `spec` in `train.fused_adamw` only.
-fn same_but_fused_adamw(before: &str, spec: &PretrainSpec) -> bool {
+pub(crate) fn same_but_fused_adamw(before: &str, spec: &PretrainSpec) -> bool {
     let Ok(mut old) = serde_yaml::from_str::<PretrainSpec>(before) else {
         return false;
     };
