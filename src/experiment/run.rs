@@ -5,8 +5,8 @@
 use super::generate_task::GenerateTaskSpec;
 use super::{value_text, Experiment, Trial};
 use crate::classify::ClassifySpec;
-use crate::instruct::InstructSpec;
 use crate::error::{write_atomic, LlmError};
+use crate::instruct::InstructSpec;
 use crate::tensorboard::{HParamDomain, HValue, SessionStatus, TbWriter};
 use crate::train::PretrainSpec;
 use anyhow::Result;
