@@ -5,7 +5,7 @@ mod common;
 
 use anyhow::Result;
 use llmlab::eval::judge::{judge_file, Api, Judge, JudgeConfig};
-use llmlab::instruct::collate::{collate, pack, collate_packed, CollateOptions, Encoded};
+use llmlab::instruct::collate::{collate, collate_packed, pack, CollateOptions, Encoded};
 use llmlab::instruct::data::{Entry, InstructDataSpec};
 use llmlab::instruct::prompt::{PromptStyle, Prompter};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -268,13 +268,16 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
     ])?;
     let dir = tempfile::tempdir()?;
     let responses = dir.path().join("responses.json");
-    let mk = |i: &str, inp: &str, o: &str, r: &str| {
-        serde_json::json!({"instruction": i, "input": inp, "output": o, "model_response": r})
-    };
+    let mk = |i: &str, inp: &str, o: &str, r: &str| serde_json::json!({"instruction": i, "input": inp, "output": o, "model_response": r});
     std::fs::write(
         &responses,
         serde_json::to_string(&vec![
-            mk("Identify the correct spelling of the following word.", "Ocassion", "The correct spelling is 'Occasion.'", "The spelling is 'Occasion'."),
+            mk(
+                "Identify the correct spelling of the following word.",
+                "Ocassion",
+                "The correct spelling is 'Occasion.'",
+                "The spelling is 'Occasion'.",
+            ),
             mk("What is 2+2?", "", "4", "5"),
             mk("Name a colour.", "", "Blue", "Blue"),
         ])?,
@@ -297,8 +300,9 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
         first["messages"][0]["content"],
         "Given the input `Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\nIdentify the correct spelling of the following word.\n\n### Input:\nOcassion` and correct output `The correct spelling is 'Occasion.'`, score the model response `The spelling is 'Occasion'.` on a scale from 0 to 100, where 100 is the best score. Respond with the integer number only."
     );
-    let judged: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("responses.judged.json"))?)?;
+    let judged: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.path().join("responses.judged.json"),
+    )?)?;
     assert_eq!(judged["entries"].as_array().map(Vec::len), Some(3));
     assert_eq!(judged["entries"][1]["judge_score"], serde_json::Value::Null);
     assert_eq!(judged["entries"][1]["judge_reply"], "I cannot score this.");
@@ -314,8 +318,14 @@ fn unreachable_judge_is_a_clear_error_and_json_summary() -> Result<()> {
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let url = format!("http://127.0.0.1:{port}");
     let judge = Judge::new(JudgeConfig::new(&url, "m", Api::Ollama));
-    let err = judge.probe().expect_err("nothing listens there").to_string();
-    assert!(err.contains("does not answer") && err.contains(&url), "{err}");
+    let err = judge
+        .probe()
+        .expect_err("nothing listens there")
+        .to_string();
+    assert!(
+        err.contains("does not answer") && err.contains(&url),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir()?;
     let responses = dir.path().join("r.json");
@@ -325,7 +335,14 @@ fn unreachable_judge_is_a_clear_error_and_json_summary() -> Result<()> {
     )?;
     let r = responses.to_str().expect("UTF-8 path");
     let (code, _, err) = common::llmlab(&[
-        "eval", "judge", "--responses", r, "--judge-url", &url, "--judge-model", "m",
+        "eval",
+        "judge",
+        "--responses",
+        r,
+        "--judge-url",
+        &url,
+        "--judge-model",
+        "m",
     ])?;
     assert_ne!(code, 0);
     assert!(err.contains("does not answer"), "{err}");
@@ -333,7 +350,15 @@ fn unreachable_judge_is_a_clear_error_and_json_summary() -> Result<()> {
 
     let (url, _) = stub_server(vec![(200, "70")])?;
     let (code, out, err) = common::llmlab(&[
-        "eval", "judge", "--responses", r, "--judge-url", &url, "--judge-model", "m", "--format",
+        "eval",
+        "judge",
+        "--responses",
+        r,
+        "--judge-url",
+        &url,
+        "--judge-model",
+        "m",
+        "--format",
         "json",
     ])?;
     assert_eq!(code, 0, "{err}");
@@ -345,20 +370,20 @@ fn unreachable_judge_is_a_clear_error_and_json_summary() -> Result<()> {
     Ok(())
 }
 
-/// A short instruct run through `llmlab run` (SmolLM2-135M-Instruct with LoRA on 16 of the
+/// A short instruct run through `llmlab run` (a small GPT, full fine-tuning on 16 of the
 /// book's entries, Alpaca prompts) lowers the validation loss, writes a response for every
-/// test entry and reports the judge-free figures.
+/// test entry, and `llmlab report` shows the judge-free figures. (SmolLM2 with LoRA runs the
+/// same path; it is too slow for this test on a 2-core CPU.)
 #[test]
-fn short_lora_run_lowers_validation_loss() -> Result<()> {
+fn short_instruct_run_lowers_validation_loss() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let runs = dir.path().join("runs");
     let yaml = dir.path().join("tiny.yaml");
     std::fs::write(
         &yaml,
-        "name: tiny-instruct\ntask: instruct\nmodel: {name: smollm2-135m-instruct, dropout: 0.0}\n\
-         data: {dataset: instruction-data, max_train: 16, max_val: 4, max_test: 2, allowed_max_length: 80}\n\
-         finetune: {method: lora, lora: {rank: 8, alpha: 16, scale: alpha_over_rank}}\n\
-         train: {epochs: 2, batch_size: 4, lr: 2.0e-3, eval_freq: 4, eval_iter: 1}\n\
+        "name: tiny-instruct\ntask: instruct\nmodel: {name: gpt-mini, dropout: 0.0}\n\
+         data: {dataset: instruction-data, max_train: 16, max_val: 4, max_test: 2, allowed_max_length: 64}\n\
+         train: {epochs: 2, batch_size: 4, lr: 1.0e-3, eval_freq: 4, eval_iter: 1}\n\
          generation: {max_new_tokens: 8}\n",
     )?;
     let (code, _, err) = common::llmlab(&[
@@ -370,7 +395,7 @@ fn short_lora_run_lowers_validation_loss() -> Result<()> {
         "cpu",
     ])?;
     assert_eq!(code, 0, "{err}");
-    let trial = runs.join("tiny-instruct/default");
+    let trial = runs.join("tiny-instruct/base");
     let metrics = std::fs::read_to_string(trial.join("metrics.jsonl"))?;
     let last: serde_json::Value =
         serde_json::from_str(metrics.lines().last().expect("a final record"))?;
@@ -379,14 +404,25 @@ fn short_lora_run_lowers_validation_loss() -> Result<()> {
         last["val_loss"].as_f64().expect("val_loss"),
     );
     assert!(after < before, "validation loss {before} -> {after}\n{err}");
-    assert!(last["rouge_l"].as_f64().is_some_and(|r| (0.0..=1.0).contains(&r)));
-    assert!(last["val_response_perplexity"].as_f64().is_some_and(f64::is_finite));
+    assert!(last["rouge_l"]
+        .as_f64()
+        .is_some_and(|r| (0.0..=1.0).contains(&r)));
+    assert!(last["val_response_perplexity"]
+        .as_f64()
+        .is_some_and(f64::is_finite));
     let responses: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(trial.join("responses.json"))?)?;
     assert_eq!(responses.len(), 2);
-    assert!(responses.iter().all(|r| r["model_response"].is_string() && r["output"].is_string()));
+    assert!(responses
+        .iter()
+        .all(|r| r["model_response"].is_string() && r["output"].is_string()));
     assert!(err.contains("Sample after epoch 2"), "{err}");
-    for f in ["finetuned.safetensors", "finetuned.json", "loss.png", "config.yaml"] {
+    for f in [
+        "finetuned.safetensors",
+        "finetuned.json",
+        "loss.png",
+        "config.yaml",
+    ] {
         assert!(trial.join(f).is_file(), "{f} missing");
     }
     let (code, out, err) = common::llmlab(&[
@@ -394,6 +430,9 @@ fn short_lora_run_lowers_validation_loss() -> Result<()> {
         runs.join("tiny-instruct").to_str().expect("UTF-8 path"),
     ])?;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("rouge_l") && out.contains("val_response_perplexity"), "{out}");
+    assert!(
+        out.contains("rouge_l") && out.contains("val_response_perplexity"),
+        "{out}"
+    );
     Ok(())
 }
