@@ -63,7 +63,7 @@ fn collate_matches_the_books_worked_example() {
     assert!(x.equal(&x_book) && y.equal(&y_book));
 
     // Masking: prompts of 3, 1 and 2 tokens → targets[:prompt_len - 1] = -100.
-    let masked = vec![
+    let masked = [
         Encoded::new(vec![0, 1, 2, 3, 4], 3),
         Encoded::new(vec![5, 6], 1),
         Encoded::new(vec![7, 8, 9], 2),
