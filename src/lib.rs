@@ -7,6 +7,7 @@
 //! | ch04 GPT: LayerNorm, GELU, feed-forward, blocks, `GPTModel`, greedy generation | [`nn::layers`], [`models::gpt`] |
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
+//! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model | [`instruct`], [`eval`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
 //!
 //! Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
@@ -20,8 +21,10 @@ pub mod cli;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod eval;
 pub mod experiment;
 pub mod generate;
+pub mod instruct;
 pub mod models;
 pub mod nn;
 pub mod plot;

@@ -26,6 +26,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate_cmd(a),
         Command::Chat(a) => super::chat::chat(a),
         Command::Classify(a) => classify_cmd(a),
+        Command::Eval {
+            action: EvalAction::Judge(a),
+        } => judge_cmd(a),
         Command::Download(a) => download(a),
         Command::Bench(a) => bench(a),
     }
@@ -400,6 +403,43 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
             "wrote model.safetensors, model.yaml, metrics.jsonl, samples.jsonl, losses.png in {}",
             run_dir.display()
         );
+    }
+    Ok(())
+}
+
+fn judge_cmd(a: JudgeArgs) -> Result<()> {
+    use crate::eval::judge::{judge_file, judged_path, Api, JudgeConfig};
+    let api = match a.api {
+        JudgeApi::Openai => Api::Openai,
+        JudgeApi::Ollama => Api::Ollama,
+    };
+    let mut cfg = JudgeConfig::new(&a.judge_url, &a.judge_model, api);
+    cfg.seed = a.seed;
+    cfg.timeout = std::time::Duration::from_secs(a.timeout.max(1));
+    cfg.retries = a.retries;
+    let text = a.format == Format::Text;
+    let summary = judge_file(&a.responses, cfg, &mut |i, n, score| {
+        if text {
+            eprintln!(
+                "[{i}/{n}] {}",
+                score.map_or("unparsable".to_string(), |s| s.to_string())
+            );
+        }
+    })?;
+    if text {
+        println!(
+            "Number of scores: {} of {} ({} unparsable)",
+            summary.scored, summary.total, summary.unparsable
+        );
+        println!(
+            "Average score: {}",
+            summary
+                .mean_score
+                .map_or("n/a".to_string(), |m| format!("{m:.2}"))
+        );
+        println!("judged answers: {}", judged_path(&a.responses).display());
+    } else {
+        println!("{}", serde_json::to_string(&summary)?);
     }
     Ok(())
 }

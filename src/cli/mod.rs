@@ -44,6 +44,11 @@ pub enum Command {
     Chat(ChatArgs),
     /// Classify texts with a fine-tuned classifier (a `task: classify` run folder): label and probability.
     Classify(ClassifyArgs),
+    /// Evaluate instruction responses (book ch07 §7.8): score them with a judge model.
+    Eval {
+        #[command(subcommand)]
+        action: EvalAction,
+    },
     /// Download Hugging Face weights (GPT-2, SmolLM2, Llama 3.x) into the cache; prints the folder.
     Download(DownloadArgs),
     /// Micro-benchmarks (forward tokens/s); `make bench` runs them beside PyTorch.
@@ -80,6 +85,54 @@ pub struct RunArgs {
     pub only_trial: Option<String>,
     #[command(flatten)]
     pub compute: ComputeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalAction {
+    /// Score every `model_response` of a responses file 0-100 with a judge model behind an
+    /// OpenAI-compatible or Ollama API (the book's prompt, temperature 0, a seed). Writes every
+    /// judged answer to <responses>.judged.json beside the file.
+    Judge(JudgeArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum JudgeApi {
+    /// POST {url}/v1/chat/completions (vLLM, llama.cpp server, LM Studio, OpenAI, ...).
+    Openai,
+    /// POST {url}/api/chat with stream false (Ollama, as in the book).
+    Ollama,
+}
+
+#[derive(Args, Debug)]
+pub struct JudgeArgs {
+    /// A responses file: a JSON array of objects with instruction, input, output and
+    /// model_response (a `task: instruct` run's responses.json, or the book's
+    /// instruction-data-with-response.json).
+    #[arg(long)]
+    pub responses: PathBuf,
+    /// The judge server's base URL, e.g. http://localhost:11434 (Ollama) or http://localhost:8000.
+    #[arg(long)]
+    pub judge_url: String,
+    /// The judge model's name on that server, e.g. llama3.
+    #[arg(long)]
+    pub judge_model: String,
+    /// The API the server speaks.
+    #[arg(long, value_enum, default_value_t = JudgeApi::Openai)]
+    pub api: JudgeApi,
+    /// `text`: a progress line per response and a summary; `json`: one object
+    /// {"mean_score", "scored", "unparsable", "total"}.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// The seed sent with every request (the book: 123).
+    #[arg(long, default_value_t = 123)]
+    pub seed: u64,
+    /// Per-request time limit in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Retries of a request after a server error (5xx), a timeout or a dropped connection
+    /// (waiting 0.5 s, then twice as long each time).
+    #[arg(long, default_value_t = 3)]
+    pub retries: usize,
 }
 
 #[derive(Args, Debug)]

@@ -61,6 +61,21 @@ pub(crate) fn final_metrics(trial_dir: &Path) -> Vec<(String, f64)> {
         ]
         .map(String::from)
         .to_vec()
+    } else if last.get("rouge_l").is_some() {
+        // Instruction fine-tuning: losses, the judge-free figures of the responses, time.
+        [
+            "val_loss",
+            "initial_val_loss",
+            "val_response_loss",
+            "val_response_perplexity",
+            "exact_match",
+            "rouge_l",
+            "train_loss",
+            "train_seconds",
+            "step",
+        ]
+        .map(String::from)
+        .to_vec()
     } else if last.get("train_loss").is_some() {
         ["train_loss", "val_loss", "step", "tokens_seen"]
             .map(String::from)

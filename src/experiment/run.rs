@@ -7,6 +7,7 @@ use super::generate_task::GenerateTaskSpec;
 use super::{value_text, Experiment, Trial};
 use crate::classify::ClassifySpec;
 use crate::error::{write_atomic, LlmError};
+use crate::instruct::InstructSpec;
 use crate::tensorboard::{HParamDomain, HValue, SessionStatus, TbWriter};
 use crate::train::PretrainSpec;
 use anyhow::Result;
@@ -20,10 +21,11 @@ pub enum TaskSpec {
     Pretrain(Box<PretrainSpec>),
     Generate(Box<GenerateTaskSpec>),
     Classify(Box<ClassifySpec>),
+    Instruct(Box<InstructSpec>),
 }
 
 /// The tasks `llmlab run` knows so far.
-pub const TASKS: &[&str] = &["pretrain", "generate", "classify"];
+pub const TASKS: &[&str] = &["pretrain", "generate", "classify", "instruct"];
 
 /// What `status.json` of a trial says.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,6 +113,14 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
                 }
                 TaskSpec::Classify(Box::new(spec))
             }
+            "instruct" => {
+                let spec: InstructSpec = exp.parse_trial(&t)?;
+                spec.validate().map_err(locate)?;
+                if check_files {
+                    check_instruct_inputs(&spec, exp, &t)?;
+                }
+                TaskSpec::Instruct(Box::new(spec))
+            }
             _ => {
                 let spec: PretrainSpec = exp.parse_trial(&t)?;
                 spec.validate("").map_err(locate)?;
@@ -127,6 +137,31 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
 
 /// A classification trial's data set or file and its model must exist before anything runs.
 fn check_classify_inputs(spec: &ClassifySpec, exp: &Experiment, t: &Trial) -> Result<()> {
+    if let Some(p) = &spec.data.path {
+        if !p.is_file() {
+            return Err(LlmError::Config {
+                origin: exp.origin_of("data.path", t),
+                message: format!("data.path: {} does not exist", p.display()),
+            }
+            .into());
+        }
+    }
+    if let Some(d) = &spec.data.dataset {
+        let reg = crate::data::registry::Registry::builtin()?;
+        reg.get(d).map_err(|e| LlmError::Config {
+            origin: exp.origin_of("data.dataset", t),
+            message: format!("data.dataset: {e}"),
+        })?;
+    }
+    crate::models::LmSpec::parse(&spec.model.name).map_err(|e| LlmError::Config {
+        origin: exp.origin_of("model.name", t),
+        message: format!("model.name: {e:#}"),
+    })?;
+    Ok(())
+}
+
+/// An instruction trial's data set or file and its model must exist before anything runs.
+fn check_instruct_inputs(spec: &InstructSpec, exp: &Experiment, t: &Trial) -> Result<()> {
     if let Some(p) = &spec.data.path {
         if !p.is_file() {
             return Err(LlmError::Config {
@@ -418,6 +453,13 @@ fn write_tb_experiment(exp: &Experiment, dir: &Path) -> Result<()> {
             "final/val_accuracy",
             "final/test_accuracy",
         ],
+        "instruct" => &[
+            "val/loss",
+            "train/loss",
+            "final/val_response_loss",
+            "final/rouge_l",
+            "final/exact_match",
+        ],
         _ => &["val/loss", "train/loss"],
     };
     let mut w = TbWriter::new(dir)?;
@@ -615,6 +657,19 @@ fn run_with(
                     &mut events,
                 )
                 .map(|_| ());
+                tb_end = events.tb.take();
+                r
+            }
+            TaskSpec::Instruct(spec) => {
+                crate::device::set_threads(opts.threads);
+                let restart = opts.restart || rerun_failed;
+                let mut events = TrialEvents {
+                    progress: &mut *progress,
+                    label: trial.slug.clone(),
+                    tb,
+                };
+                let r = crate::instruct::train::run(spec, &dir, opts.device, restart, &mut events)
+                    .map(|_| ());
                 tb_end = events.tb.take();
                 r
             }

@@ -1,0 +1,260 @@
+//! The instruction fine-tuning experiment file (`task: instruct`), validated before anything runs.
+use super::data::InstructDataSpec;
+use crate::error::LlmError;
+use crate::generate::GenerateSpec;
+use crate::nn::lora::LoraConfig;
+use crate::train::spec::FusedAdamW;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstructSpec {
+    pub name: String,
+    #[serde(default = "task_instruct")]
+    pub task: String,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub model: InstructModelSpec,
+    #[serde(default)]
+    pub data: InstructDataSpec,
+    #[serde(default)]
+    pub finetune: InstructFinetuneSpec,
+    #[serde(default)]
+    pub train: InstructTrainSpec,
+    #[serde(default)]
+    pub generation: GenerationSettings,
+}
+
+fn task_instruct() -> String {
+    "instruct".into()
+}
+fn default_seed() -> u64 {
+    123
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstructModelSpec {
+    /// A model spec as `llmlab generate --model` takes it (`smollm2-135m-instruct`,
+    /// `gpt2:DIR`, a `.gguf` file, `hf:DIR`, a run folder, a preset).
+    pub name: String,
+    /// Dropout rate while fine-tuning (default: the model's own; the book uses 0.0).
+    #[serde(default)]
+    pub dropout: Option<f64>,
+}
+
+/// What trains: every weight (the book's ch07) or LoRA adapters (appendix E).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    #[default]
+    Full,
+    Lora,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstructFinetuneSpec {
+    /// full or lora.
+    #[serde(default)]
+    pub method: Method,
+    /// LoRA settings (used with `method: lora`).
+    #[serde(default)]
+    pub lora: LoraConfig,
+}
+
+impl Default for InstructFinetuneSpec {
+    fn default() -> Self {
+        Self {
+            method: Method::Full,
+            lora: LoraConfig::default(),
+        }
+    }
+}
+
+/// The chapter-7 training settings (`train_model_simple` with the book's values).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstructTrainSpec {
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_wd")]
+    pub weight_decay: f64,
+    /// Evaluate every N optimizer steps.
+    #[serde(default = "five")]
+    pub eval_freq: usize,
+    /// Batches per evaluation.
+    #[serde(default = "five")]
+    pub eval_iter: usize,
+    #[serde(default = "one")]
+    pub grad_accum_steps: usize,
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    #[serde(default)]
+    pub threads: Option<usize>,
+    #[serde(default, skip_serializing_if = "FusedAdamW::is_auto")]
+    pub fused_adamw: FusedAdamW,
+}
+
+fn default_epochs() -> usize {
+    2
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_lr() -> f64 {
+    5e-5
+}
+fn default_wd() -> f64 {
+    0.1
+}
+fn five() -> usize {
+    5
+}
+fn one() -> usize {
+    1
+}
+
+impl Default for InstructTrainSpec {
+    fn default() -> Self {
+        Self {
+            epochs: default_epochs(),
+            batch_size: default_batch(),
+            lr: default_lr(),
+            weight_decay: default_wd(),
+            eval_freq: 5,
+            eval_iter: 5,
+            grad_accum_steps: 1,
+            max_grad_norm: None,
+            threads: None,
+            fused_adamw: FusedAdamW::Auto,
+        }
+    }
+}
+
+/// How responses are generated (the epoch samples and the test responses).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSettings {
+    /// The book: 256 for the test responses.
+    #[serde(default = "default_new_tokens")]
+    pub max_new_tokens: usize,
+    /// 0: greedy (the book).
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default)]
+    pub top_k: Option<i64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    /// Generate responses for the test split after training (`responses.json`).
+    #[serde(default = "yes")]
+    pub responses: bool,
+}
+
+fn default_new_tokens() -> usize {
+    256
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for GenerationSettings {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: default_new_tokens(),
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            responses: true,
+        }
+    }
+}
+
+impl GenerationSettings {
+    /// The generation spec with the model's stop ids.
+    pub fn to_spec(&self, seed: u64, eos_id: Option<i64>, stop_ids: Vec<i64>) -> GenerateSpec {
+        GenerateSpec {
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: Some(seed),
+            eos_id,
+            stop_ids,
+            use_cache: true,
+        }
+    }
+}
+
+impl InstructSpec {
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, LlmError> {
+        serde_yaml::from_str(text).map_err(|e| LlmError::Config {
+            origin: origin.into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Range checks; the message starts with the key (the runner locates it in the file).
+    pub fn validate(&self) -> Result<(), LlmError> {
+        let err = |m: String| {
+            Err(LlmError::Config {
+                origin: String::new(),
+                message: m,
+            })
+        };
+        if self.task != "instruct" {
+            return err(format!("task: '{}': expected instruct", self.task));
+        }
+        if let Some(p) = self.model.dropout {
+            if !(0.0..1.0).contains(&p) {
+                return err(format!("model.dropout: {p}: expected a value in [0, 1)"));
+            }
+        }
+        if let Some(m) = self.data.check() {
+            return err(m);
+        }
+        if let Some(m) = self.finetune.lora.check() {
+            return err(m);
+        }
+        let t = &self.train;
+        if t.epochs == 0 {
+            return err("train.epochs: 0: expected at least 1".into());
+        }
+        if t.batch_size == 0 {
+            return err("train.batch_size: 0: expected at least 1".into());
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return err(format!("train.lr: {}: expected a number > 0", t.lr));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return err(format!(
+                "train.weight_decay: {}: expected a number >= 0",
+                t.weight_decay
+            ));
+        }
+        if t.eval_freq == 0 || t.eval_iter == 0 || t.grad_accum_steps == 0 {
+            return err(
+                "train.eval_freq, train.eval_iter and train.grad_accum_steps: expected at least 1"
+                    .into(),
+            );
+        }
+        if let Some(g) = t.max_grad_norm {
+            if !(g.is_finite() && g > 0.0) {
+                return err(format!("train.max_grad_norm: {g}: expected a number > 0"));
+            }
+        }
+        let g = &self.generation;
+        if g.max_new_tokens == 0 {
+            return err("generation.max_new_tokens: 0: expected at least 1".into());
+        }
+        let gs = g.to_spec(self.seed, None, Vec::new());
+        if let Err(LlmError::Config { message, .. }) = gs.validate() {
+            return err(format!("generation.{message}"));
+        }
+        Ok(())
+    }
+}
