@@ -262,6 +262,7 @@ fn resolved_config(task: &TaskSpec) -> Result<String> {
         TaskSpec::Pretrain(s) => serde_yaml::to_string(s)?,
         TaskSpec::Generate(s) => serde_yaml::to_string(s)?,
         TaskSpec::Classify(s) => serde_yaml::to_string(s)?,
+        TaskSpec::Instruct(s) => serde_yaml::to_string(s)?,
     })
 }
 
