@@ -6,7 +6,7 @@
 //! | ch03 attention: self-attention → causal → multi-head | [`nn::attention`] |
 //! | ch04 GPT: LayerNorm, GELU, feed-forward, blocks, `GPTModel`, greedy generation | [`nn::layers`], [`models::gpt`] |
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
-//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
+//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`], [`nn::quant`] |
 //!
 //! Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
 //! text samples, the HParams dashboard's data) in [`tensorboard`].
