@@ -8,7 +8,7 @@
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
 //! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model | [`instruct`], [`eval`] |
-//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`] |
+//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`], [`nn::quant`] |
 //!
 //! Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
 //! text samples, the HParams dashboard's data) in [`tensorboard`].

@@ -27,7 +27,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     };
     spec.validate()?;
     let mut lm = LoadedLm::load(&a.model, device)?;
-    lm.set_kind(a.dtype.kind());
+    lm.set_dtype(a.dtype)?;
     let tpl = lm.chat.clone().ok_or_else(|| {
         LlmError::Usage(format!(
             "{} has no chat template llmlab knows (ChatML or Llama 3); use `llmlab generate` for plain completion",

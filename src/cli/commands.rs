@@ -490,7 +490,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     };
     spec.validate()?;
     let mut lm = LoadedLm::load(&a.model, device)?;
-    lm.set_kind(a.dtype.kind());
+    lm.set_dtype(a.dtype)?;
     if !a.ignore_eos {
         spec.eos_id = lm.eos_id;
     }
@@ -707,7 +707,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                     (config.clone(), LoadedLm::fresh_gpt(&config, device)?)
                 }
             };
-            lm.set_kind(dtype.kind());
+            lm.set_dtype(dtype)?;
             let vocab = lm.vocab_size();
             let prompt: Vec<i64> = (0..prompt_tokens as i64)
                 .map(|i| (i * 7919) % vocab)
@@ -722,7 +722,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 prefill.push(prompt_tokens as f64 / g.prompt_seconds.max(1e-9));
             }
             serde_json::json!({"impl": "llmlab", "what": "generate", "config": label, "kv_cache": !no_cache,
-                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "dtype": format!("{dtype:?}").to_lowercase(),
+                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "dtype": dtype.name(),
                 "threads": tch::get_num_threads(), "device": device_name(device),
                 "tokens_per_s": median(&mut decode), "prompt_tokens_per_s": median(&mut prefill)})
         }

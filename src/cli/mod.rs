@@ -1,5 +1,6 @@
 //! Command-line interface (clap only; every command calls into the library).
 use crate::device::Precision;
+use crate::models::InferenceDtype;
 use crate::train::spec::FusedAdamW;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -183,23 +184,6 @@ pub enum DataAction {
     },
 }
 
-/// Weight dtype for inference: f32 (exact, the parity tests' setting) or bf16 (half the bytes
-/// per decoded token; f32 accumulation in the matmuls).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum DType {
-    F32,
-    Bf16,
-}
-
-impl DType {
-    pub fn kind(self) -> tch::Kind {
-        match self {
-            DType::F32 => tch::Kind::Float,
-            DType::Bf16 => tch::Kind::BFloat16,
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     Text,
@@ -360,8 +344,10 @@ pub struct GenerateArgs {
     /// Keep generating past <|endoftext|>.
     #[arg(long)]
     pub ignore_eos: bool,
-    #[arg(long, value_enum, default_value_t = DType::F32)]
-    pub dtype: DType,
+    /// Inference weights: f32 (exact), bf16 (half the bytes per token) or q4 (Llama models on
+    /// the CPU: weight-only 4-bit, GGUF Q4_1's groups of 32, bf16 activations; fastest decode).
+    #[arg(long, value_enum, default_value_t = InferenceDtype::F32)]
+    pub dtype: InferenceDtype,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     #[command(flatten)]
@@ -388,9 +374,10 @@ pub struct ChatArgs {
     pub top_p: f64,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// bf16 weights answer about twice as fast on CPUs with AVX512-BF16 and on GPUs.
-    #[arg(long, value_enum, default_value_t = DType::F32)]
-    pub dtype: DType,
+    /// Inference weights: f32 (exact), bf16 (half the bytes per token) or q4 (Llama models on
+    /// the CPU: weight-only 4-bit, GGUF Q4_1's groups of 32, bf16 activations; fastest decode).
+    #[arg(long, value_enum, default_value_t = InferenceDtype::F32)]
+    pub dtype: InferenceDtype,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -449,8 +436,10 @@ pub enum BenchWhat {
         no_cache: bool,
         #[arg(long, default_value_t = 3)]
         iters: usize,
-        #[arg(long, value_enum, default_value_t = DType::F32)]
-        dtype: DType,
+        /// Inference weights: f32 (exact), bf16 (half the bytes per token) or q4 (Llama models on
+        /// the CPU: weight-only 4-bit, GGUF Q4_1's groups of 32, bf16 activations; fastest decode).
+        #[arg(long, value_enum, default_value_t = InferenceDtype::F32)]
+        dtype: InferenceDtype,
         #[command(flatten)]
         compute: ComputeArgs,
     },

@@ -9,13 +9,14 @@
 //! model: smollm2-135m-instruct          # any --model spec
 //! prompts: ["Once upon a time", "The best way to learn"]
 //! chat: false                           # wrap each prompt in the model's chat template
+//! dtype: f32                            # f32 | bf16 | q4 (as --dtype)
 //! generate: {max_new_tokens: 40, temperature: 0.7, top_k: 50, top_p: null, samples: 3}
 //! sweep: {generate.temperature: [0.0, 0.7, 1.4]}
 //! ```
 use crate::chat::Message;
 use crate::error::{write_atomic, LlmError};
 use crate::generate::GenerateSpec;
-use crate::models::LoadedLm;
+use crate::models::{InferenceDtype, LoadedLm};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -33,18 +34,15 @@ pub struct GenerateTaskSpec {
     pub prompts: Vec<String>,
     #[serde(default)]
     pub chat: bool,
-    /// Weights dtype: f32 or bf16.
-    #[serde(default = "default_dtype")]
-    pub dtype: String,
+    /// Inference weights: f32, bf16 or q4 (as `llmlab generate --dtype`).
+    #[serde(default)]
+    pub dtype: InferenceDtype,
     #[serde(default)]
     pub generate: Sampling,
 }
 
 fn default_seed() -> u64 {
     123
-}
-fn default_dtype() -> String {
-    "f32".into()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,12 +83,6 @@ impl GenerateTaskSpec {
         }
         if self.generate.max_new_tokens == 0 {
             return Err(bad("generate.max_new_tokens: must be at least 1".into()));
-        }
-        if !matches!(self.dtype.as_str(), "f32" | "bf16") {
-            return Err(bad(format!(
-                "dtype: '{}': expected f32 or bf16",
-                self.dtype
-            )));
         }
         let t = self.generate.temperature;
         if !(t >= 0.0 && t.is_finite()) {
@@ -164,11 +156,7 @@ pub fn run(
         serde_yaml::to_string(spec)?.as_bytes(),
     )?;
     let mut lm = LoadedLm::load(&spec.model, device)?;
-    lm.set_kind(if spec.dtype == "bf16" {
-        tch::Kind::BFloat16
-    } else {
-        tch::Kind::Float
-    });
+    lm.set_dtype(spec.dtype)?;
     let mut samples = Vec::new();
     let (mut tokens, mut seconds) = (0usize, 0f64);
     for prompt in &spec.prompts {

@@ -9,6 +9,7 @@
 //! [`crate::weights::llama`] maps GGUF and Hugging Face names onto them.
 use crate::error::LlmError;
 use crate::nn::attention::{causal_mask, KvCache};
+use crate::nn::quant::{int4_unsupported, Int4Linear};
 use crate::nn::Linear;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -314,6 +315,40 @@ impl Rope {
     }
 }
 
+/// How eval mode multiplies by the blocks' linear weights (see
+/// [`LlamaModel::prepare_for_inference`] and [`LlamaModel::prepare_for_inference_q4`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockWeights {
+    /// The variables themselves (fused q/k/v and gate/up views), in their dtype.
+    Dense,
+    /// 4-bit codes in groups of `group` inputs with a scale and a minimum ([`Int4Linear`]).
+    Int4 { group: i64 },
+}
+
+/// A projection `x Wᵀ` as eval mode runs it: a dense weight `(out, in)` (the variable, or a fused
+/// tensor the variables are views of) or its 4-bit quantisation.
+#[derive(Debug)]
+pub enum Projection {
+    Dense(Tensor),
+    Int4(Int4Linear),
+}
+
+impl Projection {
+    fn new(w: Tensor, weights: BlockWeights) -> Self {
+        match weights {
+            BlockWeights::Dense => Self::Dense(w),
+            BlockWeights::Int4 { group } => Self::Int4(Int4Linear::quantize(&w, group)),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Self::Dense(w) => x.linear::<Tensor>(w, None),
+            Self::Int4(q) => q.forward(x),
+        }
+    }
+}
+
 /// Grouped-query attention: `n_heads` query heads share `n_kv_groups` key/value heads.
 #[derive(Debug)]
 pub struct GroupedQueryAttention {
@@ -327,8 +362,11 @@ pub struct GroupedQueryAttention {
     /// `false` lets every token attend to every other one (a classification ablation).
     pub causal: bool,
     /// `[W_query; W_key; W_value]` in one tensor whose rows the three weights are views of
-    /// (see [`LlamaModel::fuse_projections`]); used in eval mode: one matmul instead of three.
-    qkv: Option<Tensor>,
+    /// (see [`LlamaModel::prepare_for_inference`]), or its 4-bit form; used in eval mode: one
+    /// matmul instead of three.
+    qkv: Option<Projection>,
+    /// `out_proj` as eval mode runs it.
+    out: Option<Projection>,
 }
 
 /// Concatenates `weights` along the rows into one tensor and makes each weight a view of its
@@ -363,15 +401,18 @@ impl GroupedQueryAttention {
             head_dim: hd,
             causal: true,
             qkv: None,
+            out: None,
         }
     }
 
-    fn fuse(&mut self) {
-        self.qkv = Some(fuse_rows(&mut [
+    fn prepare(&mut self, weights: BlockWeights) {
+        let qkv = fuse_rows(&mut [
             &mut self.w_query.ws,
             &mut self.w_key.ws,
             &mut self.w_value.ws,
-        ]));
+        ]);
+        self.qkv = Some(Projection::new(qkv, weights));
+        self.out = Some(Projection::new(self.out_proj.ws.shallow_clone(), weights));
     }
 
     pub fn forward(
@@ -389,9 +430,7 @@ impl GroupedQueryAttention {
         let (q, k, v) = match (&self.qkv, train || adapted) {
             (Some(w), false) => {
                 let (dq, dkv) = (self.n_heads * self.head_dim, self.n_kv * self.head_dim);
-                let parts = x
-                    .linear::<Tensor>(w, None)
-                    .split_with_sizes([dq, dkv, dkv], -1);
+                let parts = w.forward(x).split_with_sizes([dq, dkv, dkv], -1);
                 (
                     heads(&parts[0], self.n_heads),
                     heads(&parts[1], self.n_kv),
@@ -447,7 +486,10 @@ impl GroupedQueryAttention {
             .transpose(1, 2)
             .contiguous()
             .view([b, n, self.n_heads * self.head_dim]);
-        self.out_proj.forward_t(&ctx, train)
+        match (&self.out, train || self.out_proj.lora.is_some()) {
+            (Some(o), false) => o.forward(&ctx),
+            _ => self.out_proj.forward_t(&ctx, train),
+        }
     }
 }
 
@@ -458,7 +500,9 @@ pub struct SwiGlu {
     pub fc2: Linear,
     pub fc3: Linear,
     /// `[fc1; fc2]` fused like the attention's `qkv`.
-    gate_up: Option<Tensor>,
+    gate_up: Option<Projection>,
+    /// `fc3` as eval mode runs it.
+    down: Option<Projection>,
 }
 
 impl SwiGlu {
@@ -468,19 +512,24 @@ impl SwiGlu {
             fc2: plain_linear(p / "fc2", cfg.emb_dim, cfg.hidden_dim),
             fc3: plain_linear(p / "fc3", cfg.hidden_dim, cfg.emb_dim),
             gate_up: None,
+            down: None,
         }
     }
 
-    fn fuse(&mut self) {
-        self.gate_up = Some(fuse_rows(&mut [&mut self.fc1.ws, &mut self.fc2.ws]));
+    fn prepare(&mut self, weights: BlockWeights) {
+        let gate_up = fuse_rows(&mut [&mut self.fc1.ws, &mut self.fc2.ws]);
+        self.gate_up = Some(Projection::new(gate_up, weights));
+        self.down = Some(Projection::new(self.fc3.ws.shallow_clone(), weights));
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let adapted = self.fc1.lora.is_some() || self.fc2.lora.is_some();
-        match (&self.gate_up, train || adapted) {
-            (Some(w), false) => {
-                let gu = x.linear::<Tensor>(w, None).chunk(2, -1);
-                self.fc3.forward_t(&(gu[0].silu() * &gu[1]), false)
+        let adapted = [&self.fc1, &self.fc2, &self.fc3]
+            .iter()
+            .any(|l| l.lora.is_some());
+        match (&self.gate_up, &self.down, train || adapted) {
+            (Some(w), Some(down), false) => {
+                let gu = w.forward(x).chunk(2, -1);
+                down.forward(&(gu[0].silu() * &gu[1]))
             }
             _ => self.fc3.forward_t(
                 &(self.fc1.forward_t(x, train).silu() * self.fc2.forward_t(x, train)),
@@ -668,12 +717,56 @@ impl LlamaModel {
     /// of the fused ones, so training later still updates what inference reads; call it again
     /// after changing the dtype.
     pub fn prepare_for_inference(&mut self) {
+        self.prepare_blocks(BlockWeights::Dense);
+    }
+
+    /// Weight-only 4-bit inference (`--dtype q4`): every linear layer of every block (the fused
+    /// q/k/v, `out_proj`, the fused gate/up, `fc3`) is quantised from its current values to 4-bit
+    /// codes in groups of [`Q4_GROUP`](crate::nn::quant::Q4_GROUP) inputs with a scale and a
+    /// minimum ([`Int4Linear`]); then `vs` (the model's `VarStore`) is cast to bf16, so the
+    /// activations, the norms and the embedding/output head run in bf16. Call it while the
+    /// weights are still f32: on a Q4_1 GGUF file's weights the codes are the file's own
+    /// (llama.cpp running the file at its own precision, up to bf16 scales). Eval mode only: the
+    /// codes are a snapshot, training reads (and updates) the bf16 variables.
+    pub fn prepare_for_inference_q4(&mut self, vs: &mut nn::VarStore) -> Result<(), LlmError> {
+        let group = crate::nn::quant::Q4_GROUP;
+        let inputs = [
+            self.cfg.emb_dim,
+            self.cfg.n_heads * self.cfg.head_dim(),
+            self.cfg.hidden_dim,
+        ];
+        if let Some(why) = inputs
+            .iter()
+            .find_map(|&k| int4_unsupported(k, group, self.device()))
+        {
+            return Err(LlmError::Usage(format!(
+                "--dtype q4: {why}; use f32 or bf16"
+            )));
+        }
+        self.prepare_blocks(BlockWeights::Int4 { group });
+        vs.set_kind(Kind::BFloat16);
+        self.rope.set_kind(Kind::BFloat16);
+        Ok(())
+    }
+
+    fn prepare_blocks(&mut self, weights: BlockWeights) {
         let kind = self.tok_emb.ws.kind();
         self.rope.set_kind(kind);
         for b in &mut self.trf_blocks {
-            b.att.fuse();
-            b.ff.fuse();
+            b.att.prepare(weights);
+            b.ff.prepare(weights);
         }
+    }
+
+    /// How eval mode runs the blocks' linear layers: `None` before any `prepare_for_inference*`.
+    pub fn block_weights(&self) -> Option<BlockWeights> {
+        self.trf_blocks
+            .first()
+            .and_then(|b| b.att.qkv.as_ref())
+            .map(|p| match p {
+                Projection::Dense(_) => BlockWeights::Dense,
+                Projection::Int4(q) => BlockWeights::Int4 { group: q.group },
+            })
     }
 
     /// Number of positions the RoPE tables cover.

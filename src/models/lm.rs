@@ -17,9 +17,44 @@ use crate::models::llama::{LlamaConfig, LlamaModel};
 use crate::models::ModelSource;
 use crate::weights::gguf::GgufFile;
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::Device;
+
+/// Weights and arithmetic for inference (`--dtype`, a generate task's `dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InferenceDtype {
+    /// f32 weights and activations: exact, what the parity tests check (the default).
+    #[default]
+    F32,
+    /// bf16 weights and activations (f32 accumulation): half the bytes per decoded token.
+    Bf16,
+    /// Weight-only 4-bit (Llama models, CPU): the blocks' linear weights as 4-bit codes in
+    /// groups of 32 with a scale and a minimum (GGUF Q4_1; a Q4_1 file runs at its own
+    /// precision, as in llama.cpp), activations, norms and embedding/head in bf16.
+    Q4,
+}
+
+impl InferenceDtype {
+    /// The dtype the variables are cast to; `None` for q4 (see [`LoadedLm::set_dtype`]).
+    pub fn kind(self) -> Option<tch::Kind> {
+        match self {
+            Self::F32 => Some(tch::Kind::Float),
+            Self::Bf16 => Some(tch::Kind::BFloat16),
+            Self::Q4 => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Q4 => "q4",
+        }
+    }
+}
 
 /// The pretrained model `make setup` installs.
 pub const SMOLLM2_INSTRUCT: &str = "smollm2-135m-instruct";
@@ -384,6 +419,25 @@ impl LoadedLm {
         if let AnyModel::Llama(m) = &mut self.model {
             m.prepare_for_inference();
         }
+    }
+
+    /// Sets the model up for inference at `dtype` (`--dtype`): f32 and bf16 cast the weights
+    /// ([`Self::set_kind`]); q4 quantises a Llama model's block weights to 4 bits and runs the
+    /// rest in bf16 ([`LlamaModel::prepare_for_inference_q4`]; call it on the f32 weights as
+    /// loaded). q4 is for Llama-family models on the CPU; anything else is a usage error.
+    pub fn set_dtype(&mut self, dtype: InferenceDtype) -> Result<()> {
+        match (dtype.kind(), &mut self.model) {
+            (Some(kind), _) => self.set_kind(kind),
+            (None, AnyModel::Llama(m)) => m.prepare_for_inference_q4(&mut self.vs)?,
+            (None, AnyModel::Gpt(_)) => {
+                return Err(LlmError::Usage(format!(
+                    "--dtype q4: {} is a GPT model; 4-bit weights are for Llama-family models (SmolLM2, Llama 3); use f32 or bf16",
+                    self.name
+                ))
+                .into())
+            }
+        }
+        Ok(())
     }
 
     pub fn vocab_size(&self) -> i64 {

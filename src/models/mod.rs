@@ -7,7 +7,7 @@ pub mod loader;
 
 pub use gpt::{generate_text_simple, param_stats, GptConfig, GptModel};
 pub use llama::{LlamaConfig, LlamaModel};
-pub use lm::{LmSpec, LoadedLm};
+pub use lm::{InferenceDtype, LmSpec, LoadedLm};
 pub use loader::ModelSource;
 
 /// The YAML text of a built-in preset (`(name, text)` pairs compiled in from `configs/models/`),

@@ -12,7 +12,8 @@ counts; tables report medians over rounds, the spread, and ratios against the re
             generate_text_simple (no cache)
   smollm2   SmolLM2-135M-Instruct from its GGUF file, batch 1: greedy decode of 128 tokens after a
             20-token prompt, and prompt processing of a 512-token prompt; llmlab vs transformers
-            (which dequantizes the same file), f32 and bf16 weights
+            (which dequantizes the same file), f32 and bf16 weights, and llmlab `--dtype q4`
+            (the file's Q4_1 blocks as 4-bit weights, bf16 activations)
 """
 import argparse
 import json
@@ -225,6 +226,8 @@ def main():
             impls[f"llmlab {dt}"] = [ll + ["generate", *model, *dec, "--dtype", dt],
                                       ll + ["generate", *model, *pre, "--dtype", dt]]
             impls[f"transformers {dt}"] = [me + ["--what", "smollm2", "--dtype", dt, *dec]]
+        impls["llmlab q4"] = [ll + ["generate", *model, *dec, "--dtype", "q4"],
+                              ll + ["generate", *model, *pre, "--dtype", "q4"]]
         decode = {k: [] for k in impls}
         prefill = {k: [] for k in impls}
         for r in range(a.rounds):
