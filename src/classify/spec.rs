@@ -198,31 +198,18 @@ impl ClassifySpec {
             return err(m);
         }
         let t = &self.train;
-        if t.epochs == 0 {
-            return err("train.epochs: 0: expected at least 1".into());
-        }
-        if t.batch_size == 0 {
-            return err("train.batch_size: 0: expected at least 1".into());
-        }
-        if !(t.lr.is_finite() && t.lr > 0.0) {
-            return err(format!("train.lr: {}: expected a number > 0", t.lr));
-        }
-        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
-            return err(format!(
-                "train.weight_decay: {}: expected a number >= 0",
-                t.weight_decay
-            ));
-        }
-        if t.eval_freq == 0 || t.eval_iter == 0 || t.grad_accum_steps == 0 {
-            return err(
-                "train.eval_freq, train.eval_iter and train.grad_accum_steps: expected at least 1"
-                    .into(),
-            );
-        }
-        if let Some(g) = t.max_grad_norm {
-            if !(g.is_finite() && g > 0.0) {
-                return err(format!("train.max_grad_norm: {g}: expected a number > 0"));
-            }
+        let ranges = crate::train::finetune::TrainRanges {
+            epochs: t.epochs,
+            batch_size: t.batch_size,
+            lr: t.lr,
+            weight_decay: t.weight_decay,
+            eval_freq: t.eval_freq,
+            eval_iter: t.eval_iter,
+            grad_accum_steps: t.grad_accum_steps,
+            max_grad_norm: t.max_grad_norm,
+        };
+        if let Some(m) = ranges.problem() {
+            return err(m);
         }
         if self.data.padding == Padding::None && t.batch_size != 1 {
             return err(format!(

@@ -14,8 +14,9 @@ use super::spec::{ClassifySpec, Weights};
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::models::lm::{AnyModel, LoadedLm};
 use crate::plot::{plot_values, LossPoint};
+use crate::train::finetune::{io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint};
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::trainer::{append_line, seed_for_step, truncate_jsonl, TrainEvents};
+use crate::train::trainer::{append_line, seed_for_step, TrainEvents};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -399,81 +400,6 @@ pub struct ClassifyOutcome {
     pub already_finished: bool,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
-    move |source| LlmError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// Saves the trained tensors, the optimizer moments and the state (atomically: a temp folder
-/// renamed over `checkpoints/last`).
-fn save_checkpoint(
-    run_dir: &Path,
-    trained: &[(String, Tensor)],
-    opt: &AdamW,
-    state: &ClassifyState,
-) -> Result<()> {
-    let ck = run_dir.join("checkpoints");
-    std::fs::create_dir_all(&ck).map_err(io(&ck))?;
-    let tmp = ck.join(".last.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let mut named: Vec<(String, Tensor)> = trained
-        .iter()
-        .map(|(n, t)| (format!("param.{n}"), t.detach().to_device(Device::Cpu)))
-        .collect();
-    named.extend(opt.state_tensors());
-    Tensor::write_safetensors(&named, tmp.join("trainable.safetensors"))?;
-    write_atomic(
-        &tmp.join("state.json"),
-        serde_json::to_string(&(state, opt.step))?.as_bytes(),
-    )?;
-    let last = ck.join("last");
-    let old = ck.join(".last.old");
-    let _ = std::fs::remove_dir_all(&old);
-    if last.exists() {
-        std::fs::rename(&last, &old).map_err(io(&last))?;
-    }
-    std::fs::rename(&tmp, &last).map_err(io(&last))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
-}
-
-fn load_checkpoint(
-    run_dir: &Path,
-    trained: &[(String, Tensor)],
-    opt: &mut AdamW,
-) -> Result<Option<ClassifyState>> {
-    let dir = run_dir.join("checkpoints").join("last");
-    if !dir.join("state.json").is_file() {
-        return Ok(None);
-    }
-    let bad = |m: String| LlmError::Checkpoint {
-        path: dir.clone(),
-        message: m,
-    };
-    let (state, step): (ClassifyState, i64) =
-        serde_json::from_str(&read_text(&dir.join("state.json"))?)
-            .map_err(|e| bad(e.to_string()))?;
-    let tensors: BTreeMap<String, Tensor> =
-        Tensor::read_safetensors(dir.join("trainable.safetensors"))
-            .map_err(|e| bad(e.to_string()))?
-            .into_iter()
-            .collect();
-    {
-        let _g = tch::no_grad_guard();
-        for (name, t) in trained {
-            let src = tensors
-                .get(&format!("param.{name}"))
-                .ok_or_else(|| bad(format!("missing tensor '{name}'")))?;
-            t.shallow_clone().copy_(src);
-        }
-    }
-    opt.load_state_tensors(&tensors, step).map_err(bad)?;
-    Ok(Some(state))
-}
-
 /// Fine-tunes (or resumes, or reports as finished) the classifier `spec` describes in `run_dir`.
 pub fn run(
     spec: &ClassifySpec,
@@ -485,50 +411,17 @@ pub fn run(
 ) -> Result<ClassifyOutcome> {
     spec.validate()?;
     crate::device::set_threads(spec.train.threads);
-    std::fs::create_dir_all(run_dir).map_err(io(run_dir))?;
-    let config_path = run_dir.join("config.yaml");
-    let status_path = run_dir.join("status.json");
     let metrics_path = run_dir.join("metrics.jsonl");
-    let resolved = serde_yaml::to_string(spec)?;
-    if restart {
-        for p in [&config_path, &status_path, &metrics_path] {
-            let _ = std::fs::remove_file(p);
-        }
-        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
-    }
-    if config_path.is_file() {
-        if read_text(&config_path)? != resolved {
-            return Err(LlmError::Usage(format!(
-                "{} holds a run with a different config ({}); resume it with the same settings, pass --restart to start over, or choose another folder",
-                run_dir.display(),
-                config_path.display()
-            ))
-            .into());
-        }
-    } else {
-        write_atomic(&config_path, resolved.as_bytes())?;
-    }
-    if status_path.is_file() && read_text(&status_path)?.contains("\"finished\"") {
-        let text = read_text(&metrics_path)?;
-        let evals = text
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        let result = text
-            .lines()
-            .rev()
-            .find_map(|l| serde_json::from_str::<ClassifyFinal>(l).ok())
-            .ok_or_else(|| LlmError::BadFile {
-                path: metrics_path.clone(),
-                message: "a finished run without its final record".into(),
-            })?;
+    if let Some(done) =
+        open_run_dir::<_, ClassifyFinal>(run_dir, &serde_yaml::to_string(spec)?, restart)?
+    {
         events.log(&format!(
             "{} already finished (pass --restart to train again)",
             run_dir.display()
         ));
         return Ok(ClassifyOutcome {
-            evals,
-            result,
+            evals: done.evals,
+            result: done.result,
             already_finished: true,
         });
     }
@@ -566,17 +459,7 @@ pub fn run(
     let mut evals: Vec<ClassifyEval> = Vec::new();
     if let Some(s) = load_checkpoint(run_dir, &trained, &mut opt)? {
         state = s;
-        // A run stopped after its final evaluation recomputes it: drop that line.
-        let kept: Vec<String> = truncate_jsonl(&metrics_path, state.step)?
-            .into_iter()
-            .filter(|l| serde_json::from_str::<ClassifyFinal>(l).is_err())
-            .collect();
-        let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
-        write_atomic(&metrics_path, body.as_bytes())?;
-        evals = kept
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        evals = resume_metrics::<_, ClassifyFinal>(&metrics_path, state.step)?;
         events.log(&format!(
             "resuming at step {} (epoch {})",
             state.step,
@@ -773,7 +656,7 @@ pub fn run(
     save_classifier(&mut p, spec, &trained, run_dir)?;
     write_plots(&evals, groups_per_epoch, run_dir, &spec.name)?;
     write_atomic(
-        &status_path,
+        &run_dir.join("status.json"),
         serde_json::json!({"status": "finished", "steps": state.step})
             .to_string()
             .as_bytes(),

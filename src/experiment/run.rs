@@ -109,7 +109,13 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
                 let spec: ClassifySpec = exp.parse_trial(&t)?;
                 spec.validate().map_err(locate)?;
                 if check_files {
-                    check_classify_inputs(&spec, exp, &t)?;
+                    check_finetune_inputs(
+                        spec.data.path.as_deref(),
+                        spec.data.dataset.as_deref(),
+                        &spec.model.name,
+                        exp,
+                        &t,
+                    )?;
                 }
                 TaskSpec::Classify(Box::new(spec))
             }
@@ -117,7 +123,13 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
                 let spec: InstructSpec = exp.parse_trial(&t)?;
                 spec.validate().map_err(locate)?;
                 if check_files {
-                    check_instruct_inputs(&spec, exp, &t)?;
+                    check_finetune_inputs(
+                        spec.data.path.as_deref(),
+                        spec.data.dataset.as_deref(),
+                        &spec.model.name,
+                        exp,
+                        &t,
+                    )?;
                 }
                 TaskSpec::Instruct(Box::new(spec))
             }
@@ -135,9 +147,16 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
     Ok(out)
 }
 
-/// A classification trial's data set or file and its model must exist before anything runs.
-fn check_classify_inputs(spec: &ClassifySpec, exp: &Experiment, t: &Trial) -> Result<()> {
-    if let Some(p) = &spec.data.path {
+/// A fine-tuning trial's data file or registered data set and its model (`model.name`) must
+/// exist before anything runs.
+fn check_finetune_inputs(
+    path: Option<&Path>,
+    dataset: Option<&str>,
+    model: &str,
+    exp: &Experiment,
+    t: &Trial,
+) -> Result<()> {
+    if let Some(p) = path {
         if !p.is_file() {
             return Err(LlmError::Config {
                 origin: exp.origin_of("data.path", t),
@@ -146,39 +165,14 @@ fn check_classify_inputs(spec: &ClassifySpec, exp: &Experiment, t: &Trial) -> Re
             .into());
         }
     }
-    if let Some(d) = &spec.data.dataset {
+    if let Some(d) = dataset {
         let reg = crate::data::registry::Registry::builtin()?;
         reg.get(d).map_err(|e| LlmError::Config {
             origin: exp.origin_of("data.dataset", t),
             message: format!("data.dataset: {e}"),
         })?;
     }
-    crate::models::LmSpec::parse(&spec.model.name).map_err(|e| LlmError::Config {
-        origin: exp.origin_of("model.name", t),
-        message: format!("model.name: {e:#}"),
-    })?;
-    Ok(())
-}
-
-/// An instruction trial's data set or file and its model must exist before anything runs.
-fn check_instruct_inputs(spec: &InstructSpec, exp: &Experiment, t: &Trial) -> Result<()> {
-    if let Some(p) = &spec.data.path {
-        if !p.is_file() {
-            return Err(LlmError::Config {
-                origin: exp.origin_of("data.path", t),
-                message: format!("data.path: {} does not exist", p.display()),
-            }
-            .into());
-        }
-    }
-    if let Some(d) = &spec.data.dataset {
-        let reg = crate::data::registry::Registry::builtin()?;
-        reg.get(d).map_err(|e| LlmError::Config {
-            origin: exp.origin_of("data.dataset", t),
-            message: format!("data.dataset: {e}"),
-        })?;
-    }
-    crate::models::LmSpec::parse(&spec.model.name).map_err(|e| LlmError::Config {
+    crate::models::LmSpec::parse(model).map_err(|e| LlmError::Config {
         origin: exp.origin_of("model.name", t),
         message: format!("model.name: {e:#}"),
     })?;
