@@ -1,6 +1,7 @@
 //! Instruction fine-tuning (book ch07): the collate function on the book's worked example,
-//! prompt formatting byte for byte, the judge client against a stub server, and a short real
-//! run with SmolLM2 and LoRA through `llmlab run`.
+//! prompt formatting byte for byte, the judge client against stub OpenAI and Ollama servers,
+//! short runs on a small GPT through `llmlab run` and the library (lower validation loss,
+//! Ctrl-C and resume, the finished run loaded by `generate` and `chat`).
 mod common;
 
 use anyhow::Result;
@@ -201,9 +202,13 @@ fn jsonl_with_custom_fields() -> Result<()> {
     Ok(())
 }
 
-/// A stub OpenAI chat server: answers GET with 200, and each POST with the next scripted
-/// `(status, content)`; records the request bodies.
-fn stub_server(script: Vec<(u16, &'static str)>) -> Result<(String, Arc<Mutex<Vec<String>>>)> {
+/// A stub judge server that speaks the OpenAI chat API (`POST /v1/chat/completions`) and
+/// Ollama's (`POST /api/chat`): GET answers 200, each POST the next scripted `(status,
+/// content)` in its API's shape (status 0: answer only after 1.5 s, later than the client's
+/// timeout); any other path gets a 404. Records each POST's path and body.
+type Seen = Arc<Mutex<Vec<(String, String)>>>;
+
+fn stub_server(script: Vec<(u16, &'static str)>) -> Result<(String, Seen)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let url = format!("http://{}", listener.local_addr()?);
     let bodies = Arc::new(Mutex::new(Vec::new()));
@@ -217,6 +222,7 @@ fn stub_server(script: Vec<(u16, &'static str)>) -> Result<(String, Arc<Mutex<Ve
             if reader.read_line(&mut first).is_err() {
                 continue;
             }
+            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
             let mut len = 0usize;
             loop {
                 let mut h = String::new();
@@ -230,25 +236,43 @@ fn stub_server(script: Vec<(u16, &'static str)>) -> Result<(String, Arc<Mutex<Ve
             let mut body = vec![0u8; len];
             let _ = reader.read_exact(&mut body);
             let (status, payload) = if first.starts_with("GET") {
-                (200, "{\"data\": []}".to_string())
+                (200, "{\"data\": [], \"models\": []}".to_string())
+            } else if path != "/v1/chat/completions" && path != "/api/chat" {
+                (404, "{\"error\": \"not found\"}".to_string())
             } else {
                 seen.lock()
                     .expect("lock")
-                    .push(String::from_utf8_lossy(&body).to_string());
+                    .push((path.clone(), String::from_utf8_lossy(&body).to_string()));
                 let (status, content) = script.next().unwrap_or((200, "50"));
-                let payload = if status == 200 {
-                    serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                        .to_string()
-                } else {
-                    "{\"error\": \"overloaded\"}".to_string()
+                let message = serde_json::json!({"role": "assistant", "content": content});
+                let payload = match status {
+                    0 | 200 if path == "/api/chat" => {
+                        serde_json::json!({"model": "m", "message": message, "done": true})
+                            .to_string()
+                    }
+                    0 | 200 => serde_json::json!({"choices": [{"message": message}]}).to_string(),
+                    _ => "{\"error\": \"overloaded\"}".to_string(),
                 };
                 (status, payload)
             };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-                payload.len()
-            );
+            let late = status == 0;
+            let status = status.max(200);
+            let answer = move |mut stream: std::net::TcpStream| {
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+                    payload.len()
+                );
+            };
+            if late {
+                // Answer after the client gave up, without holding up the next request.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(1500));
+                    answer(stream);
+                });
+            } else {
+                answer(stream);
+            }
         }
     });
     Ok((url, bodies))
@@ -292,7 +316,10 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
     assert_eq!(seen, vec![(1, 3, Some(85)), (2, 3, None), (3, 3, Some(42))]);
     let bodies = bodies.lock().expect("lock").clone();
     assert_eq!(bodies.len(), 4, "one retry after the 500");
-    let first: serde_json::Value = serde_json::from_str(&bodies[0])?;
+    assert!(bodies
+        .iter()
+        .all(|(path, _)| path == "/v1/chat/completions"));
+    let first: serde_json::Value = serde_json::from_str(&bodies[0].1)?;
     assert_eq!(first["model"], "judge-model");
     assert_eq!(first["temperature"], 0);
     assert_eq!(first["seed"], 123);
@@ -307,6 +334,42 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
     assert_eq!(judged["entries"][1]["judge_score"], serde_json::Value::Null);
     assert_eq!(judged["entries"][1]["judge_reply"], "I cannot score this.");
     assert_eq!(judged["entries"][2]["judge_score"], 42);
+    Ok(())
+}
+
+/// The Ollama API (the book's set-up): `POST /api/chat` with `stream: false` and the book's
+/// options (seed 123, temperature 0, num_ctx 2048), the reply read from `message.content`; a
+/// request that times out is retried.
+#[test]
+fn judge_scores_through_a_stub_ollama_server() -> Result<()> {
+    let (url, bodies) = stub_server(vec![(0, "10"), (200, "77"), (200, "The score is 91.")])?;
+    let dir = tempfile::tempdir()?;
+    let responses = dir.path().join("responses.json");
+    std::fs::write(
+        &responses,
+        r#"[{"instruction": "Say hi.", "input": "", "output": "Hi", "model_response": "Hello"},
+            {"instruction": "Add 1 and 2.", "input": "", "output": "3", "model_response": "3"}]"#,
+    )?;
+    let mut cfg = JudgeConfig::new(&url, "llama3", Api::Ollama);
+    cfg.backoff = Duration::from_millis(10);
+    cfg.timeout = Duration::from_millis(700);
+    let s = judge_file(&responses, cfg, &mut |_, _, _| {})?;
+    assert_eq!((s.scored, s.unparsable, s.total), (2, 0, 2));
+    assert_eq!(s.mean_score, Some((77.0 + 91.0) / 2.0));
+    let bodies = bodies.lock().expect("lock").clone();
+    assert_eq!(bodies.len(), 3, "one retry after the timeout");
+    assert!(bodies.iter().all(|(path, _)| path == "/api/chat"));
+    let first: serde_json::Value = serde_json::from_str(&bodies[0].1)?;
+    assert_eq!(first["model"], "llama3");
+    assert_eq!(first["stream"], false);
+    assert_eq!(
+        first["options"],
+        serde_json::json!({"seed": 123, "temperature": 0, "num_ctx": 2048})
+    );
+    assert_eq!(first["messages"][0]["role"], "user");
+    assert!(first["messages"][0]["content"]
+        .as_str()
+        .is_some_and(|c| c.contains("### Instruction:\nSay hi.") && c.contains("`Hello`")));
     Ok(())
 }
 
@@ -434,5 +497,130 @@ fn short_instruct_run_lowers_validation_loss() -> Result<()> {
         out.contains("rouge_l") && out.contains("val_response_perplexity"),
         "{out}"
     );
+    Ok(())
+}
+
+/// Requests a stop (as Ctrl-C does) after optimizer step `.0`.
+struct StopAt(usize);
+
+impl llmlab::train::trainer::TrainEvents for StopAt {
+    fn log(&mut self, _msg: &str) {}
+    fn step(&mut self, step: usize, _loss: f64) {
+        if step == self.0 {
+            llmlab::signal::request_stop();
+        }
+    }
+}
+
+fn metric_lines(dir: &std::path::Path) -> Result<Vec<serde_json::Value>> {
+    Ok(std::fs::read_to_string(dir.join("metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
+}
+
+/// A LoRA instruct run with dropout stopped by Ctrl-C mid-epoch and resumed ends with the
+/// uninterrupted run's losses, figures and responses. The finished run then loads as a model:
+/// `llmlab generate --model RUN` formats the prompt in the run's style, merges the adapters,
+/// and gives the response the run wrote for that test entry; `llmlab chat` answers it too.
+#[test]
+fn interrupted_instruct_run_resumes_and_the_run_loads_in_generate() -> Result<()> {
+    std::env::set_var(
+        "LLMLAB_DATA_MIRROR",
+        std::env::var("LLMLAB_DATA_MIRROR").unwrap_or_else(|_| "../shared/data".into()),
+    );
+    let spec = llmlab::instruct::InstructSpec::from_yaml(
+        "name: resume-instruct\ntask: instruct\nmodel: {name: gpt-mini, dropout: 0.1}\n\
+         data: {dataset: instruction-data, max_train: 12, max_val: 4, max_test: 2, allowed_max_length: 64}\n\
+         finetune: {method: lora, lora: {rank: 4, alpha: 8}}\n\
+         train: {epochs: 2, batch_size: 4, lr: 1.0e-2, eval_freq: 2, eval_iter: 1}\n\
+         generation: {max_new_tokens: 8}\n",
+        "test",
+    )?;
+    let dir = tempfile::tempdir()?;
+    let whole = dir.path().join("whole");
+    llmlab::instruct::train::run(&spec, &whole, Device::Cpu, true, &mut |_: &str| {})?;
+    let parts = dir.path().join("parts");
+    llmlab::signal::reset();
+    let e = llmlab::instruct::train::run(&spec, &parts, Device::Cpu, true, &mut StopAt(4))
+        .expect_err("stopped at step 4");
+    llmlab::signal::reset();
+    assert!(format!("{e}").contains("interrupted at step 4"), "{e}");
+    let mut logs = Vec::new();
+    llmlab::instruct::train::run(&spec, &parts, Device::Cpu, false, &mut |m: &str| {
+        logs.push(m.to_string())
+    })?;
+    assert!(
+        logs.iter().any(|l| l.contains("resuming at step 4")),
+        "{logs:?}"
+    );
+    let (a, b) = (metric_lines(&whole)?, metric_lines(&parts)?);
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for key in [
+            "step",
+            "train_loss",
+            "val_loss",
+            "rouge_l",
+            "val_response_loss",
+        ] {
+            assert_eq!(x[key], y[key], "{key}");
+        }
+    }
+    let read = |d: &std::path::Path| -> Result<Vec<serde_json::Value>> {
+        Ok(serde_json::from_str(&std::fs::read_to_string(
+            d.join("responses.json"),
+        )?)?)
+    };
+    let responses = read(&whole)?;
+    assert_eq!(responses, read(&parts)?);
+
+    // The finished run as a model.
+    let entry = &responses[0];
+    let run = whole.to_str().expect("UTF-8 path");
+    let mut args = vec![
+        "generate",
+        "--model",
+        run,
+        "--prompt",
+        entry["instruction"].as_str().expect("instruction"),
+        "--max-new-tokens",
+        "8",
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ];
+    let input = entry["input"].as_str().unwrap_or("");
+    if !input.is_empty() {
+        args.extend(["--input", input]);
+    }
+    let (code, out, err) = common::llmlab(&args)?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    assert_eq!(v["response"], entry["model_response"], "{out}");
+
+    let (code, out, err) = common::llmlab_stdin(
+        &[
+            "chat",
+            "--model",
+            run,
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        "Name a colour.\n/exit\n",
+    )?;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("single-turn alpaca prompts"), "{err}");
+    assert!(!out.trim().is_empty(), "{err}");
+
+    // A base model is not an instruct run: --input is refused with a clear error.
+    let (code, _, err) = common::llmlab(&[
+        "generate", "--model", "gpt-mini", "--prompt", "Hi", "--input", "x", "--device", "cpu",
+    ])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not an instruct run"), "{err}");
     Ok(())
 }

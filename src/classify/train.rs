@@ -778,34 +778,11 @@ impl SavedClassifier {
         if let Some(l) = &rec.lora {
             clf.add_lora(l);
         }
-        let file = dir.join("classifier.safetensors");
-        let saved = Tensor::read_safetensors(&file).map_err(|e| LlmError::BadFile {
-            path: file.clone(),
-            message: e.to_string(),
-        })?;
-        let vars = clf.lm.vs.variables();
-        let _g = tch::no_grad_guard();
-        for (name, t) in saved {
-            let Some(dst) = vars.get(&name) else {
-                return Err(LlmError::BadFile {
-                    path: file,
-                    message: format!("tensor '{name}' is not a parameter of {}", rec.base_model),
-                }
-                .into());
-            };
-            if dst.size() != t.size() {
-                return Err(LlmError::BadFile {
-                    path: file,
-                    message: format!(
-                        "tensor '{name}' has shape {:?}, the model's has {:?}",
-                        t.size(),
-                        dst.size()
-                    ),
-                }
-                .into());
-            }
-            dst.shallow_clone().copy_(&t);
-        }
+        crate::train::finetune::load_tensors_into(
+            &clf.lm.vs,
+            &dir.join("classifier.safetensors"),
+            &rec.base_model,
+        )?;
         if let AnyModel::Llama(m) = &mut clf.lm.model {
             m.prepare_for_inference();
         }

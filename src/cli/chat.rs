@@ -6,6 +6,8 @@ use crate::chat::Message;
 use crate::device::{parse_device, set_threads};
 use crate::error::LlmError;
 use crate::generate::GenerateSpec;
+use crate::instruct::data::Entry;
+use crate::instruct::prompt::PromptStyle;
 use crate::models::LoadedLm;
 use anyhow::Result;
 use std::io::{BufRead, Write};
@@ -28,15 +30,33 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     spec.validate()?;
     let mut lm = LoadedLm::load(&a.model, device)?;
     lm.set_dtype(a.dtype)?;
-    let tpl = lm.chat.clone().ok_or_else(|| {
-        LlmError::Usage(format!(
-            "{} has no chat template llmlab knows (ChatML or Llama 3); use `llmlab generate` for plain completion",
-            a.model
-        ))
-    })?;
+    // An instruct run trained on Alpaca or Phi-3 prompts answers one instruction at a time.
+    let single_turn = match lm.prompt_style {
+        Some(PromptStyle::Alpaca | PromptStyle::Phi3) => crate::instruct::train::run_prompter(&lm),
+        _ => None,
+    };
+    let tpl = match (&single_turn, lm.chat.clone()) {
+        (Some(_), _) => None,
+        (None, Some(t)) => Some(t),
+        (None, None) => {
+            return Err(LlmError::Usage(format!(
+                "{} has no chat template llmlab knows (ChatML or Llama 3); use `llmlab generate` for plain completion",
+                a.model
+            ))
+            .into())
+        }
+    };
     let mut spec = spec;
     spec.eos_id = lm.eos_id;
     spec.stop_ids.extend(lm.end_of_turn_id());
+    if let Some((p, stops)) = &single_turn {
+        spec.stop_ids.extend(stops);
+        eprintln!(
+            "[{} was instruction-tuned on single-turn {} prompts: each message is answered on its own, without the conversation]",
+            a.model,
+            p.style.name()
+        );
+    }
     let mut system = a.system.clone();
     let mut history: Vec<Message> = Vec::new();
     eprintln!("llmlab chat with {} ({HELP})", a.model);
@@ -75,12 +95,23 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         history.push(Message::new("user", line));
-        let mut msgs = Vec::with_capacity(history.len() + 1);
-        if let Some(s) = &system {
-            msgs.push(Message::new("system", s));
-        }
-        msgs.extend(history.iter().cloned());
-        let prompt = lm.encode_prompt(&tpl.render(&msgs, true))?;
+        let text = match (&single_turn, &tpl) {
+            // The prompt and the response header the model was trained to continue.
+            (Some((p, _)), _) => {
+                history.clear();
+                p.prompt(&Entry::new(line, "", "")) + &p.response("")
+            }
+            (None, Some(tpl)) => {
+                let mut msgs = Vec::with_capacity(history.len() + 1);
+                if let Some(s) = &system {
+                    msgs.push(Message::new("system", s));
+                }
+                msgs.extend(history.iter().cloned());
+                tpl.render(&msgs, true)
+            }
+            (None, None) => unreachable!("a chat template or a single-turn prompt style"),
+        };
+        let prompt = lm.encode_prompt(&text)?;
         if prompt.len() as i64 >= lm.context_length() {
             eprintln!(
                 "[the conversation has {} tokens, the model's context is {}; /reset to start over]",

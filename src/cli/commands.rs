@@ -107,10 +107,15 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
     report::write_record(&dir, &report::record(&exp, &plain))?;
     let results = if a.jobs > 1 {
-        let exe = std::env::current_exe().map_err(|source| LlmError::Io {
-            path: "/proc/self/exe".into(),
-            source,
-        })?;
+        // The running binary itself, even when `cargo build` has replaced the file since the
+        // sweep started (Linux: /proc/self/exe still names the running program).
+        let exe = match std::path::Path::new("/proc/self/exe") {
+            p if p.exists() => p.to_path_buf(),
+            _ => std::env::current_exe().map_err(|source| LlmError::Io {
+                path: "current executable".into(),
+                source,
+            })?,
+        };
         // The same run (file, overrides, folders, device) for one trial, on its share of threads.
         let command = |slug: &str, threads: usize| {
             let mut c = std::process::Command::new(&exe);
@@ -494,6 +499,19 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     if !a.ignore_eos {
         spec.eos_id = lm.eos_id;
     }
+    // An instruct run: the prompt is formatted as in its training, the response extracted.
+    let instruct = if a.raw || a.chat {
+        None
+    } else {
+        crate::instruct::train::run_prompter(&lm)
+    };
+    if a.input.is_some() && instruct.is_none() {
+        return Err(LlmError::Usage(format!(
+            "--input: {} is not an instruct run (a run folder of `task: instruct`)",
+            a.model
+        ))
+        .into());
+    }
     let prompt_text = if a.chat {
         let tpl = lm.chat.as_ref().ok_or_else(|| {
             LlmError::Usage(format!(
@@ -510,6 +528,14 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             spec.stop_ids.push(eot);
         }
         tpl.render(&msgs, true)
+    } else if let Some((p, stops)) = instruct.as_ref() {
+        spec.stop_ids.extend(stops);
+        let entry = crate::instruct::data::Entry::new(
+            &a.prompt,
+            a.input.as_deref().unwrap_or_default(),
+            "",
+        );
+        p.prompt(&entry)
     } else {
         a.prompt.clone()
     };
@@ -517,13 +543,18 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let gen = lm.generate_stream(&prompt_ids, &spec, |_| true)?;
     let text = lm.decode(&gen.ids)?;
     match a.format {
-        Format::Json => println!(
-            "{}",
-            serde_json::json!({"prompt_ids": prompt_ids, "ids": gen.ids, "text": text, "stopped_at_eos": gen.stopped_at_eos})
-        ),
+        Format::Json => println!("{}", {
+            let mut v = serde_json::json!({"prompt_ids": prompt_ids, "ids": gen.ids, "text": text, "stopped_at_eos": gen.stopped_at_eos});
+            if let Some((p, _)) = &instruct {
+                v["response"] = p.extract_response(&text).into();
+            }
+            v
+        }),
         Format::Text => {
             if a.chat {
                 println!("{text}");
+            } else if let Some((p, _)) = &instruct {
+                println!("{}", p.extract_response(&text));
             } else {
                 let mut all = prompt_ids.clone();
                 all.extend(&gen.ids);

@@ -327,6 +327,14 @@ pub struct GenerateArgs {
     /// System message for --chat (default: the template's own, if it has one).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
+    /// With an instruct run as --model: the entry's input (e.g. the sentence to rewrite); the
+    /// prompt is the instruction.
+    #[arg(long, conflicts_with_all = ["chat", "raw"])]
+    pub input: Option<String>,
+    /// With an instruct run as --model: pass the prompt as is instead of formatting it in the
+    /// prompt style the run was trained with (alpaca, phi3 or chat).
+    #[arg(long)]
+    pub raw: bool,
     #[arg(long, default_value_t = 50)]
     pub max_new_tokens: usize,
     /// 0 = greedy.

@@ -639,6 +639,46 @@ fn write_plot(
     Ok(())
 }
 
+/// Loads a finished instruct run (`finetuned.json` + `finetuned.safetensors`) for inference:
+/// the base model, the LoRA adapters it was trained with (merged into the weights), the trained
+/// tensors, and the prompt style it learned (`LoadedLm::prompt_style`), so `llmlab generate` and
+/// `llmlab chat` format prompts the way the model saw them in training.
+pub fn load_finetuned(dir: &Path, device: Device) -> Result<LoadedLm> {
+    let json = dir.join("finetuned.json");
+    let rec: FinetunedRecord =
+        serde_json::from_str(&read_text(&json)?).map_err(|e| LlmError::BadFile {
+            path: json.clone(),
+            message: format!("not an llmlab instruct record ({e})"),
+        })?;
+    let file = dir.join("finetuned.safetensors");
+    if !file.is_file() {
+        return Err(LlmError::BadFile {
+            path: file,
+            message: "missing: the run did not finish (run it again to resume)".into(),
+        }
+        .into());
+    }
+    let mut lm = LoadedLm::load(&rec.base_model, device)?;
+    if let Some(l) = &rec.lora {
+        lm.add_lora(l);
+    }
+    crate::train::finetune::load_tensors_into(&lm.vs, &file, &rec.base_model)?;
+    lm.merge_lora();
+    lm.prompt_style = Some(rec.prompt_style);
+    lm.name = dir.display().to_string();
+    Ok(lm)
+}
+
+/// For a model loaded from an instruct run: the prompter of the style it learned and the tokens
+/// its responses end with (end-of-text, the padding its examples end with, end-of-turn).
+pub fn run_prompter(lm: &LoadedLm) -> Option<(Prompter, Vec<i64>)> {
+    let style = lm.prompt_style?;
+    let prompter = Prompter::new(style, lm.chat.clone(), &lm.name).ok()?;
+    let mut stops = vec![crate::classify::train::pad_id(lm)];
+    stops.extend(lm.end_of_turn_id());
+    Some((prompter, stops))
+}
+
 /// Writes `finetuned.json` and `finetuned.safetensors` (the trained tensors: the adapters with
 /// LoRA, every weight with full fine-tuning).
 fn save_finetuned(

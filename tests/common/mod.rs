@@ -87,6 +87,29 @@ pub fn llmlab(args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
+/// Runs the llmlab binary with `input` on its stdin; returns (exit code, stdout, stderr).
+pub fn llmlab_stdin(args: &[&str], input: &str) -> Result<(i32, String, String)> {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .args(args)
+        .env("LLMLAB_DATA_MIRROR", mirror())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 pub fn gpt2_bpe_dir() -> PathBuf {
     mirror().join("gpt2-bpe")
 }
