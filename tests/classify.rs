@@ -363,6 +363,54 @@ fn frozen_prefix_reuse_matches_the_plain_path() -> Result<()> {
     Ok(())
 }
 
+/// Trials of a `--jobs` sweep that share frozen blocks start together: one computes the prefix,
+/// the other waits for its files (`<cache>/.computing` names the computing process) and reuses
+/// them. A lock left by a process that is gone is taken over.
+#[test]
+fn concurrent_trials_compute_a_shared_prefix_once() -> Result<()> {
+    set_mirror();
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache)?;
+    std::fs::write(cache.join(".computing"), "4194304999")?; // no such process
+    let logs: Vec<Vec<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["last_block", "last_2_blocks"]
+            .into_iter()
+            .map(|trainable| {
+                let (cache, out) = (cache.clone(), dir.path().join(trainable));
+                s.spawn(move || -> Result<Vec<String>> {
+                    let spec = small_spec("gpt-mini", trainable, true)?;
+                    let sharing = PrefixSharing {
+                        dir: Some(cache),
+                        from_end: vec![1, 2],
+                    };
+                    let mut logs = Vec::new();
+                    train::run(&spec, &out, Device::Cpu, true, &sharing, &mut |m: &str| {
+                        logs.push(m.to_string())
+                    })?;
+                    Ok(logs)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("trial thread"))
+            .collect::<Result<_>>()
+    })?;
+    let all: Vec<&String> = logs.iter().flatten().collect();
+    let computed = all
+        .iter()
+        .filter(|l| l.contains("outputs computed once"))
+        .count();
+    let reused = all
+        .iter()
+        .filter(|l| l.contains("outputs reused from"))
+        .count();
+    assert_eq!((computed, reused), (1, 1), "{logs:?}");
+    assert!(!cache.join(".computing").exists(), "the lock is released");
+    Ok(())
+}
+
 /// SmolLM2-135M-Instruct with a new head on mean-pooled hidden states, trained on 40 balanced
 /// messages: validation accuracy at least 80 %. The classes are balanced, so the majority class
 /// gives 50 %; on 20 validation messages, chance stays below 80 % with probability > 99.5 %.

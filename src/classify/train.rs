@@ -263,6 +263,76 @@ fn load_prefix(dir: &Path, boundary: usize, sizes: [usize; 3], dev: Device) -> O
     Some(out)
 }
 
+/// `<cache>/.computing` (holding the process id) while one process computes a key's prefixes;
+/// removed when dropped. A lock whose process is gone is taken over.
+struct PrefixLock {
+    path: PathBuf,
+    /// Whether another process held the lock first (its results may now be cached).
+    waited: bool,
+}
+
+impl PrefixLock {
+    /// Takes the lock, waiting while a live process holds it; `None` when the folder can't
+    /// hold a lock file or a stop was requested while waiting (the caller then computes alone).
+    fn acquire(dir: &Path, log: &mut dyn TrainEvents) -> Option<Self> {
+        std::fs::create_dir_all(dir).ok()?;
+        let path = dir.join(".computing");
+        let mut waited = false;
+        loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    let _ = write!(f, "{}", std::process::id());
+                    return Some(Self { path, waited });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<u32>().ok());
+                    let fresh = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age.as_secs() < 10);
+                    let alive = match holder {
+                        Some(pid) => {
+                            !Path::new("/proc/self").exists()
+                                || Path::new(&format!("/proc/{pid}")).exists()
+                        }
+                        None => fresh, // just created; the id follows
+                    };
+                    if !alive {
+                        let _ = std::fs::remove_file(&path);
+                        continue;
+                    }
+                    if !waited {
+                        log.log(&format!(
+                            "frozen prefix: waiting for process {} to finish computing it (same frozen blocks)",
+                            holder.map_or("?".to_string(), |p| p.to_string())
+                        ));
+                        waited = true;
+                    }
+                    if crate::signal::interrupted() {
+                        return None;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for PrefixLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The cache key of a prefix: everything that changes the frozen blocks' outputs.
 pub fn prefix_key(spec: &ClassifySpec) -> String {
     let key = serde_json::json!({
@@ -304,6 +374,24 @@ fn frozen_prefix(
             return Ok(hit);
         }
     }
+    // One process computes a key's prefixes at a time (trials of a `--jobs` sweep start
+    // together); the others wait for its files.
+    let _lock = match &sharing.dir {
+        Some(dir) => {
+            let lock = PrefixLock::acquire(dir, log);
+            if lock.as_ref().is_some_and(|l| l.waited) {
+                if let Some(hit) = load_prefix(dir, boundary, sizes, dev) {
+                    log.log(&format!(
+                        "frozen blocks 0..{boundary}: outputs reused from {}",
+                        dir.display()
+                    ));
+                    return Ok(hit);
+                }
+            }
+            lock
+        }
+        None => None,
+    };
     let t0 = Instant::now();
     // Start from the deepest cached boundary below this one, and pass the others' boundaries.
     let n = p.clf.n_layers();
