@@ -216,7 +216,7 @@ fn stub_server(script: Vec<(u16, &'static str)>) -> Result<(String, Seen)> {
     std::thread::spawn(move || {
         let mut script = script.into_iter();
         for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
+            let Ok(stream) = stream else { break };
             let mut reader = BufReader::new(stream.try_clone().expect("clone"));
             let mut first = String::new();
             if reader.read_line(&mut first).is_err() {
