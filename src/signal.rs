@@ -94,3 +94,36 @@ fn sigint(pid: u32) {
     #[cfg(not(unix))]
     let _ = pid;
 }
+
+/// Whether process `pid` is alive (Linux: `/proc/<pid>` exists; elsewhere assumed alive).
+pub fn process_alive(pid: u32) -> bool {
+    !std::path::Path::new("/proc/self").exists()
+        || std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `<dir>/.running` holding this process's id while a trial runs in `dir`, removed when
+/// dropped, so `llmlab report` can tell a running trial from an interrupted one.
+pub struct RunningMarker(std::path::PathBuf);
+
+impl RunningMarker {
+    pub fn new(dir: &std::path::Path) -> Self {
+        let path = dir.join(".running");
+        let _ = std::fs::create_dir_all(dir)
+            .and_then(|_| std::fs::write(&path, std::process::id().to_string()));
+        Self(path)
+    }
+
+    /// Whether a live process has marked `dir` as running.
+    pub fn is_running(dir: &std::path::Path) -> bool {
+        std::fs::read_to_string(dir.join(".running"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .is_some_and(process_alive)
+    }
+}
+
+impl Drop for RunningMarker {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

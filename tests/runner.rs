@@ -135,14 +135,34 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
 
     // Ctrl-C in the first trial: exit 130, state saved, not finished.
     let t1 = cut.join("tiny-sweep").join(slugs[0]);
+    // `llmlab report` tells a running trial from an interrupted one.
+    let status_of = |slug: &str| -> Result<String> {
+        let (code, out, err) =
+            common::llmlab(&["report", cut.join("tiny-sweep").to_str().unwrap()])?;
+        assert_eq!(code, 0, "{err}");
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(slug))
+            .unwrap_or_else(|| panic!("{slug} in the report: {out}"));
+        Ok(["finished", "running", "interrupted"]
+            .into_iter()
+            .find(|s| line.split_whitespace().any(|w| w == *s))
+            .unwrap_or("?")
+            .to_string())
+    };
     let mut child = spawn(&file, &cut);
     wait_mid_trial(&mut child, &t1)?;
+    send_signal(child.id(), "-STOP"); // held mid-trial while the report looks
+    let running = status_of(slugs[0]);
+    send_signal(child.id(), "-CONT");
+    assert_eq!(running?, "running");
     send_sigint(child.id());
     let out = child.wait_with_output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
     assert!(err.contains("interrupted at step"), "{err}");
     assert!(!t1.join("status.json").exists());
+    assert_eq!(status_of(slugs[0])?, "interrupted");
     assert!(
         !cut.join("tiny-sweep").join(slugs[1]).exists(),
         "the sweep stopped"
@@ -159,6 +179,12 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
     child.kill()?;
     child.wait()?;
     assert!(std::fs::read_to_string(t1.join("status.json"))?.contains("finished"));
+    assert_eq!(status_of(slugs[0])?, "finished");
+    assert_eq!(
+        status_of(slugs[1])?,
+        "interrupted",
+        "killed: no process runs it"
+    );
     let ckpt = checkpoint_step(&t2);
     let killed: serde_json::Value = serde_json::from_str(&common::run_reference(
         "tb_read.py",
@@ -249,11 +275,15 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
 
 /// SIGINT to a child process, as Ctrl-C sends it.
 fn send_sigint(pid: u32) {
+    send_signal(pid, "-INT");
+}
+
+fn send_signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
-        .expect("kill -INT");
-    assert!(status.success());
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
 }
 
 /// The real `tensorboard` package reads the sweep (tests/reference/tb_read.py): each trial's
@@ -453,6 +483,20 @@ fn parallel_trials_give_the_sequential_results() -> Result<()> {
         );
     }
     assert_eq!(seq.stdout, par.stdout, "the summary table");
+    // summary.md is a well-formed Markdown table: a header, its separator, one row per trial,
+    // all with the same number of cells.
+    let md = std::fs::read_to_string(one.join("jobs/summary.md"))?;
+    let lines: Vec<&str> = md.lines().filter(|l| l.starts_with('|')).collect();
+    assert_eq!(lines.len(), 2 + 5, "{md}");
+    let cells = |l: &str| l.matches('|').count();
+    assert!(lines.iter().all(|l| cells(l) == cells(lines[0])), "{md}");
+    assert!(
+        lines[1]
+            .split('|')
+            .skip(1)
+            .all(|c| c.is_empty() || c.trim() == "---"),
+        "{md}"
+    );
     let failed = "jobs/lr-0.001_seed-3_batch_size-64/status.json";
     assert_eq!(
         std::fs::read_to_string(one.join(failed))?,

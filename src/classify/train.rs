@@ -299,10 +299,7 @@ impl PrefixLock {
                         .and_then(|t| t.elapsed().ok())
                         .is_some_and(|age| age.as_secs() < 10);
                     let alive = match holder {
-                        Some(pid) => {
-                            !Path::new("/proc/self").exists()
-                                || Path::new(&format!("/proc/{pid}")).exists()
-                        }
+                        Some(pid) => crate::signal::process_alive(pid),
                         None => fresh, // just created; the id follows
                     };
                     if !alive {

@@ -247,7 +247,14 @@ fn download(url: &str) -> Result<Vec<u8>, LlmError> {
         url: url.into(),
         message,
     };
-    let resp = ureq::get(url).call().map_err(|e| err(e.to_string()))?;
+    let resp = ureq::get(url).call().map_err(|e| {
+        let offline = matches!(e, ureq::Error::Io(_) | ureq::Error::HostNotFound);
+        err(if offline {
+            format!("{e} (offline? set LLMLAB_DATA_MIRROR to a folder holding the file, or put it in the cache)")
+        } else {
+            e.to_string()
+        })
+    })?;
     let mut body = resp.into_body();
     let mut bytes = Vec::new();
     body.as_reader()

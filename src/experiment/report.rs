@@ -115,14 +115,19 @@ pub fn rows(dir: &Path) -> Result<(ExperimentRecord, Vec<Row>)> {
             let tdir: PathBuf = dir.join(slug);
             Row {
                 slug: slug.clone(),
-                status: read_status(&tdir).map(|s| s.status).unwrap_or_else(|| {
-                    if tdir.exists() {
-                        "interrupted"
-                    } else {
-                        "not run"
-                    }
-                    .into()
-                }),
+                // A live process marks a trial it runs (a failed one may be running again).
+                status: if crate::signal::RunningMarker::is_running(&tdir) {
+                    "running".into()
+                } else {
+                    read_status(&tdir).map(|s| s.status).unwrap_or_else(|| {
+                        if tdir.exists() {
+                            "interrupted"
+                        } else {
+                            "not run"
+                        }
+                        .into()
+                    })
+                },
                 values: values.clone(),
                 metrics: final_metrics(&tdir),
             }
@@ -193,7 +198,7 @@ fn columns(rec: &ExperimentRecord, rows: &[Row]) -> (Vec<String>, Vec<Vec<String
 
 pub fn markdown(rec: &ExperimentRecord, rows: &[Row]) -> String {
     let (h, body) = columns(rec, rows);
-    let mut s = format!("| {} |\n|{}|\n", h.join(" | "), " --- |".repeat(h.len()));
+    let mut s = format!("| {} |\n|{}\n", h.join(" | "), " --- |".repeat(h.len()));
     for r in body {
         s.push_str(&format!("| {} |\n", r.join(" | ")));
     }

@@ -602,6 +602,7 @@ fn run_with(
         }
         let rerun_failed = prior.as_ref().is_some_and(|s| s.status == "failed");
         progress.log(&format!("{label}: {}", start_text(trial, rerun_failed)));
+        let _running = crate::signal::RunningMarker::new(&dir);
         let tb = match TbWriter::new(&dir).and_then(|mut w| {
             let hp: BTreeMap<String, HValue> = trial
                 .values
