@@ -293,13 +293,6 @@ fn small_spec(model: &str, trainable: &str, reuse: bool) -> Result<ClassifySpec>
     )?)
 }
 
-fn metric_lines(dir: &Path) -> Result<Vec<serde_json::Value>> {
-    Ok(std::fs::read_to_string(dir.join("metrics.jsonl"))?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?)
-}
-
 /// Computing the frozen blocks once and reusing them gives the plain path's losses and
 /// accuracies (same examples, same order; only float summation order may differ), for both
 /// families; the shared cache serves a second trial.
@@ -319,7 +312,7 @@ fn frozen_prefix_reuse_matches_the_plain_path() -> Result<()> {
             };
             let r = train::run(&spec, &out, Device::Cpu, true, &sharing, &mut |_: &str| {})?;
             assert_eq!(r.result.reused_frozen, reuse);
-            runs.push(metric_lines(&out)?);
+            runs.push(common::metric_lines(&out)?);
         }
         assert_eq!(runs[0].len(), runs[1].len());
         for (a, b) in runs[0].iter().zip(&runs[1]) {
@@ -552,18 +545,6 @@ fn freeze_sweep_notebook_runs_on_a_tiny_sweep() -> Result<()> {
     Ok(())
 }
 
-/// Stops a run after every `stop_at` step.
-struct StopAt(usize);
-
-impl llmlab::train::trainer::TrainEvents for StopAt {
-    fn log(&mut self, _msg: &str) {}
-    fn step(&mut self, step: usize, _loss: f64) {
-        if step == self.0 {
-            llmlab::signal::request_stop();
-        }
-    }
-}
-
 /// A run stopped by Ctrl-C mid-epoch (checkpoint at the stop) and resumed ends with the same
 /// metrics as an uninterrupted run, with and without frozen-prefix reuse and with dropout.
 #[test]
@@ -588,8 +569,15 @@ fn interrupted_classification_resumes_to_the_same_result() -> Result<()> {
         )?;
         let parts = dir.path().join(format!("parts-{trainable}"));
         llmlab::signal::reset();
-        let e = train::run(&spec, &parts, Device::Cpu, true, &sharing, &mut StopAt(4))
-            .expect_err("stopped at step 4");
+        let e = train::run(
+            &spec,
+            &parts,
+            Device::Cpu,
+            true,
+            &sharing,
+            &mut common::StopAt(4),
+        )
+        .expect_err("stopped at step 4");
         llmlab::signal::reset();
         assert!(format!("{e}").contains("interrupted at step 4"), "{e}");
         let mut logs = Vec::new();
@@ -605,7 +593,7 @@ fn interrupted_classification_resumes_to_the_same_result() -> Result<()> {
             logs.iter().any(|l| l.contains("resuming at step 4")),
             "{logs:?}"
         );
-        let (a, b) = (metric_lines(&whole)?, metric_lines(&parts)?);
+        let (a, b) = (common::metric_lines(&whole)?, common::metric_lines(&parts)?);
         assert_eq!(a.len(), b.len(), "{trainable}");
         for (x, y) in a.iter().zip(&b) {
             for key in [

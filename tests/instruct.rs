@@ -500,25 +500,6 @@ fn short_instruct_run_lowers_validation_loss() -> Result<()> {
     Ok(())
 }
 
-/// Requests a stop (as Ctrl-C does) after optimizer step `.0`.
-struct StopAt(usize);
-
-impl llmlab::train::trainer::TrainEvents for StopAt {
-    fn log(&mut self, _msg: &str) {}
-    fn step(&mut self, step: usize, _loss: f64) {
-        if step == self.0 {
-            llmlab::signal::request_stop();
-        }
-    }
-}
-
-fn metric_lines(dir: &std::path::Path) -> Result<Vec<serde_json::Value>> {
-    Ok(std::fs::read_to_string(dir.join("metrics.jsonl"))?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?)
-}
-
 /// A LoRA instruct run with dropout stopped by Ctrl-C mid-epoch and resumed ends with the
 /// uninterrupted run's losses, figures and responses. The finished run then loads as a model:
 /// `llmlab generate --model RUN` formats the prompt in the run's style, merges the adapters,
@@ -542,7 +523,7 @@ fn interrupted_instruct_run_resumes_and_the_run_loads_in_generate() -> Result<()
     llmlab::instruct::train::run(&spec, &whole, Device::Cpu, true, &mut |_: &str| {})?;
     let parts = dir.path().join("parts");
     llmlab::signal::reset();
-    let e = llmlab::instruct::train::run(&spec, &parts, Device::Cpu, true, &mut StopAt(4))
+    let e = llmlab::instruct::train::run(&spec, &parts, Device::Cpu, true, &mut common::StopAt(4))
         .expect_err("stopped at step 4");
     llmlab::signal::reset();
     assert!(format!("{e}").contains("interrupted at step 4"), "{e}");
@@ -554,7 +535,7 @@ fn interrupted_instruct_run_resumes_and_the_run_loads_in_generate() -> Result<()
         logs.iter().any(|l| l.contains("resuming at step 4")),
         "{logs:?}"
     );
-    let (a, b) = (metric_lines(&whole)?, metric_lines(&parts)?);
+    let (a, b) = (common::metric_lines(&whole)?, common::metric_lines(&parts)?);
     assert_eq!(a.len(), b.len());
     for (x, y) in a.iter().zip(&b) {
         for key in [

@@ -294,12 +294,11 @@ pub fn respond(
 fn generation_spec(
     spec: &InstructSpec,
     lm: &LoadedLm,
-    pad: i64,
     max_new: usize,
 ) -> crate::generate::GenerateSpec {
-    let mut stops: Vec<i64> = vec![pad];
-    stops.extend(lm.end_of_turn_id());
-    let mut g = spec.generation.to_spec(spec.seed, lm.eos_id, stops);
+    let mut g = spec
+        .generation
+        .to_spec(spec.seed, lm.eos_id, response_stops(lm));
     g.max_new_tokens = max_new;
     g
 }
@@ -409,8 +408,7 @@ pub fn run(
             Method::Lora => "lora",
         }
     ));
-    let pad = opts.pad_id;
-    let sample_spec = generation_spec(spec, &p.lm, pad, spec.generation.max_new_tokens.min(50));
+    let sample_spec = generation_spec(spec, &p.lm, spec.generation.max_new_tokens.min(50));
     events.start(state.step, total_steps);
     let started = Instant::now();
     let mut last_time = Instant::now();
@@ -537,7 +535,7 @@ pub fn run(
     let (mut exact_match, mut rouge_l) = (f64::NAN, f64::NAN);
     let mut n_responses = 0;
     if spec.generation.responses && !p.splits.test.is_empty() {
-        let gen = generation_spec(spec, &p.lm, pad, spec.generation.max_new_tokens);
+        let gen = generation_spec(spec, &p.lm, spec.generation.max_new_tokens);
         let t0 = Instant::now();
         let mut out = Vec::with_capacity(p.splits.test.len());
         let mut responses = Vec::with_capacity(p.splits.test.len());
@@ -674,9 +672,15 @@ pub fn load_finetuned(dir: &Path, device: Device) -> Result<LoadedLm> {
 pub fn run_prompter(lm: &LoadedLm) -> Option<(Prompter, Vec<i64>)> {
     let style = lm.prompt_style?;
     let prompter = Prompter::new(style, lm.chat.clone(), &lm.name).ok()?;
+    Some((prompter, response_stops(lm)))
+}
+
+/// The tokens besides end-of-sequence that end a response: the padding the training examples
+/// end with (end-of-text) and the model's end-of-turn token.
+fn response_stops(lm: &LoadedLm) -> Vec<i64> {
     let mut stops = vec![crate::classify::train::pad_id(lm)];
     stops.extend(lm.end_of_turn_id());
-    Some((prompter, stops))
+    stops
 }
 
 /// Writes `finetuned.json` and `finetuned.safetensors` (the trained tensors: the adapters with

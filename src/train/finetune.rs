@@ -156,15 +156,7 @@ pub fn load_checkpoint<S: DeserializeOwned>(
             let src = tensors
                 .get(&format!("param.{name}"))
                 .ok_or_else(|| bad(format!("missing tensor '{name}'")))?;
-            if src.size() != t.size() {
-                return Err(bad(format!(
-                    "tensor '{name}' has shape {:?}, the model's has {:?}",
-                    src.size(),
-                    t.size()
-                ))
-                .into());
-            }
-            t.shallow_clone().copy_(src);
+            copy_checked(t, src, name).map_err(bad)?;
         }
     }
     opt.load_state_tensors(&tensors, step).map_err(bad)?;
@@ -234,15 +226,22 @@ pub fn load_tensors_into(vs: &tch::nn::VarStore, file: &Path, base_model: &str) 
                 "tensor '{name}' is not a parameter of {base_model}"
             ))
         })?;
-        if dst.size() != t.size() {
-            return Err(bad(format!(
-                "tensor '{name}' has shape {:?}, the model's has {:?}",
-                t.size(),
-                dst.size()
-            ))
-            .into());
-        }
-        dst.shallow_clone().copy_(t);
+        copy_checked(dst, t, name).map_err(bad)?;
     }
     Ok(saved.len())
+}
+
+/// Copies `src` into the variable `dst` (no gradient tracking); a shape mismatch is an error
+/// naming the tensor.
+fn copy_checked(dst: &Tensor, src: &Tensor, name: &str) -> Result<(), String> {
+    if dst.size() != src.size() {
+        return Err(format!(
+            "tensor '{name}' has shape {:?}, the model's has {:?}",
+            src.size(),
+            dst.size()
+        ));
+    }
+    let _g = tch::no_grad_guard();
+    dst.shallow_clone().copy_(src);
+    Ok(())
 }

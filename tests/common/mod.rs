@@ -113,3 +113,23 @@ pub fn llmlab_stdin(args: &[&str], input: &str) -> Result<(i32, String, String)>
 pub fn gpt2_bpe_dir() -> PathBuf {
     mirror().join("gpt2-bpe")
 }
+
+/// The records of a run's `metrics.jsonl`.
+pub fn metric_lines(dir: &Path) -> Result<Vec<serde_json::Value>> {
+    Ok(std::fs::read_to_string(dir.join("metrics.jsonl"))?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
+}
+
+/// Requests a stop (as Ctrl-C does) after optimizer step `.0`.
+pub struct StopAt(pub usize);
+
+impl llmlab::train::trainer::TrainEvents for StopAt {
+    fn log(&mut self, _msg: &str) {}
+    fn step(&mut self, step: usize, _loss: f64) {
+        if step == self.0 {
+            llmlab::signal::request_stop();
+        }
+    }
+}
