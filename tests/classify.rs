@@ -609,3 +609,124 @@ fn interrupted_classification_resumes_to_the_same_result() -> Result<()> {
     }
     Ok(())
 }
+
+/// Copies the files of `from` (recursively) into `to`.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// At optimizer step `at`, copies the run folder as it is on disk then: what a process killed
+/// at that moment (SIGKILL, no chance to save) leaves behind.
+struct SnapshotAt<'a> {
+    at: usize,
+    run: &'a Path,
+    to: &'a Path,
+}
+
+impl llmlab::train::trainer::TrainEvents for SnapshotAt<'_> {
+    fn log(&mut self, _msg: &str) {}
+    fn step(&mut self, step: usize, _loss: f64) {
+        if step == self.at {
+            copy_tree(self.run, self.to).expect("snapshot of the run folder");
+        }
+    }
+}
+
+/// Timed checkpoints (`llmlab run --checkpoint-minutes`): a run killed mid-epoch without a stop
+/// signal left a checkpoint from inside the epoch, and resuming from the folder it left gives
+/// the uninterrupted run's metrics, with its training time carried over.
+#[test]
+fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
+    set_mirror();
+    let dir = tempfile::tempdir()?;
+    let spec = small_spec("gpt-mini", "last_2_blocks", false)?;
+    let sharing = PrefixSharing {
+        dir: None,
+        from_end: vec![],
+    };
+    let whole = dir.path().join("whole");
+    train::run(
+        &spec,
+        &whole,
+        Device::Cpu,
+        true,
+        &sharing,
+        &mut |_: &str| {},
+    )?;
+    let (run, killed) = (dir.path().join("run"), dir.path().join("killed"));
+    // A checkpoint after every step (the interval is one millisecond).
+    llmlab::train::finetune::set_checkpoint_minutes(1e-6);
+    let r = train::run(
+        &spec,
+        &run,
+        Device::Cpu,
+        true,
+        &sharing,
+        &mut SnapshotAt {
+            at: 6,
+            run: &run,
+            to: &killed,
+        },
+    );
+    llmlab::train::finetune::set_checkpoint_minutes(
+        llmlab::train::finetune::DEFAULT_CHECKPOINT_MINUTES,
+    );
+    r?;
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        killed.join("checkpoints/last/state.json"),
+    )?)?;
+    let at = state[0]["step"].as_u64().expect("step") as usize;
+    let steps_per_epoch = common::metric_lines(&whole)?
+        .iter()
+        .find_map(|l| (l["epoch"] == 2).then(|| l["step"].as_u64()))
+        .flatten()
+        .expect("an evaluation in epoch 2") as usize;
+    assert!(
+        (1..6).contains(&at) && at < steps_per_epoch,
+        "a checkpoint inside epoch 1 (steps per epoch >= {steps_per_epoch}), not {state}"
+    );
+    let seconds_before = state[0]["train_seconds"].as_f64().expect("train_seconds");
+    assert!(seconds_before > 0.0);
+    assert!(!killed.join("status.json").exists());
+    let mut logs = Vec::new();
+    let resumed = train::run(
+        &spec,
+        &killed,
+        Device::Cpu,
+        false,
+        &sharing,
+        &mut |m: &str| logs.push(m.to_string()),
+    )?;
+    assert!(
+        logs.iter()
+            .any(|l| l.contains(&format!("resuming at step {at}"))),
+        "{logs:?}"
+    );
+    assert!(resumed.result.train_seconds > seconds_before);
+    let (a, b) = (
+        common::metric_lines(&whole)?,
+        common::metric_lines(&killed)?,
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for key in [
+            "step",
+            "train_loss",
+            "val_loss",
+            "val_accuracy",
+            "test_accuracy",
+        ] {
+            assert_eq!(x[key], y[key], "{key}");
+        }
+    }
+    Ok(())
+}

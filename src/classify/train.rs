@@ -14,7 +14,9 @@ use super::spec::{ClassifySpec, Weights};
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::models::lm::{AnyModel, LoadedLm};
 use crate::plot::{plot_values, LossPoint};
-use crate::train::finetune::{io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint};
+use crate::train::finetune::{
+    io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint, CheckpointTimer,
+};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::trainer::{append_line, seed_for_step, TrainEvents};
 use anyhow::Result;
@@ -121,6 +123,10 @@ pub struct ClassifyState {
     /// The next batch group of `epoch`.
     pub next_group: usize,
     pub examples_seen: usize,
+    /// Seconds spent training before this checkpoint, over every process that ran it (so a
+    /// resumed run reports its whole training time).
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 /// One line of `metrics.jsonl` written at each evaluation.
@@ -589,6 +595,8 @@ pub fn run(
     ));
     events.start(state.step, total_steps);
     let started = Instant::now();
+    let seconds_before = state.train_seconds;
+    let mut ck_timer = CheckpointTimer::start();
     let mut last_time = Instant::now();
     let mut seen_at_last = state.examples_seen;
     let ignore = spec.finetune.ignore_index;
@@ -691,8 +699,10 @@ pub fn run(
                 state.next_group = 0;
             }
             let stop = crate::signal::interrupted();
-            if epoch_done || stop {
+            if epoch_done || stop || ck_timer.due() {
+                state.train_seconds = seconds_before + started.elapsed().as_secs_f64();
                 save_checkpoint(run_dir, &trained, &opt, &state)?;
+                ck_timer.saved();
             }
             if stop {
                 return Err(LlmError::Interrupted {
@@ -703,7 +713,7 @@ pub fn run(
             }
         }
     }
-    let train_seconds = started.elapsed().as_secs_f64();
+    let train_seconds = seconds_before + started.elapsed().as_secs_f64();
 
     let (train_loss, train_acc) = evaluate(&p.clf, &p.train, pre(0), t.batch_size, None, ignore);
     let (val_loss, val_acc) = evaluate(&p.clf, &p.val, pre(1), t.batch_size, None, ignore);

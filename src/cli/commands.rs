@@ -78,6 +78,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         only_trial: a.only_trial.clone(),
     };
     crate::signal::install();
+    crate::train::finetune::set_checkpoint_minutes(a.checkpoint_minutes);
     if let Some(slug) = &a.only_trial {
         // One trial of a `--jobs` sweep: the parent process writes the experiment's records.
         if !trials.iter().any(|(t, _)| t.slug == *slug) {
@@ -126,6 +127,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
             c.arg("--runs").arg(&a.runs);
             c.args(["--device", &a.compute.device]);
             c.args(["--threads", &threads.to_string(), "--only-trial", slug]);
+            c.args(["--checkpoint-minutes", &a.checkpoint_minutes.to_string()]);
             if a.restart {
                 c.arg("--restart");
             }

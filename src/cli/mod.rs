@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// CPU). Ctrl-C stops every running trial after its state is saved.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub jobs: usize,
+    /// Fine-tuning trials (classify, instruct) also save a checkpoint after this many minutes
+    /// of training inside an epoch, so a killed process loses at most that much; 0: only at
+    /// epoch ends and on Ctrl-C/SIGTERM, which always save. (Pretraining: train.checkpoint_every.)
+    #[arg(long, value_name = "MINUTES", default_value_t = crate::train::finetune::DEFAULT_CHECKPOINT_MINUTES, value_parser = non_negative_minutes)]
+    pub checkpoint_minutes: f64,
     /// Internal (--jobs): run only this trial of the sweep, leaving the experiment's records
     /// and report to the process that started it.
     #[arg(long, value_name = "SLUG", hide = true)]
@@ -188,6 +193,16 @@ pub enum DataAction {
 pub enum Format {
     Text,
     Json,
+}
+
+/// A number of minutes >= 0 (`--checkpoint-minutes`).
+fn non_negative_minutes(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(m) if m.is_finite() && m >= 0.0 => Ok(m),
+        _ => Err(format!(
+            "{s}: expected a number of minutes >= 0 (0: no timed checkpoints)"
+        )),
+    }
 }
 
 /// Device and threads, shared by every compute command.

@@ -12,7 +12,9 @@ use super::spec::{InstructSpec, Method};
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::models::lm::{AnyModel, LoadedLm};
 use crate::plot::{plot_values, LossPoint};
-use crate::train::finetune::{io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint};
+use crate::train::finetune::{
+    io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint, CheckpointTimer,
+};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::trainer::{append_line, seed_for_step, TrainEvents};
 use anyhow::Result;
@@ -206,6 +208,10 @@ pub struct InstructState {
     /// The next batch group of `epoch`.
     pub next_group: usize,
     pub tokens_seen: usize,
+    /// Seconds spent training before this checkpoint, over every process that ran it (so a
+    /// resumed run reports its whole training time).
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 /// One line of `metrics.jsonl` written at each evaluation.
@@ -411,6 +417,8 @@ pub fn run(
     let sample_spec = generation_spec(spec, &p.lm, spec.generation.max_new_tokens.min(50));
     events.start(state.step, total_steps);
     let started = Instant::now();
+    let seconds_before = state.train_seconds;
+    let mut ck_timer = CheckpointTimer::start();
     let mut last_time = Instant::now();
     let mut seen_at_last = state.tokens_seen;
     let ignore = opts.ignore_index;
@@ -509,8 +517,10 @@ pub fn run(
                 events.sample(state.step, epoch + 1, &sample);
             }
             let stop = crate::signal::interrupted();
-            if epoch_done || stop {
+            if epoch_done || stop || ck_timer.due() {
+                state.train_seconds = seconds_before + started.elapsed().as_secs_f64();
                 save_checkpoint(run_dir, &trained, &opt, &state)?;
+                ck_timer.saved();
             }
             if stop {
                 return Err(LlmError::Interrupted {
@@ -521,7 +531,7 @@ pub fn run(
             }
         }
     }
-    let train_seconds = started.elapsed().as_secs_f64();
+    let train_seconds = seconds_before + started.elapsed().as_secs_f64();
 
     let train_loss = loss_loader(&p.lm, &p.train, &opts, t.batch_size, None);
     let val_loss = loss_loader(&p.lm, &val_rows, &opts, t.batch_size, None);

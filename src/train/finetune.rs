@@ -2,6 +2,9 @@
 //! folder (`config.yaml` checked or written, `--restart`, a finished run reported from its
 //! `metrics.jsonl`), checkpoints of the trained tensors with their AdamW moments (written
 //! atomically: a temp folder renamed over `checkpoints/last`), and the metrics a resume keeps.
+//! Checkpoints are written at every epoch end, on Ctrl-C/SIGTERM, and inside a long epoch every
+//! [`set_checkpoint_minutes`] minutes of training, so a killed process (SIGKILL, a lost machine)
+//! loses at most that much work.
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::train::optim::AdamW;
 use crate::train::trainer::truncate_jsonl;
@@ -10,7 +13,52 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tch::{Device, Tensor};
+
+/// Minutes of training between checkpoints inside an epoch when nothing sets them.
+pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 30.0;
+
+/// Milliseconds between timed checkpoints (0: only at epoch ends and on a stop signal).
+static CHECKPOINT_MILLIS: AtomicU64 = AtomicU64::new(DEFAULT_CHECKPOINT_MINUTES as u64 * 60_000);
+
+/// Sets how many minutes of training a fine-tuning run goes between checkpoints inside an
+/// epoch (`llmlab run --checkpoint-minutes`); 0 (or anything not positive) turns timed
+/// checkpoints off. Like the thread count, this is not part of a run's settings: a resume may
+/// use another value.
+pub fn set_checkpoint_minutes(minutes: f64) {
+    let millis = if minutes.is_finite() && minutes > 0.0 {
+        (minutes * 60_000.0).max(1.0) as u64
+    } else {
+        0
+    };
+    CHECKPOINT_MILLIS.store(millis, Ordering::Relaxed);
+}
+
+/// When the next timed checkpoint is due (see [`set_checkpoint_minutes`]).
+pub struct CheckpointTimer {
+    since: Instant,
+}
+
+impl CheckpointTimer {
+    pub fn start() -> Self {
+        Self {
+            since: Instant::now(),
+        }
+    }
+
+    /// True once the interval has passed since the start or the last [`Self::saved`].
+    pub fn due(&self) -> bool {
+        let millis = CHECKPOINT_MILLIS.load(Ordering::Relaxed);
+        millis > 0 && self.since.elapsed() >= Duration::from_millis(millis)
+    }
+
+    /// A checkpoint was just written: the interval starts again.
+    pub fn saved(&mut self) {
+        self.since = Instant::now();
+    }
+}
 
 /// Maps an I/O error to [`LlmError::Io`] naming `path`.
 pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
