@@ -730,3 +730,79 @@ fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
     }
     Ok(())
 }
+
+/// Parity with PyTorch + transformers on the book's recipe (tests/reference/hf_classify.py): a
+/// tiny random GPT-2 saved by transformers (tied embeddings, as GPT-2), a new 2-class head with
+/// bias, the chosen strategy trained with the final norm, torch.optim.AdamW with weight decay on
+/// every trained tensor. For `last_block`, `all` and `head` and the `last`, `flexible` and `mean`
+/// tokens, the class logits before training, the loss of each of 3 steps and the logits after
+/// them equal PyTorch's.
+#[test]
+fn classification_steps_match_pytorch_and_transformers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    common::run_reference(
+        "hf_classify.py",
+        &[dir.path().to_str().expect("utf-8 path")],
+    )?;
+    let spec = format!("gpt2:{}", dir.path().join("model").display());
+    for trainable in ["last_block", "all", "head"] {
+        for token in ["last", "flexible", "mean"] {
+            let what = format!("{trainable}/{token}");
+            let r =
+                common::read_tensors(&dir.path().join(format!("{trainable}-{token}.safetensors")))?;
+            let pos = match token {
+                "last" => TokenPos::Last,
+                "flexible" => TokenPos::Flexible,
+                _ => TokenPos::Mean,
+            };
+            let mut clf = Classifier::new(LoadedLm::load(&spec, Device::Cpu)?, 2, pos);
+            clf.set_dropout(0.0);
+            tch::no_grad(|| {
+                clf.head.ws.copy_(&r["head.weight"]);
+                if let Some(b) = &mut clf.head.bs {
+                    b.copy_(&r["head.bias"]);
+                }
+            });
+            let trained = clf.set_trainable(Trainable::parse(trainable).expect("strategy"));
+            let mut opt = AdamW::new(
+                trained
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect(),
+                AdamWConfig {
+                    weight_decay: 0.1,
+                    ..AdamWConfig::default()
+                },
+            );
+            let (ids, lens, labels) = (&r["ids"], &r["lens"], &r["labels"]);
+            let before = tch::no_grad(|| clf.logits(ids, lens, false));
+            common::assert_close(&before, &r["before"], 1e-5, 1e-4, &format!("{what} logits"))?;
+            let want = Vec::<f64>::try_from(&r["losses"])?;
+            for (step, want) in want.iter().enumerate() {
+                opt.zero_grad();
+                let loss = class_loss(&clf.logits(ids, lens, true), labels, -100);
+                let got = loss.double_value(&[]);
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "{what} step {}: loss {got} vs PyTorch {want}",
+                    step + 1
+                );
+                loss.backward();
+                opt.step(1e-3);
+            }
+            let after = tch::no_grad(|| clf.logits(ids, lens, false));
+            assert!(
+                (&after - &before).abs().max().double_value(&[]) > 5e-3,
+                "{what}: training moved the logits"
+            );
+            common::assert_close(
+                &after,
+                &r["after"],
+                1e-4,
+                1e-3,
+                &format!("{what} logits after 3 steps"),
+            )?;
+        }
+    }
+    Ok(())
+}
