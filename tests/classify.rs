@@ -806,3 +806,104 @@ fn classification_steps_match_pytorch_and_transformers() -> Result<()> {
     }
     Ok(())
 }
+
+/// LoRA parity with Hugging Face PEFT (tests/reference/hf_classify.py --lora): a tiny random
+/// Llama (GQA, tied embeddings) saved by transformers, PEFT adapters of rank 4 and alpha 8 on
+/// q/k/v/o and gate/up/down (llmlab: `scale: alpha_over_rank`, PEFT's scaling) starting from
+/// PEFT's own initial A (B = 0), trained with the final norm and a new head by
+/// torch.optim.AdamW: the losses of 3 steps and the logits after them equal PyTorch's, before
+/// and after the adapters are merged into the weights; for the `last` and `flexible` tokens.
+#[test]
+fn lora_classification_steps_match_peft() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    common::run_reference(
+        "hf_classify.py",
+        &[dir.path().to_str().expect("utf-8 path"), "--lora"],
+    )?;
+    let spec = format!("hf:{}", dir.path().join("model").display());
+    for token in ["last", "flexible"] {
+        let r = common::read_tensors(&dir.path().join(format!("lora-{token}.safetensors")))?;
+        let pos = if token == "last" {
+            TokenPos::Last
+        } else {
+            TokenPos::Flexible
+        };
+        let mut clf = Classifier::new(LoadedLm::load(&spec, Device::Cpu)?, 2, pos);
+        clf.set_dropout(0.0);
+        clf.add_lora(&LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            scale: llmlab::nn::lora::LoraScale::AlphaOverRank,
+            ..LoraConfig::default()
+        });
+        let vars = clf.lm.vs.variables();
+        let mut copied = 0;
+        tch::no_grad(|| -> Result<()> {
+            clf.head.ws.copy_(&r["head.weight"]);
+            if let Some(b) = &mut clf.head.bs {
+                b.copy_(&r["head.bias"]);
+            }
+            for (name, init) in r
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix("init.")?, v)))
+            {
+                let mut v = vars
+                    .get(name)
+                    .ok_or_else(|| anyhow::anyhow!("llmlab has no adapter {name}"))?
+                    .shallow_clone();
+                assert_eq!(v.size(), init.size(), "{name}");
+                v.copy_(init);
+                copied += 1;
+            }
+            Ok(())
+        })?;
+        let adapters = vars.keys().filter(|k| k.contains(".lora_")).count();
+        assert_eq!((copied, adapters), (28, 28), "2 blocks x 7 layers x (A, B)");
+        let trained = clf.set_trainable(Trainable::Lora);
+        let mut opt = AdamW::new(
+            trained
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            AdamWConfig {
+                weight_decay: 0.1,
+                ..AdamWConfig::default()
+            },
+        );
+        let (ids, lens, labels) = (&r["ids"], &r["lens"], &r["labels"]);
+        let before = tch::no_grad(|| clf.logits(ids, lens, false));
+        common::assert_close(
+            &before,
+            &r["before"],
+            1e-5,
+            1e-4,
+            &format!("{token} logits"),
+        )?;
+        let want = Vec::<f64>::try_from(&r["losses"])?;
+        for (step, want) in want.iter().enumerate() {
+            opt.zero_grad();
+            let loss = class_loss(&clf.logits(ids, lens, true), labels, -100);
+            let got = loss.double_value(&[]);
+            assert!(
+                (got - want).abs() < 1e-5,
+                "{token} step {}: loss {got} vs PEFT {want}",
+                step + 1
+            );
+            loss.backward();
+            opt.step(1e-3);
+        }
+        let after = tch::no_grad(|| clf.logits(ids, lens, false));
+        assert!((&after - &before).abs().max().double_value(&[]) > 5e-3);
+        common::assert_close(
+            &after,
+            &r["after"],
+            1e-5,
+            1e-3,
+            &format!("{token} after 3 steps"),
+        )?;
+        clf.merge_lora();
+        let merged = tch::no_grad(|| clf.logits(ids, lens, false));
+        common::assert_close(&merged, &r["after"], 1e-5, 1e-3, &format!("{token} merged"))?;
+    }
+    Ok(())
+}
