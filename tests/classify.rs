@@ -545,6 +545,15 @@ fn freeze_sweep_notebook_runs_on_a_tiny_sweep() -> Result<()> {
     Ok(())
 }
 
+/// What a resumed classification run must reproduce, line by line.
+const CLASSIFY_KEYS: &[&str] = &[
+    "step",
+    "train_loss",
+    "val_loss",
+    "val_accuracy",
+    "test_accuracy",
+];
+
 /// A run stopped by Ctrl-C mid-epoch (checkpoint at the stop) and resumed ends with the same
 /// metrics as an uninterrupted run, with and without frozen-prefix reuse and with dropout.
 #[test]
@@ -593,19 +602,7 @@ fn interrupted_classification_resumes_to_the_same_result() -> Result<()> {
             logs.iter().any(|l| l.contains("resuming at step 4")),
             "{logs:?}"
         );
-        let (a, b) = (common::metric_lines(&whole)?, common::metric_lines(&parts)?);
-        assert_eq!(a.len(), b.len(), "{trainable}");
-        for (x, y) in a.iter().zip(&b) {
-            for key in [
-                "step",
-                "train_loss",
-                "val_loss",
-                "val_accuracy",
-                "test_accuracy",
-            ] {
-                assert_eq!(x[key], y[key], "{trainable} {key}");
-            }
-        }
+        common::assert_same_metrics(&whole, &parts, CLASSIFY_KEYS, trainable)?;
     }
     Ok(())
 }
@@ -712,23 +709,58 @@ fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
         "{logs:?}"
     );
     assert!(resumed.result.train_seconds > seconds_before);
-    let (a, b) = (
-        common::metric_lines(&whole)?,
-        common::metric_lines(&killed)?,
-    );
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        for key in [
-            "step",
-            "train_loss",
-            "val_loss",
-            "val_accuracy",
-            "test_accuracy",
-        ] {
-            assert_eq!(x[key], y[key], "{key}");
-        }
-    }
+    common::assert_same_metrics(&whole, &killed, CLASSIFY_KEYS, "killed and resumed")?;
     Ok(())
+}
+
+/// The reference's head (`head.weight`, `head.bias`) copied into the classifier's new head.
+fn copy_head(clf: &mut Classifier, r: &BTreeMap<String, Tensor>) {
+    tch::no_grad(|| {
+        clf.head.ws.copy_(&r["head.weight"]);
+        if let Some(b) = &mut clf.head.bs {
+            b.copy_(&r["head.bias"]);
+        }
+    });
+}
+
+/// Trains `trained` as the reference did (AdamW, lr 1e-3, weight decay 0.1, one step per
+/// reference loss on its `ids`/`lens`/`labels`) and checks the class logits before, each step's
+/// loss and the logits after against it; returns the logits after.
+fn steps_match_reference(
+    clf: &Classifier,
+    trained: &[(String, Tensor)],
+    r: &BTreeMap<String, Tensor>,
+    what: &str,
+) -> Result<Tensor> {
+    let mut opt = AdamW::over(trained, 0.1);
+    let (ids, lens, labels) = (&r["ids"], &r["lens"], &r["labels"]);
+    let before = tch::no_grad(|| clf.logits(ids, lens, false));
+    common::assert_close(&before, &r["before"], 1e-5, 1e-4, &format!("{what} logits"))?;
+    for (step, want) in Vec::<f64>::try_from(&r["losses"])?.iter().enumerate() {
+        opt.zero_grad();
+        let loss = class_loss(&clf.logits(ids, lens, true), labels, -100);
+        let got = loss.double_value(&[]);
+        assert!(
+            (got - want).abs() < 1e-5,
+            "{what} step {}: loss {got} vs the reference's {want}",
+            step + 1
+        );
+        loss.backward();
+        opt.step(1e-3);
+    }
+    let after = tch::no_grad(|| clf.logits(ids, lens, false));
+    assert!(
+        (&after - &before).abs().max().double_value(&[]) > 5e-3,
+        "{what}: training moved the logits"
+    );
+    common::assert_close(
+        &after,
+        &r["after"],
+        1e-4,
+        1e-3,
+        &format!("{what} logits after the steps"),
+    )?;
+    Ok(after)
 }
 
 /// Parity with PyTorch + transformers on the book's recipe (tests/reference/hf_classify.py): a
@@ -757,51 +789,9 @@ fn classification_steps_match_pytorch_and_transformers() -> Result<()> {
             };
             let mut clf = Classifier::new(LoadedLm::load(&spec, Device::Cpu)?, 2, pos);
             clf.set_dropout(0.0);
-            tch::no_grad(|| {
-                clf.head.ws.copy_(&r["head.weight"]);
-                if let Some(b) = &mut clf.head.bs {
-                    b.copy_(&r["head.bias"]);
-                }
-            });
+            copy_head(&mut clf, &r);
             let trained = clf.set_trainable(Trainable::parse(trainable).expect("strategy"));
-            let mut opt = AdamW::new(
-                trained
-                    .iter()
-                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                    .collect(),
-                AdamWConfig {
-                    weight_decay: 0.1,
-                    ..AdamWConfig::default()
-                },
-            );
-            let (ids, lens, labels) = (&r["ids"], &r["lens"], &r["labels"]);
-            let before = tch::no_grad(|| clf.logits(ids, lens, false));
-            common::assert_close(&before, &r["before"], 1e-5, 1e-4, &format!("{what} logits"))?;
-            let want = Vec::<f64>::try_from(&r["losses"])?;
-            for (step, want) in want.iter().enumerate() {
-                opt.zero_grad();
-                let loss = class_loss(&clf.logits(ids, lens, true), labels, -100);
-                let got = loss.double_value(&[]);
-                assert!(
-                    (got - want).abs() < 1e-5,
-                    "{what} step {}: loss {got} vs PyTorch {want}",
-                    step + 1
-                );
-                loss.backward();
-                opt.step(1e-3);
-            }
-            let after = tch::no_grad(|| clf.logits(ids, lens, false));
-            assert!(
-                (&after - &before).abs().max().double_value(&[]) > 5e-3,
-                "{what}: training moved the logits"
-            );
-            common::assert_close(
-                &after,
-                &r["after"],
-                1e-4,
-                1e-3,
-                &format!("{what} logits after 3 steps"),
-            )?;
+            let _after = steps_match_reference(&clf, &trained, &r, &what)?;
         }
     }
     Ok(())
@@ -838,11 +828,8 @@ fn lora_classification_steps_match_peft() -> Result<()> {
         });
         let vars = clf.lm.vs.variables();
         let mut copied = 0;
+        copy_head(&mut clf, &r);
         tch::no_grad(|| -> Result<()> {
-            clf.head.ws.copy_(&r["head.weight"]);
-            if let Some(b) = &mut clf.head.bs {
-                b.copy_(&r["head.bias"]);
-            }
             for (name, init) in r
                 .iter()
                 .filter_map(|(k, v)| Some((k.strip_prefix("init.")?, v)))
@@ -860,50 +847,10 @@ fn lora_classification_steps_match_peft() -> Result<()> {
         let adapters = vars.keys().filter(|k| k.contains(".lora_")).count();
         assert_eq!((copied, adapters), (28, 28), "2 blocks x 7 layers x (A, B)");
         let trained = clf.set_trainable(Trainable::Lora);
-        let mut opt = AdamW::new(
-            trained
-                .iter()
-                .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                .collect(),
-            AdamWConfig {
-                weight_decay: 0.1,
-                ..AdamWConfig::default()
-            },
-        );
-        let (ids, lens, labels) = (&r["ids"], &r["lens"], &r["labels"]);
-        let before = tch::no_grad(|| clf.logits(ids, lens, false));
-        common::assert_close(
-            &before,
-            &r["before"],
-            1e-5,
-            1e-4,
-            &format!("{token} logits"),
-        )?;
-        let want = Vec::<f64>::try_from(&r["losses"])?;
-        for (step, want) in want.iter().enumerate() {
-            opt.zero_grad();
-            let loss = class_loss(&clf.logits(ids, lens, true), labels, -100);
-            let got = loss.double_value(&[]);
-            assert!(
-                (got - want).abs() < 1e-5,
-                "{token} step {}: loss {got} vs PEFT {want}",
-                step + 1
-            );
-            loss.backward();
-            opt.step(1e-3);
-        }
-        let after = tch::no_grad(|| clf.logits(ids, lens, false));
-        assert!((&after - &before).abs().max().double_value(&[]) > 5e-3);
-        common::assert_close(
-            &after,
-            &r["after"],
-            1e-5,
-            1e-3,
-            &format!("{token} after 3 steps"),
-        )?;
+        let after = steps_match_reference(&clf, &trained, &r, token)?;
         clf.merge_lora();
-        let merged = tch::no_grad(|| clf.logits(ids, lens, false));
-        common::assert_close(&merged, &r["after"], 1e-5, 1e-3, &format!("{token} merged"))?;
+        let merged = tch::no_grad(|| clf.logits(&r["ids"], &r["lens"], false));
+        common::assert_close(&merged, &after, 1e-5, 1e-4, &format!("{token} merged"))?;
     }
     Ok(())
 }

@@ -535,19 +535,18 @@ fn interrupted_instruct_run_resumes_and_the_run_loads_in_generate() -> Result<()
         logs.iter().any(|l| l.contains("resuming at step 4")),
         "{logs:?}"
     );
-    let (a, b) = (common::metric_lines(&whole)?, common::metric_lines(&parts)?);
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter().zip(&b) {
-        for key in [
+    common::assert_same_metrics(
+        &whole,
+        &parts,
+        &[
             "step",
             "train_loss",
             "val_loss",
             "rouge_l",
             "val_response_loss",
-        ] {
-            assert_eq!(x[key], y[key], "{key}");
-        }
-    }
+        ],
+        "stopped and resumed",
+    )?;
     let read = |d: &std::path::Path| -> Result<Vec<serde_json::Value>> {
         Ok(serde_json::from_str(&std::fs::read_to_string(
             d.join("responses.json"),

@@ -17,7 +17,7 @@ use crate::plot::{plot_values, LossPoint};
 use crate::train::finetune::{
     io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint, CheckpointTimer,
 };
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamW;
 use crate::train::trainer::{append_line, seed_for_step, TrainEvents};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -525,16 +525,7 @@ pub fn run(
     let n_layers = p.clf.n_layers();
     let boundary = strategy.first_trained_block(n_layers);
     let reuse = spec.finetune.reuse_frozen && boundary > 0 && p.clf.drop_rate() == 0.0;
-    let mut opt = AdamW::new(
-        trained
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect(),
-        AdamWConfig {
-            weight_decay: t.weight_decay,
-            ..AdamWConfig::default()
-        },
-    );
+    let mut opt = AdamW::over(&trained, t.weight_decay);
     let fused = t.fused_adamw.resolve(device);
     let n_trained: i64 = trained.iter().map(|(_, t)| t.numel() as i64).sum();
     let n_total: i64 = p

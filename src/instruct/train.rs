@@ -15,7 +15,7 @@ use crate::plot::{plot_values, LossPoint};
 use crate::train::finetune::{
     io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint, CheckpointTimer,
 };
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamW;
 use crate::train::trainer::{append_line, seed_for_step, TrainEvents};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -338,16 +338,7 @@ pub fn run(
     data::write_splits(run_dir, &p.splits)?;
     let t = &spec.train;
     let trained = set_trainable(&p.lm, spec.finetune.method);
-    let mut opt = AdamW::new(
-        trained
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect(),
-        AdamWConfig {
-            weight_decay: t.weight_decay,
-            ..AdamWConfig::default()
-        },
-    );
+    let mut opt = AdamW::over(&trained, t.weight_decay);
     let fused = t.fused_adamw.resolve(device);
     let n_trained: i64 = trained.iter().map(|(_, t)| t.numel() as i64).sum();
     let n_total: i64 = p.lm.vs.variables().values().map(|t| t.numel() as i64).sum();

@@ -52,6 +52,21 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// torch.optim.AdamW's defaults with `weight_decay` (the fine-tuning tasks' optimizer) over
+    /// the trained tensors (shared, not copied).
+    pub fn over(trained: &[(String, Tensor)], weight_decay: f64) -> Self {
+        Self::new(
+            trained
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect(),
+            AdamWConfig {
+                weight_decay,
+                ..AdamWConfig::default()
+            },
+        )
+    }
+
     /// Moments are allocated for the given parameters only: frozen tensors get no state.
     pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Self {
         let exp_avg = params.iter().map(|(_, p)| p.zeros_like()).collect();

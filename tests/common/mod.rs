@@ -122,6 +122,19 @@ pub fn metric_lines(dir: &Path) -> Result<Vec<serde_json::Value>> {
         .collect::<Result<_, _>>()?)
 }
 
+/// Both run folders' `metrics.jsonl` have the same number of lines and equal values under `keys`
+/// on each line (a resumed run against the uninterrupted one).
+pub fn assert_same_metrics(a: &Path, b: &Path, keys: &[&str], what: &str) -> Result<()> {
+    let (x, y) = (metric_lines(a)?, metric_lines(b)?);
+    assert_eq!(x.len(), y.len(), "{what}: metrics.jsonl lines");
+    for (l, r) in x.iter().zip(&y) {
+        for key in keys {
+            assert_eq!(l[key], r[key], "{what}: {key}");
+        }
+    }
+    Ok(())
+}
+
 /// Requests a stop (as Ctrl-C does) after optimizer step `.0`.
 pub struct StopAt(pub usize);
 
