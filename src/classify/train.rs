@@ -585,9 +585,7 @@ pub fn run(
         }
     ));
     events.start(state.step, total_steps);
-    let started = Instant::now();
-    let seconds_before = state.train_seconds;
-    let mut ck_timer = CheckpointTimer::start();
+    let mut clock = CheckpointTimer::start(state.train_seconds);
     let mut last_time = Instant::now();
     let mut seen_at_last = state.examples_seen;
     let ignore = spec.finetune.ignore_index;
@@ -690,10 +688,10 @@ pub fn run(
                 state.next_group = 0;
             }
             let stop = crate::signal::interrupted();
-            if epoch_done || stop || ck_timer.due() {
-                state.train_seconds = seconds_before + started.elapsed().as_secs_f64();
+            if epoch_done || stop || clock.due() {
+                state.train_seconds = clock.train_seconds();
                 save_checkpoint(run_dir, &trained, &opt, &state)?;
-                ck_timer.saved();
+                clock.saved();
             }
             if stop {
                 return Err(LlmError::Interrupted {
@@ -704,7 +702,7 @@ pub fn run(
             }
         }
     }
-    let train_seconds = seconds_before + started.elapsed().as_secs_f64();
+    let train_seconds = clock.train_seconds();
 
     let (train_loss, train_acc) = evaluate(&p.clf, &p.train, pre(0), t.batch_size, None, ignore);
     let (val_loss, val_acc) = evaluate(&p.clf, &p.val, pre(1), t.batch_size, None, ignore);

@@ -407,9 +407,7 @@ pub fn run(
     ));
     let sample_spec = generation_spec(spec, &p.lm, spec.generation.max_new_tokens.min(50));
     events.start(state.step, total_steps);
-    let started = Instant::now();
-    let seconds_before = state.train_seconds;
-    let mut ck_timer = CheckpointTimer::start();
+    let mut clock = CheckpointTimer::start(state.train_seconds);
     let mut last_time = Instant::now();
     let mut seen_at_last = state.tokens_seen;
     let ignore = opts.ignore_index;
@@ -508,10 +506,10 @@ pub fn run(
                 events.sample(state.step, epoch + 1, &sample);
             }
             let stop = crate::signal::interrupted();
-            if epoch_done || stop || ck_timer.due() {
-                state.train_seconds = seconds_before + started.elapsed().as_secs_f64();
+            if epoch_done || stop || clock.due() {
+                state.train_seconds = clock.train_seconds();
                 save_checkpoint(run_dir, &trained, &opt, &state)?;
-                ck_timer.saved();
+                clock.saved();
             }
             if stop {
                 return Err(LlmError::Interrupted {
@@ -522,7 +520,7 @@ pub fn run(
             }
         }
     }
-    let train_seconds = seconds_before + started.elapsed().as_secs_f64();
+    let train_seconds = clock.train_seconds();
 
     let train_loss = loss_loader(&p.lm, &p.train, &opts, t.batch_size, None);
     let val_loss = loss_loader(&p.lm, &val_rows, &opts, t.batch_size, None);

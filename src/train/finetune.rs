@@ -36,16 +36,27 @@ pub fn set_checkpoint_minutes(minutes: f64) {
     CHECKPOINT_MILLIS.store(millis, Ordering::Relaxed);
 }
 
-/// When the next timed checkpoint is due (see [`set_checkpoint_minutes`]).
+/// A run's training clock: the training time of this process added to what its checkpoint
+/// carried over, and when the next timed checkpoint is due (see [`set_checkpoint_minutes`]).
 pub struct CheckpointTimer {
+    started: Instant,
+    seconds_before: f64,
     since: Instant,
 }
 
 impl CheckpointTimer {
-    pub fn start() -> Self {
+    /// Starts the clock of a run that had trained `seconds_before` seconds before this process.
+    pub fn start(seconds_before: f64) -> Self {
         Self {
+            started: Instant::now(),
+            seconds_before,
             since: Instant::now(),
         }
+    }
+
+    /// Seconds of training over every process that ran this run.
+    pub fn train_seconds(&self) -> f64 {
+        self.seconds_before + self.started.elapsed().as_secs_f64()
     }
 
     /// True once the interval has passed since the start or the last [`Self::saved`].
