@@ -607,6 +607,32 @@ fn interrupted_classification_resumes_to_the_same_result() -> Result<()> {
     Ok(())
 }
 
+/// A diverging fine-tuning run stops at the first step whose loss is not finite, with an error
+/// that says what to change, instead of training on NaN.
+#[test]
+fn a_diverging_classification_stops_with_a_clear_error() -> Result<()> {
+    set_mirror();
+    let dir = tempfile::tempdir()?;
+    let mut spec = small_spec("gpt-mini", "all", false)?;
+    spec.train.lr = 1e30;
+    let e = train::run(
+        &spec,
+        &dir.path().join("r"),
+        Device::Cpu,
+        true,
+        &PrefixSharing::default(),
+        &mut |_: &str| {},
+    )
+    .expect_err("a step of 1e30 diverges");
+    let msg = format!("{e}");
+    assert!(
+        msg.contains("training loss became") && msg.contains("at step 2 (epoch 1)"),
+        "{msg}"
+    );
+    assert!(msg.contains("lower train.lr"), "{msg}");
+    Ok(())
+}
+
 /// Copies the files of `from` (recursively) into `to`.
 fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;

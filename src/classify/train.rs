@@ -605,25 +605,13 @@ pub fn run(
             for b in &order[lo..hi] {
                 let (logits, ys) = batch_logits(&p.clf, &p.train, pre(0), b, true);
                 let loss = class_loss(&logits, &ys, ignore);
-                let v = loss.double_value(&[]);
-                if !v.is_finite() {
-                    return Err(LlmError::Usage(format!(
-                        "training loss became {v} at step {} (epoch {}); lower train.lr or set train.max_grad_norm",
-                        state.step + 1,
-                        epoch + 1
-                    ))
-                    .into());
-                }
+                let v = crate::train::finite_loss(&loss, state.step, epoch)?;
                 step_loss += v / (hi - lo) as f64;
                 (loss / (hi - lo) as f64).backward();
                 state.examples_seen += b.len();
             }
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            if fused {
-                opt.step_fused(t.lr)?;
-            } else {
-                opt.step(t.lr);
-            }
+            opt.update(t.lr, fused)?;
             state.step += 1;
             state.epoch = epoch;
             state.next_group = g + 1;

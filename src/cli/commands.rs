@@ -692,12 +692,7 @@ fn bench(a: BenchArgs) -> Result<()> {
                 })
                 .and_then(|loss| {
                     loss.backward();
-                    if fused {
-                        opt.step_fused(4e-4)
-                    } else {
-                        opt.step(4e-4);
-                        Ok(())
-                    }
+                    opt.update(4e-4, fused)
                 });
                 if let Err(e) = step {
                     failed.get_or_insert(e);

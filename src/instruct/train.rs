@@ -438,24 +438,12 @@ pub fn run(
                     continue;
                 }
                 let loss = loss_batch(&p.lm, &b, ignore, true);
-                let v = loss.double_value(&[]);
-                if !v.is_finite() {
-                    return Err(LlmError::Usage(format!(
-                        "training loss became {v} at step {} (epoch {}); lower train.lr or set train.max_grad_norm",
-                        state.step + 1,
-                        epoch + 1
-                    ))
-                    .into());
-                }
+                let v = crate::train::finite_loss(&loss, state.step, epoch)?;
                 step_loss += v / (hi - lo) as f64;
                 (loss / (hi - lo) as f64).backward();
             }
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            if fused {
-                opt.step_fused(t.lr)?;
-            } else {
-                opt.step(t.lr);
-            }
+            opt.update(t.lr, fused)?;
             state.step += 1;
             state.epoch = epoch;
             state.next_group = g + 1;

@@ -8,6 +8,7 @@ pub mod spec;
 pub mod trainer;
 
 use crate::data::DataLoader;
+use crate::error::LlmError;
 use crate::models::GptModel;
 use tch::{Device, Kind, Tensor};
 
@@ -47,6 +48,20 @@ pub fn calc_loss_loader(
         .map(|(x, y)| calc_loss_batch(model, &x, &y, false).double_value(&[]))
         .sum();
     total / n as f64
+}
+
+/// The value of a training batch's loss, or the error that stops the run when it is NaN or
+/// infinite; `step` and `epoch` are the 0-based counters of the step being taken.
+pub fn finite_loss(loss: &Tensor, step: usize, epoch: usize) -> Result<f64, LlmError> {
+    let v = loss.double_value(&[]);
+    if v.is_finite() {
+        return Ok(v);
+    }
+    Err(LlmError::Usage(format!(
+        "training loss became {v} at step {} (epoch {}); lower train.lr or set train.max_grad_norm",
+        step + 1,
+        epoch + 1
+    )))
 }
 
 /// Perplexity of a mean cross-entropy loss (book §5.1.2).

@@ -152,6 +152,17 @@ impl AdamW {
         }
     }
 
+    /// One update with learning rate `lr`: libtorch's fused kernel when `fused`, else
+    /// [`step`](Self::step). The training loops resolve `train.fused_adamw` into `fused`.
+    pub fn update(&mut self, lr: f64, fused: bool) -> Result<(), LlmError> {
+        if fused {
+            self.step_fused(lr)
+        } else {
+            self.step(lr);
+            Ok(())
+        }
+    }
+
     /// The same update as [`step`](Self::step) with libtorch's fused AdamW kernel (one call for
     /// all parameters; on CUDA a few multi-tensor kernel launches instead of ~10 per parameter).
     /// Parameters without a gradient are skipped, as in `step`.

@@ -364,25 +364,13 @@ pub fn pretrain(
             for b in lo..hi {
                 let (x, y) = train_loader.batch_in_order(&order, b, device);
                 let loss = loss_at(&x, &y)?;
-                let loss_v = loss.double_value(&[]);
-                if !loss_v.is_finite() {
-                    return Err(LlmError::Usage(format!(
-                        "training loss became {loss_v} at step {} (epoch {}); lower train.lr or set train.max_grad_norm",
-                        state.step + 1,
-                        epoch + 1
-                    ))
-                    .into());
-                }
+                let loss_v = super::finite_loss(&loss, state.step, epoch)?;
                 step_loss += loss_v / (hi - lo) as f64;
                 (loss / (hi - lo) as f64).backward();
                 state.tokens_seen += x.numel();
             }
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            if fused {
-                opt.step_fused(lr)?;
-            } else {
-                opt.step(lr);
-            }
+            opt.update(lr, fused)?;
             state.step += 1;
             events.step(state.step, step_loss);
             state.lr = lr;
