@@ -404,6 +404,54 @@ fn concurrent_trials_compute_a_shared_prefix_once() -> Result<()> {
     Ok(())
 }
 
+/// A trial waiting for a live holder (no timeout: a prefix can take half an hour) names the lock
+/// file to delete if that holder hangs; deleting it lets the trial compute the prefix itself.
+#[test]
+fn deleting_a_held_prefix_lock_ends_the_wait() -> Result<()> {
+    set_mirror();
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache)?;
+    let lock = cache.join(".computing");
+    std::fs::write(&lock, std::process::id().to_string())?; // a live holder: this process
+    let spec = small_spec("gpt-mini", "last_block", true)?;
+    let sharing = PrefixSharing {
+        dir: Some(cache.clone()),
+        from_end: vec![1],
+    };
+    let mut logs = Vec::new();
+    train::run(
+        &spec,
+        &dir.path().join("r"),
+        Device::Cpu,
+        true,
+        &sharing,
+        &mut |m: &str| {
+            if m.contains("waiting for process") {
+                std::fs::remove_file(&lock).expect("the lock file exists while waited for");
+            }
+            logs.push(m.to_string())
+        },
+    )?;
+    let waiting: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("waiting for process"))
+        .collect();
+    assert_eq!(waiting.len(), 1, "{logs:?}");
+    assert!(
+        waiting[0].contains(&format!("process {}", std::process::id()))
+            && waiting[0].contains(&format!("delete {}", lock.display())),
+        "{}",
+        waiting[0]
+    );
+    assert!(
+        logs.iter().any(|l| l.contains("outputs computed once")),
+        "{logs:?}"
+    );
+    assert!(!lock.exists(), "the lock is released");
+    Ok(())
+}
+
 /// SmolLM2-135M-Instruct with a new head on mean-pooled hidden states, trained on 40 balanced
 /// messages: validation accuracy at least 80 %. The classes are balanced, so the majority class
 /// gives 50 %; on 20 validation messages, chance stays below 80 % with probability > 99.5 %.

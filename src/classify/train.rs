@@ -270,7 +270,10 @@ fn load_prefix(dir: &Path, boundary: usize, sizes: [usize; 3], dev: Device) -> O
 }
 
 /// `<cache>/.computing` (holding the process id) while one process computes a key's prefixes;
-/// removed when dropped. A lock whose process is gone is taken over.
+/// removed when dropped. A lock whose process is gone is taken over. Like cargo's file locks, a
+/// live holder is waited for without a timeout (computing a prefix can take half an hour on a
+/// CPU, so no timeout tells a slow holder from a hung one); the waiting message names the file
+/// to delete to stop waiting, and Ctrl-C stops the waiter.
 struct PrefixLock {
     path: PathBuf,
     /// Whether another process held the lock first (its results may now be cached).
@@ -314,8 +317,9 @@ impl PrefixLock {
                     }
                     if !waited {
                         log.log(&format!(
-                            "frozen prefix: waiting for process {} to finish computing it (same frozen blocks)",
-                            holder.map_or("?".to_string(), |p| p.to_string())
+                            "frozen prefix: waiting for process {} to finish computing it (same frozen blocks); if that process hangs, delete {} to compute it here",
+                            holder.map_or("?".to_string(), |p| p.to_string()),
+                            path.display()
                         ));
                         waited = true;
                     }
