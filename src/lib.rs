@@ -8,7 +8,7 @@
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
 //! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model | [`instruct`], [`eval`] |
-//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`models::lm`], [`chat`], [`nn::quant`] |
+//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`resolve`], [`chat`], [`nn::quant`] |
 //!
 //! Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
 //! text samples, the HParams dashboard's data) in [`tensorboard`].
@@ -23,11 +23,15 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod experiment;
+pub mod finetune;
 pub mod generate;
 pub mod instruct;
+pub mod metrics;
 pub mod models;
 pub mod nn;
 pub mod plot;
+pub mod prompt;
+pub mod resolve;
 pub mod shim;
 pub mod signal;
 pub mod tensorboard;
@@ -35,3 +39,6 @@ pub mod train;
 pub mod weights;
 
 pub use error::LlmError;
+
+#[cfg(test)]
+mod architecture;

@@ -7,8 +7,8 @@ use llmlab::classify::data::{self, ClassifyDataSpec};
 use llmlab::classify::model::{class_loss, Classifier, TokenPos, Trainable};
 use llmlab::classify::spec::ClassifySpec;
 use llmlab::classify::train::{self, PrefixSharing};
-use llmlab::models::LoadedLm;
 use llmlab::nn::lora::LoraConfig;
+use llmlab::resolve::LoadedLm;
 use llmlab::train::optim::{AdamW, AdamWConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -173,6 +173,7 @@ fn freezing_strategies_change_only_their_parameters() -> Result<()> {
     let names = [
         "head",
         "last_layer",
+        "head_and_norm",
         "last_block",
         "last_2_blocks",
         "all",
@@ -201,8 +202,9 @@ fn freezing_strategies_change_only_their_parameters() -> Result<()> {
                     .and_then(|i| i.parse::<usize>().ok());
                 v.starts_with("cls_head.")
                     || match name {
-                        "head" => false,
-                        "last_layer" => v.starts_with("final_norm."),
+                        // The book's `last_layer`: the new head alone.
+                        "head" | "last_layer" => false,
+                        "head_and_norm" => v.starts_with("final_norm."),
                         "last_block" => v.starts_with("final_norm.") || block == Some(n - 1),
                         "last_2_blocks" => {
                             v.starts_with("final_norm.") || block.is_some_and(|b| b >= n - 2)
@@ -574,7 +576,7 @@ fn freeze_sweep_notebook_runs_on_a_tiny_sweep() -> Result<()> {
     assert!(stdout.contains("5 trials"), "{stdout}");
     for t in [
         "head",
-        "last_layer",
+        "head_and_norm",
         "last_block",
         "last_2_blocks",
         "last_3_blocks",
@@ -735,7 +737,7 @@ fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
     )?;
     let (run, killed) = (dir.path().join("run"), dir.path().join("killed"));
     // A checkpoint after every step (the interval is one millisecond).
-    llmlab::train::finetune::set_checkpoint_minutes(1e-6);
+    llmlab::finetune::set_checkpoint_minutes(1e-6);
     let r = train::run(
         &spec,
         &run,
@@ -748,14 +750,13 @@ fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
             to: &killed,
         },
     );
-    llmlab::train::finetune::set_checkpoint_minutes(
-        llmlab::train::finetune::DEFAULT_CHECKPOINT_MINUTES,
-    );
+    llmlab::finetune::set_checkpoint_minutes(llmlab::finetune::DEFAULT_CHECKPOINT_MINUTES);
     r?;
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
         killed.join("checkpoints/last/state.json"),
     )?)?;
-    let at = state[0]["step"].as_u64().expect("step") as usize;
+    assert_eq!(state["format"], 2, "a versioned checkpoint: {state}");
+    let at = state["state"]["step"].as_u64().expect("step") as usize;
     let steps_per_epoch = common::metric_lines(&whole)?
         .iter()
         .find_map(|l| (l["epoch"] == 2).then(|| l["step"].as_u64()))
@@ -765,7 +766,9 @@ fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
         (1..6).contains(&at) && at < steps_per_epoch,
         "a checkpoint inside epoch 1 (steps per epoch >= {steps_per_epoch}), not {state}"
     );
-    let seconds_before = state[0]["train_seconds"].as_f64().expect("train_seconds");
+    let seconds_before = state["state"]["train_seconds"]
+        .as_f64()
+        .expect("train_seconds");
     assert!(seconds_before > 0.0);
     assert!(!killed.join("status.json").exists());
     let mut logs = Vec::new();

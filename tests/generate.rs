@@ -4,7 +4,8 @@ mod common;
 
 use anyhow::Result;
 use llmlab::generate::{generate, sample_next, GenerateSpec};
-use llmlab::models::{GptConfig, GptModel, ModelSource};
+use llmlab::models::{GptConfig, GptModel};
+use llmlab::resolve::ModelSource;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 

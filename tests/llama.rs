@@ -7,8 +7,8 @@ use anyhow::Result;
 use llmlab::chat::{ChatTemplate, Message};
 use llmlab::generate::{generate, GenerateSpec};
 use llmlab::models::llama::BlockWeights;
-use llmlab::models::lm::{smollm2_gguf, AnyModel, InferenceDtype, LoadedLm};
 use llmlab::models::LlamaConfig;
+use llmlab::resolve::{smollm2_gguf, AnyModel, InferenceDtype, LoadedLm};
 use llmlab::weights::llama::load_hf;
 use tch::{Device, Kind, Tensor};
 

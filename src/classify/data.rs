@@ -468,25 +468,4 @@ pub fn encode(
     })
 }
 
-/// Batches of example indices: seeded shuffle per epoch (`shuffle`) and `drop_last`, as the
-/// book's loaders (train: shuffle + drop_last; validation/test: neither).
-pub fn batches(
-    n: usize,
-    batch_size: usize,
-    shuffle: bool,
-    drop_last: bool,
-    seed: u64,
-    epoch: usize,
-) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..n).collect();
-    if shuffle {
-        let mut rng =
-            StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
-        order.shuffle(&mut rng);
-    }
-    let mut out: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
-    if drop_last && out.last().is_some_and(|b| b.len() < batch_size) {
-        out.pop();
-    }
-    out
-}
+pub use crate::finetune::batches;

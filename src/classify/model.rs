@@ -2,9 +2,10 @@
 //! replaced by a `num_classes` head, which reads one token's (or the mean) final hidden state.
 //! Which parameters train is a [`Trainable`] strategy; LoRA adapters come from [`crate::nn::lora`].
 use crate::error::LlmError;
-use crate::models::lm::{AnyModel, LoadedLm};
+pub use crate::models::trainable::{Method, Trainable};
 use crate::nn::lora::LoraConfig;
 use crate::nn::Linear;
+use crate::resolve::{AnyModel, LoadedLm};
 use serde::{Deserialize, Serialize};
 use tch::nn::Module;
 use tch::{Kind, Tensor};
@@ -22,84 +23,6 @@ pub enum TokenPos {
     Flexible,
     /// The mean over the non-padding tokens.
     Mean,
-}
-
-/// `finetune.trainable`: what is trained besides the new head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trainable {
-    /// The new head only.
-    Head,
-    /// The head and the final norm (the last layer before the head).
-    LastLayer,
-    /// The last N transformer blocks, the final norm and the head (`last_block`,
-    /// `last_2_blocks`, `last_N_blocks`).
-    LastBlocks(usize),
-    /// Every parameter.
-    All,
-    /// LoRA adapters (`finetune.lora`) with the final norm and the head; the base weights stay frozen.
-    Lora,
-}
-
-impl Trainable {
-    pub const ACCEPTED: &'static str =
-        "head, last_layer, last_block, last_2_blocks, last_N_blocks (any N >= 1), all, lora";
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "head" => Self::Head,
-            "last_layer" => Self::LastLayer,
-            "last_block" => Self::LastBlocks(1),
-            "all" => Self::All,
-            "lora" => Self::Lora,
-            _ => {
-                let n = s.strip_prefix("last_")?.strip_suffix("_blocks")?;
-                let n: usize = n.parse().ok()?;
-                if n == 0 {
-                    return None;
-                }
-                Self::LastBlocks(n)
-            }
-        })
-    }
-
-    pub fn name(&self) -> String {
-        match self {
-            Self::Head => "head".into(),
-            Self::LastLayer => "last_layer".into(),
-            Self::LastBlocks(1) => "last_block".into(),
-            Self::LastBlocks(n) => format!("last_{n}_blocks"),
-            Self::All => "all".into(),
-            Self::Lora => "lora".into(),
-        }
-    }
-
-    /// The first block whose parameters train (`n_layers` when none does), i.e. where a frozen
-    /// prefix ends; `0` when the embeddings or adapters in every block train.
-    pub fn first_trained_block(&self, n_layers: usize) -> usize {
-        match self {
-            Self::Head | Self::LastLayer => n_layers,
-            Self::LastBlocks(k) => n_layers.saturating_sub(*k),
-            Self::All | Self::Lora => 0,
-        }
-    }
-}
-
-impl Serialize for Trainable {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.name())
-    }
-}
-
-impl<'de> Deserialize<'de> for Trainable {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Trainable::parse(&s).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "unknown trainable '{s}'; expected one of: {}",
-                Trainable::ACCEPTED
-            ))
-        })
-    }
 }
 
 /// A language model with a classification head.
@@ -124,10 +47,7 @@ impl Classifier {
     /// Adds a fresh `cls_head` (PyTorch's `nn.Linear` initialisation, drawn from the current
     /// libtorch seed) to a loaded model.
     pub fn new(lm: LoadedLm, num_classes: i64, token: TokenPos) -> Self {
-        let emb = match &lm.model {
-            AnyModel::Gpt(m) => m.cfg.emb_dim,
-            AnyModel::Llama(m) => m.cfg.emb_dim,
-        };
+        let emb = lm.model.emb_dim();
         let head = crate::nn::layers::linear(lm.vs.root() / "cls_head", emb, num_classes, true);
         Self {
             lm,
@@ -138,10 +58,7 @@ impl Classifier {
     }
 
     pub fn n_layers(&self) -> usize {
-        match &self.lm.model {
-            AnyModel::Gpt(m) => m.trf_blocks.len(),
-            AnyModel::Llama(m) => m.trf_blocks.len(),
-        }
+        self.lm.model.n_layers()
     }
 
     pub fn context_length(&self) -> i64 {
@@ -150,23 +67,11 @@ impl Classifier {
 
     /// Sets the dropout rate of every block (and the embeddings).
     pub fn set_dropout(&mut self, p: f64) {
-        match &mut self.lm.model {
-            AnyModel::Gpt(m) => {
-                m.cfg.drop_rate = p;
-                for b in &mut m.trf_blocks {
-                    b.drop_rate = p;
-                    b.att.dropout = p;
-                }
-            }
-            AnyModel::Llama(m) => m.set_drop_rate(p),
-        }
+        self.lm.model.set_drop_rate(p);
     }
 
     pub fn drop_rate(&self) -> f64 {
-        match &self.lm.model {
-            AnyModel::Gpt(m) => m.cfg.drop_rate,
-            AnyModel::Llama(m) => m.cfg.drop_rate,
-        }
+        self.lm.model.drop_rate()
     }
 
     /// Turns the causal mask of every attention layer on or off.
@@ -188,41 +93,25 @@ impl Classifier {
     }
 
     /// Marks what `strategy` trains (`requires_grad`) and freezes everything else; returns the
-    /// trained variables, sorted by name.
+    /// trained variables, sorted by name. The new head (`cls_head`) always trains; the
+    /// language-model head it replaces (`out_head`) never does.
     pub fn set_trainable(&mut self, strategy: Trainable) -> Vec<(String, Tensor)> {
-        let n = self.n_layers();
-        let first = strategy.first_trained_block(n);
-        let trained = |name: &str| -> bool {
-            if name.starts_with("cls_head.") {
-                return true;
-            }
-            if name.starts_with("out_head.") {
-                return false; // the language-model head the new head replaces: unused
-            }
-            match strategy {
-                Trainable::Head => false,
-                Trainable::All => true,
-                Trainable::Lora => name.starts_with("final_norm.") || name.contains(".lora_"),
-                Trainable::LastLayer | Trainable::LastBlocks(_) => {
-                    name.starts_with("final_norm.")
-                        || name
-                            .strip_prefix("trf_blocks.")
-                            .and_then(|r| r.split('.').next())
-                            .and_then(|i| i.parse::<usize>().ok())
-                            .is_some_and(|i| i >= first)
-                }
-            }
-        };
-        let mut out = Vec::new();
-        for (name, t) in self.lm.vs.variables() {
-            let on = trained(&name);
-            let _ = t.set_requires_grad(on);
-            if on {
-                out.push((name, t));
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        self.set_trainable_with(strategy, Method::Full)
+    }
+
+    /// [`Self::set_trainable`] with LoRA as the method on the chosen blocks.
+    pub fn set_trainable_with(
+        &mut self,
+        strategy: Trainable,
+        method: Method,
+    ) -> Vec<(String, Tensor)> {
+        crate::finetune::set_trainable(
+            &self.lm,
+            strategy,
+            method,
+            Some("cls_head."),
+            Some("out_head."),
+        )
     }
 
     /// The input of block 0.

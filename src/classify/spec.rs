@@ -2,8 +2,8 @@
 use super::data::{ClassifyDataSpec, Padding};
 use super::model::{TokenPos, Trainable};
 use crate::error::LlmError;
+use crate::finetune::{Method, TrainArgs, TrainDefaults};
 use crate::nn::lora::LoraConfig;
-use crate::train::spec::FusedAdamW;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,16 +56,19 @@ pub struct ClassifyModelSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneSpec {
-    /// What trains besides the new head: head, last_layer, last_block, last_N_blocks, all, lora.
+    /// What trains besides the new head (the book's words; see [`crate::finetune::Trainable`]).
     #[serde(default = "default_trainable")]
     pub trainable: Trainable,
+    /// `full` (default) or `lora`: how the blocks `trainable` names train.
+    #[serde(default, skip_serializing_if = "is_full")]
+    pub method: Method,
     /// Which token feeds the head: last, first, flexible, mean.
     #[serde(default)]
     pub token: TokenPos,
     /// `false` disables the causal attention mask.
     #[serde(default = "yes")]
     pub causal_mask: bool,
-    /// LoRA settings (used with `trainable: lora`).
+    /// LoRA settings (used with `trainable: lora` or `method: lora`).
     #[serde(default)]
     pub lora: LoraConfig,
     /// `ignore_index` of the cross-entropy (the book's option; -100 as PyTorch's default).
@@ -80,6 +83,9 @@ pub struct FinetuneSpec {
 fn default_trainable() -> Trainable {
     Trainable::LastBlocks(1)
 }
+fn is_full(m: &Method) -> bool {
+    *m == Method::Full
+}
 fn yes() -> bool {
     true
 }
@@ -91,6 +97,7 @@ impl Default for FinetuneSpec {
     fn default() -> Self {
         Self {
             trainable: default_trainable(),
+            method: Method::Full,
             token: TokenPos::Last,
             causal_mask: true,
             lora: LoraConfig::default(),
@@ -100,72 +107,17 @@ impl Default for FinetuneSpec {
     }
 }
 
-/// The chapter-6 training settings (`train_classifier_simple`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClassifyTrainSpec {
-    #[serde(default = "default_epochs")]
-    pub epochs: usize,
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    #[serde(default = "default_wd")]
-    pub weight_decay: f64,
-    /// Evaluate every N optimizer steps.
-    #[serde(default = "default_eval_freq")]
-    pub eval_freq: usize,
-    /// Batches per evaluation (loss and accuracy).
-    #[serde(default = "default_eval_iter")]
-    pub eval_iter: usize,
-    #[serde(default = "one")]
-    pub grad_accum_steps: usize,
-    #[serde(default)]
-    pub max_grad_norm: Option<f64>,
-    #[serde(default)]
-    pub threads: Option<usize>,
-    #[serde(default, skip_serializing_if = "FusedAdamW::is_auto")]
-    pub fused_adamw: FusedAdamW,
+/// The chapter-6 defaults (`train_classifier_simple`): 5 epochs, evaluation every 50 steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChapterSix;
+
+impl TrainDefaults for ChapterSix {
+    const EPOCHS: usize = 5;
+    const EVAL_FREQ: usize = 50;
 }
 
-fn default_epochs() -> usize {
-    5
-}
-fn default_batch() -> usize {
-    8
-}
-fn default_lr() -> f64 {
-    5e-5
-}
-fn default_wd() -> f64 {
-    0.1
-}
-fn default_eval_freq() -> usize {
-    50
-}
-fn default_eval_iter() -> usize {
-    5
-}
-fn one() -> usize {
-    1
-}
-
-impl Default for ClassifyTrainSpec {
-    fn default() -> Self {
-        Self {
-            epochs: default_epochs(),
-            batch_size: default_batch(),
-            lr: default_lr(),
-            weight_decay: default_wd(),
-            eval_freq: default_eval_freq(),
-            eval_iter: default_eval_iter(),
-            grad_accum_steps: 1,
-            max_grad_norm: None,
-            threads: None,
-            fused_adamw: FusedAdamW::Auto,
-        }
-    }
-}
+/// `train:` of a classification run.
+pub type ClassifyTrainSpec = TrainArgs<ChapterSix>;
 
 impl ClassifySpec {
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, LlmError> {
@@ -198,17 +150,7 @@ impl ClassifySpec {
             return err(m);
         }
         let t = &self.train;
-        let ranges = crate::train::finetune::TrainRanges {
-            epochs: t.epochs,
-            batch_size: t.batch_size,
-            lr: t.lr,
-            weight_decay: t.weight_decay,
-            eval_freq: t.eval_freq,
-            eval_iter: t.eval_iter,
-            grad_accum_steps: t.grad_accum_steps,
-            max_grad_norm: t.max_grad_norm,
-        };
-        if let Some(m) = ranges.problem() {
+        if let Some(m) = t.problem() {
             return err(m);
         }
         if self.data.padding == Padding::None && t.batch_size != 1 {

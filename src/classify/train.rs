@@ -12,13 +12,11 @@ use super::data::{self, Encoded, Padding, Splits};
 use super::model::{check_trainable, class_loss, correct, Classifier, Trainable};
 use super::spec::{ClassifySpec, Weights};
 use crate::error::{read_text, write_atomic, LlmError};
-use crate::models::lm::{AnyModel, LoadedLm};
+use crate::finetune::checkpoint::io;
+use crate::finetune::{open_run_dir, FinetuneRun, Method};
 use crate::plot::{plot_values, LossPoint};
-use crate::train::finetune::{
-    io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint, CheckpointTimer,
-};
-use crate::train::optim::AdamW;
-use crate::train::trainer::{append_line, seed_for_step, TrainEvents};
+use crate::resolve::{AnyModel, LoadedLm};
+use crate::train::trainer::TrainEvents;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -36,15 +34,6 @@ pub struct Prepared {
     pub test: Encoded,
     /// The padded length (`None`: no padding).
     pub pad_to: Option<usize>,
-}
-
-/// The padding token: `<|endoftext|>` when the tokenizer has it, else the end-of-sequence id.
-pub fn pad_id(lm: &LoadedLm) -> i64 {
-    lm.tokenizer
-        .token_to_id("<|endoftext|>")
-        .map(i64::from)
-        .or(lm.eos_id)
-        .unwrap_or(0)
 }
 
 /// Re-initialises every weight GPT-2 style: matrices N(0, 0.02), norm scales 1, the rest 0.
@@ -91,7 +80,7 @@ pub fn prepare(spec: &ClassifySpec, device: Device) -> Result<Prepared> {
     let ctx = clf.context_length() as usize;
     let limit = spec.data.max_length.unwrap_or(ctx).min(ctx);
     let bos = clf.lm.bos_id;
-    let pad = pad_id(&clf.lm);
+    let pad = clf.lm.pad_id();
     let tok = &clf.lm.tokenizer;
     let mut train = data::encode(&splits.train, tok, bos, Some(limit), None, pad)?;
     let pad_to = match spec.data.padding {
@@ -113,20 +102,6 @@ pub fn prepare(spec: &ClassifySpec, device: Device) -> Result<Prepared> {
         test,
         pad_to,
     })
-}
-
-/// Where a run stands (checkpoint `state.json`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct ClassifyState {
-    pub step: usize,
-    pub epoch: usize,
-    /// The next batch group of `epoch`.
-    pub next_group: usize,
-    pub examples_seen: usize,
-    /// Seconds spent training before this checkpoint, over every process that ran it (so a
-    /// resumed run reports its whole training time).
-    #[serde(default)]
-    pub train_seconds: f64,
 }
 
 /// One line of `metrics.jsonl` written at each evaluation.
@@ -462,8 +437,9 @@ fn batch_logits(
     (logits, ys)
 }
 
-/// Mean loss and accuracy over the first `max_batches` batches (all when `None`), in eval mode.
-fn evaluate(
+/// Mean loss and accuracy over the first `max_batches` batches (all when `None`), in eval mode:
+/// the book's `calc_loss_loader` and `calc_accuracy_loader` in one pass.
+pub fn evaluate_model(
     clf: &Classifier,
     enc: &Encoded,
     pre: Option<(usize, &Prefix)>,
@@ -495,7 +471,8 @@ pub struct ClassifyOutcome {
     pub already_finished: bool,
 }
 
-/// Fine-tunes (or resumes, or reports as finished) the classifier `spec` describes in `run_dir`.
+/// Fine-tunes (or resumes, or reports as finished) the classifier `spec` describes in `run_dir`:
+/// the book's `train_classifier_simple`, resumable.
 pub fn run(
     spec: &ClassifySpec,
     run_dir: &Path,
@@ -506,10 +483,7 @@ pub fn run(
 ) -> Result<ClassifyOutcome> {
     spec.validate()?;
     crate::device::set_threads(spec.train.threads);
-    let metrics_path = run_dir.join("metrics.jsonl");
-    if let Some(done) =
-        open_run_dir::<_, ClassifyFinal>(run_dir, &serde_yaml::to_string(spec)?, restart)?
-    {
+    if let Some(done) = open_run_dir(run_dir, &serde_yaml::to_string(spec)?, restart)? {
         events.log(&format!(
             "{} already finished (pass --restart to train again)",
             run_dir.display()
@@ -520,108 +494,60 @@ pub fn run(
             already_finished: true,
         });
     }
-
     let mut p = prepare(spec, device)?;
     data::write_splits(run_dir, &p.splits)?;
-    let t = &spec.train;
-    let strategy = spec.finetune.trainable;
-    let trained = p.clf.set_trainable(strategy);
-    let n_layers = p.clf.n_layers();
-    let boundary = strategy.first_trained_block(n_layers);
-    let reuse = spec.finetune.reuse_frozen && boundary > 0 && p.clf.drop_rate() == 0.0;
-    let mut opt = AdamW::over(&trained, t.weight_decay);
-    let fused = t.fused_adamw.resolve(device);
-    let n_trained: i64 = trained.iter().map(|(_, t)| t.numel() as i64).sum();
-    let n_total: i64 = p
-        .clf
-        .lm
-        .vs
-        .variables()
-        .values()
-        .map(|t| t.numel() as i64)
-        .sum();
-
-    let mut state = ClassifyState::default();
-    let mut evals: Vec<ClassifyEval> = Vec::new();
-    if let Some(s) = load_checkpoint(run_dir, &trained, &mut opt)? {
-        state = s;
-        evals = resume_metrics::<_, ClassifyFinal>(&metrics_path, state.step)?;
-        events.log(&format!(
-            "resuming at step {} (epoch {})",
-            state.step,
-            state.epoch + 1
-        ));
-    } else {
-        let _ = std::fs::remove_file(&metrics_path);
-    }
-    events.resume_after(state.step);
-
+    let (t, ft) = (&spec.train, &spec.finetune);
+    let trained = p.clf.set_trainable_with(ft.trainable, ft.method);
+    let boundary = ft.trainable.first_trained_block(p.clf.n_layers());
+    let reuse = ft.reuse_frozen && boundary > 0 && p.clf.drop_rate() == 0.0;
+    let mut run: FinetuneRun<ClassifyEval, ClassifyFinal> = FinetuneRun::start(
+        run_dir,
+        trained,
+        t,
+        spec.seed,
+        device,
+        p.train.len(),
+        events,
+    )?;
     let prefix = if reuse {
-        Some(frozen_prefix(&p, boundary, sharing, t.batch_size, events)?)
+        Some(frozen_prefix(
+            &p,
+            boundary,
+            sharing,
+            t.batch_size,
+            &mut *run.events,
+        )?)
     } else {
         None
     };
     let pre = |k: usize| prefix.as_ref().map(|pr| (boundary, &pr[k]));
-    let groups_per_epoch = data::batches(p.train.len(), t.batch_size, true, true, spec.seed, 0)
-        .len()
-        .div_ceil(t.grad_accum_steps);
-    if groups_per_epoch == 0 {
-        return Err(LlmError::Usage(format!(
-            "{} training examples are fewer than one batch of {}; lower train.batch_size",
-            p.train.len(),
-            t.batch_size
-        ))
-        .into());
-    }
-    let total_steps = groups_per_epoch * t.epochs;
-    events.log(&format!(
-        "{} classes, {} train / {} val / {} test examples, {} tokens each, {n_trained} of {n_total} parameters trained ({}), {}",
+    let (n_trained, n_total) = run.parameter_counts(&p.clf.lm.vs);
+    run.events.log(&format!(
+        "{} classes, {} train / {} val / {} test examples, {} tokens each, {n_trained} of {n_total} parameters trained ({}{}), {}",
         p.labels.len(),
         p.train.len(),
         p.val.len(),
         p.test.len(),
         p.pad_to.map_or("unpadded".to_string(), |n| n.to_string()),
-        strategy.name(),
+        ft.trainable.name(),
+        if ft.method == Method::Lora { ", lora" } else { "" },
         if reuse {
             format!("frozen blocks 0..{boundary} computed once")
         } else {
             "every block run at every step".to_string()
         }
     ));
-    events.start(state.step, total_steps);
-    let mut clock = CheckpointTimer::start(state.train_seconds);
-    let mut last_time = Instant::now();
-    let mut seen_at_last = state.examples_seen;
-    let ignore = spec.finetune.ignore_index;
-    for epoch in state.epoch..t.epochs {
+    let ignore = ft.ignore_index;
+    run.begin();
+    for epoch in run.epochs() {
         let order = data::batches(p.train.len(), t.batch_size, true, true, spec.seed, epoch);
-        let first = if epoch == state.epoch {
-            state.next_group
-        } else {
-            0
-        };
-        for g in first..groups_per_epoch {
-            let lo = g * t.grad_accum_steps;
-            let hi = (lo + t.grad_accum_steps).min(order.len());
-            seed_for_step(spec.seed, state.step);
-            opt.zero_grad();
-            let mut step_loss = 0.0;
-            for b in &order[lo..hi] {
+        for g in run.groups(epoch) {
+            let grad_norm = run.step(&order, epoch, g, |b| {
                 let (logits, ys) = batch_logits(&p.clf, &p.train, pre(0), b, true);
-                let loss = class_loss(&logits, &ys, ignore);
-                let v = crate::train::finite_loss(&loss, state.step, epoch)?;
-                step_loss += v / (hi - lo) as f64;
-                (loss / (hi - lo) as f64).backward();
-                state.examples_seen += b.len();
-            }
-            let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            opt.update(t.lr, fused)?;
-            state.step += 1;
-            state.epoch = epoch;
-            state.next_group = g + 1;
-            events.step(state.step, step_loss);
-            if (state.step - 1).is_multiple_of(t.eval_freq) {
-                let (train_loss, train_acc) = evaluate(
+                Ok((Some(class_loss(&logits, &ys, ignore)), b.len()))
+            })?;
+            if run.eval_due() {
+                let (train_loss, train_acc) = evaluate_model(
                     &p.clf,
                     &p.train,
                     pre(0),
@@ -629,7 +555,7 @@ pub fn run(
                     Some(t.eval_iter),
                     ignore,
                 );
-                let (val_loss, val_acc) = evaluate(
+                let (val_loss, val_acc) = evaluate_model(
                     &p.clf,
                     &p.val,
                     pre(1),
@@ -637,80 +563,57 @@ pub fn run(
                     Some(t.eval_iter),
                     ignore,
                 );
-                let secs = last_time.elapsed().as_secs_f64().max(1e-9);
                 let rec = ClassifyEval {
-                    step: state.step,
+                    step: run.state.step,
                     epoch: epoch + 1,
-                    examples_seen: state.examples_seen,
+                    examples_seen: run.state.seen,
                     train_loss,
                     val_loss,
                     train_accuracy: train_acc,
                     val_accuracy: val_acc,
-                    lr: t.lr,
+                    lr: run.lr(),
                     grad_norm,
-                    examples_per_sec: (state.examples_seen - seen_at_last) as f64 / secs,
+                    examples_per_sec: run.throughput(),
                 };
-                last_time = Instant::now();
-                seen_at_last = state.examples_seen;
-                events.log(&format!(
+                let scalars = [
+                    ("train/loss", train_loss),
+                    ("val/loss", val_loss),
+                    ("train/accuracy", train_acc),
+                    ("val/accuracy", val_acc),
+                    ("train/lr", rec.lr),
+                    ("train/grad_norm", grad_norm),
+                    ("train/examples_per_sec", rec.examples_per_sec),
+                ];
+                let line = format!(
                     "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}, Train acc {:.2}%, Val acc {:.2}%",
                     epoch + 1,
-                    state.step - 1,
+                    rec.step - 1,
                     train_acc * 100.0,
                     val_acc * 100.0
-                ));
-                append_line(&metrics_path, &serde_json::to_string(&rec)?)?;
-                events.scalars(
-                    state.step,
-                    &[
-                        ("train/loss", train_loss),
-                        ("val/loss", val_loss),
-                        ("train/accuracy", train_acc),
-                        ("val/accuracy", val_acc),
-                        ("train/lr", t.lr),
-                        ("train/grad_norm", grad_norm),
-                        ("train/examples_per_sec", rec.examples_per_sec),
-                    ],
                 );
-                evals.push(rec);
+                run.record_eval(rec, &scalars, &line)?;
             }
-            let epoch_done = g + 1 == groups_per_epoch;
-            if epoch_done {
-                state.epoch = epoch + 1;
-                state.next_group = 0;
-            }
-            let stop = crate::signal::interrupted();
-            if epoch_done || stop || clock.due() {
-                state.train_seconds = clock.train_seconds();
-                save_checkpoint(run_dir, &trained, &opt, &state)?;
-                clock.saved();
-            }
-            if stop {
-                return Err(LlmError::Interrupted {
-                    step: state.step,
-                    dir: run_dir.to_path_buf(),
-                }
-                .into());
-            }
+            run.end_step(g)?;
         }
     }
-    let train_seconds = clock.train_seconds();
+    let train_seconds = run.train_seconds();
 
-    let (train_loss, train_acc) = evaluate(&p.clf, &p.train, pre(0), t.batch_size, None, ignore);
-    let (val_loss, val_acc) = evaluate(&p.clf, &p.val, pre(1), t.batch_size, None, ignore);
+    let (train_loss, train_acc) =
+        evaluate_model(&p.clf, &p.train, pre(0), t.batch_size, None, ignore);
+    let (val_loss, val_acc) = evaluate_model(&p.clf, &p.val, pre(1), t.batch_size, None, ignore);
     let (test_loss, test_acc) = if p.test.is_empty() {
         (f64::NAN, f64::NAN)
     } else {
-        evaluate(&p.clf, &p.test, pre(2), t.batch_size, None, ignore)
+        evaluate_model(&p.clf, &p.test, pre(2), t.batch_size, None, ignore)
     };
-    events.log(&format!(
+    run.events.log(&format!(
         "Training accuracy: {:.2}%  Validation accuracy: {:.2}%  Test accuracy: {:.2}%",
         train_acc * 100.0,
         val_acc * 100.0,
         test_acc * 100.0
     ));
     let result = ClassifyFinal {
-        step: state.step,
+        step: run.state.step,
         train_accuracy: train_acc,
         val_accuracy: val_acc,
         test_accuracy: test_acc,
@@ -720,24 +623,21 @@ pub fn run(
         train_seconds,
         reused_frozen: reuse,
     };
-    events.scalars(
-        state.step,
-        &[
-            ("final/train_accuracy", train_acc),
-            ("final/val_accuracy", val_acc),
-            ("final/test_accuracy", test_acc),
-        ],
-    );
-    append_line(&metrics_path, &serde_json::to_string(&result)?)?;
-    save_classifier(&mut p, spec, &trained, run_dir)?;
-    write_plots(&evals, groups_per_epoch, run_dir, &spec.name)?;
-    write_atomic(
-        &run_dir.join("status.json"),
-        serde_json::json!({"status": "finished", "steps": state.step})
-            .to_string()
-            .as_bytes(),
-    )?;
-    let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    let scalars = [
+        ("final/train_accuracy", train_acc),
+        ("final/val_accuracy", val_acc),
+        ("final/test_accuracy", test_acc),
+    ];
+    let groups = run.groups_per_epoch();
+    let trained: Vec<(String, Tensor)> = run
+        .trained
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let evals = run.finish(&result, &scalars, |evals| {
+        save_classifier(&mut p, spec, &trained, run_dir)?;
+        write_plots(evals, groups, run_dir, &spec.name)
+    })?;
     Ok(ClassifyOutcome {
         evals,
         result,
@@ -854,7 +754,7 @@ impl SavedClassifier {
         if let Some(l) = &rec.lora {
             clf.add_lora(l);
         }
-        crate::train::finetune::load_tensors_into(
+        crate::weights::load_tensors_into(
             &clf.lm.vs,
             &dir.join("classifier.safetensors"),
             &rec.base_model,

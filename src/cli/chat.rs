@@ -6,9 +6,8 @@ use crate::chat::Message;
 use crate::device::{parse_device, set_threads};
 use crate::error::LlmError;
 use crate::generate::GenerateSpec;
-use crate::instruct::data::Entry;
-use crate::instruct::prompt::PromptStyle;
-use crate::models::LoadedLm;
+use crate::prompt::{Entry, PromptStyle};
+use crate::resolve::LoadedLm;
 use anyhow::Result;
 use std::io::{BufRead, Write};
 
@@ -32,7 +31,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     lm.set_dtype(a.dtype)?;
     // An instruct run trained on Alpaca or Phi-3 prompts answers one instruction at a time.
     let single_turn = match lm.prompt_style {
-        Some(PromptStyle::Alpaca | PromptStyle::Phi3) => crate::instruct::train::run_prompter(&lm),
+        Some(PromptStyle::Alpaca | PromptStyle::Phi3) => crate::resolve::saved::run_prompter(&lm),
         _ => None,
     };
     let tpl = match (&single_turn, lm.chat.clone()) {

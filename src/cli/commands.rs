@@ -5,9 +5,9 @@ use crate::data::{registry::Registry, tokenizer::train_bpe, BpeTokenizer};
 use crate::device::{device_name, parse_device, set_threads};
 use crate::error::{read_text, LlmError};
 use crate::generate::GenerateSpec;
-use crate::models::LoadedLm;
 use crate::models::{gpt::ParamStats, GptConfig, GptModel};
 use crate::nn::AttentionImpl;
+use crate::resolve::LoadedLm;
 use crate::shim::with_autocast;
 use crate::train::PretrainSpec;
 use anyhow::Result;
@@ -78,7 +78,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         only_trial: a.only_trial.clone(),
     };
     crate::signal::install();
-    crate::train::finetune::set_checkpoint_minutes(a.checkpoint_minutes);
+    crate::finetune::set_checkpoint_minutes(a.checkpoint_minutes);
     if let Some(slug) = &a.only_trial {
         // One trial of a `--jobs` sweep: the parent process writes the experiment's records.
         if !trials.iter().any(|(t, _)| t.slug == *slug) {
@@ -261,8 +261,8 @@ fn train_tokenizer(a: TrainTokenizerArgs) -> Result<()> {
 }
 
 fn model_info(a: ModelInfoArgs) -> Result<()> {
-    let llama = match crate::models::LmSpec::parse(&a.config) {
-        Ok(crate::models::LmSpec::LlamaFresh(_)) => Some(if Path::new(&a.config).is_file() {
+    let llama = match crate::resolve::LmSpec::parse(&a.config) {
+        Ok(crate::resolve::LmSpec::LlamaFresh(_)) => Some(if Path::new(&a.config).is_file() {
             crate::models::llama::load_config_file(Path::new(&a.config))?
         } else {
             crate::models::LlamaConfig::preset(&a.config)?
@@ -505,7 +505,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     let instruct = if a.raw || a.chat {
         None
     } else {
-        crate::instruct::train::run_prompter(&lm)
+        crate::resolve::saved::run_prompter(&lm)
     };
     if a.input.is_some() && instruct.is_none() {
         return Err(LlmError::Usage(format!(
@@ -532,11 +532,8 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         tpl.render(&msgs, true)
     } else if let Some((p, stops)) = instruct.as_ref() {
         spec.stop_ids.extend(stops);
-        let entry = crate::instruct::data::Entry::new(
-            &a.prompt,
-            a.input.as_deref().unwrap_or_default(),
-            "",
-        );
+        let entry =
+            crate::prompt::Entry::new(&a.prompt, a.input.as_deref().unwrap_or_default(), "");
         p.prompt(&entry)
     } else {
         a.prompt.clone()

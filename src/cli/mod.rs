@@ -1,6 +1,6 @@
 //! Command-line interface (clap only; every command calls into the library).
 use crate::device::Precision;
-use crate::models::InferenceDtype;
+use crate::resolve::InferenceDtype;
 use crate::train::spec::FusedAdamW;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -83,7 +83,7 @@ pub struct RunArgs {
     /// Fine-tuning trials (classify, instruct) also save a checkpoint after this many minutes
     /// of training inside an epoch, so a killed process loses at most that much; 0: only at
     /// epoch ends and on Ctrl-C/SIGTERM, which always save. (Pretraining: train.checkpoint_every.)
-    #[arg(long, value_name = "MINUTES", default_value_t = crate::train::finetune::DEFAULT_CHECKPOINT_MINUTES, value_parser = non_negative_minutes)]
+    #[arg(long, value_name = "MINUTES", default_value_t = crate::finetune::DEFAULT_CHECKPOINT_MINUTES, value_parser = non_negative_minutes)]
     pub checkpoint_minutes: f64,
     /// Internal (--jobs): run only this trial of the sweep, leaving the experiment's records
     /// and report to the process that started it.

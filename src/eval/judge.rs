@@ -5,8 +5,7 @@
 //! with exponential back-off; the score is the first integer 0..=100 in the reply (a reply
 //! without one is counted as unparsable). Every judged answer is kept beside the responses.
 use crate::error::{read_text, write_atomic, LlmError};
-use crate::instruct::data::Entry;
-use crate::instruct::prompt::format_input;
+use crate::prompt::{format_input, Entry};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

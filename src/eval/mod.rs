@@ -2,4 +2,4 @@
 //! responses ([`metrics`]: exact match, ROUGE-L) and scoring by a judge model through an
 //! OpenAI-compatible or Ollama API ([`judge`]).
 pub mod judge;
-pub mod metrics;
+pub use crate::metrics;

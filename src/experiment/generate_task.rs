@@ -16,7 +16,7 @@
 use crate::chat::Message;
 use crate::error::{write_atomic, LlmError};
 use crate::generate::GenerateSpec;
-use crate::models::{InferenceDtype, LoadedLm};
+use crate::resolve::{InferenceDtype, LoadedLm};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;

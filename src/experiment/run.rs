@@ -98,7 +98,7 @@ pub fn prepare_with(exp: &Experiment, check_files: bool) -> Result<Vec<(Trial, T
                 let spec: GenerateTaskSpec = exp.parse_trial(&t)?;
                 spec.validate().map_err(locate)?;
                 if check_files {
-                    crate::models::LmSpec::parse(&spec.model).map_err(|e| LlmError::Config {
+                    crate::resolve::LmSpec::parse(&spec.model).map_err(|e| LlmError::Config {
                         origin: exp.origin_of("model", &t),
                         message: format!("model: {e:#}"),
                     })?;
@@ -172,7 +172,7 @@ fn check_finetune_inputs(
             message: format!("data.dataset: {e}"),
         })?;
     }
-    crate::models::LmSpec::parse(model).map_err(|e| LlmError::Config {
+    crate::resolve::LmSpec::parse(model).map_err(|e| LlmError::Config {
         origin: exp.origin_of("model.name", t),
         message: format!("model.name: {e:#}"),
     })?;
@@ -188,7 +188,7 @@ fn prefix_sharing(
     use crate::classify::train::{prefix_key, PrefixSharing};
     use crate::classify::Trainable;
     let from_end = |s: &ClassifySpec| match s.finetune.trainable {
-        Trainable::Head | Trainable::LastLayer => Some(0),
+        Trainable::Head | Trainable::HeadAndNorm => Some(0),
         Trainable::LastBlocks(k) => Some(k),
         Trainable::All | Trainable::Lora => None,
     };
@@ -236,7 +236,7 @@ fn check_inputs(spec: &PretrainSpec, exp: &Experiment) -> Result<()> {
         })?;
     }
     if let Some(i) = &spec.model.init_from {
-        crate::models::ModelSource::parse(i).map_err(|e| LlmError::Config {
+        crate::resolve::ModelSource::parse(i).map_err(|e| LlmError::Config {
             origin: exp.location("model.init_from"),
             message: format!("model.init_from: {e:#}"),
         })?;

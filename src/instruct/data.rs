@@ -1,41 +1,15 @@
 //! Instruction data (book ch07 §7.2): entries of `instruction`, `input` and `output` read from
 //! the book's `instruction-data.json` (through the data registry) or any JSON array / JSONL file
 //! of that shape (field names configurable), and the book's 85/5/10 split.
-use super::prompt::PromptStyle;
 use crate::error::{read_text, write_atomic, LlmError};
+pub use crate::prompt::Entry;
+use crate::prompt::PromptStyle;
 use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-/// One instruction example. `raw` is the whole record as read (every field kept, for
-/// `responses.json`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    pub instruction: String,
-    /// Empty when the record has no (or an empty) input.
-    pub input: String,
-    pub output: String,
-    pub raw: serde_json::Map<String, serde_json::Value>,
-}
-
-impl Entry {
-    /// An entry with the book's field names.
-    pub fn new(instruction: &str, input: &str, output: &str) -> Self {
-        let mut raw = serde_json::Map::new();
-        raw.insert("instruction".into(), instruction.into());
-        raw.insert("input".into(), input.into());
-        raw.insert("output".into(), output.into());
-        Self {
-            instruction: instruction.into(),
-            input: input.into(),
-            output: output.into(),
-            raw,
-        }
-    }
-}
 
 /// `data:` of an instruction fine-tuning experiment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

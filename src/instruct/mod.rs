@@ -4,8 +4,8 @@
 //! response for every test entry ([`train`]).
 pub mod collate;
 pub mod data;
-pub mod prompt;
 pub mod spec;
 pub mod train;
 
+pub use crate::prompt;
 pub use spec::InstructSpec;

@@ -1,9 +1,9 @@
 //! The instruction fine-tuning experiment file (`task: instruct`), validated before anything runs.
 use super::data::InstructDataSpec;
 use crate::error::LlmError;
+use crate::finetune::{TrainArgs, TrainDefaults, Trainable};
 use crate::generate::GenerateSpec;
 use crate::nn::lora::LoraConfig;
-use crate::train::spec::FusedAdamW;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,19 +43,16 @@ pub struct InstructModelSpec {
     pub dropout: Option<f64>,
 }
 
-/// What trains: every weight (the book's ch07) or LoRA adapters (appendix E).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    #[default]
-    Full,
-    Lora,
-}
+pub use crate::finetune::Method;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InstructFinetuneSpec {
-    /// full or lora.
+    /// What trains (default `all`; the book's words, see [`crate::finetune::Trainable`]); the
+    /// language-model head is part of the last layer.
+    #[serde(default = "all", skip_serializing_if = "is_all")]
+    pub trainable: Trainable,
+    /// `full` (every weight, the book's ch07) or `lora` (adapters, appendix E).
     #[serde(default)]
     pub method: Method,
     /// LoRA settings (used with `method: lora`).
@@ -66,75 +63,32 @@ pub struct InstructFinetuneSpec {
 impl Default for InstructFinetuneSpec {
     fn default() -> Self {
         Self {
+            trainable: Trainable::All,
             method: Method::Full,
             lora: LoraConfig::default(),
         }
     }
 }
 
-/// The chapter-7 training settings (`train_model_simple` with the book's values).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstructTrainSpec {
-    #[serde(default = "default_epochs")]
-    pub epochs: usize,
-    #[serde(default = "default_batch")]
-    pub batch_size: usize,
-    #[serde(default = "default_lr")]
-    pub lr: f64,
-    #[serde(default = "default_wd")]
-    pub weight_decay: f64,
-    /// Evaluate every N optimizer steps.
-    #[serde(default = "five")]
-    pub eval_freq: usize,
-    /// Batches per evaluation.
-    #[serde(default = "five")]
-    pub eval_iter: usize,
-    #[serde(default = "one")]
-    pub grad_accum_steps: usize,
-    #[serde(default)]
-    pub max_grad_norm: Option<f64>,
-    #[serde(default)]
-    pub threads: Option<usize>,
-    #[serde(default, skip_serializing_if = "FusedAdamW::is_auto")]
-    pub fused_adamw: FusedAdamW,
+fn all() -> Trainable {
+    Trainable::All
+}
+fn is_all(t: &Trainable) -> bool {
+    *t == Trainable::All
 }
 
-fn default_epochs() -> usize {
-    2
-}
-fn default_batch() -> usize {
-    8
-}
-fn default_lr() -> f64 {
-    5e-5
-}
-fn default_wd() -> f64 {
-    0.1
-}
-fn five() -> usize {
-    5
-}
-fn one() -> usize {
-    1
+/// The chapter-7 defaults (`train_model_simple` with the book's values): 2 epochs, evaluation
+/// every 5 steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChapterSeven;
+
+impl TrainDefaults for ChapterSeven {
+    const EPOCHS: usize = 2;
+    const EVAL_FREQ: usize = 5;
 }
 
-impl Default for InstructTrainSpec {
-    fn default() -> Self {
-        Self {
-            epochs: default_epochs(),
-            batch_size: default_batch(),
-            lr: default_lr(),
-            weight_decay: default_wd(),
-            eval_freq: 5,
-            eval_iter: 5,
-            grad_accum_steps: 1,
-            max_grad_norm: None,
-            threads: None,
-            fused_adamw: FusedAdamW::Auto,
-        }
-    }
-}
+/// `train:` of an instruction fine-tuning run.
+pub type InstructTrainSpec = TrainArgs<ChapterSeven>;
 
 /// How responses are generated (the epoch samples and the test responses).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,18 +174,7 @@ impl InstructSpec {
         if let Some(m) = self.finetune.lora.check() {
             return err(m);
         }
-        let t = &self.train;
-        let ranges = crate::train::finetune::TrainRanges {
-            epochs: t.epochs,
-            batch_size: t.batch_size,
-            lr: t.lr,
-            weight_decay: t.weight_decay,
-            eval_freq: t.eval_freq,
-            eval_iter: t.eval_iter,
-            grad_accum_steps: t.grad_accum_steps,
-            max_grad_norm: t.max_grad_norm,
-        };
-        if let Some(m) = ranges.problem() {
+        if let Some(m) = self.train.problem() {
             return err(m);
         }
         let g = &self.generation;

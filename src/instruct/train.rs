@@ -7,16 +7,15 @@
 //! stopped them), as `task: classify` does.
 use super::collate::{self, Batch, CollateOptions, Encoded};
 use super::data::{self, Entry, Splits};
-use super::prompt::Prompter;
-use super::spec::{InstructSpec, Method};
+use super::spec::{InstructFinetuneSpec, InstructSpec, Method};
 use crate::error::{read_text, write_atomic, LlmError};
-use crate::models::lm::{AnyModel, LoadedLm};
+use crate::finetune::checkpoint::io;
+use crate::finetune::{batches, open_run_dir, FinetuneRun, Trainable};
 use crate::plot::{plot_values, LossPoint};
-use crate::train::finetune::{
-    io, load_checkpoint, open_run_dir, resume_metrics, save_checkpoint, CheckpointTimer,
-};
-use crate::train::optim::AdamW;
-use crate::train::trainer::{append_line, seed_for_step, TrainEvents};
+use crate::prompt::Prompter;
+use crate::resolve::saved::{FinetunedRecord, FINETUNED_RECORD, FINETUNED_TENSORS};
+use crate::resolve::LoadedLm;
+use crate::train::trainer::TrainEvents;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -79,20 +78,6 @@ pub fn encode(lm: &LoadedLm, prompter: &Prompter, entries: &[Entry]) -> Result<V
         .collect()
 }
 
-/// Sets the dropout rate of every block (and the embeddings).
-fn set_dropout(lm: &mut LoadedLm, p: f64) {
-    match &mut lm.model {
-        AnyModel::Gpt(m) => {
-            m.cfg.drop_rate = p;
-            for b in &mut m.trf_blocks {
-                b.drop_rate = p;
-                b.att.dropout = p;
-            }
-        }
-        AnyModel::Llama(m) => m.set_drop_rate(p),
-    }
-}
-
 /// Loads the model (with dropout and adapters as `spec` says) and the data.
 pub fn prepare(spec: &InstructSpec, device: Device) -> Result<Prepared> {
     let entries = spec.data.read()?;
@@ -108,14 +93,14 @@ pub fn prepare(spec: &InstructSpec, device: Device) -> Result<Prepared> {
     let mut lm = LoadedLm::load(&spec.model.name, device)?;
     crate::device::seed_everything(spec.seed);
     if let Some(p) = spec.model.dropout {
-        set_dropout(&mut lm, p);
+        lm.model.set_drop_rate(p);
     }
     if spec.finetune.method == Method::Lora {
         lm.add_lora(&spec.finetune.lora);
     }
     let prompter = Prompter::new(spec.data.prompt_style, lm.chat.clone(), &spec.model.name)?;
     let opts = CollateOptions {
-        pad_id: crate::classify::train::pad_id(&lm),
+        pad_id: lm.pad_id(),
         ignore_index: -100,
         allowed_max_length: Some(
             spec.data
@@ -148,18 +133,10 @@ pub fn prepare(spec: &InstructSpec, device: Device) -> Result<Prepared> {
     })
 }
 
-/// Logits `(b, t, vocab)` with gradients when `train`.
-fn forward(lm: &LoadedLm, x: &Tensor, train: bool) -> Tensor {
-    match &lm.model {
-        AnyModel::Gpt(m) => m.forward_t(x, train),
-        AnyModel::Llama(m) => m.forward_t(x, train),
-    }
-}
-
 /// The book's `calc_loss_batch`: mean cross-entropy over the targets that are not ignored.
 pub fn loss_batch(lm: &LoadedLm, b: &Batch, ignore_index: i64, train: bool) -> Tensor {
     let (x, y) = b.tensors(lm.vs.device());
-    let logits = forward(lm, &x, train); // (b, t, vocab)
+    let logits = lm.model.forward_t(&x, train); // (b, t, vocab)
     logits
         .flatten(0, 1)
         .to_kind(Kind::Float)
@@ -182,7 +159,7 @@ pub fn loss_loader(
     max_batches: Option<usize>,
 ) -> f64 {
     let _g = tch::no_grad_guard();
-    let bs = crate::classify::data::batches(rows.len(), batch, false, false, 0, 0);
+    let bs = batches(rows.len(), batch, false, false, 0, 0);
     let n = max_batches.unwrap_or(bs.len()).min(bs.len());
     let (mut total, mut k) = (0.0, 0usize);
     for idx in &bs[..n] {
@@ -198,20 +175,6 @@ pub fn loss_loader(
     } else {
         total / k as f64
     }
-}
-
-/// Where a run stands (checkpoint `state.json`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct InstructState {
-    pub step: usize,
-    pub epoch: usize,
-    /// The next batch group of `epoch`.
-    pub next_group: usize,
-    pub tokens_seen: usize,
-    /// Seconds spent training before this checkpoint, over every process that ran it (so a
-    /// resumed run reports its whole training time).
-    #[serde(default)]
-    pub train_seconds: f64,
 }
 
 /// One line of `metrics.jsonl` written at each evaluation.
@@ -248,16 +211,6 @@ pub struct InstructFinal {
     pub train_seconds: f64,
 }
 
-/// What `finetuned.json` records: the base model and how to rebuild the fine-tuned one.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FinetunedRecord {
-    pub base_model: String,
-    pub method: Method,
-    #[serde(default)]
-    pub lora: Option<crate::nn::lora::LoraConfig>,
-    pub prompt_style: super::prompt::PromptStyle,
-}
-
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct InstructOutcome {
@@ -266,21 +219,10 @@ pub struct InstructOutcome {
     pub already_finished: bool,
 }
 
-/// Marks what `method` trains and freezes the rest; returns the trained variables by name.
-pub fn set_trainable(lm: &LoadedLm, method: Method) -> Vec<(String, Tensor)> {
-    let mut out = Vec::new();
-    for (name, t) in lm.vs.variables() {
-        let on = match method {
-            Method::Full => true,
-            Method::Lora => name.contains(".lora_"),
-        };
-        let _ = t.set_requires_grad(on);
-        if on {
-            out.push((name, t));
-        }
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+/// Marks what the run trains (`finetune.trainable` with `finetune.method`; the language-model
+/// head is kept) and freezes the rest; returns the trained variables by name.
+pub fn set_trainable(lm: &LoadedLm, ft: &InstructFinetuneSpec) -> Vec<(String, Tensor)> {
+    crate::finetune::set_trainable(lm, ft.trainable, ft.method, None, None)
 }
 
 /// The response the model generates for `entry` (greedy by default), as the book extracts it.
@@ -304,12 +246,13 @@ fn generation_spec(
 ) -> crate::generate::GenerateSpec {
     let mut g = spec
         .generation
-        .to_spec(spec.seed, lm.eos_id, response_stops(lm));
+        .to_spec(spec.seed, lm.eos_id, lm.response_stops());
     g.max_new_tokens = max_new;
     g
 }
 
-/// Fine-tunes (or resumes, or reports as finished) the model `spec` describes in `run_dir`.
+/// Fine-tunes (or resumes, or reports as finished) the model `spec` describes in `run_dir`:
+/// the book's `train_model_simple` on instruction batches, resumable, then the test responses.
 pub fn run(
     spec: &InstructSpec,
     run_dir: &Path,
@@ -319,10 +262,7 @@ pub fn run(
 ) -> Result<InstructOutcome> {
     spec.validate()?;
     crate::device::set_threads(spec.train.threads);
-    let metrics_path = run_dir.join("metrics.jsonl");
-    if let Some(done) =
-        open_run_dir::<_, InstructFinal>(run_dir, &serde_yaml::to_string(spec)?, restart)?
-    {
+    if let Some(done) = open_run_dir(run_dir, &serde_yaml::to_string(spec)?, restart)? {
         events.log(&format!(
             "{} already finished (pass --restart to train again)",
             run_dir.display()
@@ -333,66 +273,41 @@ pub fn run(
             already_finished: true,
         });
     }
-
     let p = prepare(spec, device)?;
     data::write_splits(run_dir, &p.splits)?;
     let t = &spec.train;
-    let trained = set_trainable(&p.lm, spec.finetune.method);
-    let mut opt = AdamW::over(&trained, t.weight_decay);
-    let fused = t.fused_adamw.resolve(device);
-    let n_trained: i64 = trained.iter().map(|(_, t)| t.numel() as i64).sum();
-    let n_total: i64 = p.lm.vs.variables().values().map(|t| t.numel() as i64).sum();
     let opts = p.opts;
     let val_rows = Rows::Plain(p.val.clone());
-
-    let mut state = InstructState::default();
-    let mut evals: Vec<InstructEval> = Vec::new();
-    let initial_val_loss;
+    let trained = set_trainable(&p.lm, &spec.finetune);
+    let mut run: FinetuneRun<InstructEval, InstructFinal> = FinetuneRun::start(
+        run_dir,
+        trained,
+        t,
+        spec.seed,
+        device,
+        p.train.len(),
+        events,
+    )?;
     let initial_path = run_dir.join("initial.json");
-    if let Some(s) = load_checkpoint(run_dir, &trained, &mut opt)? {
-        state = s;
-        evals = resume_metrics::<_, InstructFinal>(&metrics_path, state.step)?;
-        initial_val_loss = read_text(&initial_path)
+    let initial_val_loss = if run.resumed {
+        read_text(&initial_path)
             .ok()
             .and_then(|s| serde_json::from_str::<f64>(&s).ok())
-            .unwrap_or(f64::NAN);
-        events.log(&format!(
-            "resuming at step {} (epoch {})",
-            state.step,
-            state.epoch + 1
-        ));
+            .unwrap_or(f64::NAN)
     } else {
-        let _ = std::fs::remove_file(&metrics_path);
-        initial_val_loss = loss_loader(&p.lm, &val_rows, &opts, t.batch_size, None);
+        let val = loss_loader(&p.lm, &val_rows, &opts, t.batch_size, None);
         let train_loss = loss_loader(&p.lm, &p.train, &opts, t.batch_size, Some(t.eval_iter));
-        write_atomic(
-            &initial_path,
-            serde_json::to_string(&initial_val_loss)?.as_bytes(),
-        )?;
-        events.log(&format!(
-            "Initial losses: training {train_loss:.3}, validation {initial_val_loss:.3}"
+        write_atomic(&initial_path, serde_json::to_string(&val)?.as_bytes())?;
+        run.events.log(&format!(
+            "Initial losses: training {train_loss:.3}, validation {val:.3}"
         ));
-        events.scalars(
-            0,
-            &[("train/loss", train_loss), ("val/loss", initial_val_loss)],
-        );
-    }
-
-    let groups_per_epoch =
-        crate::classify::data::batches(p.train.len(), t.batch_size, true, true, spec.seed, 0)
-            .len()
-            .div_ceil(t.grad_accum_steps);
-    if groups_per_epoch == 0 {
-        return Err(LlmError::Usage(format!(
-            "{} training rows are fewer than one batch of {}; lower train.batch_size",
-            p.train.len(),
-            t.batch_size
-        ))
-        .into());
-    }
-    let total_steps = groups_per_epoch * t.epochs;
-    events.log(&format!(
-        "{} train / {} val / {} test entries ({} rows{}), prompt style {}, {}instruction masking, {n_trained} of {n_total} parameters trained ({})",
+        run.events
+            .scalars(0, &[("train/loss", train_loss), ("val/loss", val)]);
+        val
+    };
+    let (n_trained, n_total) = run.parameter_counts(&p.lm.vs);
+    run.events.log(&format!(
+        "{} train / {} val / {} test entries ({} rows{}), prompt style {}, {}instruction masking, {n_trained} of {n_total} parameters trained ({}{})",
         p.splits.train.len(),
         p.splits.val.len(),
         p.splits.test.len(),
@@ -400,115 +315,66 @@ pub fn run(
         if spec.data.packing { ", packed" } else { "" },
         spec.data.prompt_style.name(),
         if opts.mask_instruction { "" } else { "no " },
-        match spec.finetune.method {
-            Method::Full => "full",
-            Method::Lora => "lora",
+        spec.finetune.method.name(),
+        match spec.finetune.trainable {
+            Trainable::All => String::new(),
+            other => format!(", {}", other.name()),
         }
     ));
     let sample_spec = generation_spec(spec, &p.lm, spec.generation.max_new_tokens.min(50));
-    events.start(state.step, total_steps);
-    let mut clock = CheckpointTimer::start(state.train_seconds);
-    let mut last_time = Instant::now();
-    let mut seen_at_last = state.tokens_seen;
     let ignore = opts.ignore_index;
-    for epoch in state.epoch..t.epochs {
-        let order = crate::classify::data::batches(
-            p.train.len(),
-            t.batch_size,
-            true,
-            true,
-            spec.seed,
-            epoch,
-        );
-        let first = if epoch == state.epoch {
-            state.next_group
-        } else {
-            0
-        };
-        for g in first..groups_per_epoch {
-            let lo = g * t.grad_accum_steps;
-            let hi = (lo + t.grad_accum_steps).min(order.len());
-            seed_for_step(spec.seed, state.step);
-            opt.zero_grad();
-            let mut step_loss = 0.0;
-            for idx in &order[lo..hi] {
+    run.begin();
+    for epoch in run.epochs() {
+        let order = batches(p.train.len(), t.batch_size, true, true, spec.seed, epoch);
+        for g in run.groups(epoch) {
+            let grad_norm = run.step(&order, epoch, g, |idx| {
                 let b = p.train.batch(idx, &opts);
-                state.tokens_seen += b.rows * b.cols;
+                let tokens = b.rows * b.cols;
                 if b.n_targets(ignore) == 0 {
-                    continue;
+                    return Ok((None, tokens));
                 }
-                let loss = loss_batch(&p.lm, &b, ignore, true);
-                let v = crate::train::finite_loss(&loss, state.step, epoch)?;
-                step_loss += v / (hi - lo) as f64;
-                (loss / (hi - lo) as f64).backward();
-            }
-            let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
-            opt.update(t.lr, fused)?;
-            state.step += 1;
-            state.epoch = epoch;
-            state.next_group = g + 1;
-            events.step(state.step, step_loss);
-            if (state.step - 1).is_multiple_of(t.eval_freq) {
+                Ok((Some(loss_batch(&p.lm, &b, ignore, true)), tokens))
+            })?;
+            if run.eval_due() {
                 let train_loss =
                     loss_loader(&p.lm, &p.train, &opts, t.batch_size, Some(t.eval_iter));
                 let val_loss =
                     loss_loader(&p.lm, &val_rows, &opts, t.batch_size, Some(t.eval_iter));
-                let secs = last_time.elapsed().as_secs_f64().max(1e-9);
                 let rec = InstructEval {
-                    step: state.step,
+                    step: run.state.step,
                     epoch: epoch + 1,
-                    tokens_seen: state.tokens_seen,
+                    tokens_seen: run.state.seen,
                     train_loss,
                     val_loss,
-                    lr: t.lr,
+                    lr: run.lr(),
                     grad_norm,
-                    tokens_per_sec: (state.tokens_seen - seen_at_last) as f64 / secs,
+                    tokens_per_sec: run.throughput(),
                 };
-                last_time = Instant::now();
-                seen_at_last = state.tokens_seen;
-                events.log(&format!(
+                let scalars = [
+                    ("train/loss", train_loss),
+                    ("val/loss", val_loss),
+                    ("train/lr", rec.lr),
+                    ("train/grad_norm", grad_norm),
+                    ("train/tokens_per_sec", rec.tokens_per_sec),
+                ];
+                let line = format!(
                     "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}",
                     epoch + 1,
-                    state.step - 1,
-                ));
-                append_line(&metrics_path, &serde_json::to_string(&rec)?)?;
-                events.scalars(
-                    state.step,
-                    &[
-                        ("train/loss", train_loss),
-                        ("val/loss", val_loss),
-                        ("train/lr", t.lr),
-                        ("train/grad_norm", grad_norm),
-                        ("train/tokens_per_sec", rec.tokens_per_sec),
-                    ],
+                    rec.step - 1,
                 );
-                evals.push(rec);
+                run.record_eval(rec, &scalars, &line)?;
             }
-            let epoch_done = g + 1 == groups_per_epoch;
-            if epoch_done {
-                state.epoch = epoch + 1;
-                state.next_group = 0;
+            if run.epoch_done(g) {
                 // The book's generate_and_print_sample: the first validation entry.
                 let sample = respond(&p.lm, &p.prompter, &p.splits.val[0], &sample_spec)?;
-                events.log(&format!("Sample after epoch {}: {sample:?}", epoch + 1));
-                events.sample(state.step, epoch + 1, &sample);
+                run.events
+                    .log(&format!("Sample after epoch {}: {sample:?}", epoch + 1));
+                run.events.sample(run.state.step, epoch + 1, &sample);
             }
-            let stop = crate::signal::interrupted();
-            if epoch_done || stop || clock.due() {
-                state.train_seconds = clock.train_seconds();
-                save_checkpoint(run_dir, &trained, &opt, &state)?;
-                clock.saved();
-            }
-            if stop {
-                return Err(LlmError::Interrupted {
-                    step: state.step,
-                    dir: run_dir.to_path_buf(),
-                }
-                .into());
-            }
+            run.end_step(g)?;
         }
     }
-    let train_seconds = clock.train_seconds();
+    let train_seconds = run.train_seconds();
 
     let train_loss = loss_loader(&p.lm, &p.train, &opts, t.batch_size, None);
     let val_loss = loss_loader(&p.lm, &val_rows, &opts, t.batch_size, None);
@@ -533,32 +399,28 @@ pub fn run(
             out.push(serde_json::Value::Object(rec));
             responses.push(r);
             if crate::signal::interrupted() {
-                return Err(LlmError::Interrupted {
-                    step: state.step,
-                    dir: run_dir.to_path_buf(),
-                }
-                .into());
+                return Err(run.interrupted().into());
             }
         }
         write_atomic(
             &run_dir.join("responses.json"),
             serde_json::to_string_pretty(&out)?.as_bytes(),
         )?;
-        (exact_match, rouge_l) = crate::eval::metrics::score_responses(
+        (exact_match, rouge_l) = crate::metrics::score_responses(
             responses
                 .iter()
                 .zip(&p.splits.test)
                 .map(|(r, e)| (r.as_str(), e.output.as_str())),
         );
         n_responses = responses.len();
-        events.log(&format!(
+        run.events.log(&format!(
             "{n_responses} test responses in {:.1}s -> {}",
             t0.elapsed().as_secs_f64(),
             run_dir.join("responses.json").display()
         ));
     }
     let result = InstructFinal {
-        step: state.step,
+        step: run.state.step,
         train_loss,
         val_loss,
         initial_val_loss,
@@ -569,34 +431,31 @@ pub fn run(
         test_responses: n_responses,
         train_seconds,
     };
-    events.log(&format!(
+    run.events.log(&format!(
         "Validation loss {initial_val_loss:.3} -> {val_loss:.3}; on the responses {val_response_loss:.3} (perplexity {:.2}); test exact match {:.1}%, ROUGE-L {rouge_l:.3}",
         result.val_response_perplexity,
         exact_match * 100.0
     ));
-    events.scalars(
-        state.step,
-        &[
-            ("final/val_loss", val_loss),
-            ("final/val_response_loss", val_response_loss),
-            (
-                "final/val_response_perplexity",
-                result.val_response_perplexity,
-            ),
-            ("final/exact_match", exact_match),
-            ("final/rouge_l", rouge_l),
-        ],
-    );
-    append_line(&metrics_path, &serde_json::to_string(&result)?)?;
-    save_finetuned(&p, spec, &trained, run_dir)?;
-    write_plot(&evals, groups_per_epoch, run_dir, &spec.name)?;
-    write_atomic(
-        &run_dir.join("status.json"),
-        serde_json::json!({"status": "finished", "steps": state.step})
-            .to_string()
-            .as_bytes(),
-    )?;
-    let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    let scalars = [
+        ("final/val_loss", val_loss),
+        ("final/val_response_loss", val_response_loss),
+        (
+            "final/val_response_perplexity",
+            result.val_response_perplexity,
+        ),
+        ("final/exact_match", exact_match),
+        ("final/rouge_l", rouge_l),
+    ];
+    let groups = run.groups_per_epoch();
+    let trained: Vec<(String, Tensor)> = run
+        .trained
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let evals = run.finish(&result, &scalars, |evals| {
+        save_finetuned(&p, spec, &trained, run_dir)?;
+        write_plot(evals, groups, run_dir, &spec.name)
+    })?;
     Ok(InstructOutcome {
         evals,
         result,
@@ -624,52 +483,6 @@ fn write_plot(
     Ok(())
 }
 
-/// Loads a finished instruct run (`finetuned.json` + `finetuned.safetensors`) for inference:
-/// the base model, the LoRA adapters it was trained with (merged into the weights), the trained
-/// tensors, and the prompt style it learned (`LoadedLm::prompt_style`), so `llmlab generate` and
-/// `llmlab chat` format prompts the way the model saw them in training.
-pub fn load_finetuned(dir: &Path, device: Device) -> Result<LoadedLm> {
-    let json = dir.join("finetuned.json");
-    let rec: FinetunedRecord =
-        serde_json::from_str(&read_text(&json)?).map_err(|e| LlmError::BadFile {
-            path: json.clone(),
-            message: format!("not an llmlab instruct record ({e})"),
-        })?;
-    let file = dir.join("finetuned.safetensors");
-    if !file.is_file() {
-        return Err(LlmError::BadFile {
-            path: file,
-            message: "missing: the run did not finish (run it again to resume)".into(),
-        }
-        .into());
-    }
-    let mut lm = LoadedLm::load(&rec.base_model, device)?;
-    if let Some(l) = &rec.lora {
-        lm.add_lora(l);
-    }
-    crate::train::finetune::load_tensors_into(&lm.vs, &file, &rec.base_model)?;
-    lm.merge_lora();
-    lm.prompt_style = Some(rec.prompt_style);
-    lm.name = dir.display().to_string();
-    Ok(lm)
-}
-
-/// For a model loaded from an instruct run: the prompter of the style it learned and the tokens
-/// its responses end with (end-of-text, the padding its examples end with, end-of-turn).
-pub fn run_prompter(lm: &LoadedLm) -> Option<(Prompter, Vec<i64>)> {
-    let style = lm.prompt_style?;
-    let prompter = Prompter::new(style, lm.chat.clone(), &lm.name).ok()?;
-    Some((prompter, response_stops(lm)))
-}
-
-/// The tokens besides end-of-sequence that end a response: the padding the training examples
-/// end with (end-of-text) and the model's end-of-turn token.
-fn response_stops(lm: &LoadedLm) -> Vec<i64> {
-    let mut stops = vec![crate::classify::train::pad_id(lm)];
-    stops.extend(lm.end_of_turn_id());
-    stops
-}
-
 /// Writes `finetuned.json` and `finetuned.safetensors` (the trained tensors: the adapters with
 /// LoRA, every weight with full fine-tuning).
 fn save_finetuned(
@@ -682,7 +495,7 @@ fn save_finetuned(
         .iter()
         .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu)))
         .collect();
-    let path = dir.join("finetuned.safetensors");
+    let path = dir.join(FINETUNED_TENSORS);
     let tmp = crate::error::temp_path(&path);
     Tensor::write_safetensors(&named, &tmp)?;
     std::fs::rename(&tmp, &path).map_err(io(&path))?;
@@ -693,7 +506,7 @@ fn save_finetuned(
         prompt_style: p.prompter.style,
     };
     write_atomic(
-        &dir.join("finetuned.json"),
+        &dir.join(FINETUNED_RECORD),
         serde_json::to_string_pretty(&rec)?.as_bytes(),
     )?;
     Ok(())

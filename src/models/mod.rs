@@ -1,14 +1,17 @@
-//! Model families: GPT (book ch04), the Llama family (bonus material), and resolving a model
-//! spec to weights.
+//! Model families: GPT (book ch04) and the Llama family (bonus material), [`AnyModel`] for
+//! either, and [`CausalLm`], the interface generation drives. Models know nothing of files,
+//! tokenizers or tasks: [`crate::weights`] loads their tensors and [`crate::resolve`] turns a
+//! model name into a loaded model.
+pub mod any;
+pub mod causal;
 pub mod gpt;
 pub mod llama;
-pub mod lm;
-pub mod loader;
+pub mod trainable;
 
+pub use any::AnyModel;
+pub use causal::CausalLm;
 pub use gpt::{generate_text_simple, param_stats, GptConfig, GptModel};
 pub use llama::{LlamaConfig, LlamaModel};
-pub use lm::{InferenceDtype, LmSpec, LoadedLm};
-pub use loader::ModelSource;
 
 /// The YAML text of a built-in preset (`(name, text)` pairs compiled in from `configs/models/`),
 /// or an error listing the names.

@@ -2,16 +2,27 @@
 //! AdamW moments and the loop's position, each checkpoint a folder written under a temp name and
 //! renamed into place, then `latest` updated atomically. A kill at any moment leaves either the
 //! previous or the new checkpoint, never a half-written one.
+//!
+//! Format 2 adds `manifest.json`: the sha256 of every file of the folder, written last. On
+//! resume a checkpoint whose files are missing, unreadable or differ from the manifest (a disk
+//! that filled up, a copy cut short) is reported and the next older one is used
+//! ([`restore_newest`]). Fine-tuning checkpoints ([`crate::finetune::checkpoint`]) use the same
+//! manifest. Format 1 folders (no manifest) still resume.
 use crate::error::{write_atomic, LlmError};
-use crate::models::loader::{save_model_folder, WEIGHTS_FILE};
 use crate::models::GptConfig;
+use crate::resolve::source::{save_model_folder, WEIGHTS_FILE};
 use crate::train::optim::AdamW;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this llmlab writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The formats it reads: 1 (before manifests) and 2.
+pub const READS_FORMATS: std::ops::RangeInclusive<u32> = 1..=FORMAT_VERSION;
+/// The checksums of a checkpoint folder's files.
+pub const MANIFEST: &str = "manifest.json";
 const OPTIM_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "state.json";
 
@@ -60,6 +71,7 @@ pub fn save(
         &tmp.join(STATE_FILE),
         serde_json::to_string_pretty(state)?.as_bytes(),
     )?;
+    write_manifest(&tmp)?;
     let dst = root.join(&name);
     if dst.exists() {
         std::fs::remove_dir_all(&dst).map_err(|source| LlmError::Io {
@@ -119,12 +131,14 @@ pub fn read_state(dir: &Path, expected: &GptConfig) -> Result<TrainState> {
         path: path.clone(),
         message: format!("unreadable state ({e})"),
     })?;
-    if state.format_version != FORMAT_VERSION {
+    if !READS_FORMATS.contains(&state.format_version) {
         return Err(LlmError::Checkpoint {
             path,
             message: format!(
-                "format version {} (this llmlab reads {FORMAT_VERSION})",
-                state.format_version
+                "format version {} (this llmlab reads {} to {})",
+                state.format_version,
+                READS_FORMATS.start(),
+                READS_FORMATS.end()
             ),
         }
         .into());
@@ -160,5 +174,142 @@ pub fn restore(dir: &Path, vs: &VarStore, opt: &mut AdamW, state: &TrainState) -
     let t = crate::weights::read_safetensors(&path)?;
     opt.load_state_tensors(&t, state.step as i64)
         .map_err(|message| LlmError::Checkpoint { path, message })?;
+    Ok(())
+}
+
+/// A run's checkpoint folders, newest first: the one `latest` names, then the other
+/// `step_*` folders by step, descending.
+pub fn candidates(run: &Path) -> Result<Vec<PathBuf>> {
+    let root = run.join("checkpoints");
+    let mut steps: Vec<PathBuf> = match std::fs::read_dir(&root) {
+        Ok(rd) => rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("step_"))
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    steps.sort();
+    steps.reverse();
+    let first = match latest(run) {
+        Ok(d) => d,
+        Err(_) if !steps.is_empty() => None, // a dangling pointer: fall back to the folders
+        Err(e) => return Err(e),
+    };
+    if let Some(d) = first {
+        steps.retain(|p| p != &d);
+        steps.insert(0, d);
+    }
+    Ok(steps)
+}
+
+/// Resumes from the newest checkpoint that verifies against its manifest and loads; each one
+/// skipped is reported through `log` with the reason. `None` when the run has no checkpoint; an
+/// error (the newest one's) when none of them loads.
+pub fn restore_newest(
+    run: &Path,
+    expected: &GptConfig,
+    vs: &VarStore,
+    opt: &mut AdamW,
+    log: &mut dyn FnMut(&str),
+) -> Result<Option<(PathBuf, TrainState)>> {
+    let mut first_err = None;
+    for dir in candidates(run)? {
+        let tried = verify_manifest(&dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| read_state(&dir, expected))
+            .and_then(|s| restore(&dir, vs, opt, &s).map(|_| s));
+        match tried {
+            Ok(state) => return Ok(Some((dir, state))),
+            Err(e) => {
+                log(&format!(
+                    "checkpoint {} is unusable ({e:#}); trying the previous one",
+                    dir.display()
+                ));
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e.context(format!(
+            "no usable checkpoint in {}; pass --restart to start over",
+            run.join("checkpoints").display()
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Writes `manifest.json` into a checkpoint folder: the size and sha256 of every other file.
+/// Call it last, before the folder is renamed into place.
+pub fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    let rd = std::fs::read_dir(dir).map_err(|source| LlmError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if !p.is_file() || name == MANIFEST {
+            continue;
+        }
+        let sha = crate::data::registry::sha256_file(&p)?;
+        let bytes = p.metadata().map(|m| m.len()).unwrap_or(0);
+        files.insert(name, serde_json::json!({"bytes": bytes, "sha256": sha}));
+    }
+    let doc = serde_json::json!({"format": FORMAT_VERSION, "files": files});
+    write_atomic(
+        &dir.join(MANIFEST),
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Checks a checkpoint folder against its `manifest.json`; the error names the file that is
+/// missing or differs. A folder without a manifest (format 1) passes unchecked.
+pub fn verify_manifest(dir: &Path) -> Result<(), LlmError> {
+    let path = dir.join(MANIFEST);
+    if !path.is_file() {
+        return Ok(());
+    }
+    let bad = |message: String| LlmError::Checkpoint {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let doc: serde_json::Value = serde_json::from_str(&crate::error::read_text(&path)?)
+        .map_err(|e| bad(format!("unreadable {MANIFEST} ({e})")))?;
+    let format = doc.get("format").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
+    if !READS_FORMATS.contains(&format) {
+        return Err(bad(format!(
+            "format version {format} (this llmlab reads {} to {})",
+            READS_FORMATS.start(),
+            READS_FORMATS.end()
+        )));
+    }
+    let files = doc
+        .get("files")
+        .and_then(|f| f.as_object())
+        .ok_or_else(|| bad(format!("{MANIFEST} lists no files")))?;
+    for (name, want) in files {
+        let p = dir.join(name);
+        let bytes = want.get("bytes").and_then(|b| b.as_u64());
+        let len = p.metadata().map_err(|e| bad(format!("{name}: {e}")))?.len();
+        if bytes.is_some_and(|b| b != len) {
+            return Err(bad(format!(
+                "{name} has {len} bytes, the manifest says {}",
+                bytes.unwrap_or(0)
+            )));
+        }
+        let sha = crate::data::registry::sha256_file(&p)?;
+        if want.get("sha256").and_then(|s| s.as_str()) != Some(sha.as_str()) {
+            return Err(bad(format!(
+                "{name} does not match its sha256 in {MANIFEST}"
+            )));
+        }
+    }
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! Training (book ch05 and appendix D): loss over batches and loaders, AdamW, learning-rate
 //! schedules, resumable checkpoints and the pretraining loop.
 pub mod checkpoint;
-pub mod finetune;
 pub mod optim;
 pub mod schedule;
 pub mod spec;

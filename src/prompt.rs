@@ -1,12 +1,40 @@
 //! Prompt styles (book ch07 §7.2 and exercise 7.1): the book's Alpaca-style `format_input`, the
 //! Phi-3 style of the exercise solution, and the model's own chat template (ChatML for SmolLM2).
 //!
-//! Each style splits an example into the prompt (instruction and input: what generation starts
+//! An [`Entry`] is one instruction example (`instruction`, `input`, `output`): what instruction
+//! data sets hold, what `generate --input` and `chat` build from a user's text, and what a judge
+//! scores. Each style splits an example into the prompt (instruction and input: what generation starts
 //! from, and what exercise 7.2's masking hides from the loss) and the response part.
-use super::data::Entry;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::LlmError;
 use serde::{Deserialize, Serialize};
+
+/// One instruction example. `raw` is the whole record as read (every field kept, for
+/// `responses.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub instruction: String,
+    /// Empty when the record has no (or an empty) input.
+    pub input: String,
+    pub output: String,
+    pub raw: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Entry {
+    /// An entry with the book's field names.
+    pub fn new(instruction: &str, input: &str, output: &str) -> Self {
+        let mut raw = serde_json::Map::new();
+        raw.insert("instruction".into(), instruction.into());
+        raw.insert("input".into(), input.into());
+        raw.insert("output".into(), output.into());
+        Self {
+            instruction: instruction.into(),
+            input: input.into(),
+            output: output.into(),
+            raw,
+        }
+    }
+}
 
 /// `data.prompt_style`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,428 @@
+//! The life of a fine-tuning run, the same for every task: the run folder (`config.yaml`
+//! checked or written, `--restart`, a finished run reported from its `metrics.jsonl`), the
+//! optimizer over the trained tensors, resuming from the last checkpoint, the optimizer step with
+//! gradient accumulation and clipping, evaluation records, checkpoints (at every epoch end, on
+//! Ctrl-C/SIGTERM, and every [`set_checkpoint_minutes`] minutes inside an epoch) and the
+//! finish (final record, `status.json`). A task's own loop stays explicit, in the book's order:
+//!
+//! ```text
+//! let mut run = FinetuneRun::start(dir, trained, &spec.train, seed, device, rows, events)?;
+//! for epoch in run.epochs() {
+//!     let order = batches(rows, batch_size, true, true, seed, epoch);
+//!     for g in run.groups(epoch) {
+//!         let grad_norm = run.step(&order, g, |b| /* the task's loss of batch b */)?;
+//!         if run.eval_due() { /* evaluate */ run.record_eval(rec, &scalars, &line)?; }
+//!         run.end_step(g)?; // checkpoint when due; stops here on Ctrl-C
+//!     }
+//! }
+//! run.finish(&result, &final_scalars, |evals| /* save the model, plot */)
+//! ```
+use super::checkpoint;
+use super::spec::{TrainArgs, TrainDefaults};
+use crate::error::{read_text, write_atomic, LlmError};
+use crate::train::optim::AdamW;
+use crate::train::trainer::{append_line, seed_for_step, truncate_jsonl, TrainEvents};
+use anyhow::Result;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tch::{Device, Tensor};
+
+/// Minutes of training between checkpoints inside an epoch when nothing sets them.
+pub const DEFAULT_CHECKPOINT_MINUTES: f64 = 30.0;
+
+/// Milliseconds between timed checkpoints (0: only at epoch ends and on a stop signal).
+static CHECKPOINT_MILLIS: AtomicU64 = AtomicU64::new(DEFAULT_CHECKPOINT_MINUTES as u64 * 60_000);
+
+/// Sets how many minutes of training a fine-tuning run goes between checkpoints inside an
+/// epoch (`llmlab run --checkpoint-minutes`); 0 (or anything not positive) turns timed
+/// checkpoints off. Like the thread count, this is not part of a run's settings: a resume may
+/// use another value.
+pub fn set_checkpoint_minutes(minutes: f64) {
+    let millis = if minutes.is_finite() && minutes > 0.0 {
+        (minutes * 60_000.0).max(1.0) as u64
+    } else {
+        0
+    };
+    CHECKPOINT_MILLIS.store(millis, Ordering::Relaxed);
+}
+
+/// A run's training clock: the training time of this process added to what its checkpoint
+/// carried over, and when the next timed checkpoint is due (see [`set_checkpoint_minutes`]).
+pub struct CheckpointTimer {
+    started: Instant,
+    seconds_before: f64,
+    since: Instant,
+}
+
+impl CheckpointTimer {
+    /// Starts the clock of a run that had trained `seconds_before` seconds before this process.
+    pub fn start(seconds_before: f64) -> Self {
+        Self {
+            started: Instant::now(),
+            seconds_before,
+            since: Instant::now(),
+        }
+    }
+
+    /// Seconds of training over every process that ran this run.
+    pub fn train_seconds(&self) -> f64 {
+        self.seconds_before + self.started.elapsed().as_secs_f64()
+    }
+
+    /// True once the interval has passed since the start or the last [`Self::saved`].
+    pub fn due(&self) -> bool {
+        let millis = CHECKPOINT_MILLIS.load(Ordering::Relaxed);
+        millis > 0 && self.since.elapsed() >= Duration::from_millis(millis)
+    }
+
+    /// A checkpoint was just written: the interval starts again.
+    pub fn saved(&mut self) {
+        self.since = Instant::now();
+    }
+}
+
+/// A run that finished before: its evaluation records and its final record.
+pub struct Finished<E, F> {
+    pub evals: Vec<E>,
+    pub result: F,
+}
+
+/// Prepares `run_dir` for the run whose resolved settings are `resolved` (YAML): `restart`
+/// clears its state; an existing `config.yaml` must hold the same settings (else a usage error
+/// naming the folder), a missing one is written. Returns the earlier result when the run had
+/// finished: the `metrics.jsonl` lines that parse as `E`, and the last one that parses as `F`.
+pub fn open_run_dir<E: DeserializeOwned, F: DeserializeOwned>(
+    run_dir: &Path,
+    resolved: &str,
+    restart: bool,
+) -> Result<Option<Finished<E, F>>> {
+    std::fs::create_dir_all(run_dir).map_err(checkpoint::io(run_dir))?;
+    let config_path = run_dir.join("config.yaml");
+    let status_path = run_dir.join("status.json");
+    let metrics_path = run_dir.join("metrics.jsonl");
+    if restart {
+        for p in [&config_path, &status_path, &metrics_path] {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    }
+    if config_path.is_file() {
+        if read_text(&config_path)? != resolved {
+            return Err(LlmError::Usage(format!(
+                "{} holds a run with a different config ({}); resume it with the same settings, pass --restart to start over, or choose another folder",
+                run_dir.display(),
+                config_path.display()
+            ))
+            .into());
+        }
+    } else {
+        write_atomic(&config_path, resolved.as_bytes())?;
+    }
+    if !(status_path.is_file() && read_text(&status_path)?.contains("\"finished\"")) {
+        return Ok(None);
+    }
+    let text = read_text(&metrics_path)?;
+    let evals = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let result = text
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<F>(l).ok())
+        .ok_or_else(|| LlmError::BadFile {
+            path: metrics_path.clone(),
+            message: "a finished run without its final record".into(),
+        })?;
+    Ok(Some(Finished { evals, result }))
+}
+
+/// On resume at `step`: keeps the evaluation records (`E`) up to it in `metrics.jsonl` and drops
+/// a final record (`F`) written before the stop, which the resumed run writes again.
+pub fn resume_metrics<E: DeserializeOwned, F: DeserializeOwned>(
+    metrics_path: &Path,
+    step: usize,
+) -> Result<Vec<E>> {
+    let kept: Vec<String> = truncate_jsonl(metrics_path, step)?
+        .into_iter()
+        .filter(|l| serde_json::from_str::<F>(l).is_err())
+        .collect();
+    let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
+    write_atomic(metrics_path, body.as_bytes())?;
+    Ok(kept
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// Where a run stands (a checkpoint's `state`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LoopState {
+    pub step: usize,
+    pub epoch: usize,
+    /// The next batch group of `epoch`.
+    pub next_group: usize,
+    /// What the task counts as seen: examples (classification) or tokens (instruction tuning).
+    #[serde(alias = "examples_seen", alias = "tokens_seen")]
+    pub seen: usize,
+    /// Seconds spent training before this checkpoint, over every process that ran it (so a
+    /// resumed run reports its whole training time).
+    #[serde(default)]
+    pub train_seconds: f64,
+}
+
+/// A fine-tuning run in progress (see the module docs for the loop it serves). `E` is the
+/// task's evaluation record, `F` its final record (lines of `metrics.jsonl`).
+pub struct FinetuneRun<'a, E, F> {
+    pub dir: PathBuf,
+    pub trained: Vec<(String, Tensor)>,
+    pub state: LoopState,
+    pub events: &'a mut dyn TrainEvents,
+    /// The evaluation records so far (those before a resume included).
+    pub evals: Vec<E>,
+    /// Whether this process resumed from a checkpoint.
+    pub resumed: bool,
+    opt: AdamW,
+    fused: bool,
+    seed: u64,
+    epochs: usize,
+    grad_accum: usize,
+    eval_freq: usize,
+    lr: f64,
+    max_grad_norm: Option<f64>,
+    groups_per_epoch: usize,
+    clock: CheckpointTimer,
+    since_eval: (Instant, usize),
+    _final: PhantomData<F>,
+}
+
+impl<'a, E: Serialize + DeserializeOwned, F: Serialize + DeserializeOwned> FinetuneRun<'a, E, F> {
+    /// Sets up the optimizer over `trained` and resumes from the run's checkpoint if it has one
+    /// (else starts `metrics.jsonl` afresh). `rows` is the number of training rows; an epoch is
+    /// `rows / batch_size` batches (the last partial one dropped, as the book's loader does),
+    /// `grad_accum_steps` batches a step.
+    pub fn start<D: TrainDefaults>(
+        dir: &Path,
+        trained: Vec<(String, Tensor)>,
+        args: &TrainArgs<D>,
+        seed: u64,
+        device: Device,
+        rows: usize,
+        events: &'a mut dyn TrainEvents,
+    ) -> Result<Self> {
+        let groups_per_epoch = (rows / args.batch_size).div_ceil(args.grad_accum_steps);
+        if groups_per_epoch == 0 {
+            return Err(LlmError::Usage(format!(
+                "{rows} training examples are fewer than one batch of {}; lower train.batch_size",
+                args.batch_size
+            ))
+            .into());
+        }
+        let mut opt = AdamW::over(&trained, args.weight_decay);
+        let metrics = dir.join("metrics.jsonl");
+        let mut state = LoopState::default();
+        let mut evals = Vec::new();
+        let loaded: Option<LoopState> =
+            checkpoint::load(dir, &trained, &mut opt, &mut |m| events.log(m))?;
+        let resumed = loaded.is_some();
+        if let Some(s) = loaded {
+            state = s;
+            evals = resume_metrics::<E, F>(&metrics, state.step)?;
+            events.log(&format!(
+                "resuming at step {} (epoch {})",
+                state.step,
+                state.epoch + 1
+            ));
+        } else {
+            let _ = std::fs::remove_file(&metrics);
+        }
+        events.resume_after(state.step);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            trained,
+            since_eval: (Instant::now(), state.seen),
+            clock: CheckpointTimer::start(state.train_seconds),
+            state,
+            events,
+            evals,
+            resumed,
+            opt,
+            fused: args.fused_adamw.resolve(device),
+            seed,
+            epochs: args.epochs,
+            grad_accum: args.grad_accum_steps,
+            eval_freq: args.eval_freq,
+            lr: args.lr,
+            max_grad_norm: args.max_grad_norm,
+            groups_per_epoch,
+            _final: PhantomData,
+        })
+    }
+
+    /// How many parameters train, of how many.
+    pub fn parameter_counts(&self, vs: &tch::nn::VarStore) -> (i64, i64) {
+        let count = |ts: &mut dyn Iterator<Item = &Tensor>| ts.map(|t| t.numel() as i64).sum();
+        (
+            count(&mut self.trained.iter().map(|(_, t)| t)),
+            count(&mut vs.variables().values()),
+        )
+    }
+
+    pub fn groups_per_epoch(&self) -> usize {
+        self.groups_per_epoch
+    }
+
+    /// Starts the progress report and the training clock.
+    pub fn begin(&mut self) {
+        self.events
+            .start(self.state.step, self.groups_per_epoch * self.epochs);
+        self.clock = CheckpointTimer::start(self.state.train_seconds);
+        self.since_eval = (Instant::now(), self.state.seen);
+    }
+
+    /// The epochs still to run.
+    pub fn epochs(&self) -> std::ops::Range<usize> {
+        self.state.epoch..self.epochs
+    }
+
+    /// The batch groups of `epoch` still to run.
+    pub fn groups(&self, epoch: usize) -> std::ops::Range<usize> {
+        let first = if epoch == self.state.epoch {
+            self.state.next_group
+        } else {
+            0
+        };
+        first..self.groups_per_epoch
+    }
+
+    /// One optimizer step over group `g` of the epoch's batch `order` (`grad_accum_steps`
+    /// batches): dropout reseeded from `(seed, step)`, gradients zeroed, each batch's loss
+    /// (from `loss_of`: the loss, `None` for a batch with nothing to learn, and how much it adds
+    /// to `seen`) divided by the group size and backpropagated, the norm clipped, AdamW applied.
+    /// A NaN or infinite loss stops the run. Returns the gradient norm before clipping.
+    pub fn step(
+        &mut self,
+        order: &[Vec<usize>],
+        epoch: usize,
+        g: usize,
+        mut loss_of: impl FnMut(&[usize]) -> Result<(Option<Tensor>, usize)>,
+    ) -> Result<f64> {
+        let lo = g * self.grad_accum;
+        let hi = (lo + self.grad_accum).min(order.len());
+        let n = (hi - lo) as f64;
+        seed_for_step(self.seed, self.state.step);
+        self.opt.zero_grad();
+        let mut step_loss = 0.0;
+        for b in &order[lo..hi] {
+            let (loss, seen) = loss_of(b)?;
+            self.state.seen += seen;
+            if let Some(loss) = loss {
+                step_loss += crate::train::finite_loss(&loss, self.state.step, epoch)? / n;
+                (loss / n).backward();
+            }
+        }
+        let grad_norm = self.opt.clip_grad_norm(self.max_grad_norm);
+        self.opt.update(self.lr, self.fused)?;
+        self.state.step += 1;
+        self.state.epoch = epoch;
+        self.state.next_group = g + 1;
+        self.events.step(self.state.step, step_loss);
+        Ok(grad_norm)
+    }
+
+    /// Whether the step just taken is one to evaluate after (the first, then every `eval_freq`).
+    pub fn eval_due(&self) -> bool {
+        (self.state.step - 1).is_multiple_of(self.eval_freq)
+    }
+
+    /// The learning rate.
+    pub fn lr(&self) -> f64 {
+        self.lr
+    }
+
+    /// What was seen per second since the last evaluation (and starts counting again).
+    pub fn throughput(&mut self) -> f64 {
+        let secs = self.since_eval.0.elapsed().as_secs_f64().max(1e-9);
+        let per_sec = (self.state.seen - self.since_eval.1) as f64 / secs;
+        self.since_eval = (Instant::now(), self.state.seen);
+        per_sec
+    }
+
+    /// Records an evaluation: a `metrics.jsonl` line, the log line, the TensorBoard scalars.
+    pub fn record_eval(&mut self, rec: E, scalars: &[(&str, f64)], line: &str) -> Result<()> {
+        self.events.log(line);
+        append_line(
+            &self.dir.join("metrics.jsonl"),
+            &serde_json::to_string(&rec)?,
+        )?;
+        self.events.scalars(self.state.step, scalars);
+        self.evals.push(rec);
+        Ok(())
+    }
+
+    /// Whether group `g` is the last of its epoch.
+    pub fn epoch_done(&self, g: usize) -> bool {
+        g + 1 == self.groups_per_epoch
+    }
+
+    /// After group `g`: a checkpoint at the end of an epoch, when one is due, or when a stop
+    /// was requested (Ctrl-C, SIGTERM), which then ends the run with [`LlmError::Interrupted`].
+    pub fn end_step(&mut self, g: usize) -> Result<()> {
+        let epoch_done = self.epoch_done(g);
+        if epoch_done {
+            self.state.epoch += 1;
+            self.state.next_group = 0;
+        }
+        let stop = crate::signal::interrupted();
+        if epoch_done || stop || self.clock.due() {
+            self.state.train_seconds = self.clock.train_seconds();
+            checkpoint::save(&self.dir, &self.trained, &self.opt, &self.state)?;
+            self.clock.saved();
+        }
+        if stop {
+            return Err(self.interrupted().into());
+        }
+        Ok(())
+    }
+
+    /// The error that ends a run stopped by Ctrl-C (its last checkpoint resumes it).
+    pub fn interrupted(&self) -> LlmError {
+        LlmError::Interrupted {
+            step: self.state.step,
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Seconds of training over every process that ran this run.
+    pub fn train_seconds(&self) -> f64 {
+        self.clock.train_seconds()
+    }
+
+    /// Ends the run: the final record and scalars, then `save` (the task's model and plots,
+    /// given the evaluation records), then `status.json` says finished and the checkpoints go.
+    pub fn finish(
+        self,
+        result: &F,
+        scalars: &[(&str, f64)],
+        save: impl FnOnce(&[E]) -> Result<()>,
+    ) -> Result<Vec<E>> {
+        self.events.scalars(self.state.step, scalars);
+        append_line(
+            &self.dir.join("metrics.jsonl"),
+            &serde_json::to_string(result)?,
+        )?;
+        save(&self.evals)?;
+        write_atomic(
+            &self.dir.join("status.json"),
+            serde_json::json!({"status": "finished", "steps": self.state.step})
+                .to_string()
+                .as_bytes(),
+        )?;
+        let _ = std::fs::remove_dir_all(self.dir.join("checkpoints"));
+        Ok(self.evals)
+    }
+}

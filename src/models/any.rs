@@ -1,0 +1,117 @@
+//! Either model family behind one type ([`AnyModel`]), with what fine-tuning and the resolver
+//! ask of a model whatever its family: sizes, dropout, the forward pass, the layers LoRA adapts.
+use crate::models::gpt::GptModel;
+use crate::models::llama::LlamaModel;
+use crate::nn::lora::LoraTarget;
+use crate::nn::Linear;
+use tch::Tensor;
+
+/// Either model family.
+#[derive(Debug)]
+pub enum AnyModel {
+    Gpt(GptModel),
+    Llama(LlamaModel),
+}
+
+impl AnyModel {
+    /// Logits `(b, n, vocab)` of token ids `(b, n)`; dropout on when `train`.
+    pub fn forward_t(&self, idx: &Tensor, train: bool) -> Tensor {
+        match self {
+            Self::Gpt(m) => m.forward_t(idx, train),
+            Self::Llama(m) => m.forward_t(idx, train),
+        }
+    }
+
+    /// The number of transformer blocks.
+    pub fn n_layers(&self) -> usize {
+        match self {
+            Self::Gpt(m) => m.trf_blocks.len(),
+            Self::Llama(m) => m.trf_blocks.len(),
+        }
+    }
+
+    /// The width of the hidden states (`emb_dim`).
+    pub fn emb_dim(&self) -> i64 {
+        match self {
+            Self::Gpt(m) => m.cfg.emb_dim,
+            Self::Llama(m) => m.cfg.emb_dim,
+        }
+    }
+
+    pub fn context_length(&self) -> i64 {
+        match self {
+            Self::Gpt(m) => m.cfg.context_length,
+            Self::Llama(m) => m.cfg.context_length,
+        }
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            Self::Gpt(m) => m.cfg.vocab_size,
+            Self::Llama(m) => m.cfg.vocab_size,
+        }
+    }
+
+    pub fn drop_rate(&self) -> f64 {
+        match self {
+            Self::Gpt(m) => m.cfg.drop_rate,
+            Self::Llama(m) => m.cfg.drop_rate,
+        }
+    }
+
+    /// Sets the dropout rate of every block (and the embeddings).
+    pub fn set_drop_rate(&mut self, p: f64) {
+        match self {
+            Self::Gpt(m) => {
+                m.cfg.drop_rate = p;
+                for b in &mut m.trf_blocks {
+                    b.drop_rate = p;
+                    b.att.dropout = p;
+                }
+            }
+            Self::Llama(m) => m.set_drop_rate(p),
+        }
+    }
+
+    /// The block layers LoRA adapts, by target.
+    pub fn lora_layers(&mut self, targets: &[LoraTarget]) -> Vec<&mut Linear> {
+        let att = targets.contains(&LoraTarget::Attention);
+        let ff = targets.contains(&LoraTarget::FeedForward);
+        let mut out = Vec::new();
+        match self {
+            AnyModel::Gpt(m) => {
+                for b in &mut m.trf_blocks {
+                    if att {
+                        let a = &mut b.att;
+                        out.extend([
+                            &mut a.w_query,
+                            &mut a.w_key,
+                            &mut a.w_value,
+                            &mut a.out_proj,
+                        ]);
+                    }
+                    if ff {
+                        out.extend([&mut b.ff.fc1, &mut b.ff.fc2]);
+                    }
+                }
+            }
+            AnyModel::Llama(m) => {
+                for b in &mut m.trf_blocks {
+                    if att {
+                        let a = &mut b.att;
+                        out.extend([
+                            &mut a.w_query,
+                            &mut a.w_key,
+                            &mut a.w_value,
+                            &mut a.out_proj,
+                        ]);
+                    }
+                    if ff {
+                        out.extend([&mut b.ff.fc1, &mut b.ff.fc2, &mut b.ff.fc3]);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
