@@ -12,9 +12,7 @@ use super::data::{self, Encoded, Padding, Splits};
 use super::model::{check_trainable, class_loss, correct, Classifier, Trainable};
 use super::spec::{ClassifySpec, Weights};
 use crate::error::{read_text, write_atomic, LlmError};
-use crate::finetune::checkpoint::io;
-use crate::finetune::{open_run_dir, FinetuneRun, Method};
-use crate::plot::{plot_values, LossPoint};
+use crate::finetune::{self, FinetuneRun, Method};
 use crate::resolve::{AnyModel, LoadedLm};
 use crate::train::trainer::TrainEvents;
 use anyhow::Result;
@@ -54,14 +52,8 @@ fn randomize(vs: &tch::nn::VarStore) {
 pub fn prepare(spec: &ClassifySpec, device: Device) -> Result<Prepared> {
     let (examples, labels) = spec.data.read()?;
     let splits = data::split(&examples, labels.len(), &spec.data, spec.seed);
-    if splits.train.is_empty() || splits.val.is_empty() {
-        return Err(LlmError::Usage(format!(
-            "the data gives {} training and {} validation examples; need at least one of each (check data.split and data.max_per_class)",
-            splits.train.len(),
-            splits.val.len()
-        ))
-        .into());
-    }
+    let keys = "data.split and data.max_per_class";
+    finetune::check_splits(splits.train.len(), splits.val.len(), "examples", keys)?;
     let lm = LoadedLm::load(&spec.model.name, device)?;
     if spec.model.weights == Weights::Random {
         crate::device::seed_everything(spec.seed);
@@ -74,8 +66,10 @@ pub fn prepare(spec: &ClassifySpec, device: Device) -> Result<Prepared> {
         clf.set_dropout(p);
     }
     clf.set_causal(spec.finetune.causal_mask);
-    if spec.finetune.trainable == Trainable::Lora {
-        clf.add_lora(&spec.finetune.lora);
+    let ft = &spec.finetune;
+    let adapted = ft.trainable.adapted_blocks(ft.method, clf.n_layers());
+    if !adapted.is_empty() {
+        clf.lm.add_lora_to(&ft.lora, adapted);
     }
     let ctx = clf.context_length() as usize;
     let limit = spec.data.max_length.unwrap_or(ctx).min(ctx);
@@ -144,6 +138,9 @@ pub struct ClassifierRecord {
     pub token: super::model::TokenPos,
     pub causal_mask: bool,
     pub trainable: Trainable,
+    /// How the blocks `trainable` names trained (records before this key: full).
+    #[serde(default)]
+    pub method: Method,
     #[serde(default)]
     pub lora: Option<crate::nn::lora::LoraConfig>,
     /// Padded length used in training (`None`: unpadded).
@@ -464,12 +461,7 @@ pub fn evaluate_model(
 }
 
 /// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct ClassifyOutcome {
-    pub evals: Vec<ClassifyEval>,
-    pub result: ClassifyFinal,
-    pub already_finished: bool,
-}
+pub type ClassifyOutcome = finetune::Outcome<ClassifyEval, ClassifyFinal>;
 
 /// Fine-tunes (or resumes, or reports as finished) the classifier `spec` describes in `run_dir`:
 /// the book's `train_classifier_simple`, resumable.
@@ -482,17 +474,8 @@ pub fn run(
     events: &mut dyn TrainEvents,
 ) -> Result<ClassifyOutcome> {
     spec.validate()?;
-    crate::device::set_threads(spec.train.threads);
-    if let Some(done) = open_run_dir(run_dir, &serde_yaml::to_string(spec)?, restart)? {
-        events.log(&format!(
-            "{} already finished (pass --restart to train again)",
-            run_dir.display()
-        ));
-        return Ok(ClassifyOutcome {
-            evals: done.evals,
-            result: done.result,
-            already_finished: true,
-        });
+    if let Some(done) = finetune::open(spec, spec.train.threads, run_dir, restart, events)? {
+        return Ok(done);
     }
     let mut p = prepare(spec, device)?;
     data::write_splits(run_dir, &p.splits)?;
@@ -500,15 +483,8 @@ pub fn run(
     let trained = p.clf.set_trainable_with(ft.trainable, ft.method);
     let boundary = ft.trainable.first_trained_block(p.clf.n_layers());
     let reuse = ft.reuse_frozen && boundary > 0 && p.clf.drop_rate() == 0.0;
-    let mut run: FinetuneRun<ClassifyEval, ClassifyFinal> = FinetuneRun::start(
-        run_dir,
-        trained,
-        t,
-        spec.seed,
-        device,
-        p.train.len(),
-        events,
-    )?;
+    let rows = p.train.len();
+    let mut run = FinetuneRun::start(run_dir, trained, t, spec.seed, device, rows, events)?;
     let prefix = if reuse {
         Some(frozen_prefix(
             &p,
@@ -575,23 +551,23 @@ pub fn run(
                     grad_norm,
                     examples_per_sec: run.throughput(),
                 };
-                let scalars = [
-                    ("train/loss", train_loss),
-                    ("val/loss", val_loss),
-                    ("train/accuracy", train_acc),
-                    ("val/accuracy", val_acc),
-                    ("train/lr", rec.lr),
-                    ("train/grad_norm", grad_norm),
-                    ("train/examples_per_sec", rec.examples_per_sec),
-                ];
-                let line = format!(
-                    "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}, Train acc {:.2}%, Val acc {:.2}%",
-                    epoch + 1,
-                    rec.step - 1,
-                    train_acc * 100.0,
-                    val_acc * 100.0
-                );
-                run.record_eval(rec, &scalars, &line)?;
+                let per_sec = rec.examples_per_sec;
+                run.record_eval(
+                    epoch,
+                    rec,
+                    (train_loss, val_loss),
+                    grad_norm,
+                    &[
+                        ("train/accuracy", train_acc),
+                        ("val/accuracy", val_acc),
+                        ("train/examples_per_sec", per_sec),
+                    ],
+                    &format!(
+                        ", Train acc {:.2}%, Val acc {:.2}%",
+                        train_acc * 100.0,
+                        val_acc * 100.0
+                    ),
+                )?;
             }
             run.end_step(g)?;
         }
@@ -629,58 +605,25 @@ pub fn run(
         ("final/test_accuracy", test_acc),
     ];
     let groups = run.groups_per_epoch();
-    let trained: Vec<(String, Tensor)> = run
-        .trained
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-        .collect();
-    let evals = run.finish(&result, &scalars, |evals| {
-        save_classifier(&mut p, spec, &trained, run_dir)?;
-        write_plots(evals, groups, run_dir, &spec.name)
-    })?;
-    Ok(ClassifyOutcome {
-        evals,
-        result,
-        already_finished: false,
+    run.finish(result, &scalars, |evals, trained| {
+        save_classifier(&mut p, spec, trained, run_dir)?;
+        finetune::plot_curves(
+            evals,
+            groups,
+            run_dir,
+            &spec.name,
+            "Examples seen",
+            |r: &ClassifyEval| (r.step, r.examples_seen),
+            &[
+                ("loss.png", "loss", &|r: &ClassifyEval| {
+                    (r.train_loss, r.val_loss)
+                }),
+                ("accuracy.png", "accuracy", &|r: &ClassifyEval| {
+                    (r.train_accuracy, r.val_accuracy)
+                }),
+            ],
+        )
     })
-}
-
-/// `loss.png` and `accuracy.png` (the book's Figures 6.16 and 6.17).
-fn write_plots(
-    evals: &[ClassifyEval],
-    steps_per_epoch: usize,
-    dir: &Path,
-    title: &str,
-) -> Result<()> {
-    let pts = |f: &dyn Fn(&ClassifyEval) -> (f64, f64)| -> Vec<LossPoint> {
-        evals
-            .iter()
-            .map(|r| {
-                let (a, b) = f(r);
-                LossPoint {
-                    epoch: r.step as f64 / steps_per_epoch.max(1) as f64,
-                    tokens_seen: r.examples_seen as f64,
-                    train_loss: a,
-                    val_loss: b,
-                }
-            })
-            .collect()
-    };
-    plot_values(
-        &pts(&|r| (r.train_loss, r.val_loss)),
-        &dir.join("loss.png"),
-        title,
-        "loss",
-        "Examples seen",
-    )?;
-    plot_values(
-        &pts(&|r| (r.train_accuracy, r.val_accuracy)),
-        &dir.join("accuracy.png"),
-        title,
-        "accuracy",
-        "Examples seen",
-    )?;
-    Ok(())
 }
 
 /// Writes `classifier.json` and `classifier.safetensors`: the trained tensors only, unless the
@@ -691,7 +634,9 @@ fn save_classifier(
     trained: &[(String, Tensor)],
     dir: &Path,
 ) -> Result<()> {
-    let full = spec.finetune.trainable == Trainable::All || spec.model.weights == Weights::Random;
+    let ft = &spec.finetune;
+    let full = (ft.trainable == Trainable::All && ft.method == Method::Full)
+        || spec.model.weights == Weights::Random;
     let named: Vec<(String, Tensor)> = if full {
         let mut v: Vec<(String, Tensor)> = p.clf.lm.vs.variables().into_iter().collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -702,14 +647,10 @@ fn save_classifier(
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect()
     };
-    let named: Vec<(String, Tensor)> = named
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().to_device(Device::Cpu)))
-        .collect();
-    let path = dir.join("classifier.safetensors");
-    let tmp = crate::error::temp_path(&path);
-    Tensor::write_safetensors(&named, &tmp)?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    crate::weights::save_tensors(
+        &finetune::to_cpu(&named),
+        &dir.join("classifier.safetensors"),
+    )?;
     let rec = ClassifierRecord {
         base_model: spec.model.name.clone(),
         weights: spec.model.weights,
@@ -717,7 +658,9 @@ fn save_classifier(
         token: spec.finetune.token,
         causal_mask: spec.finetune.causal_mask,
         trainable: spec.finetune.trainable,
-        lora: (spec.finetune.trainable == Trainable::Lora).then(|| spec.finetune.lora.clone()),
+        method: ft.method,
+        lora: (ft.trainable == Trainable::Lora || ft.method == Method::Lora)
+            .then(|| ft.lora.clone()),
         pad_to: p.pad_to,
         max_length: p.pad_to.unwrap_or_else(|| {
             spec.data
@@ -752,7 +695,8 @@ impl SavedClassifier {
         let mut clf = Classifier::new(lm, rec.labels.len() as i64, rec.token);
         clf.set_causal(rec.causal_mask);
         if let Some(l) = &rec.lora {
-            clf.add_lora(l);
+            let blocks = rec.trainable.adapted_blocks(rec.method, clf.n_layers());
+            clf.lm.add_lora_to(l, blocks);
         }
         crate::weights::load_tensors_into(
             &clf.lm.vs,

@@ -6,14 +6,16 @@
 //! unreadable or not matching its manifest says so and resumes from `previous`. Format 1
 //! folders (before versions: `state.json` holds `[state, step]`, no manifest) still resume.
 use crate::error::{read_text, write_atomic, LlmError};
-use crate::train::checkpoint::{verify_manifest, write_manifest, FORMAT_VERSION, READS_FORMATS};
+use crate::train::checkpoint::{
+    newest_usable, verify_manifest, write_manifest, FORMAT_VERSION, READS_FORMATS,
+};
 use crate::train::optim::AdamW;
 use anyhow::Result;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 const TENSORS: &str = "trainable.safetensors";
 const STATE: &str = "state.json";
@@ -39,9 +41,9 @@ pub fn save<S: Serialize>(
     let tmp = ck.join(".last.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let mut named: Vec<(String, Tensor)> = trained
-        .iter()
-        .map(|(n, t)| (format!("param.{n}"), t.detach().to_device(Device::Cpu)))
+    let mut named: Vec<(String, Tensor)> = super::to_cpu(trained)
+        .into_iter()
+        .map(|(n, t)| (format!("param.{n}"), t))
         .collect();
     named.extend(opt.state_tensors());
     Tensor::write_safetensors(&named, tmp.join(TENSORS))?;
@@ -68,29 +70,11 @@ pub fn load<S: DeserializeOwned>(
     log: &mut dyn FnMut(&str),
 ) -> Result<Option<S>> {
     let ck = run_dir.join("checkpoints");
-    let mut first_err: Option<anyhow::Error> = None;
-    for dir in [ck.join("last"), ck.join("previous")] {
-        if !dir.is_dir() {
-            continue;
-        }
-        match load_one(&dir, trained, opt) {
-            Ok(s) => return Ok(Some(s)),
-            Err(e) => {
-                log(&format!(
-                    "checkpoint {} is unusable ({e:#}); trying the previous one",
-                    dir.display()
-                ));
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    match first_err {
-        None => Ok(None),
-        Some(e) => Err(e.context(format!(
-            "no usable checkpoint in {}; pass --restart to start over",
-            ck.display()
-        ))),
-    }
+    let dirs: Vec<_> = [ck.join("last"), ck.join("previous")]
+        .into_iter()
+        .filter(|d| d.is_dir())
+        .collect();
+    newest_usable(&dirs, log, |dir| load_one(dir, trained, opt))
 }
 
 fn load_one<S: DeserializeOwned>(

@@ -16,16 +16,19 @@ pub mod spec;
 
 pub use crate::models::trainable::{Method, Trainable};
 pub use run::{
-    open_run_dir, set_checkpoint_minutes, FinetuneRun, Finished, LoopState,
+    open, open_run_dir, set_checkpoint_minutes, FinetuneRun, Finished, LoopState, Outcome,
     DEFAULT_CHECKPOINT_MINUTES,
 };
 pub use spec::{TrainArgs, TrainDefaults};
 
+use crate::plot::{plot_values, LossPoint};
 use crate::resolve::LoadedLm;
+use anyhow::Result;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tch::Tensor;
+use std::path::Path;
+use tch::{Device, Tensor};
 
 /// Marks what `strategy` with `method` trains (`requires_grad`) and freezes everything else;
 /// returns the trained variables, sorted by name. `head` names the task's new head (always
@@ -71,4 +74,57 @@ pub fn batches(
         out.pop();
     }
     out
+}
+
+/// A run needs at least one training and one validation example; the error names the data
+/// keys (`keys`) that shrink the splits.
+pub fn check_splits(train: usize, val: usize, what: &str, keys: &str) -> Result<()> {
+    if train == 0 || val == 0 {
+        return Err(crate::error::LlmError::Usage(format!(
+            "the data gives {train} training and {val} validation {what}; need at least one of each (check {keys})"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// Detached CPU copies of named tensors, for saving.
+pub fn to_cpu(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    named
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu)))
+        .collect()
+}
+
+/// One figure of a run's curves: its file, its y-axis label, and the `(train, validation)`
+/// values of an evaluation record.
+pub type Curve<'a, E> = (&'a str, &'a str, &'a dyn Fn(&E) -> (f64, f64));
+
+/// Writes each of `curves` as a PNG in `dir` (the book's loss and accuracy figures): the values
+/// against the epoch, with what was seen (`at(record)` = `(step, seen)`) on the top axis.
+pub fn plot_curves<E>(
+    evals: &[E],
+    steps_per_epoch: usize,
+    dir: &Path,
+    title: &str,
+    seen_label: &str,
+    at: impl Fn(&E) -> (usize, usize),
+    curves: &[Curve<E>],
+) -> Result<()> {
+    for (file, label, values) in curves {
+        let pts: Vec<LossPoint> = evals
+            .iter()
+            .map(|r| {
+                let ((step, seen), (train, val)) = (at(r), values(r));
+                LossPoint {
+                    epoch: step as f64 / steps_per_epoch.max(1) as f64,
+                    tokens_seen: seen as f64,
+                    train_loss: train,
+                    val_loss: val,
+                }
+            })
+            .collect();
+        plot_values(&pts, &dir.join(file), title, label, seen_label)?;
+    }
+    Ok(())
 }

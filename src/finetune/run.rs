@@ -6,16 +6,18 @@
 //! finish (final record, `status.json`). A task's own loop stays explicit, in the book's order:
 //!
 //! ```text
+//! if let Some(done) = open(spec, threads, dir, restart, events)? { return Ok(done); }
+//! /* load the model and data, choose what trains */
 //! let mut run = FinetuneRun::start(dir, trained, &spec.train, seed, device, rows, events)?;
 //! for epoch in run.epochs() {
 //!     let order = batches(rows, batch_size, true, true, seed, epoch);
 //!     for g in run.groups(epoch) {
 //!         let grad_norm = run.step(&order, g, |b| /* the task's loss of batch b */)?;
-//!         if run.eval_due() { /* evaluate */ run.record_eval(rec, &scalars, &line)?; }
+//!         if run.eval_due() { /* evaluate */ run.record_eval(epoch, rec, losses, grad_norm, ..)?; }
 //!         run.end_step(g)?; // checkpoint when due; stops here on Ctrl-C
 //!     }
 //! }
-//! run.finish(&result, &final_scalars, |evals| /* save the model, plot */)
+//! run.finish(result, &final_scalars, |evals, trained| /* save the model, plot */)
 //! ```
 use super::checkpoint;
 use super::spec::{TrainArgs, TrainDefaults};
@@ -157,6 +159,39 @@ pub fn resume_metrics<E: DeserializeOwned, F: DeserializeOwned>(
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+/// What a fine-tuning run reports: its evaluation records, its final record, and whether it
+/// had finished before this call (and was only reported).
+#[derive(Debug, Clone)]
+pub struct Outcome<E, F> {
+    pub evals: Vec<E>,
+    pub result: F,
+    pub already_finished: bool,
+}
+
+/// Opens a run: sets the thread count, prepares the folder ([`open_run_dir`] with the spec's
+/// resolved YAML) and, when the run had finished, reports it (`Some`: nothing more to do).
+pub fn open<E: DeserializeOwned, F: DeserializeOwned, S: Serialize>(
+    spec: &S,
+    threads: Option<usize>,
+    run_dir: &Path,
+    restart: bool,
+    events: &mut dyn TrainEvents,
+) -> Result<Option<Outcome<E, F>>> {
+    crate::device::set_threads(threads);
+    let Some(done) = open_run_dir(run_dir, &serde_yaml::to_string(spec)?, restart)? else {
+        return Ok(None);
+    };
+    events.log(&format!(
+        "{} already finished (pass --restart to train again)",
+        run_dir.display()
+    ));
+    Ok(Some(Outcome {
+        evals: done.evals,
+        result: done.result,
+        already_finished: true,
+    }))
 }
 
 /// Where a run stands (a checkpoint's `state`).
@@ -352,14 +387,32 @@ impl<'a, E: Serialize + DeserializeOwned, F: Serialize + DeserializeOwned> Finet
         per_sec
     }
 
-    /// Records an evaluation: a `metrics.jsonl` line, the log line, the TensorBoard scalars.
-    pub fn record_eval(&mut self, rec: E, scalars: &[(&str, f64)], line: &str) -> Result<()> {
-        self.events.log(line);
+    /// Records the evaluation after the step just taken in `epoch` (0-based): `rec` as a
+    /// `metrics.jsonl` line; the book's log line ("Ep 1 (Step 000000): Train loss …, Val loss …")
+    /// followed by `more_text`; TensorBoard's `train/loss`, `val/loss`, the task's `more`
+    /// scalars, `train/lr` and `train/grad_norm`.
+    pub fn record_eval(
+        &mut self,
+        epoch: usize,
+        rec: E,
+        (train_loss, val_loss): (f64, f64),
+        grad_norm: f64,
+        more: &[(&str, f64)],
+        more_text: &str,
+    ) -> Result<()> {
+        self.events.log(&format!(
+            "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}{more_text}",
+            epoch + 1,
+            self.state.step - 1,
+        ));
         append_line(
             &self.dir.join("metrics.jsonl"),
             &serde_json::to_string(&rec)?,
         )?;
-        self.events.scalars(self.state.step, scalars);
+        let mut scalars = vec![("train/loss", train_loss), ("val/loss", val_loss)];
+        scalars.extend_from_slice(more);
+        scalars.extend([("train/lr", self.lr), ("train/grad_norm", grad_norm)]);
+        self.events.scalars(self.state.step, &scalars);
         self.evals.push(rec);
         Ok(())
     }
@@ -403,19 +456,20 @@ impl<'a, E: Serialize + DeserializeOwned, F: Serialize + DeserializeOwned> Finet
     }
 
     /// Ends the run: the final record and scalars, then `save` (the task's model and plots,
-    /// given the evaluation records), then `status.json` says finished and the checkpoints go.
+    /// given the evaluation records and the trained tensors), then `status.json` says finished
+    /// and the checkpoints go.
     pub fn finish(
         self,
-        result: &F,
+        result: F,
         scalars: &[(&str, f64)],
-        save: impl FnOnce(&[E]) -> Result<()>,
-    ) -> Result<Vec<E>> {
+        save: impl FnOnce(&[E], &[(String, Tensor)]) -> Result<()>,
+    ) -> Result<Outcome<E, F>> {
         self.events.scalars(self.state.step, scalars);
         append_line(
             &self.dir.join("metrics.jsonl"),
-            &serde_json::to_string(result)?,
+            &serde_json::to_string(&result)?,
         )?;
-        save(&self.evals)?;
+        save(&self.evals, &self.trained)?;
         write_atomic(
             &self.dir.join("status.json"),
             serde_json::json!({"status": "finished", "steps": self.state.step})
@@ -423,6 +477,10 @@ impl<'a, E: Serialize + DeserializeOwned, F: Serialize + DeserializeOwned> Finet
                 .as_bytes(),
         )?;
         let _ = std::fs::remove_dir_all(self.dir.join("checkpoints"));
-        Ok(self.evals)
+        Ok(Outcome {
+            evals: self.evals,
+            result,
+            already_finished: false,
+        })
     }
 }

@@ -8,10 +8,8 @@
 use super::collate::{self, Batch, CollateOptions, Encoded};
 use super::data::{self, Entry, Splits};
 use super::spec::{InstructFinetuneSpec, InstructSpec, Method};
-use crate::error::{read_text, write_atomic, LlmError};
-use crate::finetune::checkpoint::io;
-use crate::finetune::{batches, open_run_dir, FinetuneRun, Trainable};
-use crate::plot::{plot_values, LossPoint};
+use crate::error::{read_text, write_atomic};
+use crate::finetune::{self, batches, FinetuneRun, Trainable};
 use crate::prompt::Prompter;
 use crate::resolve::saved::{FinetunedRecord, FINETUNED_RECORD, FINETUNED_TENSORS};
 use crate::resolve::LoadedLm;
@@ -82,21 +80,17 @@ pub fn encode(lm: &LoadedLm, prompter: &Prompter, entries: &[Entry]) -> Result<V
 pub fn prepare(spec: &InstructSpec, device: Device) -> Result<Prepared> {
     let entries = spec.data.read()?;
     let splits = spec.data.split(&entries, spec.seed);
-    if splits.train.is_empty() || splits.val.is_empty() {
-        return Err(LlmError::Usage(format!(
-            "the data gives {} training and {} validation entries; need at least one of each (check data.split and data.max_*)",
-            splits.train.len(),
-            splits.val.len()
-        ))
-        .into());
-    }
+    let keys = "data.split and data.max_*";
+    finetune::check_splits(splits.train.len(), splits.val.len(), "entries", keys)?;
     let mut lm = LoadedLm::load(&spec.model.name, device)?;
     crate::device::seed_everything(spec.seed);
     if let Some(p) = spec.model.dropout {
         lm.model.set_drop_rate(p);
     }
-    if spec.finetune.method == Method::Lora {
-        lm.add_lora(&spec.finetune.lora);
+    let ft = &spec.finetune;
+    let adapted = ft.trainable.adapted_blocks(ft.method, lm.model.n_layers());
+    if !adapted.is_empty() {
+        lm.add_lora_to(&ft.lora, adapted);
     }
     let prompter = Prompter::new(spec.data.prompt_style, lm.chat.clone(), &spec.model.name)?;
     let opts = CollateOptions {
@@ -177,18 +171,8 @@ pub fn loss_loader(
     }
 }
 
-/// One line of `metrics.jsonl` written at each evaluation.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct InstructEval {
-    pub step: usize,
-    pub epoch: usize,
-    pub tokens_seen: usize,
-    pub train_loss: f64,
-    pub val_loss: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens_per_sec: f64,
-}
+/// One line of `metrics.jsonl` written at each evaluation: pretraining's record.
+pub type InstructEval = crate::train::EvalRecord;
 
 /// The last line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -212,12 +196,7 @@ pub struct InstructFinal {
 }
 
 /// What a finished run reports.
-#[derive(Debug, Clone)]
-pub struct InstructOutcome {
-    pub evals: Vec<InstructEval>,
-    pub result: InstructFinal,
-    pub already_finished: bool,
-}
+pub type InstructOutcome = finetune::Outcome<InstructEval, InstructFinal>;
 
 /// Marks what the run trains (`finetune.trainable` with `finetune.method`; the language-model
 /// head is kept) and freezes the rest; returns the trained variables by name.
@@ -261,17 +240,8 @@ pub fn run(
     events: &mut dyn TrainEvents,
 ) -> Result<InstructOutcome> {
     spec.validate()?;
-    crate::device::set_threads(spec.train.threads);
-    if let Some(done) = open_run_dir(run_dir, &serde_yaml::to_string(spec)?, restart)? {
-        events.log(&format!(
-            "{} already finished (pass --restart to train again)",
-            run_dir.display()
-        ));
-        return Ok(InstructOutcome {
-            evals: done.evals,
-            result: done.result,
-            already_finished: true,
-        });
+    if let Some(done) = finetune::open(spec, spec.train.threads, run_dir, restart, events)? {
+        return Ok(done);
     }
     let p = prepare(spec, device)?;
     data::write_splits(run_dir, &p.splits)?;
@@ -279,15 +249,8 @@ pub fn run(
     let opts = p.opts;
     let val_rows = Rows::Plain(p.val.clone());
     let trained = set_trainable(&p.lm, &spec.finetune);
-    let mut run: FinetuneRun<InstructEval, InstructFinal> = FinetuneRun::start(
-        run_dir,
-        trained,
-        t,
-        spec.seed,
-        device,
-        p.train.len(),
-        events,
-    )?;
+    let rows = p.train.len();
+    let mut run = FinetuneRun::start(run_dir, trained, t, spec.seed, device, rows, events)?;
     let initial_path = run_dir.join("initial.json");
     let initial_val_loss = if run.resumed {
         read_text(&initial_path)
@@ -350,19 +313,15 @@ pub fn run(
                     grad_norm,
                     tokens_per_sec: run.throughput(),
                 };
-                let scalars = [
-                    ("train/loss", train_loss),
-                    ("val/loss", val_loss),
-                    ("train/lr", rec.lr),
-                    ("train/grad_norm", grad_norm),
-                    ("train/tokens_per_sec", rec.tokens_per_sec),
-                ];
-                let line = format!(
-                    "Ep {} (Step {:06}): Train loss {train_loss:.3}, Val loss {val_loss:.3}",
-                    epoch + 1,
-                    rec.step - 1,
-                );
-                run.record_eval(rec, &scalars, &line)?;
+                let per_sec = rec.tokens_per_sec;
+                run.record_eval(
+                    epoch,
+                    rec,
+                    (train_loss, val_loss),
+                    grad_norm,
+                    &[("train/tokens_per_sec", per_sec)],
+                    "",
+                )?;
             }
             if run.epoch_done(g) {
                 // The book's generate_and_print_sample: the first validation entry.
@@ -447,40 +406,21 @@ pub fn run(
         ("final/rouge_l", rouge_l),
     ];
     let groups = run.groups_per_epoch();
-    let trained: Vec<(String, Tensor)> = run
-        .trained
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-        .collect();
-    let evals = run.finish(&result, &scalars, |evals| {
-        save_finetuned(&p, spec, &trained, run_dir)?;
-        write_plot(evals, groups, run_dir, &spec.name)
-    })?;
-    Ok(InstructOutcome {
-        evals,
-        result,
-        already_finished: false,
+    run.finish(result, &scalars, |evals, trained| {
+        save_finetuned(&p, spec, trained, run_dir)?;
+        // The book's Figure 7.17.
+        finetune::plot_curves(
+            evals,
+            groups,
+            run_dir,
+            &spec.name,
+            "Tokens seen",
+            |r: &InstructEval| (r.step, r.tokens_seen),
+            &[("loss.png", "loss", &|r: &InstructEval| {
+                (r.train_loss, r.val_loss)
+            })],
+        )
     })
-}
-
-/// `loss.png` (the book's Figure 7.17).
-fn write_plot(
-    evals: &[InstructEval],
-    steps_per_epoch: usize,
-    dir: &Path,
-    title: &str,
-) -> Result<()> {
-    let pts: Vec<LossPoint> = evals
-        .iter()
-        .map(|r| LossPoint {
-            epoch: r.step as f64 / steps_per_epoch.max(1) as f64,
-            tokens_seen: r.tokens_seen as f64,
-            train_loss: r.train_loss,
-            val_loss: r.val_loss,
-        })
-        .collect();
-    plot_values(&pts, &dir.join("loss.png"), title, "loss", "Tokens seen")?;
-    Ok(())
 }
 
 /// Writes `finetuned.json` and `finetuned.safetensors` (the trained tensors: the adapters with
@@ -491,14 +431,7 @@ fn save_finetuned(
     trained: &[(String, Tensor)],
     dir: &Path,
 ) -> Result<()> {
-    let named: Vec<(String, Tensor)> = trained
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu)))
-        .collect();
-    let path = dir.join(FINETUNED_TENSORS);
-    let tmp = crate::error::temp_path(&path);
-    Tensor::write_safetensors(&named, &tmp)?;
-    std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    crate::weights::save_tensors(&finetune::to_cpu(trained), &dir.join(FINETUNED_TENSORS))?;
     let rec = FinetunedRecord {
         base_model: spec.model.name.clone(),
         method: spec.finetune.method,

@@ -73,14 +73,18 @@ impl AnyModel {
         }
     }
 
-    /// The block layers LoRA adapts, by target.
-    pub fn lora_layers(&mut self, targets: &[LoraTarget]) -> Vec<&mut Linear> {
+    /// The layers LoRA adapts, by target, in the blocks `blocks`.
+    pub fn lora_layers(
+        &mut self,
+        targets: &[LoraTarget],
+        blocks: std::ops::Range<usize>,
+    ) -> Vec<&mut Linear> {
         let att = targets.contains(&LoraTarget::Attention);
         let ff = targets.contains(&LoraTarget::FeedForward);
         let mut out = Vec::new();
         match self {
             AnyModel::Gpt(m) => {
-                for b in &mut m.trf_blocks {
+                for b in &mut m.trf_blocks[blocks.clone()] {
                     if att {
                         let a = &mut b.att;
                         out.extend([
@@ -96,7 +100,7 @@ impl AnyModel {
                 }
             }
             AnyModel::Llama(m) => {
-                for b in &mut m.trf_blocks {
+                for b in &mut m.trf_blocks[blocks.clone()] {
                     if att {
                         let a = &mut b.att;
                         out.extend([

@@ -358,8 +358,18 @@ impl LoadedLm {
     /// Adds LoRA adapters (appendix E) to the blocks' linear layers `cfg.targets` names; their
     /// variables (`…lora_A`, `…lora_B`) join the `VarStore` beside each adapted weight.
     pub fn add_lora(&mut self, cfg: &crate::nn::lora::LoraConfig) {
+        let n = self.model.n_layers();
+        self.add_lora_to(cfg, 0..n);
+    }
+
+    /// [`Self::add_lora`] in the blocks `blocks` only.
+    pub fn add_lora_to(
+        &mut self,
+        cfg: &crate::nn::lora::LoraConfig,
+        blocks: std::ops::Range<usize>,
+    ) {
         let root = self.vs.root();
-        for l in self.model.lora_layers(&cfg.targets) {
+        for l in self.model.lora_layers(&cfg.targets, blocks) {
             l.add_lora(&root, cfg);
         }
     }
@@ -367,9 +377,10 @@ impl LoadedLm {
     /// Folds every adapter into its weight (`W += scale · (A B)ᵀ`) and drops it.
     pub fn merge_lora(&mut self) {
         use crate::nn::lora::LoraTarget;
+        let n = self.model.n_layers();
         for l in self
             .model
-            .lora_layers(&[LoraTarget::Attention, LoraTarget::FeedForward])
+            .lora_layers(&[LoraTarget::Attention, LoraTarget::FeedForward], 0..n)
         {
             l.merge_lora();
         }

@@ -48,6 +48,7 @@ pub fn load_finetuned(dir: &Path, device: Device) -> Result<LoadedLm> {
     }
     let mut lm = LoadedLm::load(&rec.base_model, device)?;
     if let Some(l) = &rec.lora {
+        // Adapters in every block: those the run did not train have B = 0 and merge to nothing.
         lm.add_lora(l);
     }
     crate::weights::load_tensors_into(&lm.vs, &file, &rec.base_model)?;

@@ -217,14 +217,26 @@ pub fn restore_newest(
     opt: &mut AdamW,
     log: &mut dyn FnMut(&str),
 ) -> Result<Option<(PathBuf, TrainState)>> {
-    let mut first_err = None;
-    for dir in candidates(run)? {
-        let tried = verify_manifest(&dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| read_state(&dir, expected))
-            .and_then(|s| restore(&dir, vs, opt, &s).map(|_| s));
-        match tried {
-            Ok(state) => return Ok(Some((dir, state))),
+    newest_usable(&candidates(run)?, log, |dir| {
+        verify_manifest(dir)?;
+        let state = read_state(dir, expected)?;
+        restore(dir, vs, opt, &state)?;
+        Ok((dir.to_path_buf(), state))
+    })
+}
+
+/// The first of `dirs` (newest first) that `load` loads; each one that fails is reported
+/// through `log` with its error. `None` when `dirs` is empty; when none loads, the newest one's
+/// error, with a hint to start over.
+pub fn newest_usable<T>(
+    dirs: &[PathBuf],
+    log: &mut dyn FnMut(&str),
+    mut load: impl FnMut(&Path) -> Result<T>,
+) -> Result<Option<T>> {
+    let mut first_err: Option<anyhow::Error> = None;
+    for dir in dirs {
+        match load(dir) {
+            Ok(t) => return Ok(Some(t)),
             Err(e) => {
                 log(&format!(
                     "checkpoint {} is unusable ({e:#}); trying the previous one",
@@ -234,12 +246,12 @@ pub fn restore_newest(
             }
         }
     }
-    match first_err {
-        Some(e) => Err(e.context(format!(
+    match (first_err, dirs.first()) {
+        (Some(e), Some(newest)) => Err(e.context(format!(
             "no usable checkpoint in {}; pass --restart to start over",
-            run.join("checkpoints").display()
+            newest.parent().unwrap_or(newest).display()
         ))),
-        None => Ok(None),
+        _ => Ok(None),
     }
 }
 
