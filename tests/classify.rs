@@ -6,7 +6,7 @@ use anyhow::Result;
 use llmlab::classify::data::{self, ClassifyDataSpec};
 use llmlab::classify::model::{class_loss, Classifier, TokenPos, Trainable};
 use llmlab::classify::spec::ClassifySpec;
-use llmlab::classify::train::{self, PrefixSharing};
+use llmlab::classify::train::{self, ClassifyOutcome, PrefixSharing};
 use llmlab::nn::lora::LoraConfig;
 use llmlab::resolve::LoadedLm;
 use llmlab::train::optim::{AdamW, AdamWConfig};
@@ -771,22 +771,55 @@ fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
         .expect("train_seconds");
     assert!(seconds_before > 0.0);
     assert!(!killed.join("status.json").exists());
-    let mut logs = Vec::new();
-    let resumed = train::run(
-        &spec,
-        &killed,
-        Device::Cpu,
-        false,
-        &sharing,
-        &mut |m: &str| logs.push(m.to_string()),
-    )?;
+    let corrupt = dir.path().join("corrupt");
+    copy_tree(&killed, &corrupt)?;
+    // The same checkpoint as llmlab wrote it before format 2: `[state, step]` with the task's
+    // own counter name, no manifest.
+    let legacy = dir.path().join("legacy");
+    copy_tree(&killed, &legacy)?;
+    let s = &state["state"];
+    let old_state = serde_json::json!([{
+        "step": s["step"], "epoch": s["epoch"], "next_group": s["next_group"],
+        "examples_seen": s["seen"], "train_seconds": s["train_seconds"],
+    }, state["step"]]);
+    let ck = legacy.join("checkpoints");
+    std::fs::write(ck.join("last/state.json"), old_state.to_string())?;
+    std::fs::remove_file(ck.join("last/manifest.json"))?;
+    std::fs::remove_dir_all(ck.join("previous"))?;
+    // Resumes a folder, checks the log says where from and the metrics are the whole run's.
+    let resume = |run: &Path, from: usize, what: &str| -> Result<(ClassifyOutcome, Vec<String>)> {
+        let mut logs = Vec::new();
+        let out = train::run(&spec, run, Device::Cpu, false, &sharing, &mut |m: &str| {
+            logs.push(m.to_string())
+        })?;
+        let line = format!("resuming at step {from}");
+        assert!(logs.iter().any(|l| l.contains(&line)), "{what}: {logs:?}");
+        common::assert_same_metrics(&whole, run, CLASSIFY_KEYS, what)?;
+        Ok((out, logs))
+    };
+    let (resumed, _) = resume(&killed, at, "killed and resumed")?;
+    assert!(resumed.result.train_seconds > seconds_before);
+
+    // The newest checkpoint cut short (a full disk, a copy broken off): the resume says so,
+    // uses the one before it, and still ends on the uninterrupted metrics.
+    let tensors = corrupt.join("checkpoints/last/trainable.safetensors");
+    let bytes = std::fs::read(&tensors)?;
+    std::fs::write(&tensors, &bytes[..bytes.len() / 2])?;
+    let previous: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        corrupt.join("checkpoints/previous/state.json"),
+    )?)?;
+    let before = previous["state"]["step"].as_u64().expect("step") as usize;
+    assert!(before < at, "previous {before}, last {at}");
+    let (_, logs) = resume(&corrupt, before, "resumed from the previous")?;
     assert!(
-        logs.iter()
-            .any(|l| l.contains(&format!("resuming at step {at}"))),
+        logs.iter().any(|l| l.contains("checkpoints/last is unusable")
+            && l.contains("trainable.safetensors has")
+            && l.contains("trying the previous one")),
         "{logs:?}"
     );
-    assert!(resumed.result.train_seconds > seconds_before);
-    common::assert_same_metrics(&whole, &killed, CLASSIFY_KEYS, "killed and resumed")?;
+
+    // A format-1 checkpoint (before versions and manifests) still resumes.
+    resume(&legacy, at, "resumed from format 1")?;
     Ok(())
 }
 

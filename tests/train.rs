@@ -313,6 +313,24 @@ fn bad_checkpoints_are_clear_errors() -> Result<()> {
         checkpoint::restore(&ckpt, &vs, &mut opt, &state).unwrap_err()
     );
     assert!(msg.contains("optimizer.safetensors"), "{msg}");
+    // Checkpoint format 2: a manifest of checksums, so a resume notices the cut-short file,
+    // says so, and continues from the checkpoint before it.
+    assert_eq!(state.format_version, checkpoint::FORMAT_VERSION);
+    assert!(ckpt.join(checkpoint::MANIFEST).is_file());
+    let older = checkpoint::candidates(&run)?
+        .into_iter()
+        .nth(1)
+        .expect("an older checkpoint (keep_checkpoints: 2)");
+    std::fs::remove_file(run.join("status.json"))?;
+    let out = run_cli(&file, &run).wait_with_output()?;
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        log.contains(&format!("checkpoint {} is unusable", ckpt.display()))
+            && log.contains("optimizer.safetensors has")
+            && log.contains(&format!("resuming from {}", older.display())),
+        "{log}"
+    );
     // Resuming the CLI run with a changed config is refused, naming the folder.
     std::fs::remove_file(run.join("status.json"))?;
     std::fs::write(&file, TINY_RUN.replace("epochs: 2", "epochs: 3"))?;

@@ -127,3 +127,29 @@ fn load_one<S: DeserializeOwned>(
     opt.load_state_tensors(&tensors, step).map_err(bad)?;
     Ok(state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_format_is_refused_naming_its_version() {
+        let dir = std::env::temp_dir().join(format!("llmlab-ckpt-{}", std::process::id()));
+        let last = dir.join("checkpoints/last");
+        std::fs::create_dir_all(&last).expect("temp folder");
+        std::fs::write(last.join(STATE), r#"{"format": 99, "state": {}, "step": 1}"#)
+            .expect("state.json");
+        let mut opt = AdamW::over(&[], 0.0);
+        let mut logs = Vec::new();
+        let err = load::<serde_json::Value>(&dir, &[], &mut opt, &mut |m| logs.push(m.into()))
+            .expect_err("format 99 is not read");
+        let _ = std::fs::remove_dir_all(&dir);
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("format version 99 (this llmlab reads 1 to 2)")
+                && msg.contains("pass --restart"),
+            "{msg}"
+        );
+        assert_eq!(logs.len(), 1, "{logs:?}");
+    }
+}
