@@ -4,7 +4,8 @@
 mod common;
 
 use anyhow::Result;
-use llmlab::experiment::{run, Experiment};
+use llmlab::experiment::{prepare::prepare, Experiment};
+use llmlab::train::PretrainSpec;
 use std::path::Path;
 
 const BASE: &str = "name: t
@@ -54,8 +55,8 @@ fn grid_zip_extends_set_and_slugs() -> Result<()> {
     );
     // Stable: loading again gives the same slugs, and each trial has its values.
     assert_eq!(slugs(&Experiment::load(&grid, &[])?), slugs(&exp));
-    let trials = run::prepare(&exp)?;
-    let run::TaskSpec::Pretrain(spec) = &trials[4].1 else {
+    let trials = prepare(&exp)?;
+    let Some(spec) = trials[4].1.spec::<PretrainSpec>() else {
         panic!("a pretrain trial")
     };
     assert_eq!((spec.train.lr, spec.seed), (4.0e-4, 2));
@@ -92,8 +93,8 @@ fn grid_zip_extends_set_and_slugs() -> Result<()> {
     let exp = Experiment::load(&child, &["train.epochs=3".into(), "seed=7".into()])?;
     assert_eq!(exp.name, "child");
     assert_eq!(slugs(&exp), ["drop_rate-0.0", "drop_rate-0.1"]);
-    let trials = run::prepare(&exp)?;
-    let run::TaskSpec::Pretrain(spec) = &trials[1].1 else {
+    let trials = prepare(&exp)?;
+    let Some(spec) = trials[1].1.spec::<PretrainSpec>() else {
         panic!("a pretrain trial")
     };
     assert_eq!(spec.train.lr, 5.0e-4);
@@ -176,7 +177,7 @@ fn validation_errors_name_file_line_key_and_choices() -> Result<()> {
     for (name, text, sets, want) in cases {
         let path = write(dir.path(), &format!("{name}.yaml"), &text);
         let sets: Vec<String> = sets.into_iter().map(String::from).collect();
-        let err = Experiment::load(&path, &sets).and_then(|e| run::prepare(&e).map(|_| ()));
+        let err = Experiment::load(&path, &sets).and_then(|e| prepare(&e).map(|_| ()));
         let msg = format!("{:#}", err.expect_err(name));
         if name == "yaml" {
             assert!(

@@ -380,7 +380,7 @@ fn shipped_experiments_validate() -> Result<()> {
             // continue_shakespeare.yaml starts from pretrain_verdict's run folder: its files
             // exist only after that run.
             let reads_a_run = std::fs::read_to_string(&p)?.contains("init_from: runs/");
-            let trials = llmlab::experiment::run::prepare_with(&exp, !reads_a_run)?;
+            let trials = llmlab::experiment::prepare::prepare_with(&exp, !reads_a_run)?;
             assert!(!trials.is_empty(), "{}", p.display());
         }
     }

@@ -35,7 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn run_experiment(a: RunArgs) -> Result<()> {
-    use crate::experiment::{report, run, value_text, Experiment};
+    use crate::experiment::{jobs, prepare, report, runner, status, value_text, Experiment};
     if a.jobs == 0 {
         return Err(LlmError::Usage(
             "--jobs 0: give the number of trials to run at once, at least 1".into(),
@@ -43,7 +43,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         .into());
     }
     let exp = Experiment::load(&a.file, &a.sets)?;
-    let trials = run::prepare(&exp)?;
+    let trials = prepare::prepare(&exp)?;
     if a.dry_run {
         println!(
             "experiment {} (task {}): {} trial(s) -> {}",
@@ -58,7 +58,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
                 .iter()
                 .map(|(k, v)| format!("{k}={}", value_text(v)))
                 .collect();
-            let status = run::read_status(&a.runs.join(&exp.name).join(&t.slug))
+            let status = status::read_status(&a.runs.join(&exp.name).join(&t.slug))
                 .map(|s| format!(" [{}]", s.status))
                 .unwrap_or_default();
             println!("  {}  {}{status}", t.slug, vals.join(" "));
@@ -68,9 +68,9 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     let device = parse_device(&a.compute.device)?;
     let dir = a.runs.join(&exp.name);
     if !a.restart {
-        run::check_existing_configs(&trials, &dir)?;
+        prepare::check_existing_configs(&trials, &dir)?;
     }
-    let opts = run::RunOptions {
+    let opts = runner::RunOptions {
         runs_root: a.runs.clone(),
         device,
         threads: a.compute.threads,
@@ -88,10 +88,10 @@ fn run_experiment(a: RunArgs) -> Result<()> {
             ))
             .into());
         }
-        let results = run::run(&exp, &trials, &opts)?;
+        let results = runner::run(&exp, &trials, &opts)?;
         if let Some(r) = results
             .iter()
-            .find(|r| matches!(r.outcome, run::Outcome::Failed(_)))
+            .find(|r| matches!(r.outcome, runner::Outcome::Failed(_)))
         {
             anyhow::bail!(
                 "trial {} failed; its error is in {}",
@@ -133,19 +133,19 @@ fn run_experiment(a: RunArgs) -> Result<()> {
             }
             c
         };
-        let launch = run::Launch {
+        let launch = jobs::Launch {
             jobs: a.jobs,
-            gpus: run::visible_gpus(&a.compute.device),
+            gpus: jobs::visible_gpus(&a.compute.device),
             command: &command,
         };
-        run::run_parallel(&exp, &trials, &opts, &launch)?
+        jobs::run_parallel(&exp, &trials, &opts, &launch)?
     } else {
-        run::run(&exp, &trials, &opts)?
+        runner::run(&exp, &trials, &opts)?
     };
     println!("{}", report::write_summaries(&dir)?);
     let failed = results
         .iter()
-        .filter(|r| matches!(r.outcome, run::Outcome::Failed(_)))
+        .filter(|r| matches!(r.outcome, runner::Outcome::Failed(_)))
         .count();
     eprintln!(
         "results: {} (summary.md, summary.csv); TensorBoard: make tensorboard",

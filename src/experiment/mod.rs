@@ -18,10 +18,20 @@
 //! overrides, expands the sweep into trials, and validates every trial against its task's schema
 //! before anything runs. An error names the file, line and column of the offending key, the key,
 //! and what is accepted (for an unknown key: the valid ones).
-pub mod generate_task;
+//!
+//! The modules: [`task`] (the [`task::Task`] trait and the registry) with one file per task in
+//! [`tasks`]; [`prepare`] (validation and config-drift checks before anything runs); [`runner`]
+//! (the trials one after the other) and [`jobs`] (`--jobs N`, a process per trial); [`events`]
+//! (progress bars, TensorBoard); [`status`] (a trial's `status.json`); [`report`] (the summary).
+pub mod events;
+pub mod jobs;
 pub mod locate;
+pub mod prepare;
 pub mod report;
-pub mod run;
+pub mod runner;
+pub mod status;
+pub mod task;
+pub mod tasks;
 
 use crate::error::LlmError;
 use anyhow::Result;

@@ -1,6 +1,8 @@
 //! `llmlab report runs/<experiment>`: one row per trial (its swept values, status and final
 //! metrics), sorted by the experiment's target metric, as a terminal table, Markdown and CSV.
-use super::{run::read_status, value_text, Goal, Target};
+use super::status::read_status;
+use super::task::TASKS;
+use super::{value_text, Goal, Target};
 use crate::error::LlmError;
 use anyhow::Result;
 use std::path::{Path, PathBuf};
@@ -46,44 +48,20 @@ pub(crate) fn final_metrics(trial_dir: &Path) -> Vec<(String, f64)> {
         return Vec::new();
     };
     let mut out = Vec::new();
-    // Training records: the losses and where the run ended; other tasks: every figure.
-    let keys: Vec<String> = if last.get("test_accuracy").is_some() {
-        // Classification: accuracy and loss on the three splits, then the training time.
-        [
-            "train_accuracy",
-            "val_accuracy",
-            "test_accuracy",
-            "train_loss",
-            "val_loss",
-            "test_loss",
-            "train_seconds",
-            "step",
-        ]
-        .map(String::from)
-        .to_vec()
-    } else if last.get("rouge_l").is_some() {
-        // Instruction fine-tuning: losses, the judge-free figures of the responses, time.
-        [
-            "val_loss",
-            "initial_val_loss",
-            "val_response_loss",
-            "val_response_perplexity",
-            "exact_match",
-            "rouge_l",
-            "train_loss",
-            "train_seconds",
-            "step",
-        ]
-        .map(String::from)
-        .to_vec()
-    } else if last.get("train_loss").is_some() {
-        ["train_loss", "val_loss", "step", "tokens_seen"]
-            .map(String::from)
-            .to_vec()
-    } else {
-        last.as_object()
+    // The columns of the task whose record it is, else every figure. Later tasks are asked
+    // first: pretrain's record (an evaluation, `train_loss`) is also what every training task
+    // writes until its final record.
+    let keys: Vec<String> = match TASKS
+        .iter()
+        .rev()
+        .map(|t| t.summary())
+        .find(|s| last.get(s.marker).is_some())
+    {
+        Some(s) if !s.columns.is_empty() => s.columns.iter().map(|k| k.to_string()).collect(),
+        _ => last
+            .as_object()
             .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default()
+            .unwrap_or_default(),
     };
     for key in keys {
         if let Some(v) = last.get(&key).and_then(|v| v.as_f64()) {

@@ -13,10 +13,13 @@
 //! generate: {max_new_tokens: 40, temperature: 0.7, top_k: 50, top_p: null, samples: 3}
 //! sweep: {generate.temperature: [0.0, 0.7, 1.4]}
 //! ```
+use super::super::task::{Summary, Task, TrialRun};
+use super::super::{Experiment, Trial};
 use crate::chat::Message;
 use crate::error::{write_atomic, LlmError};
 use crate::generate::GenerateSpec;
 use crate::resolve::{InferenceDtype, LoadedLm};
+use crate::train::trainer::TrainEvents;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -218,6 +221,66 @@ pub fn run(
     )?;
     write_atomic(&dir.join("status.json"), br#"{"status":"finished"}"#)?;
     Ok((samples, div))
+}
+
+pub struct Generate;
+
+impl Task for Generate {
+    type Spec = GenerateTaskSpec;
+    type Shared = ();
+    const NAME: &'static str = "generate";
+    const METRICS: &'static [&'static str] = &[
+        "generate/distinct_1",
+        "generate/distinct_2",
+        "generate/mean_length",
+    ];
+    /// Every figure of [`Diversity`].
+    const SUMMARY: Summary = Summary {
+        marker: "distinct_1",
+        columns: &[],
+    };
+
+    fn validate(&self, spec: &GenerateTaskSpec) -> Result<(), LlmError> {
+        spec.validate()
+    }
+
+    fn check_inputs(&self, spec: &GenerateTaskSpec, exp: &Experiment, trial: &Trial) -> Result<()> {
+        crate::resolve::LmSpec::parse(&spec.model).map_err(|e| LlmError::Config {
+            origin: exp.origin_of("model", trial),
+            message: format!("model: {e:#}"),
+        })?;
+        Ok(())
+    }
+
+    /// Samples, then logs the figures (`generate/*` at step 0) and each prompt's samples.
+    fn run(&self, spec: &GenerateTaskSpec, _shared: &(), run: &mut TrialRun) -> Result<()> {
+        let ev = &mut run.events;
+        // Generation starts over each time: an earlier attempt's events are stale.
+        if let Some(Err(e)) = ev.tb.as_ref().map(|w| w.prune_earlier_files(None)) {
+            ev.tb_problem(&e);
+            ev.tb = None;
+        }
+        let (samples, div) =
+            super::generate::run(spec, run.dir, run.device, &mut |m: &str| ev.log(m))?;
+        let logged = ev.tb.as_mut().map(|w| -> Result<()> {
+            w.scalar("generate/distinct_1", div.distinct_1, 0)?;
+            w.scalar("generate/distinct_2", div.distinct_2, 0)?;
+            w.scalar("generate/mean_length", div.mean_length, 0)?;
+            for (i, p) in spec.prompts.iter().enumerate() {
+                let text: Vec<String> = samples
+                    .iter()
+                    .filter(|s| &s.prompt == p)
+                    .map(|s| format!("**{}** {}", s.prompt, s.text))
+                    .collect();
+                w.text(&format!("samples/prompt_{i}"), &text.join("\n\n"), 0)?;
+            }
+            Ok(())
+        });
+        if let Some(Err(e)) = logged {
+            ev.tb_problem(&e);
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

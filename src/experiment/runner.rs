@@ -1,0 +1,149 @@
+//! Running an experiment's trials one after the other in this process: `runs/<experiment>/<trial>/`
+//! per trial; finished trials are skipped, an interrupted one resumes from its last checkpoint, a
+//! failed one is run again, and a trial that fails is recorded with its error while the sweep
+//! goes on. Each trial runs through its task ([`super::task`]); `--jobs N` is [`super::jobs`].
+use super::events::{self, Progress, TrialEvents};
+use super::task::{self, TaskSpec, TrialRun};
+use super::{status, Experiment, Trial};
+use crate::error::LlmError;
+use crate::tensorboard::SessionStatus;
+use anyhow::Result;
+use std::path::PathBuf;
+
+/// How a trial ended in this invocation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Finished,
+    Skipped,
+    Failed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrialResult {
+    pub slug: String,
+    pub dir: PathBuf,
+    pub outcome: Outcome,
+}
+
+pub struct RunOptions {
+    pub runs_root: PathBuf,
+    pub device: tch::Device,
+    pub threads: Option<usize>,
+    pub restart: bool,
+    /// Run only this trial (by slug): one process of a `--jobs` sweep. The experiment's own
+    /// records (its TensorBoard hparams, the report) are the parent's.
+    pub only_trial: Option<String>,
+}
+
+/// `runs/<experiment>/`, created.
+pub(crate) fn experiment_dir(exp: &Experiment, opts: &RunOptions) -> Result<PathBuf> {
+    let root = opts.runs_root.join(&exp.name);
+    std::fs::create_dir_all(&root).map_err(|source| LlmError::Io {
+        path: root.clone(),
+        source,
+    })?;
+    Ok(root)
+}
+
+/// Whether an error is Ctrl-C's: the trial saved its state and resumes when run again.
+fn interrupted(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<LlmError>()
+        .is_some_and(|l| matches!(l, LlmError::Interrupted { .. }))
+}
+
+/// Runs the trials one after the other.
+pub fn run(
+    exp: &Experiment,
+    trials: &[(Trial, TaskSpec)],
+    opts: &RunOptions,
+) -> Result<Vec<TrialResult>> {
+    let mut progress = Progress::new(trials.len());
+    if opts.only_trial.is_none() {
+        if let Err(e) = events::write_tb_experiment(exp, &opts.runs_root.join(&exp.name)) {
+            progress.log(&format!("TensorBoard: {e:#}"));
+        }
+    }
+    let results = run_with(exp, trials, opts, &mut progress);
+    if let Some(b) = progress.trial.take() {
+        b.finish_and_clear();
+    }
+    progress.sweep.finish_and_clear();
+    results
+}
+
+fn run_with(
+    exp: &Experiment,
+    trials: &[(Trial, TaskSpec)],
+    opts: &RunOptions,
+    progress: &mut Progress,
+) -> Result<Vec<TrialResult>> {
+    let root = experiment_dir(exp, opts)?;
+    let mut results = Vec::new();
+    let shared = task::find(exp)?.plan(&root, trials);
+    for (i, (trial, spec)) in trials.iter().enumerate() {
+        if opts.only_trial.as_ref().is_some_and(|s| *s != trial.slug) {
+            continue;
+        }
+        let dir = root.join(&trial.slug);
+        let prior = status::read_status(&dir);
+        let label = format!("[{}/{}] {}", i + 1, trials.len(), trial.slug);
+        progress.sweep.set_position(i as u64);
+        progress.sweep.set_message(trial.slug.clone());
+        if let Some(b) = progress.trial.take() {
+            b.finish_and_clear();
+        }
+        if !opts.restart && prior.as_ref().is_some_and(|s| s.status == "finished") {
+            progress.log(&format!("{label}: finished before, skipped"));
+            results.push(TrialResult {
+                slug: trial.slug.clone(),
+                dir,
+                outcome: Outcome::Skipped,
+            });
+            continue;
+        }
+        let rerun_failed = prior.as_ref().is_some_and(|s| s.status == "failed");
+        progress.log(&format!(
+            "{label}: {}",
+            events::start_text(trial, rerun_failed)
+        ));
+        let _running = crate::signal::RunningMarker::new(&dir);
+        // Threads are not part of a trial's identity (its config.yaml): set them here.
+        crate::device::set_threads(opts.threads);
+        let (outcome, tb) = {
+            let mut run = TrialRun {
+                dir: &dir,
+                device: opts.device,
+                restart: opts.restart || rerun_failed,
+                events: TrialEvents::open(&mut *progress, label.clone(), trial, &dir),
+            };
+            let outcome = spec.task().run(spec, &*shared[i], &mut run);
+            (outcome, run.events.tb.take())
+        };
+        if let Some(mut w) = tb {
+            let status = match &outcome {
+                Ok(()) => SessionStatus::Success,
+                Err(e) if interrupted(e) => SessionStatus::Running,
+                Err(_) => SessionStatus::Failure,
+            };
+            if let Err(e) = w.hparams_session_end(status).and_then(|_| w.flush()) {
+                progress.log(&format!("{label}: TensorBoard: {e:#}"));
+            }
+        }
+        let outcome = match outcome {
+            Ok(()) => Outcome::Finished,
+            // Ctrl-C: the trial saved its state; stop the sweep (rerunning resumes it).
+            Err(e) if interrupted(&e) => return Err(e),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                progress.failed(&label, &dir, &msg);
+                Outcome::Failed(msg)
+            }
+        };
+        results.push(TrialResult {
+            slug: trial.slug.clone(),
+            dir,
+            outcome,
+        });
+    }
+    Ok(results)
+}

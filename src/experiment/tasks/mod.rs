@@ -1,0 +1,44 @@
+//! One file per task `llmlab run` runs, each a [`super::task::Task`] listed in
+//! [`super::task::TASKS`].
+pub mod classify;
+pub mod generate;
+pub mod instruct;
+pub mod pretrain;
+
+use super::{Experiment, Trial};
+use crate::error::LlmError;
+use anyhow::Result;
+use std::path::Path;
+
+/// What a fine-tuning trial reads: a data file or registered data set, and its model.
+trait FinetuneInputs {
+    /// `(data.path, data.dataset, model.name)`.
+    fn inputs(&self) -> (Option<&Path>, Option<&str>, &str);
+}
+
+/// A fine-tuning trial's data file or registered data set and its model (`model.name`) must
+/// exist before anything runs.
+fn check_finetune_inputs(spec: &impl FinetuneInputs, exp: &Experiment, t: &Trial) -> Result<()> {
+    let (path, dataset, model) = spec.inputs();
+    if let Some(p) = path {
+        if !p.is_file() {
+            return Err(LlmError::Config {
+                origin: exp.origin_of("data.path", t),
+                message: format!("data.path: {} does not exist", p.display()),
+            }
+            .into());
+        }
+    }
+    if let Some(d) = dataset {
+        let reg = crate::data::registry::Registry::builtin()?;
+        reg.get(d).map_err(|e| LlmError::Config {
+            origin: exp.origin_of("data.dataset", t),
+            message: format!("data.dataset: {e}"),
+        })?;
+    }
+    crate::resolve::LmSpec::parse(model).map_err(|e| LlmError::Config {
+        origin: exp.origin_of("model.name", t),
+        message: format!("model.name: {e:#}"),
+    })?;
+    Ok(())
+}
