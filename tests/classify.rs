@@ -812,9 +812,10 @@ fn a_run_killed_mid_epoch_resumes_from_its_timed_checkpoint() -> Result<()> {
     assert!(before < at, "previous {before}, last {at}");
     let (_, logs) = resume(&corrupt, before, "resumed from the previous")?;
     assert!(
-        logs.iter().any(|l| l.contains("checkpoints/last is unusable")
-            && l.contains("trainable.safetensors has")
-            && l.contains("trying the previous one")),
+        logs.iter()
+            .any(|l| l.contains("checkpoints/last is unusable")
+                && l.contains("trainable.safetensors has")
+                && l.contains("trying the previous one")),
         "{logs:?}"
     );
 

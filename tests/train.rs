@@ -324,7 +324,11 @@ fn bad_checkpoints_are_clear_errors() -> Result<()> {
     std::fs::remove_file(run.join("status.json"))?;
     let out = run_cli(&file, &run).wait_with_output()?;
     let log = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         log.contains(&format!("checkpoint {} is unusable", ckpt.display()))
             && log.contains("optimizer.safetensors has")

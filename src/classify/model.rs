@@ -146,6 +146,8 @@ impl Classifier {
             TokenPos::Last => h.select(1, t - 1),
             TokenPos::First => h.select(1, 0),
             TokenPos::Flexible => {
+                // Each row's last real position, (b,) → (b, 1, 1) → (b, 1, emb): gather along
+                // the positions picks h[i, lens[i] - 1, :], then (b, 1, emb) → (b, emb).
                 let idx = (lens - 1)
                     .clamp(0, t - 1)
                     .view([b, 1, 1])
@@ -153,6 +155,8 @@ impl Classifier {
                 h.gather(1, &idx, false).squeeze_dim(1)
             }
             TokenPos::Mean => {
+                // mask (b, T, 1): 1 at the real positions; the masked sum over T divided by
+                // the count gives (b, emb).
                 let pos = Tensor::arange(t, (Kind::Int64, h.device())).view([1, t]);
                 let mask = pos
                     .lt_tensor(&lens.view([b, 1]))

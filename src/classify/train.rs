@@ -436,6 +436,8 @@ fn batch_logits(
 
 /// Mean loss and accuracy over the first `max_batches` batches (all when `None`), in eval mode:
 /// the book's `calc_loss_loader` and `calc_accuracy_loader` in one pass.
+#[doc(alias = "calc_accuracy_loader")]
+#[doc(alias = "calc_loss_loader")]
 pub fn evaluate_model(
     clf: &Classifier,
     enc: &Encoded,
@@ -709,7 +711,8 @@ impl SavedClassifier {
         Ok(Self { clf, rec })
     }
 
-    /// `(label, probability)` of each text.
+    /// `(label, probability)` of each text (the book's `classify_review`).
+    #[doc(alias = "classify_review")]
     pub fn predict(&self, texts: &[String]) -> Result<Vec<(String, f64)>> {
         let _g = tch::no_grad_guard();
         let dev = self.clf.lm.vs.device();

@@ -137,8 +137,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("llmlab-ckpt-{}", std::process::id()));
         let last = dir.join("checkpoints/last");
         std::fs::create_dir_all(&last).expect("temp folder");
-        std::fs::write(last.join(STATE), r#"{"format": 99, "state": {}, "step": 1}"#)
-            .expect("state.json");
+        std::fs::write(
+            last.join(STATE),
+            r#"{"format": 99, "state": {}, "step": 1}"#,
+        )
+        .expect("state.json");
         let mut opt = AdamW::over(&[], 0.0);
         let mut logs = Vec::new();
         let err = load::<serde_json::Value>(&dir, &[], &mut opt, &mut |m| logs.push(m.into()))

@@ -423,6 +423,8 @@ impl GroupedQueryAttention {
         train: bool,
     ) -> Tensor {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, emb_dim)");
+        // (b, n, h·head_dim) → (b, n, h, head_dim) → (b, h, n, head_dim): h = n_heads for the
+        // queries, n_kv (fewer) for keys and values, which grouped-query attention shares.
         let heads = |t: &Tensor, h: i64| t.view([b, n, h, self.head_dim]).transpose(1, 2);
         let adapted = [&self.w_query, &self.w_key, &self.w_value]
             .iter()
@@ -448,6 +450,8 @@ impl GroupedQueryAttention {
         let k = rope.apply(&k, start);
         // Llama has no attention dropout (the block's drop_rate acts after the attention).
         let p = 0.0;
+        // With `enable_gqa` SDPA lets each group of n_heads / n_kv query heads attend to one
+        // key/value head: q (b, n_heads, n, d), k and v (b, n_kv, n_keys, d), no copies.
         let gqa = self.n_kv != self.n_heads;
         let ctx = match cache {
             None => Tensor::scaled_dot_product_attention::<Tensor>(
@@ -482,6 +486,7 @@ impl GroupedQueryAttention {
                 }
             }
         };
+        // (b, n_heads, n, head_dim) → (b, n, n_heads, head_dim) → (b, n, n_heads·head_dim)
         let ctx = ctx
             .transpose(1, 2)
             .contiguous()

@@ -357,6 +357,8 @@ impl LoadedLm {
 
     /// Adds LoRA adapters (appendix E) to the blocks' linear layers `cfg.targets` names; their
     /// variables (`…lora_A`, `…lora_B`) join the `VarStore` beside each adapted weight.
+    /// (The book's `replace_linear_with_lora`.)
+    #[doc(alias = "replace_linear_with_lora")]
     pub fn add_lora(&mut self, cfg: &crate::nn::lora::LoraConfig) {
         let n = self.model.n_layers();
         self.add_lora_to(cfg, 0..n);
