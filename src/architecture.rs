@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["chat"],
     &["prompt"],
     &["resolve"],
-    &["generate"],
+    &["generate", "request"],
     &["train"],
     &["finetune"],
     &["classify", "instruct"],

@@ -7,6 +7,7 @@ use crate::error::{read_text, LlmError};
 use crate::generate::GenerateSpec;
 use crate::models::{gpt::ParamStats, GptConfig, GptModel};
 use crate::nn::AttentionImpl;
+use crate::request::{build_prompt, Answer, Mode, PromptError};
 use crate::resolve::LoadedLm;
 use crate::shim::with_autocast;
 use crate::train::PretrainSpec;
@@ -501,63 +502,46 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     if !a.ignore_eos {
         spec.eos_id = lm.eos_id;
     }
-    // An instruct run: the prompt is formatted as in its training, the response extracted.
-    let instruct = if a.raw || a.chat {
-        None
-    } else {
-        crate::resolve::saved::run_prompter(&lm)
-    };
-    if a.input.is_some() && instruct.is_none() {
-        return Err(LlmError::Usage(format!(
-            "--input: {} is not an instruct run (a run folder of `task: instruct`)",
-            a.model
-        ))
-        .into());
-    }
-    let prompt_text = if a.chat {
-        let tpl = lm.chat.as_ref().ok_or_else(|| {
-            LlmError::Usage(format!(
-                "--chat: the model {} has no chat template llmlab knows (ChatML or Llama 3)",
-                a.model
-            ))
-        })?;
-        let mut msgs = Vec::new();
-        if let Some(sys) = &a.system {
-            msgs.push(Message::new("system", sys));
+    // Plain text, the chat template, or an instruct run's prompt style (its response extracted).
+    let messages = [Message::new("user", &a.prompt)];
+    let mode = if a.chat {
+        Mode::Template {
+            system: a.system.as_deref(),
+            messages: &messages,
         }
-        msgs.push(Message::new("user", &a.prompt));
-        if let Some(eot) = lm.end_of_turn_id() {
-            spec.stop_ids.push(eot);
-        }
-        tpl.render(&msgs, true)
-    } else if let Some((p, stops)) = instruct.as_ref() {
-        spec.stop_ids.extend(stops);
-        let entry =
-            crate::prompt::Entry::new(&a.prompt, a.input.as_deref().unwrap_or_default(), "");
-        p.prompt(&entry)
+    } else if a.raw {
+        Mode::Raw(&a.prompt)
     } else {
-        a.prompt.clone()
+        Mode::Instruction {
+            instruction: &a.prompt,
+            input: a.input.as_deref(),
+        }
     };
-    let prompt_ids = lm.encode_prompt(&prompt_text)?;
+    let prompt = build_prompt(&lm, &mode).map_err(|e| {
+        LlmError::Usage(match e {
+            PromptError::NoChatTemplate(_) => format!("--chat: the model {e}"),
+            PromptError::NotInstructRun(_) => format!("--input: {e}"),
+        })
+    })?;
+    spec.stop_ids.extend(&prompt.stop_ids);
+    let prompt_ids = lm.encode_prompt(&prompt.text)?;
     let gen = lm.generate_stream(&prompt_ids, &spec, |_| true)?;
     let text = lm.decode(&gen.ids)?;
     match a.format {
         Format::Json => println!("{}", {
             let mut v = serde_json::json!({"prompt_ids": prompt_ids, "ids": gen.ids, "text": text, "stopped_at_eos": gen.stopped_at_eos});
-            if let Some((p, _)) = &instruct {
-                v["response"] = p.extract_response(&text).into();
+            if let Answer::Instruct(_) = prompt.answer {
+                v["response"] = prompt.response(&text).into();
             }
             v
         }),
         Format::Text => {
-            if a.chat {
-                println!("{text}");
-            } else if let Some((p, _)) = &instruct {
-                println!("{}", p.extract_response(&text));
-            } else {
+            if let Answer::Continuation = prompt.answer {
                 let mut all = prompt_ids.clone();
                 all.extend(&gen.ids);
                 println!("{}", lm.decode(&all)?);
+            } else {
+                println!("{}", prompt.response(&text));
             }
             let n = gen.ids.len().saturating_sub(1).max(1) as f64;
             eprintln!(
