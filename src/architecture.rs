@@ -31,7 +31,7 @@ const LAYERS: &[&[&str]] = &[
     &["train"],
     &["finetune"],
     &["classify", "instruct"],
-    &["eval"],
+    &["eval", "bench"],
     &["serve"],
     &["experiment"],
     &["cli"],

@@ -5,11 +5,9 @@ use crate::data::{registry::Registry, tokenizer::train_bpe, BpeTokenizer};
 use crate::device::{device_name, parse_device, set_threads};
 use crate::error::{read_text, LlmError};
 use crate::generate::GenerateSpec;
-use crate::models::{gpt::ParamStats, GptConfig, GptModel};
-use crate::nn::AttentionImpl;
+use crate::models::{gpt::ParamStats, GptConfig};
 use crate::request::{build_prompt, Answer, Mode, PromptError};
 use crate::resolve::LoadedLm;
-use crate::shim::with_autocast;
 use crate::train::PretrainSpec;
 use anyhow::Result;
 use std::path::Path;
@@ -566,126 +564,43 @@ fn download(a: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median of timings (sorted in place).
-fn median(times: &mut [f64]) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
-/// Runs `f` `warmup + iters` times and returns the median seconds of the timed runs
-/// (synchronizing CUDA so the time covers the kernels).
-fn time_median(device: tch::Device, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..warmup + iters.max(1) {
-        let t = Instant::now();
-        f();
-        if let tch::Device::Cuda(d) = device {
-            tch::Cuda::synchronize(d as i64);
-        }
-        if i >= warmup {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    median(&mut times)
-}
-
-/// A model with fresh weights for benchmarks (seeded).
-fn bench_model(
-    config: &str,
-    compute: &ComputeArgs,
-) -> Result<(tch::Device, GptConfig, tch::nn::VarStore, GptModel)> {
-    let device = parse_device(&compute.device)?;
-    set_threads(compute.threads);
-    let cfg = GptConfig::load(config)?;
-    crate::device::seed_everything(123);
-    let vs = tch::nn::VarStore::new(device);
-    let model = GptModel::new(&vs.root(), &cfg);
-    Ok((device, cfg, vs, model))
-}
-
-/// Model with fresh weights and a random `(batch, seq)` input for a throughput benchmark.
-fn bench_setup(
-    shape: &BenchShape,
-    compute: &ComputeArgs,
-) -> Result<(tch::Device, tch::nn::VarStore, GptModel, tch::Tensor)> {
-    let (device, cfg, vs, model) = bench_model(&shape.config, compute)?;
-    if shape.seq > cfg.context_length {
-        return Err(LlmError::Usage(format!(
-            "--seq {} exceeds the context_length {} of {}",
-            shape.seq, cfg.context_length, shape.config
-        ))
-        .into());
-    }
-    let x = tch::Tensor::randint(
-        cfg.vocab_size,
-        [shape.batch, shape.seq],
-        (tch::Kind::Int64, device),
-    );
-    Ok((device, vs, model, x))
-}
-
-/// One JSON line for a throughput benchmark.
-fn throughput_report(
-    what: &str,
-    shape: &BenchShape,
-    device: tch::Device,
-    median_s: f64,
-) -> serde_json::Value {
-    serde_json::json!({"impl": "llmlab", "what": what, "config": shape.config, "batch": shape.batch, "seq": shape.seq,
-        "threads": tch::get_num_threads(), "device": device_name(device),
-        "median_s": median_s, "tokens_per_s": (shape.batch * shape.seq) as f64 / median_s})
-}
-
 fn bench(a: BenchArgs) -> Result<()> {
-    let report = match a.what {
+    use crate::bench;
+    let shape = |s: BenchShape| bench::Shape {
+        config: s.config,
+        batch: s.batch,
+        seq: s.seq,
+        warmup: s.warmup,
+        iters: s.iters,
+    };
+    let device = |c: &ComputeArgs| -> Result<tch::Device> {
+        let d = parse_device(&c.device)?;
+        set_threads(c.threads);
+        Ok(d)
+    };
+    let (json, text) = match a.what {
         BenchWhat::Forward {
-            shape,
+            shape: s,
             manual_attention,
             compute,
         } => {
-            let (device, _vs, mut model, x) = bench_setup(&shape, &compute)?;
-            if manual_attention {
-                model.set_attention_impl(AttentionImpl::Manual);
-            }
-            let _g = tch::no_grad_guard();
-            let med = time_median(device, shape.warmup, shape.iters, || {
-                let _ = model.forward_t(&x, false);
-            });
-            throughput_report("forward", &shape, device, med)
+            let r = bench::forward(
+                &shape(s),
+                manual_attention,
+                device(&compute)?,
+                a.peak_tflops,
+            )?;
+            (serde_json::to_value(&r)?, r.text())
         }
         BenchWhat::Train {
-            shape,
+            shape: s,
             precision,
             fused_adamw,
             compute,
         } => {
-            let (device, vs, model, x) = bench_setup(&shape, &compute)?;
-            let y = x.roll([1], [1]); // any targets of the right shape
-            let mut named: Vec<_> = vs.variables().into_iter().collect();
-            named.sort_by(|p, q| p.0.cmp(&q.0));
-            let mut opt = crate::train::optim::AdamW::new(named, Default::default());
-            let fused = fused_adamw.resolve(device);
-            let mut failed = None;
-            let med = time_median(device, shape.warmup, shape.iters, || {
-                opt.zero_grad();
-                let step = with_autocast(device, precision, || {
-                    crate::train::calc_loss_batch(&model, &x, &y, true)
-                })
-                .and_then(|loss| {
-                    loss.backward();
-                    opt.update(4e-4, fused)
-                });
-                if let Err(e) = step {
-                    failed.get_or_insert(e);
-                }
-            });
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-            let mut r = throughput_report("train", &shape, device, med);
-            r["precision"] = serde_json::json!(precision);
-            r["fused_adamw"] = serde_json::json!(fused);
-            r
+            let d = device(&compute)?;
+            let r = bench::train(&shape(s), precision, fused_adamw, d, a.peak_tflops)?;
+            (serde_json::to_value(&r)?, r.text())
         }
         BenchWhat::Generate {
             config,
@@ -697,45 +612,23 @@ fn bench(a: BenchArgs) -> Result<()> {
             dtype,
             compute,
         } => {
-            let device = parse_device(&compute.device)?;
-            set_threads(compute.threads);
-            let spec = GenerateSpec {
-                max_new_tokens: new_tokens,
-                eos_id: None,
+            let b = bench::Decode {
+                config,
+                model,
+                prompt_tokens,
+                new_tokens,
                 use_cache: !no_cache,
-                ..GenerateSpec::default()
+                iters,
+                dtype,
             };
-            let warm = GenerateSpec {
-                max_new_tokens: 4,
-                ..spec.clone()
-            };
-            let (label, mut lm) = match &model {
-                Some(m) => (m.clone(), LoadedLm::load(m, device)?),
-                None => {
-                    crate::device::seed_everything(123);
-                    (config.clone(), LoadedLm::fresh_gpt(&config, device)?)
-                }
-            };
-            lm.set_dtype(dtype)?;
-            let vocab = lm.vocab_size();
-            let prompt: Vec<i64> = (0..prompt_tokens as i64)
-                .map(|i| (i * 7919) % vocab)
-                .collect();
-            lm.generate_stream(&prompt, &warm, |_| true)?;
-            let mut decode = Vec::with_capacity(iters);
-            let mut prefill = Vec::with_capacity(iters);
-            for _ in 0..iters {
-                let g = lm.generate_stream(&prompt, &spec, |_| true)?;
-                // The first new token comes from the prompt pass; the rest are decode steps.
-                decode.push((g.ids.len().saturating_sub(1)) as f64 / g.decode_seconds.max(1e-9));
-                prefill.push(prompt_tokens as f64 / g.prompt_seconds.max(1e-9));
-            }
-            serde_json::json!({"impl": "llmlab", "what": "generate", "config": label, "kv_cache": !no_cache,
-                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "dtype": dtype.name(),
-                "threads": tch::get_num_threads(), "device": device_name(device),
-                "tokens_per_s": median(&mut decode), "prompt_tokens_per_s": median(&mut prefill)})
+            let r = bench::decode(&b, device(&compute)?, a.peak_tflops)?;
+            (serde_json::to_value(&r)?, r.text())
         }
     };
-    println!("{report}");
+    match a.format {
+        // One line whose keys are sorted (`make bench` reads `tokens_per_s`).
+        Format::Json => println!("{json}"),
+        Format::Text => println!("{text}"),
+    }
     Ok(())
 }
