@@ -311,62 +311,70 @@ fn model_info(a: ModelInfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pretraining spec: the YAML file (if any) with the flags applied on top.
+/// The pretraining spec: the YAML file (if any, else [`DEFAULT_PRETRAIN`]) with the flags
+/// applied on top as dotted overrides, by the function that applies an experiment's `--set`.
 fn pretrain_spec(a: &PretrainArgs) -> Result<PretrainSpec> {
-    let mut spec = match &a.file {
+    let spec = match &a.file {
         Some(f) => PretrainSpec::from_file(f)?,
         None => PretrainSpec::from_yaml(
             DEFAULT_PRETRAIN,
             "built-in defaults (gpt-mini on the-verdict)",
         )?,
     };
-    if let Some(c) = &a.config {
-        spec.model.preset = Some(c.clone());
-        spec.model.init_from = None;
+    let mut doc = serde_yaml::to_value(&spec)?;
+    for (key, value) in pretrain_overrides(a)? {
+        crate::experiment::set_dotted(&mut doc, key, value)
+            .map_err(|m| LlmError::Usage(format!("{key}: {m}")))?;
     }
-    if let Some(i) = &a.init_from {
-        spec.model.init_from = Some(i.clone());
-        spec.model.preset = None;
-    }
-    if let Some(d) = &a.data {
-        if Path::new(d).is_file() {
-            spec.data.path = Some(d.into());
-            spec.data.dataset = None;
-        } else {
-            spec.data.dataset = Some(d.clone());
-            spec.data.path = None;
-        }
-    }
-    let o = &mut spec.model.overrides;
-    o.context_length = a.context_length.or(o.context_length);
-    o.drop_rate = a.drop_rate.or(o.drop_rate);
-    let t = &mut spec.train;
-    macro_rules! set {
-        ($($flag:ident => $field:expr),*) => { $( if let Some(v) = a.$flag { $field = v; } )* };
-    }
-    set!(epochs => t.epochs, batch_size => t.batch_size, lr => t.lr, weight_decay => t.weight_decay,
-         eval_freq => t.eval_freq, eval_iter => t.eval_iter, grad_accum_steps => t.grad_accum_steps,
-         checkpoint_every => t.checkpoint_every, seed => spec.seed, sample_tokens => spec.generate.max_new_tokens);
-    if let Some(p) = a.precision {
-        t.precision = p;
-    }
-    if let Some(f) = a.fused_adamw {
-        t.fused_adamw = f;
-    }
-    if a.max_grad_norm.is_some() {
-        t.max_grad_norm = a.max_grad_norm;
-    }
-    if a.compute.threads.is_some() {
-        t.threads = a.compute.threads;
-    }
-    if let Some(p) = &a.prompt {
-        spec.generate.prompt = p.clone();
-    }
-    if let Some(n) = &a.name {
-        spec.name = n.clone();
-    }
+    let spec: PretrainSpec = serde_yaml::from_value(doc).map_err(|e| LlmError::Config {
+        origin: "command line".into(),
+        message: e.to_string(),
+    })?;
     spec.validate("command line")?;
     Ok(spec)
+}
+
+/// `llmlab pretrain`'s flags as dotted keys of the spec and their values, in the order they
+/// apply: one line per flag. A flag that picks one of two keys clears the other (null).
+fn pretrain_overrides(a: &PretrainArgs) -> Result<Vec<(&'static str, serde_yaml::Value)>> {
+    use serde_yaml::Value;
+    fn v<T: serde::Serialize>(x: &Option<T>) -> Result<Option<Value>> {
+        Ok(x.as_ref().map(serde_yaml::to_value).transpose()?)
+    }
+    let one_of =
+        |key, other, val: Option<Value>| [(other, val.as_ref().map(|_| Value::Null)), (key, val)];
+    let (data_path, dataset) = match &a.data {
+        Some(d) if Path::new(d).is_file() => (Some(d), None),
+        d => (None, d.as_ref()),
+    };
+    let mut o = Vec::new();
+    o.extend(one_of("model.preset", "model.init_from", v(&a.config)?));
+    o.extend(one_of("model.init_from", "model.preset", v(&a.init_from)?));
+    o.extend(one_of("data.path", "data.dataset", v(&data_path)?));
+    o.extend(one_of("data.dataset", "data.path", v(&dataset)?));
+    o.extend([
+        ("model.overrides.context_length", v(&a.context_length)?),
+        ("model.overrides.drop_rate", v(&a.drop_rate)?),
+        ("train.epochs", v(&a.epochs)?),
+        ("train.batch_size", v(&a.batch_size)?),
+        ("train.lr", v(&a.lr)?),
+        ("train.weight_decay", v(&a.weight_decay)?),
+        ("train.eval_freq", v(&a.eval_freq)?),
+        ("train.eval_iter", v(&a.eval_iter)?),
+        ("train.grad_accum_steps", v(&a.grad_accum_steps)?),
+        ("train.max_grad_norm", v(&a.max_grad_norm)?),
+        ("train.checkpoint_every", v(&a.checkpoint_every)?),
+        ("train.precision", v(&a.precision)?),
+        ("train.fused_adamw", v(&a.fused_adamw)?),
+        ("train.threads", v(&a.compute.threads)?),
+        ("seed", v(&a.seed)?),
+        ("generate.prompt", v(&a.prompt)?),
+        ("generate.max_new_tokens", v(&a.sample_tokens)?),
+        ("name", v(&a.name)?),
+    ]);
+    Ok(o.into_iter()
+        .filter_map(|(k, val)| val.map(|val| (k, val)))
+        .collect())
 }
 
 /// What `llmlab pretrain` does without a file: a small GPT on the-verdict.
@@ -631,4 +639,66 @@ fn bench(a: BenchArgs) -> Result<()> {
         Format::Text => println!("{text}"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The spec of `llmlab pretrain FLAGS` (flags split at whitespace).
+    fn pretrain_spec_of(flags: &str) -> Result<PretrainSpec> {
+        let args = ["llmlab", "pretrain"]
+            .into_iter()
+            .chain(flags.split_whitespace());
+        let cli = Cli::try_parse_from(args)?;
+        let Command::Pretrain(a) = cli.command else {
+            unreachable!("parsed a pretrain command")
+        };
+        pretrain_spec(&a)
+    }
+
+    /// Every flag lands on its key, typed by the flag (a prompt "true" stays text), and a flag
+    /// that picks one of two keys clears the other.
+    #[test]
+    fn pretrain_flags_set_their_dotted_keys() -> Result<()> {
+        let got = pretrain_spec_of(
+            "--config gpt2-small --init-from runs/x --data Cargo.toml --context-length 64 \
+             --drop-rate 0 --epochs 2 --batch-size 3 --lr 1e-3 --weight-decay 0.5 --eval-freq 4 \
+             --eval-iter 6 --grad-accum-steps 7 --max-grad-norm 1.5 --checkpoint-every 8 \
+             --precision bf16 --fused-adamw false --threads 3 --seed 9 --prompt true \
+             --sample-tokens 11 --name flags",
+        )?;
+        let mut want = PretrainSpec::from_yaml(DEFAULT_PRETRAIN, "defaults")?;
+        want.model.preset = None;
+        want.model.init_from = Some("runs/x".into());
+        want.data.dataset = None;
+        want.data.path = Some("Cargo.toml".into());
+        want.model.overrides.context_length = Some(64);
+        want.model.overrides.drop_rate = Some(0.0);
+        let t = &mut want.train;
+        (t.epochs, t.batch_size, t.lr, t.weight_decay) = (2, 3, 1e-3, 0.5);
+        (t.eval_freq, t.eval_iter, t.grad_accum_steps) = (4, 6, 7);
+        (t.max_grad_norm, t.checkpoint_every, t.threads) = (Some(1.5), 8, Some(3));
+        (t.precision, t.fused_adamw) = (Precision::Bf16, FusedAdamW::Off);
+        want.seed = 9;
+        want.generate.prompt = "true".into();
+        want.generate.max_new_tokens = 11;
+        want.name = "flags".into();
+        assert_eq!(got, want);
+        // A name that is no file is a data set.
+        let got = pretrain_spec_of("--data no-such-file --config gpt-mini")?;
+        assert_eq!(got.data.dataset.as_deref(), Some("no-such-file"));
+        assert_eq!((got.data.path, got.model.init_from), (None, None));
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_pretrain_flag_names_its_key() {
+        let err = pretrain_spec_of("--lr 0").expect_err("lr 0");
+        assert_eq!(
+            format!("{err:#}"),
+            "invalid config command line: train.lr: 0 must be > 0"
+        );
+    }
 }
