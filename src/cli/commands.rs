@@ -693,6 +693,26 @@ mod tests {
         Ok(())
     }
 
+    /// Without flags, a file's spec is what it reads, through the document and back.
+    #[test]
+    fn a_pretrain_file_without_flags_is_unchanged() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let f = dir.path().join("run.yaml");
+        std::fs::write(
+            &f,
+            "name: r\nmodel: {init_from: runs/x, overrides: {qkv_bias: true}}\n\
+             data: {path: a.txt, stride: 3, train_ratio: 0.8}\n\
+             train: {epochs: 1, batch_size: 2, lr: 1.0e-3, betas: [0.8, 0.9], eval_freq: 1,\
+             eval_iter: 1, fused_adamw: true, precision: bf16,\
+             schedule: {kind: cosine, warmup_steps: 3, initial_lr: 1.0e-4, min_lr: 1.0e-5}}\n\
+             generate: {prompt: 'null', top_k: 5, top_p: 0.5}\n",
+        )?;
+        let file = PretrainSpec::from_file(&f)?;
+        assert_eq!(pretrain_spec_of(&f.display().to_string())?, file);
+        assert_eq!(file.generate.prompt, "null");
+        Ok(())
+    }
+
     #[test]
     fn a_bad_pretrain_flag_names_its_key() {
         let err = pretrain_spec_of("--lr 0").expect_err("lr 0");
