@@ -8,13 +8,14 @@
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
 //! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model | [`instruct`], [`eval`] |
-//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`resolve`], [`chat`], [`nn::quant`] |
+//! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`resolve`], [`chat`], [`request`], [`nn::quant`] |
 //!
-//! Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
+//! Benchmarks (tokens/s, MFU, weight bandwidth) in [`bench`]. Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,
 //! text samples, the HParams dashboard's data) in [`tensorboard`].
 //!
 //! [`shim`] holds the FFI to a small C++ shim for libtorch functions tch does not bind (fused
 //! AdamW, bf16 autocast). The command-line interface lives in [`cli`]; `main.rs` only parses and dispatches.
+pub mod bench;
 pub mod chat;
 pub mod classify;
 pub mod cli;
@@ -31,6 +32,7 @@ pub mod models;
 pub mod nn;
 pub mod plot;
 pub mod prompt;
+pub mod request;
 pub mod resolve;
 pub mod shim;
 pub mod signal;

@@ -350,3 +350,77 @@ fn generate_cli_prints_json() -> Result<()> {
     assert!(err.contains("top_p = 1.5"), "{err}");
     Ok(())
 }
+
+/// One prompt builder for `generate` and `chat` (`llmlab::request`): plain text, the chat
+/// template, an instruct run's prompt style (the book's `format_input` and response
+/// extraction), and a chat with a single-turn Alpaca run; a model that can't is a typed error.
+#[test]
+fn prompt_modes_format_text_chats_and_instructions() -> Result<()> {
+    use llmlab::chat::{ChatTemplate, Message};
+    use llmlab::prompt::{format_input, Entry, PromptStyle};
+    use llmlab::request::{build_prompt, Answer, Mode, PromptError};
+    let mut lm = llmlab::resolve::LoadedLm::fresh_gpt("gpt-mini", Device::Cpu)?;
+    let p = build_prompt(&lm, &Mode::Raw("Every effort"))?;
+    assert_eq!((p.text.as_str(), p.stop_ids.len()), ("Every effort", 0));
+    assert!(matches!(p.answer, Answer::Continuation));
+    // A base model: an instruction is plain text, an input is refused, and it has no template.
+    let instruction = |input| Mode::Instruction {
+        instruction: "Rewrite.",
+        input,
+    };
+    assert_eq!(build_prompt(&lm, &instruction(None))?.text, "Rewrite.");
+    let err = build_prompt(&lm, &instruction(Some("It is fast."))).unwrap_err();
+    assert_eq!(err, PromptError::NotInstructRun("gpt-mini".into()));
+    let conv = [
+        Message::new("user", "Old"),
+        Message::new("assistant", "A"),
+        Message::new("user", "Name a colour."),
+    ];
+    let template = |system| Mode::Template {
+        system,
+        messages: &conv[2..],
+    };
+    let err = build_prompt(&lm, &template(None)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "gpt-mini has no chat template llmlab knows (ChatML or Llama 3)"
+    );
+    // ChatML: the system message first, the generation prompt last; the generated text is the
+    // answer (GPT-2's vocabulary has no <|im_end|> to stop at).
+    lm.chat = Some(ChatTemplate::ChatMl {
+        default_system: None,
+    });
+    let p = build_prompt(&lm, &template(Some("Be brief.")))?;
+    assert_eq!(
+        p.text,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert!(matches!(p.answer, Answer::Turn) && p.stop_ids.is_empty());
+    assert_eq!(p.response(" Red "), " Red ");
+    // An Alpaca instruct run: format_input, a stop at <|endoftext|>, the response extracted.
+    lm.prompt_style = Some(PromptStyle::Alpaca);
+    let p = build_prompt(&lm, &instruction(Some("It is fast.")))?;
+    assert_eq!(
+        p.text,
+        format_input(&Entry::new("Rewrite.", "It is fast.", ""))
+    );
+    assert_eq!(p.stop_ids, vec![50256]);
+    assert_eq!(
+        p.response("\n\n### Response:\nIt is quick. "),
+        "It is quick."
+    );
+    // `chat` with it answers the last message alone, after the response header; `--chat`
+    // still renders the template.
+    let chat = Mode::Conversation {
+        system: Some("S"),
+        messages: &conv,
+    };
+    let p = build_prompt(&lm, &chat)?;
+    let alone = format_input(&Entry::new("Name a colour.", "", ""));
+    assert_eq!(p.text, alone + "\n\n### Response:\n");
+    assert_eq!(p.single_turn_style(), Some(PromptStyle::Alpaca));
+    let p = build_prompt(&lm, &template(None))?;
+    assert!(p.text.starts_with("<|im_start|>user\nName a colour."));
+    assert_eq!(p.single_turn_style(), None);
+    Ok(())
+}

@@ -6,7 +6,7 @@ use crate::chat::Message;
 use crate::device::{parse_device, set_threads};
 use crate::error::LlmError;
 use crate::generate::GenerateSpec;
-use crate::prompt::{Entry, PromptStyle};
+use crate::request::{build_prompt, Mode};
 use crate::resolve::LoadedLm;
 use anyhow::Result;
 use std::io::{BufRead, Write};
@@ -16,7 +16,7 @@ const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (se
 pub fn chat(a: ChatArgs) -> Result<()> {
     let device = parse_device(&a.compute.device)?;
     set_threads(a.compute.threads);
-    let spec = GenerateSpec {
+    let mut spec = GenerateSpec {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_k: a.top_k,
@@ -29,31 +29,21 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     spec.validate()?;
     let mut lm = LoadedLm::load(&a.model, device)?;
     lm.set_dtype(a.dtype)?;
-    // An instruct run trained on Alpaca or Phi-3 prompts answers one instruction at a time.
-    let single_turn = match lm.prompt_style {
-        Some(PromptStyle::Alpaca | PromptStyle::Phi3) => crate::resolve::saved::run_prompter(&lm),
-        _ => None,
+    // The model's chat template; a run instruction-tuned on Alpaca or Phi-3 prompts answers one
+    // instruction at a time. An empty conversation checks the model and gives the stops.
+    let conversation = |system: Option<&str>, messages: &[Message]| {
+        build_prompt(&lm, &Mode::Conversation { system, messages }).map_err(|e| {
+            LlmError::Usage(format!("{e}; use `llmlab generate` for plain completion"))
+        })
     };
-    let tpl = match (&single_turn, lm.chat.clone()) {
-        (Some(_), _) => None,
-        (None, Some(t)) => Some(t),
-        (None, None) => {
-            return Err(LlmError::Usage(format!(
-                "{} has no chat template llmlab knows (ChatML or Llama 3); use `llmlab generate` for plain completion",
-                a.model
-            ))
-            .into())
-        }
-    };
-    let mut spec = spec;
+    let first = conversation(None, &[])?;
     spec.eos_id = lm.eos_id;
-    spec.stop_ids.extend(lm.end_of_turn_id());
-    if let Some((p, stops)) = &single_turn {
-        spec.stop_ids.extend(stops);
+    spec.stop_ids.extend(&first.stop_ids);
+    if let Some(style) = first.single_turn_style() {
         eprintln!(
             "[{} was instruction-tuned on single-turn {} prompts: each message is answered on its own, without the conversation]",
             a.model,
-            p.style.name()
+            style.name()
         );
     }
     let mut system = a.system.clone();
@@ -94,23 +84,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             _ => {}
         }
         history.push(Message::new("user", line));
-        let text = match (&single_turn, &tpl) {
-            // The prompt and the response header the model was trained to continue.
-            (Some((p, _)), _) => {
-                history.clear();
-                p.prompt(&Entry::new(line, "", "")) + &p.response("")
-            }
-            (None, Some(tpl)) => {
-                let mut msgs = Vec::with_capacity(history.len() + 1);
-                if let Some(s) = &system {
-                    msgs.push(Message::new("system", s));
-                }
-                msgs.extend(history.iter().cloned());
-                tpl.render(&msgs, true)
-            }
-            (None, None) => unreachable!("a chat template or a single-turn prompt style"),
-        };
-        let prompt = lm.encode_prompt(&text)?;
+        let turn = conversation(system.as_deref(), &history)?;
+        if turn.single_turn_style().is_some() {
+            history.clear();
+        }
+        let prompt = lm.encode_prompt(&turn.text)?;
         if prompt.len() as i64 >= lm.context_length() {
             eprintln!(
                 "[the conversation has {} tokens, the model's context is {}; /reset to start over]",

@@ -5,10 +5,9 @@ use crate::data::{registry::Registry, tokenizer::train_bpe, BpeTokenizer};
 use crate::device::{device_name, parse_device, set_threads};
 use crate::error::{read_text, LlmError};
 use crate::generate::GenerateSpec;
-use crate::models::{gpt::ParamStats, GptConfig, GptModel};
-use crate::nn::AttentionImpl;
+use crate::models::{gpt::ParamStats, GptConfig};
+use crate::request::{build_prompt, Answer, Mode, PromptError};
 use crate::resolve::LoadedLm;
-use crate::shim::with_autocast;
 use crate::train::PretrainSpec;
 use anyhow::Result;
 use std::path::Path;
@@ -312,62 +311,70 @@ fn model_info(a: ModelInfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pretraining spec: the YAML file (if any) with the flags applied on top.
+/// The pretraining spec: the YAML file (if any, else [`DEFAULT_PRETRAIN`]) with the flags
+/// applied on top as dotted overrides, by the function that applies an experiment's `--set`.
 fn pretrain_spec(a: &PretrainArgs) -> Result<PretrainSpec> {
-    let mut spec = match &a.file {
+    let spec = match &a.file {
         Some(f) => PretrainSpec::from_file(f)?,
         None => PretrainSpec::from_yaml(
             DEFAULT_PRETRAIN,
             "built-in defaults (gpt-mini on the-verdict)",
         )?,
     };
-    if let Some(c) = &a.config {
-        spec.model.preset = Some(c.clone());
-        spec.model.init_from = None;
+    let mut doc = serde_yaml::to_value(&spec)?;
+    for (key, value) in pretrain_overrides(a)? {
+        crate::experiment::set_dotted(&mut doc, key, value)
+            .map_err(|m| LlmError::Usage(format!("{key}: {m}")))?;
     }
-    if let Some(i) = &a.init_from {
-        spec.model.init_from = Some(i.clone());
-        spec.model.preset = None;
-    }
-    if let Some(d) = &a.data {
-        if Path::new(d).is_file() {
-            spec.data.path = Some(d.into());
-            spec.data.dataset = None;
-        } else {
-            spec.data.dataset = Some(d.clone());
-            spec.data.path = None;
-        }
-    }
-    let o = &mut spec.model.overrides;
-    o.context_length = a.context_length.or(o.context_length);
-    o.drop_rate = a.drop_rate.or(o.drop_rate);
-    let t = &mut spec.train;
-    macro_rules! set {
-        ($($flag:ident => $field:expr),*) => { $( if let Some(v) = a.$flag { $field = v; } )* };
-    }
-    set!(epochs => t.epochs, batch_size => t.batch_size, lr => t.lr, weight_decay => t.weight_decay,
-         eval_freq => t.eval_freq, eval_iter => t.eval_iter, grad_accum_steps => t.grad_accum_steps,
-         checkpoint_every => t.checkpoint_every, seed => spec.seed, sample_tokens => spec.generate.max_new_tokens);
-    if let Some(p) = a.precision {
-        t.precision = p;
-    }
-    if let Some(f) = a.fused_adamw {
-        t.fused_adamw = f;
-    }
-    if a.max_grad_norm.is_some() {
-        t.max_grad_norm = a.max_grad_norm;
-    }
-    if a.compute.threads.is_some() {
-        t.threads = a.compute.threads;
-    }
-    if let Some(p) = &a.prompt {
-        spec.generate.prompt = p.clone();
-    }
-    if let Some(n) = &a.name {
-        spec.name = n.clone();
-    }
+    let spec: PretrainSpec = serde_yaml::from_value(doc).map_err(|e| LlmError::Config {
+        origin: "command line".into(),
+        message: e.to_string(),
+    })?;
     spec.validate("command line")?;
     Ok(spec)
+}
+
+/// `llmlab pretrain`'s flags as dotted keys of the spec and their values, in the order they
+/// apply: one line per flag. A flag that picks one of two keys clears the other (null).
+fn pretrain_overrides(a: &PretrainArgs) -> Result<Vec<(&'static str, serde_yaml::Value)>> {
+    use serde_yaml::Value;
+    fn v<T: serde::Serialize>(x: &Option<T>) -> Result<Option<Value>> {
+        Ok(x.as_ref().map(serde_yaml::to_value).transpose()?)
+    }
+    let one_of =
+        |key, other, val: Option<Value>| [(other, val.as_ref().map(|_| Value::Null)), (key, val)];
+    let (data_path, dataset) = match &a.data {
+        Some(d) if Path::new(d).is_file() => (Some(d), None),
+        d => (None, d.as_ref()),
+    };
+    let mut o = Vec::new();
+    o.extend(one_of("model.preset", "model.init_from", v(&a.config)?));
+    o.extend(one_of("model.init_from", "model.preset", v(&a.init_from)?));
+    o.extend(one_of("data.path", "data.dataset", v(&data_path)?));
+    o.extend(one_of("data.dataset", "data.path", v(&dataset)?));
+    o.extend([
+        ("model.overrides.context_length", v(&a.context_length)?),
+        ("model.overrides.drop_rate", v(&a.drop_rate)?),
+        ("train.epochs", v(&a.epochs)?),
+        ("train.batch_size", v(&a.batch_size)?),
+        ("train.lr", v(&a.lr)?),
+        ("train.weight_decay", v(&a.weight_decay)?),
+        ("train.eval_freq", v(&a.eval_freq)?),
+        ("train.eval_iter", v(&a.eval_iter)?),
+        ("train.grad_accum_steps", v(&a.grad_accum_steps)?),
+        ("train.max_grad_norm", v(&a.max_grad_norm)?),
+        ("train.checkpoint_every", v(&a.checkpoint_every)?),
+        ("train.precision", v(&a.precision)?),
+        ("train.fused_adamw", v(&a.fused_adamw)?),
+        ("train.threads", v(&a.compute.threads)?),
+        ("seed", v(&a.seed)?),
+        ("generate.prompt", v(&a.prompt)?),
+        ("generate.max_new_tokens", v(&a.sample_tokens)?),
+        ("name", v(&a.name)?),
+    ]);
+    Ok(o.into_iter()
+        .filter_map(|(k, val)| val.map(|val| (k, val)))
+        .collect())
 }
 
 /// What `llmlab pretrain` does without a file: a small GPT on the-verdict.
@@ -501,63 +508,46 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     if !a.ignore_eos {
         spec.eos_id = lm.eos_id;
     }
-    // An instruct run: the prompt is formatted as in its training, the response extracted.
-    let instruct = if a.raw || a.chat {
-        None
-    } else {
-        crate::resolve::saved::run_prompter(&lm)
-    };
-    if a.input.is_some() && instruct.is_none() {
-        return Err(LlmError::Usage(format!(
-            "--input: {} is not an instruct run (a run folder of `task: instruct`)",
-            a.model
-        ))
-        .into());
-    }
-    let prompt_text = if a.chat {
-        let tpl = lm.chat.as_ref().ok_or_else(|| {
-            LlmError::Usage(format!(
-                "--chat: the model {} has no chat template llmlab knows (ChatML or Llama 3)",
-                a.model
-            ))
-        })?;
-        let mut msgs = Vec::new();
-        if let Some(sys) = &a.system {
-            msgs.push(Message::new("system", sys));
+    // Plain text, the chat template, or an instruct run's prompt style (its response extracted).
+    let messages = [Message::new("user", &a.prompt)];
+    let mode = if a.chat {
+        Mode::Template {
+            system: a.system.as_deref(),
+            messages: &messages,
         }
-        msgs.push(Message::new("user", &a.prompt));
-        if let Some(eot) = lm.end_of_turn_id() {
-            spec.stop_ids.push(eot);
-        }
-        tpl.render(&msgs, true)
-    } else if let Some((p, stops)) = instruct.as_ref() {
-        spec.stop_ids.extend(stops);
-        let entry =
-            crate::prompt::Entry::new(&a.prompt, a.input.as_deref().unwrap_or_default(), "");
-        p.prompt(&entry)
+    } else if a.raw {
+        Mode::Raw(&a.prompt)
     } else {
-        a.prompt.clone()
+        Mode::Instruction {
+            instruction: &a.prompt,
+            input: a.input.as_deref(),
+        }
     };
-    let prompt_ids = lm.encode_prompt(&prompt_text)?;
+    let prompt = build_prompt(&lm, &mode).map_err(|e| {
+        LlmError::Usage(match e {
+            PromptError::NoChatTemplate(_) => format!("--chat: the model {e}"),
+            PromptError::NotInstructRun(_) => format!("--input: {e}"),
+        })
+    })?;
+    spec.stop_ids.extend(&prompt.stop_ids);
+    let prompt_ids = lm.encode_prompt(&prompt.text)?;
     let gen = lm.generate_stream(&prompt_ids, &spec, |_| true)?;
     let text = lm.decode(&gen.ids)?;
     match a.format {
         Format::Json => println!("{}", {
             let mut v = serde_json::json!({"prompt_ids": prompt_ids, "ids": gen.ids, "text": text, "stopped_at_eos": gen.stopped_at_eos});
-            if let Some((p, _)) = &instruct {
-                v["response"] = p.extract_response(&text).into();
+            if let Answer::Instruct(_) = prompt.answer {
+                v["response"] = prompt.response(&text).into();
             }
             v
         }),
         Format::Text => {
-            if a.chat {
-                println!("{text}");
-            } else if let Some((p, _)) = &instruct {
-                println!("{}", p.extract_response(&text));
-            } else {
+            if let Answer::Continuation = prompt.answer {
                 let mut all = prompt_ids.clone();
                 all.extend(&gen.ids);
                 println!("{}", lm.decode(&all)?);
+            } else {
+                println!("{}", prompt.response(&text));
             }
             let n = gen.ids.len().saturating_sub(1).max(1) as f64;
             eprintln!(
@@ -582,126 +572,43 @@ fn download(a: DownloadArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median of timings (sorted in place).
-fn median(times: &mut [f64]) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
-/// Runs `f` `warmup + iters` times and returns the median seconds of the timed runs
-/// (synchronizing CUDA so the time covers the kernels).
-fn time_median(device: tch::Device, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
-    let mut times = Vec::with_capacity(iters);
-    for i in 0..warmup + iters.max(1) {
-        let t = Instant::now();
-        f();
-        if let tch::Device::Cuda(d) = device {
-            tch::Cuda::synchronize(d as i64);
-        }
-        if i >= warmup {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    median(&mut times)
-}
-
-/// A model with fresh weights for benchmarks (seeded).
-fn bench_model(
-    config: &str,
-    compute: &ComputeArgs,
-) -> Result<(tch::Device, GptConfig, tch::nn::VarStore, GptModel)> {
-    let device = parse_device(&compute.device)?;
-    set_threads(compute.threads);
-    let cfg = GptConfig::load(config)?;
-    crate::device::seed_everything(123);
-    let vs = tch::nn::VarStore::new(device);
-    let model = GptModel::new(&vs.root(), &cfg);
-    Ok((device, cfg, vs, model))
-}
-
-/// Model with fresh weights and a random `(batch, seq)` input for a throughput benchmark.
-fn bench_setup(
-    shape: &BenchShape,
-    compute: &ComputeArgs,
-) -> Result<(tch::Device, tch::nn::VarStore, GptModel, tch::Tensor)> {
-    let (device, cfg, vs, model) = bench_model(&shape.config, compute)?;
-    if shape.seq > cfg.context_length {
-        return Err(LlmError::Usage(format!(
-            "--seq {} exceeds the context_length {} of {}",
-            shape.seq, cfg.context_length, shape.config
-        ))
-        .into());
-    }
-    let x = tch::Tensor::randint(
-        cfg.vocab_size,
-        [shape.batch, shape.seq],
-        (tch::Kind::Int64, device),
-    );
-    Ok((device, vs, model, x))
-}
-
-/// One JSON line for a throughput benchmark.
-fn throughput_report(
-    what: &str,
-    shape: &BenchShape,
-    device: tch::Device,
-    median_s: f64,
-) -> serde_json::Value {
-    serde_json::json!({"impl": "llmlab", "what": what, "config": shape.config, "batch": shape.batch, "seq": shape.seq,
-        "threads": tch::get_num_threads(), "device": device_name(device),
-        "median_s": median_s, "tokens_per_s": (shape.batch * shape.seq) as f64 / median_s})
-}
-
 fn bench(a: BenchArgs) -> Result<()> {
-    let report = match a.what {
+    use crate::bench;
+    let shape = |s: BenchShape| bench::Shape {
+        config: s.config,
+        batch: s.batch,
+        seq: s.seq,
+        warmup: s.warmup,
+        iters: s.iters,
+    };
+    let device = |c: &ComputeArgs| -> Result<tch::Device> {
+        let d = parse_device(&c.device)?;
+        set_threads(c.threads);
+        Ok(d)
+    };
+    let (json, text) = match a.what {
         BenchWhat::Forward {
-            shape,
+            shape: s,
             manual_attention,
             compute,
         } => {
-            let (device, _vs, mut model, x) = bench_setup(&shape, &compute)?;
-            if manual_attention {
-                model.set_attention_impl(AttentionImpl::Manual);
-            }
-            let _g = tch::no_grad_guard();
-            let med = time_median(device, shape.warmup, shape.iters, || {
-                let _ = model.forward_t(&x, false);
-            });
-            throughput_report("forward", &shape, device, med)
+            let r = bench::forward(
+                &shape(s),
+                manual_attention,
+                device(&compute)?,
+                a.peak_tflops,
+            )?;
+            (serde_json::to_value(&r)?, r.text())
         }
         BenchWhat::Train {
-            shape,
+            shape: s,
             precision,
             fused_adamw,
             compute,
         } => {
-            let (device, vs, model, x) = bench_setup(&shape, &compute)?;
-            let y = x.roll([1], [1]); // any targets of the right shape
-            let mut named: Vec<_> = vs.variables().into_iter().collect();
-            named.sort_by(|p, q| p.0.cmp(&q.0));
-            let mut opt = crate::train::optim::AdamW::new(named, Default::default());
-            let fused = fused_adamw.resolve(device);
-            let mut failed = None;
-            let med = time_median(device, shape.warmup, shape.iters, || {
-                opt.zero_grad();
-                let step = with_autocast(device, precision, || {
-                    crate::train::calc_loss_batch(&model, &x, &y, true)
-                })
-                .and_then(|loss| {
-                    loss.backward();
-                    opt.update(4e-4, fused)
-                });
-                if let Err(e) = step {
-                    failed.get_or_insert(e);
-                }
-            });
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-            let mut r = throughput_report("train", &shape, device, med);
-            r["precision"] = serde_json::json!(precision);
-            r["fused_adamw"] = serde_json::json!(fused);
-            r
+            let d = device(&compute)?;
+            let r = bench::train(&shape(s), precision, fused_adamw, d, a.peak_tflops)?;
+            (serde_json::to_value(&r)?, r.text())
         }
         BenchWhat::Generate {
             config,
@@ -713,45 +620,105 @@ fn bench(a: BenchArgs) -> Result<()> {
             dtype,
             compute,
         } => {
-            let device = parse_device(&compute.device)?;
-            set_threads(compute.threads);
-            let spec = GenerateSpec {
-                max_new_tokens: new_tokens,
-                eos_id: None,
+            let b = bench::Decode {
+                config,
+                model,
+                prompt_tokens,
+                new_tokens,
                 use_cache: !no_cache,
-                ..GenerateSpec::default()
+                iters,
+                dtype,
             };
-            let warm = GenerateSpec {
-                max_new_tokens: 4,
-                ..spec.clone()
-            };
-            let (label, mut lm) = match &model {
-                Some(m) => (m.clone(), LoadedLm::load(m, device)?),
-                None => {
-                    crate::device::seed_everything(123);
-                    (config.clone(), LoadedLm::fresh_gpt(&config, device)?)
-                }
-            };
-            lm.set_dtype(dtype)?;
-            let vocab = lm.vocab_size();
-            let prompt: Vec<i64> = (0..prompt_tokens as i64)
-                .map(|i| (i * 7919) % vocab)
-                .collect();
-            lm.generate_stream(&prompt, &warm, |_| true)?;
-            let mut decode = Vec::with_capacity(iters);
-            let mut prefill = Vec::with_capacity(iters);
-            for _ in 0..iters {
-                let g = lm.generate_stream(&prompt, &spec, |_| true)?;
-                // The first new token comes from the prompt pass; the rest are decode steps.
-                decode.push((g.ids.len().saturating_sub(1)) as f64 / g.decode_seconds.max(1e-9));
-                prefill.push(prompt_tokens as f64 / g.prompt_seconds.max(1e-9));
-            }
-            serde_json::json!({"impl": "llmlab", "what": "generate", "config": label, "kv_cache": !no_cache,
-                "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "dtype": dtype.name(),
-                "threads": tch::get_num_threads(), "device": device_name(device),
-                "tokens_per_s": median(&mut decode), "prompt_tokens_per_s": median(&mut prefill)})
+            let r = bench::decode(&b, device(&compute)?, a.peak_tflops)?;
+            (serde_json::to_value(&r)?, r.text())
         }
     };
-    println!("{report}");
+    match a.format {
+        // One line whose keys are sorted (`make bench` reads `tokens_per_s`).
+        Format::Json => println!("{json}"),
+        Format::Text => println!("{text}"),
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The spec of `llmlab pretrain FLAGS` (flags split at whitespace).
+    fn pretrain_spec_of(flags: &str) -> Result<PretrainSpec> {
+        let args = ["llmlab", "pretrain"]
+            .into_iter()
+            .chain(flags.split_whitespace());
+        let cli = Cli::try_parse_from(args)?;
+        let Command::Pretrain(a) = cli.command else {
+            unreachable!("parsed a pretrain command")
+        };
+        pretrain_spec(&a)
+    }
+
+    /// Every flag lands on its key, typed by the flag (a prompt "true" stays text), and a flag
+    /// that picks one of two keys clears the other.
+    #[test]
+    fn pretrain_flags_set_their_dotted_keys() -> Result<()> {
+        let got = pretrain_spec_of(
+            "--config gpt2-small --init-from runs/x --data Cargo.toml --context-length 64 \
+             --drop-rate 0 --epochs 2 --batch-size 3 --lr 1e-3 --weight-decay 0.5 --eval-freq 4 \
+             --eval-iter 6 --grad-accum-steps 7 --max-grad-norm 1.5 --checkpoint-every 8 \
+             --precision bf16 --fused-adamw false --threads 3 --seed 9 --prompt true \
+             --sample-tokens 11 --name flags",
+        )?;
+        let mut want = PretrainSpec::from_yaml(DEFAULT_PRETRAIN, "defaults")?;
+        want.model.preset = None;
+        want.model.init_from = Some("runs/x".into());
+        want.data.dataset = None;
+        want.data.path = Some("Cargo.toml".into());
+        want.model.overrides.context_length = Some(64);
+        want.model.overrides.drop_rate = Some(0.0);
+        let t = &mut want.train;
+        (t.epochs, t.batch_size, t.lr, t.weight_decay) = (2, 3, 1e-3, 0.5);
+        (t.eval_freq, t.eval_iter, t.grad_accum_steps) = (4, 6, 7);
+        (t.max_grad_norm, t.checkpoint_every, t.threads) = (Some(1.5), 8, Some(3));
+        (t.precision, t.fused_adamw) = (Precision::Bf16, FusedAdamW::Off);
+        want.seed = 9;
+        want.generate.prompt = "true".into();
+        want.generate.max_new_tokens = 11;
+        want.name = "flags".into();
+        assert_eq!(got, want);
+        // A name that is no file is a data set.
+        let got = pretrain_spec_of("--data no-such-file --config gpt-mini")?;
+        assert_eq!(got.data.dataset.as_deref(), Some("no-such-file"));
+        assert_eq!((got.data.path, got.model.init_from), (None, None));
+        Ok(())
+    }
+
+    /// Without flags, a file's spec is what it reads, through the document and back.
+    #[test]
+    fn a_pretrain_file_without_flags_is_unchanged() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let f = dir.path().join("run.yaml");
+        std::fs::write(
+            &f,
+            "name: r\nmodel: {init_from: runs/x, overrides: {qkv_bias: true}}\n\
+             data: {path: a.txt, stride: 3, train_ratio: 0.8}\n\
+             train: {epochs: 1, batch_size: 2, lr: 1.0e-3, betas: [0.8, 0.9], eval_freq: 1,\
+             eval_iter: 1, fused_adamw: true, precision: bf16,\
+             schedule: {kind: cosine, warmup_steps: 3, initial_lr: 1.0e-4, min_lr: 1.0e-5}}\n\
+             generate: {prompt: 'null', top_k: 5, top_p: 0.5}\n",
+        )?;
+        let file = PretrainSpec::from_file(&f)?;
+        assert_eq!(pretrain_spec_of(&f.display().to_string())?, file);
+        assert_eq!(file.generate.prompt, "null");
+        Ok(())
+    }
+
+    #[test]
+    fn a_bad_pretrain_flag_names_its_key() {
+        let err = pretrain_spec_of("--lr 0").expect_err("lr 0");
+        assert_eq!(
+            format!("{err:#}"),
+            "invalid config command line: train.lr: 0 must be > 0"
+        );
+    }
 }

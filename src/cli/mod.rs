@@ -52,7 +52,7 @@ pub enum Command {
     },
     /// Download Hugging Face weights (GPT-2, SmolLM2, Llama 3.x) into the cache; prints the folder.
     Download(DownloadArgs),
-    /// Micro-benchmarks (forward tokens/s); `make bench` runs them beside PyTorch.
+    /// Micro-benchmarks: tokens/s with MFU (and weight GB/s for decoding); `make bench` runs them beside PyTorch.
     Bench(BenchArgs),
 }
 
@@ -417,11 +417,30 @@ pub struct DownloadArgs {
 pub struct BenchArgs {
     #[command(subcommand)]
     pub what: BenchWhat,
+    /// The peak TFLOP/s that MFU (model FLOPs utilisation, nanoGPT's `estimate_mfu`) is a
+    /// fraction of, e.g. a datasheet's dense peak (A100 bf16: 312; H100/H200 SXM bf16: 989,
+    /// fp32: 67). Default: measured, the best of 5 square matmuls (1024 on the CPU, 8192 on
+    /// CUDA) in the benchmark's dtype on its device and threads.
+    #[arg(long, global = true, value_name = "TFLOPS", value_parser = positive_tflops)]
+    pub peak_tflops: Option<f64>,
+    /// `json`: one line (keys sorted; `make bench` reads it); `text`: the figures for a reader.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Json)]
+    pub format: Format,
+}
+
+/// A peak rate > 0 (`--peak-tflops`).
+fn positive_tflops(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 => Ok(t),
+        _ => Err(format!(
+            "{s}: expected TFLOP/s > 0, e.g. 989 (H100 bf16 dense)"
+        )),
+    }
 }
 
 #[derive(Subcommand, Debug)]
 pub enum BenchWhat {
-    /// Forward-pass tokens/s of a GPT config (eval mode, no grad), printed as one JSON line.
+    /// Forward-pass tokens/s of a GPT config (eval mode, no grad) and MFU (2N + 4·L·H·Q·T FLOPs a token).
     Forward {
         #[command(flatten)]
         shape: BenchShape,
@@ -431,7 +450,8 @@ pub enum BenchWhat {
         #[command(flatten)]
         compute: ComputeArgs,
     },
-    /// Training tokens/s: forward + backward + AdamW step (train mode, the config's dropout).
+    /// Training tokens/s: forward + backward + AdamW step (train mode, the config's dropout) and MFU
+    /// (nanoGPT's 6N + 12·L·H·Q·T FLOPs a token).
     Train {
         #[command(flatten)]
         shape: BenchShape,
@@ -444,7 +464,8 @@ pub enum BenchWhat {
         #[command(flatten)]
         compute: ComputeArgs,
     },
-    /// Greedy decoding tokens/s after a prompt, batch 1, with or without the KV cache.
+    /// Greedy decoding tokens/s after a prompt, batch 1, with or without the KV cache; MFU, and
+    /// the weights' bandwidth (bytes of weights read per decoded token × tokens/s, GB/s).
     Generate {
         #[arg(long, default_value = "gpt2-small")]
         config: String,

@@ -774,6 +774,19 @@ impl LlamaModel {
             })
     }
 
+    /// Bytes of the blocks' 4-bit weights (codes and scales, [`Int4Linear::num_bytes`]) after
+    /// [`Self::prepare_for_inference_q4`]; 0 while the blocks run dense weights.
+    pub fn int4_bytes(&self) -> i64 {
+        self.trf_blocks
+            .iter()
+            .flat_map(|b| [&b.att.qkv, &b.att.out, &b.ff.gate_up, &b.ff.down])
+            .map(|p| match p {
+                Some(Projection::Int4(q)) => q.num_bytes(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Number of positions the RoPE tables cover.
     pub fn rope_positions(&self) -> i64 {
         self.rope.positions()
