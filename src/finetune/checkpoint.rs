@@ -143,7 +143,7 @@ mod tests {
         )
         .expect("state.json");
         let mut opt = AdamW::over(&[], 0.0);
-        let mut logs = Vec::new();
+        let mut logs: Vec<String> = Vec::new();
         let err = load::<serde_json::Value>(&dir, &[], &mut opt, &mut |m| logs.push(m.into()))
             .expect_err("format 99 is not read");
         let _ = std::fs::remove_dir_all(&dir);
