@@ -481,8 +481,8 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
         r.result.val_accuracy
     );
     for f in [
-        "classifier.json",
-        "classifier.safetensors",
+        "saved_model.json",
+        "saved_model.safetensors",
         "train.csv",
         "validation.csv",
         "test.csv",
@@ -492,7 +492,7 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
         assert!(run.join(f).is_file(), "{f} missing");
     }
     // Only the trained tensors are saved (head + nothing else for `head`).
-    let saved = common::read_tensors(&run.join("classifier.safetensors"))?;
+    let saved = common::read_tensors(&run.join("saved_model.safetensors"))?;
     assert_eq!(
         saved.keys().collect::<Vec<_>>(),
         ["cls_head.bias", "cls_head.weight"]
@@ -526,6 +526,59 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
         let p = l["probability"].as_f64().expect("a probability");
         assert!((0.5..=1.0).contains(&p), "{l}");
     }
+    // The same run folder in the layout of earlier llmlab versions (`classifier.json` +
+    // `classifier.safetensors`) gives the same labels and probabilities.
+    let rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("saved_model.json"))?)?;
+    let mut legacy = serde_json::Map::new();
+    for k in [
+        "base_model",
+        "weights",
+        "labels",
+        "token",
+        "causal_mask",
+        "trainable",
+        "method",
+        "lora",
+        "pad_to",
+        "max_length",
+        "pad_id",
+        "full",
+    ] {
+        legacy.insert(k.into(), rec[k].clone());
+    }
+    std::fs::write(run.join("classifier.json"), serde_json::to_string(&legacy)?)?;
+    std::fs::remove_file(run.join("saved_model.json"))?;
+    std::fs::rename(
+        run.join("saved_model.safetensors"),
+        run.join("classifier.safetensors"),
+    )?;
+    let args = [
+        "classify",
+        "--model",
+        run.to_str().expect("UTF-8 path"),
+        "--text",
+        spam,
+        "--text",
+        ham,
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ];
+    let (code, legacy_out, err) = common::llmlab(&args)?;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(legacy_out, out);
+    // A classifier is not a language model: generate says what the folder is.
+    let (code, _, err) = common::llmlab(&[
+        "generate",
+        "--model",
+        run.to_str().expect("UTF-8 path"),
+        "--prompt",
+        "x",
+    ])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("a classifier (task: classify)"), "{err}");
     let (code, _, err) = common::llmlab(&[
         "classify",
         "--model",
@@ -534,7 +587,7 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
         "x",
     ])?;
     assert_eq!(code, 1);
-    assert!(err.contains("classifier.json"), "{err}");
+    assert!(err.contains("saved_model.json"), "{err}");
     Ok(())
 }
 

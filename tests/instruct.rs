@@ -481,8 +481,8 @@ fn short_instruct_run_lowers_validation_loss() -> Result<()> {
         .all(|r| r["model_response"].is_string() && r["output"].is_string()));
     assert!(err.contains("Sample after epoch 2"), "{err}");
     for f in [
-        "finetuned.safetensors",
-        "finetuned.json",
+        "saved_model.safetensors",
+        "saved_model.json",
         "loss.png",
         "config.yaml",
     ] {

@@ -2,28 +2,13 @@
 //! replaced by a `num_classes` head, which reads one token's (or the mean) final hidden state.
 //! Which parameters train is a [`Trainable`] strategy; LoRA adapters come from [`crate::nn::lora`].
 use crate::error::LlmError;
+pub use crate::models::pooling::TokenPos;
 pub use crate::models::trainable::{Method, Trainable};
 use crate::nn::lora::LoraConfig;
 use crate::nn::Linear;
 use crate::resolve::{AnyModel, LoadedLm};
-use serde::{Deserialize, Serialize};
 use tch::nn::Module;
 use tch::{Kind, Tensor};
-
-/// Which token's hidden state feeds the head.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TokenPos {
-    /// The last position, padding or not (the book).
-    #[default]
-    Last,
-    /// The first position.
-    First,
-    /// The last non-padding token of each example.
-    Flexible,
-    /// The mean over the non-padding tokens.
-    Mean,
-}
 
 /// A language model with a classification head.
 pub struct Classifier {
@@ -47,8 +32,7 @@ impl Classifier {
     /// Adds a fresh `cls_head` (PyTorch's `nn.Linear` initialisation, drawn from the current
     /// libtorch seed) to a loaded model.
     pub fn new(lm: LoadedLm, num_classes: i64, token: TokenPos) -> Self {
-        let emb = lm.model.emb_dim();
-        let head = crate::nn::layers::linear(lm.vs.root() / "cls_head", emb, num_classes, true);
+        let head = crate::resolve::saved::class_head(&lm, num_classes);
         Self {
             lm,
             head,
@@ -76,10 +60,7 @@ impl Classifier {
 
     /// Turns the causal mask of every attention layer on or off.
     pub fn set_causal(&mut self, causal: bool) {
-        match &mut self.lm.model {
-            AnyModel::Gpt(m) => m.trf_blocks.iter_mut().for_each(|b| b.att.causal = causal),
-            AnyModel::Llama(m) => m.trf_blocks.iter_mut().for_each(|b| b.att.causal = causal),
-        }
+        self.lm.model.set_causal(causal);
     }
 
     /// Adds LoRA adapters (`lora_A`, `lora_B` beside each adapted weight).
@@ -141,32 +122,8 @@ impl Classifier {
             AnyModel::Gpt(m) => m.final_norm.forward(x),
             AnyModel::Llama(m) => m.final_norm.forward(x),
         };
-        let (b, t, _) = h.size3().expect("(b, T, emb) hidden states");
-        let pooled = match self.token {
-            TokenPos::Last => h.select(1, t - 1),
-            TokenPos::First => h.select(1, 0),
-            TokenPos::Flexible => {
-                // Each row's last real position, (b,) → (b, 1, 1) → (b, 1, emb): gather along
-                // the positions picks h[i, lens[i] - 1, :], then (b, 1, emb) → (b, emb).
-                let idx = (lens - 1)
-                    .clamp(0, t - 1)
-                    .view([b, 1, 1])
-                    .expand([b, 1, h.size()[2]], false);
-                h.gather(1, &idx, false).squeeze_dim(1)
-            }
-            TokenPos::Mean => {
-                // mask (b, T, 1): 1 at the real positions; the masked sum over T divided by
-                // the count gives (b, emb).
-                let pos = Tensor::arange(t, (Kind::Int64, h.device())).view([1, t]);
-                let mask = pos
-                    .lt_tensor(&lens.view([b, 1]))
-                    .to_kind(h.kind())
-                    .unsqueeze(-1);
-                (&h * &mask).sum_dim_intlist(1, false, h.kind())
-                    / mask.sum_dim_intlist(1, false, h.kind())
-            }
-        };
-        self.head.forward(&pooled)
+        self.head
+            .forward(&crate::models::pooling::pool(&h, lens, self.token))
     }
 
     /// Class logits of token ids `(b, T)` from blocks `from..` on precomputed inputs `x`

@@ -3,6 +3,7 @@ use super::data::{ClassifyDataSpec, Padding};
 use super::model::{TokenPos, Trainable};
 use crate::error::LlmError;
 use crate::finetune::{Method, TrainArgs, TrainDefaults};
+pub use crate::models::trainable::Weights;
 use crate::nn::lora::LoraConfig;
 use serde::{Deserialize, Serialize};
 
@@ -28,16 +29,6 @@ fn task_classify() -> String {
 }
 fn default_seed() -> u64 {
     123
-}
-
-/// Random or pretrained starting weights (the book's `--weights`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Weights {
-    #[default]
-    Pretrained,
-    /// The same architecture re-initialised: N(0, 0.02) weights, zero biases, unit norms.
-    Random,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -11,9 +11,10 @@
 use super::data::{self, Encoded, Padding, Splits};
 use super::model::{check_trainable, class_loss, correct, Classifier, Trainable};
 use super::spec::{ClassifySpec, Weights};
-use crate::error::{read_text, write_atomic, LlmError};
+use crate::error::LlmError;
 use crate::finetune::{self, FinetuneRun, Method};
-use crate::resolve::{AnyModel, LoadedLm};
+use crate::resolve::saved::{self, ClassifierHead, SavedHead, SavedRecord};
+use crate::resolve::LoadedLm;
 use crate::train::trainer::TrainEvents;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -127,28 +128,6 @@ pub struct ClassifyFinal {
     pub train_seconds: f64,
     /// Whether the frozen prefix was computed once and reused.
     pub reused_frozen: bool,
-}
-
-/// What `classifier.json` records: enough to rebuild the model for `llmlab classify`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ClassifierRecord {
-    pub base_model: String,
-    pub weights: Weights,
-    pub labels: Vec<String>,
-    pub token: super::model::TokenPos,
-    pub causal_mask: bool,
-    pub trainable: Trainable,
-    /// How the blocks `trainable` names trained (records before this key: full).
-    #[serde(default)]
-    pub method: Method,
-    #[serde(default)]
-    pub lora: Option<crate::nn::lora::LoraConfig>,
-    /// Padded length used in training (`None`: unpadded).
-    pub pad_to: Option<usize>,
-    pub max_length: usize,
-    pub pad_id: i64,
-    /// `classifier.safetensors` holds every weight (`true`) or only the trained ones.
-    pub full: bool,
 }
 
 /// Inputs of the first trained block for every example of a split (`(T_i, emb)` each).
@@ -628,8 +607,9 @@ pub fn run(
     })
 }
 
-/// Writes `classifier.json` and `classifier.safetensors`: the trained tensors only, unless the
-/// run trained everything (or started from random weights), when every tensor is saved.
+/// Writes the saved model (`saved_model.json` + `saved_model.safetensors`, see
+/// [`crate::resolve::saved`]): the trained tensors only, unless the run trained everything (or
+/// started from random weights), when every tensor is saved.
 fn save_classifier(
     p: &mut Prepared,
     spec: &ClassifySpec,
@@ -649,65 +629,51 @@ fn save_classifier(
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect()
     };
-    crate::weights::save_tensors(
-        &finetune::to_cpu(&named),
-        &dir.join("classifier.safetensors"),
-    )?;
-    let rec = ClassifierRecord {
+    let rec = SavedRecord {
+        format: saved::SAVED_FORMAT,
+        task: spec.task.clone(),
         base_model: spec.model.name.clone(),
         weights: spec.model.weights,
-        labels: p.labels.clone(),
-        token: spec.finetune.token,
-        causal_mask: spec.finetune.causal_mask,
-        trainable: spec.finetune.trainable,
+        trainable: ft.trainable,
         method: ft.method,
         lora: (ft.trainable == Trainable::Lora || ft.method == Method::Lora)
             .then(|| ft.lora.clone()),
-        pad_to: p.pad_to,
-        max_length: p.pad_to.unwrap_or_else(|| {
-            spec.data
-                .max_length
-                .unwrap_or(p.clf.context_length() as usize)
-        }),
-        pad_id: p.train.pad_id,
+        tensors: saved::SAVED_TENSORS.into(),
         full,
+        head: SavedHead::Classifier(ClassifierHead {
+            labels: p.labels.clone(),
+            token: ft.token,
+            causal_mask: ft.causal_mask,
+            pad_to: p.pad_to,
+            max_length: p.pad_to.unwrap_or_else(|| {
+                spec.data
+                    .max_length
+                    .unwrap_or(p.clf.context_length() as usize)
+            }),
+            pad_id: p.train.pad_id,
+        }),
     };
-    write_atomic(
-        &dir.join("classifier.json"),
-        serde_json::to_string_pretty(&rec)?.as_bytes(),
-    )?;
-    Ok(())
+    saved::save(dir, &rec, &named)
 }
 
 /// A fine-tuned classifier loaded from a run folder.
 pub struct SavedClassifier {
     pub clf: Classifier,
-    pub rec: ClassifierRecord,
+    pub rec: ClassifierHead,
 }
 
 impl SavedClassifier {
+    /// Loads a classification run's saved model ([`saved::load_saved`]).
     pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let json = dir.join("classifier.json");
-        let rec: ClassifierRecord =
-            serde_json::from_str(&read_text(&json)?).map_err(|e| LlmError::BadFile {
-                path: json.clone(),
-                message: format!("not an llmlab classifier record ({e})"),
-            })?;
-        let lm = LoadedLm::load(&rec.base_model, device)?;
-        let mut clf = Classifier::new(lm, rec.labels.len() as i64, rec.token);
-        clf.set_causal(rec.causal_mask);
-        if let Some(l) = &rec.lora {
-            let blocks = rec.trainable.adapted_blocks(rec.method, clf.n_layers());
-            clf.lm.add_lora_to(l, blocks);
-        }
-        crate::weights::load_tensors_into(
-            &clf.lm.vs,
-            &dir.join("classifier.safetensors"),
-            &rec.base_model,
-        )?;
-        if let AnyModel::Llama(m) = &mut clf.lm.model {
-            m.prepare_for_inference();
-        }
+        let s = saved::load_saved(dir, device)?;
+        let rec = s.record.classifier(dir)?.clone();
+        let head = s.head.expect("a classifier record loads a head");
+        let clf = Classifier {
+            lm: s.lm,
+            head,
+            token: rec.token,
+            num_classes: rec.labels.len() as i64,
+        };
         Ok(Self { clf, rec })
     }
 

@@ -143,7 +143,7 @@ pub struct JudgeArgs {
 
 #[derive(Args, Debug)]
 pub struct ClassifyArgs {
-    /// A classification run folder (holds classifier.json and classifier.safetensors).
+    /// A classification run folder (holds saved_model.json and saved_model.safetensors).
     #[arg(long)]
     pub model: PathBuf,
     /// A text to classify (repeatable).

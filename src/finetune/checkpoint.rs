@@ -41,7 +41,7 @@ pub fn save<S: Serialize>(
     let tmp = ck.join(".last.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let mut named: Vec<(String, Tensor)> = super::to_cpu(trained)
+    let mut named: Vec<(String, Tensor)> = crate::weights::to_cpu(trained)
         .into_iter()
         .map(|(n, t)| (format!("param.{n}"), t))
         .collect();

@@ -28,7 +28,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::Path;
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 /// Marks what `strategy` with `method` trains (`requires_grad`) and freezes everything else;
 /// returns the trained variables, sorted by name. `head` names the task's new head (always
@@ -86,14 +86,6 @@ pub fn check_splits(train: usize, val: usize, what: &str, keys: &str) -> Result<
         .into());
     }
     Ok(())
-}
-
-/// Detached CPU copies of named tensors, for saving.
-pub fn to_cpu(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    named
-        .iter()
-        .map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu)))
-        .collect()
 }
 
 /// One figure of a run's curves: its file, its y-axis label, and the `(train, validation)`

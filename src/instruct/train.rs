@@ -10,8 +10,9 @@ use super::data::{self, Entry, Splits};
 use super::spec::{InstructFinetuneSpec, InstructSpec, Method};
 use crate::error::{read_text, write_atomic};
 use crate::finetune::{self, batches, FinetuneRun, Trainable};
+use crate::models::trainable::Weights;
 use crate::prompt::Prompter;
-use crate::resolve::saved::{FinetunedRecord, FINETUNED_RECORD, FINETUNED_TENSORS};
+use crate::resolve::saved::{self, SavedHead, SavedRecord};
 use crate::resolve::LoadedLm;
 use crate::train::trainer::TrainEvents;
 use anyhow::Result;
@@ -423,24 +424,29 @@ pub fn run(
     })
 }
 
-/// Writes `finetuned.json` and `finetuned.safetensors` (the trained tensors: the adapters with
-/// LoRA, every weight with full fine-tuning).
+/// Writes the saved model (`saved_model.json` + `saved_model.safetensors`, see
+/// [`crate::resolve::saved`]): the trained tensors (the adapters with LoRA, the trained blocks'
+/// weights with full fine-tuning) and the prompt style.
 fn save_finetuned(
     p: &Prepared,
     spec: &InstructSpec,
     trained: &[(String, Tensor)],
     dir: &Path,
 ) -> Result<()> {
-    crate::weights::save_tensors(&finetune::to_cpu(trained), &dir.join(FINETUNED_TENSORS))?;
-    let rec = FinetunedRecord {
+    let ft = &spec.finetune;
+    let rec = SavedRecord {
+        format: saved::SAVED_FORMAT,
+        task: spec.task.clone(),
         base_model: spec.model.name.clone(),
-        method: spec.finetune.method,
-        lora: (spec.finetune.method == Method::Lora).then(|| spec.finetune.lora.clone()),
-        prompt_style: p.prompter.style,
+        weights: Weights::Pretrained,
+        trainable: ft.trainable,
+        method: ft.method,
+        lora: (ft.method == Method::Lora).then(|| ft.lora.clone()),
+        tensors: saved::SAVED_TENSORS.into(),
+        full: ft.trainable == Trainable::All && ft.method == Method::Full,
+        head: SavedHead::CausalLm {
+            prompt_style: Some(p.prompter.style),
+        },
     };
-    write_atomic(
-        &dir.join(FINETUNED_RECORD),
-        serde_json::to_string_pretty(&rec)?.as_bytes(),
-    )?;
-    Ok(())
+    saved::save(dir, &rec, trained)
 }

@@ -52,6 +52,14 @@ impl AnyModel {
         }
     }
 
+    /// Turns the causal mask of every attention layer on or off.
+    pub fn set_causal(&mut self, causal: bool) {
+        match self {
+            Self::Gpt(m) => m.trf_blocks.iter_mut().for_each(|b| b.att.causal = causal),
+            Self::Llama(m) => m.trf_blocks.iter_mut().for_each(|b| b.att.causal = causal),
+        }
+    }
+
     pub fn drop_rate(&self) -> f64 {
         match self {
             Self::Gpt(m) => m.cfg.drop_rate,

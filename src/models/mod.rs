@@ -6,6 +6,7 @@ pub mod any;
 pub mod causal;
 pub mod gpt;
 pub mod llama;
+pub mod pooling;
 pub mod trainable;
 
 pub use any::AnyModel;

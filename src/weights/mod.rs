@@ -100,6 +100,14 @@ pub fn save_safetensors(vs: &VarStore, path: &Path) -> Result<()> {
     save_tensors(&named, path)
 }
 
+/// Detached CPU copies of named tensors, for saving.
+pub fn to_cpu(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    named
+        .iter()
+        .map(|(n, t)| (n.clone(), t.detach().to_device(tch::Device::Cpu)))
+        .collect()
+}
+
 /// Writes named tensors as safetensors, atomically.
 pub fn save_tensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -120,10 +128,9 @@ pub fn save_tensors(named: &[(String, Tensor)], path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copies the tensors of a saved fine-tuning result (`classifier.safetensors`,
-/// `finetuned.safetensors`) into the variables of the same names in `vs`; a tensor that is not
-/// a variable of the model, or has another shape, is an error naming the file. Returns how many
-/// tensors were copied.
+/// Copies the tensors of a saved fine-tuning result (`saved_model.safetensors`) into the
+/// variables of the same names in `vs`; a tensor that is not a variable of the model, or has
+/// another shape, is an error naming the file. Returns how many tensors were copied.
 pub fn load_tensors_into(vs: &tch::nn::VarStore, file: &Path, base_model: &str) -> Result<usize> {
     let bad = |message: String| LlmError::BadFile {
         path: file.to_path_buf(),
