@@ -311,8 +311,9 @@ fn model_info(a: ModelInfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// The pretraining spec: the YAML file (if any, else [`DEFAULT_PRETRAIN`]) with the flags
-/// applied on top as dotted overrides, by the function that applies an experiment's `--set`.
+/// The pretraining spec: the YAML file (if any, else [`DEFAULT_PRETRAIN`]) with the flags and
+/// then each `--set` applied on top as dotted overrides, by the function that applies an
+/// experiment's `--set`.
 fn pretrain_spec(a: &PretrainArgs) -> Result<PretrainSpec> {
     let spec = match &a.file {
         Some(f) => PretrainSpec::from_file(f)?,
@@ -325,6 +326,11 @@ fn pretrain_spec(a: &PretrainArgs) -> Result<PretrainSpec> {
     for (key, value) in pretrain_overrides(a)? {
         crate::experiment::set_dotted(&mut doc, key, value)
             .map_err(|m| LlmError::Usage(format!("{key}: {m}")))?;
+    }
+    for s in &a.sets {
+        let (key, value) = crate::experiment::parse_set(s)?;
+        crate::experiment::set_dotted(&mut doc, key, value)
+            .map_err(|m| LlmError::Usage(format!("--set {s}: {m}")))?;
     }
     let spec: PretrainSpec = serde_yaml::from_value(doc).map_err(|e| LlmError::Config {
         origin: "command line".into(),
@@ -710,6 +716,25 @@ mod tests {
         let file = PretrainSpec::from_file(&f)?;
         assert_eq!(pretrain_spec_of(&f.display().to_string())?, file);
         assert_eq!(file.generate.prompt, "null");
+        Ok(())
+    }
+
+    /// `--set` reaches any key, applies after the flags, and a bad one names itself.
+    #[test]
+    fn pretrain_set_overrides_any_key_after_the_flags() -> Result<()> {
+        let got = pretrain_spec_of(
+            "--lr 1e-3 --set train.lr=2e-3 --set train.betas=[0.8,0.95] --set data.stride=7",
+        )?;
+        assert_eq!(got.train.lr, 2e-3);
+        assert_eq!(got.train.betas, (0.8, 0.95));
+        assert_eq!(got.data.stride, Some(7));
+        let err = pretrain_spec_of("--set train.lr").expect_err("no value");
+        assert!(
+            format!("{err:#}").contains("--set train.lr: expected key=value"),
+            "{err:#}"
+        );
+        let err = pretrain_spec_of("--set train.epochs=0").expect_err("epochs 0");
+        assert!(format!("{err:#}").contains("train.epochs"), "{err:#}");
         Ok(())
     }
 

@@ -262,6 +262,10 @@ pub struct PretrainArgs {
     /// Experiment YAML (`task: pretrain`), e.g. experiments/pretrain_verdict.yaml. Without it,
     /// the flags below describe the run (defaults: gpt-mini on the-verdict).
     pub file: Option<PathBuf>,
+    /// Override any setting of the spec, after the flags: --set train.warmup_steps=20 (a dotted
+    /// key and a YAML value; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
     /// Model preset or config YAML (ignored with --init-from).
     #[arg(long)]
     pub config: Option<String>,

@@ -147,6 +147,18 @@ pub fn merge(base: &mut Value, over: Value) {
     }
 }
 
+/// One `--set KEY=VALUE`: the dotted key and the value read as YAML.
+pub fn parse_set(s: &str) -> Result<(&str, Value), LlmError> {
+    let (k, v) = s.split_once('=').ok_or_else(|| {
+        LlmError::Usage(format!(
+            "--set {s}: expected key=value (e.g. train.lr=1e-3)"
+        ))
+    })?;
+    let v: Value = serde_yaml::from_str(v)
+        .map_err(|e| LlmError::Usage(format!("--set {s}: the value is not YAML ({e})")))?;
+    Ok((k.trim(), v))
+}
+
 /// Sets a dotted key (`train.lr`) in a mapping, creating intermediate maps.
 pub fn set_dotted(doc: &mut Value, key: &str, value: Value) -> Result<(), String> {
     let mut cur = doc;
@@ -240,14 +252,7 @@ impl Experiment {
             merge(&mut doc, Value::Mapping(m));
         }
         for s in sets {
-            let (k, v) = s.split_once('=').ok_or_else(|| {
-                LlmError::Usage(format!(
-                    "--set {s}: expected key=value (e.g. train.lr=1e-3)"
-                ))
-            })?;
-            let v: Value = serde_yaml::from_str(v)
-                .map_err(|e| LlmError::Usage(format!("--set {s}: the value is not YAML ({e})")))?;
-            let k = k.trim();
+            let (k, v) = parse_set(s)?;
             if let Some(axis) = k.strip_prefix("sweep.") {
                 // `--set sweep.train.lr=[1e-3]`: the axis key is literal (it has dots itself).
                 let sweep = match &mut doc {

@@ -8,7 +8,9 @@
 //! task: generate
 //! model: smollm2-135m-instruct          # any --model spec
 //! prompts: ["Once upon a time", "The best way to learn"]
-//! chat: false                           # wrap each prompt in the model's chat template
+//! chat: false                           # true: each prompt as a user turn of the model's chat
+//!                                       # template; false: as is (an instruct run folder: in the
+//!                                       # prompt style it learned, as `llmlab generate` does)
 //! dtype: f32                            # f32 | bf16 | q4 (as --dtype)
 //! generate: {max_new_tokens: 40, temperature: 0.7, top_k: 50, top_p: null, samples: 3}
 //! sweep: {generate.temperature: [0.0, 0.7, 1.4]}
@@ -18,6 +20,7 @@ use super::super::{Experiment, Trial};
 use crate::chat::Message;
 use crate::error::{write_atomic, LlmError};
 use crate::generate::GenerateSpec;
+use crate::request::{build_prompt, Mode};
 use crate::resolve::{InferenceDtype, LoadedLm};
 use crate::train::trainer::TrainEvents;
 use anyhow::Result;
@@ -163,20 +166,21 @@ pub fn run(
     let mut samples = Vec::new();
     let (mut tokens, mut seconds) = (0usize, 0f64);
     for prompt in &spec.prompts {
-        let mut stop_ids = Vec::new();
-        let text = if spec.chat {
-            let tpl = lm.chat.clone().ok_or_else(|| {
-                LlmError::Usage(format!(
-                    "chat: true, but {} has no chat template",
-                    spec.model
-                ))
-            })?;
-            stop_ids.extend(lm.end_of_turn_id());
-            tpl.render(&[Message::new("user", prompt)], true)
+        let messages = [Message::new("user", prompt)];
+        let mode = if spec.chat {
+            Mode::Template {
+                system: None,
+                messages: &messages,
+            }
         } else {
-            prompt.clone()
+            Mode::Instruction {
+                instruction: prompt,
+                input: None,
+            }
         };
-        let ids = lm.encode_prompt(&text)?;
+        let built = build_prompt(&lm, &mode)
+            .map_err(|e| LlmError::Usage(format!("chat: {}: {e}", spec.chat)))?;
+        let ids = lm.encode_prompt(&built.text)?;
         for i in 0..spec.generate.samples {
             let seed = spec.seed + i as u64;
             let g = GenerateSpec {
@@ -186,13 +190,13 @@ pub fn run(
                 top_p: spec.generate.top_p,
                 seed: Some(seed),
                 eos_id: lm.eos_id,
-                stop_ids: stop_ids.clone(),
+                stop_ids: built.stop_ids.clone(),
                 use_cache: true,
             };
             let out = lm.generate_stream(&ids, &g, |_| true)?;
             tokens += out.ids.len();
             seconds += out.prompt_seconds + out.decode_seconds;
-            let text = lm.decode(&out.ids)?;
+            let text = built.response(&lm.decode(&out.ids)?);
             log(&format!("{prompt:?} #{i}: {}", text.replace('\n', " ")));
             samples.push(Sample {
                 prompt: prompt.clone(),
