@@ -358,7 +358,10 @@ mod tests {
                 prompt_style: Some(PromptStyle::Phi3)
             }
         );
-        let err = rec.classifier(dir.path()).unwrap_err().to_string();
+        let err = rec
+            .classifier(dir.path())
+            .expect_err("a language model")
+            .to_string();
         assert!(err.contains("not a classifier"), "{err}");
         Ok(())
     }
@@ -366,10 +369,14 @@ mod tests {
     #[test]
     fn a_newer_format_and_a_missing_record_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = SavedRecord::read(dir.path()).unwrap_err().to_string();
+        let err = SavedRecord::read(dir.path())
+            .expect_err("no record")
+            .to_string();
         assert!(err.contains(SAVED_RECORD), "{err}");
         write(dir.path(), SAVED_RECORD, r#"{"format": 99}"#);
-        let err = SavedRecord::read(dir.path()).unwrap_err().to_string();
+        let err = SavedRecord::read(dir.path())
+            .expect_err("format 99")
+            .to_string();
         assert!(
             err.contains("format version 99 (this llmlab reads 1 to 1)"),
             "{err}"
