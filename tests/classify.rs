@@ -500,7 +500,7 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
 
     let spam = "WINNER!! You have been selected to receive a £900 prize reward! To claim call 09061701461. Claim code KL341.";
     let ham = "Ok, I'll see you at home after work. Do you want me to pick up some bread?";
-    let (code, out, err) = common::llmlab(&[
+    let args = [
         "classify",
         "--model",
         run.to_str().expect("UTF-8 path"),
@@ -512,7 +512,8 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
         "json",
         "--device",
         "cpu",
-    ])?;
+    ];
+    let (code, out, err) = common::llmlab(&args)?;
     assert_eq!(code, 0, "{err}");
     let lines: Vec<serde_json::Value> = out
         .lines()
@@ -553,19 +554,6 @@ fn smollm2_spam_classifier_end_to_end() -> Result<()> {
         run.join("saved_model.safetensors"),
         run.join("classifier.safetensors"),
     )?;
-    let args = [
-        "classify",
-        "--model",
-        run.to_str().expect("UTF-8 path"),
-        "--text",
-        spam,
-        "--text",
-        ham,
-        "--format",
-        "json",
-        "--device",
-        "cpu",
-    ];
     let (code, legacy_out, err) = common::llmlab(&args)?;
     assert_eq!(code, 0, "{err}");
     assert_eq!(legacy_out, out);
