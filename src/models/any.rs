@@ -89,39 +89,23 @@ impl AnyModel {
     ) -> Vec<&mut Linear> {
         let att = targets.contains(&LoraTarget::Attention);
         let ff = targets.contains(&LoraTarget::FeedForward);
+        let per_block: Vec<([&mut Linear; 4], Vec<&mut Linear>)> = match self {
+            AnyModel::Gpt(m) => m.trf_blocks[blocks]
+                .iter_mut()
+                .map(|b| b.linears())
+                .collect(),
+            AnyModel::Llama(m) => m.trf_blocks[blocks]
+                .iter_mut()
+                .map(|b| b.linears())
+                .collect(),
+        };
         let mut out = Vec::new();
-        match self {
-            AnyModel::Gpt(m) => {
-                for b in &mut m.trf_blocks[blocks.clone()] {
-                    if att {
-                        let a = &mut b.att;
-                        out.extend([
-                            &mut a.w_query,
-                            &mut a.w_key,
-                            &mut a.w_value,
-                            &mut a.out_proj,
-                        ]);
-                    }
-                    if ff {
-                        out.extend([&mut b.ff.fc1, &mut b.ff.fc2]);
-                    }
-                }
+        for (attention, feed_forward) in per_block {
+            if att {
+                out.extend(attention);
             }
-            AnyModel::Llama(m) => {
-                for b in &mut m.trf_blocks[blocks.clone()] {
-                    if att {
-                        let a = &mut b.att;
-                        out.extend([
-                            &mut a.w_query,
-                            &mut a.w_key,
-                            &mut a.w_value,
-                            &mut a.out_proj,
-                        ]);
-                    }
-                    if ff {
-                        out.extend([&mut b.ff.fc1, &mut b.ff.fc2, &mut b.ff.fc3]);
-                    }
-                }
+            if ff {
+                out.extend(feed_forward);
             }
         }
         out

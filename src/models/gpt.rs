@@ -5,6 +5,7 @@
 //! `trf_blocks.{i}.norm1.scale`, `final_norm.shift`, `out_head.weight`, …
 use crate::error::LlmError;
 use crate::nn::attention::KvCache;
+use crate::nn::Linear;
 use crate::nn::{AttentionImpl, FeedForward, LayerNorm, MultiHeadAttention};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -166,6 +167,21 @@ impl TransformerBlock {
     /// `(b, n, emb_dim)` → `(b, n, emb_dim)`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         self.forward_cached(x, None, train)
+    }
+
+    /// The linear layers LoRA can adapt: the attention's (query, key, value, output) and the
+    /// feed-forward network's.
+    pub fn linears(&mut self) -> ([&mut Linear; 4], Vec<&mut Linear>) {
+        let a = &mut self.att;
+        (
+            [
+                &mut a.w_query,
+                &mut a.w_key,
+                &mut a.w_value,
+                &mut a.out_proj,
+            ],
+            vec![&mut self.ff.fc1, &mut self.ff.fc2],
+        )
     }
 
     /// As [`forward_t`](Self::forward_t), appending to a KV cache when one is given.

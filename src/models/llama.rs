@@ -564,6 +564,21 @@ impl LlamaBlock {
         }
     }
 
+    /// The linear layers LoRA can adapt: the attention's (query, key, value, output) and the
+    /// SwiGLU feed-forward network's (gate, up, down).
+    pub fn linears(&mut self) -> ([&mut Linear; 4], Vec<&mut Linear>) {
+        let a = &mut self.att;
+        (
+            [
+                &mut a.w_query,
+                &mut a.w_key,
+                &mut a.w_value,
+                &mut a.out_proj,
+            ],
+            vec![&mut self.ff.fc1, &mut self.ff.fc2, &mut self.ff.fc3],
+        )
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,
