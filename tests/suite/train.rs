@@ -1,7 +1,7 @@
 //! Chapter 5 / appendix D training: AdamW, clipping and the schedule against PyTorch; resumable,
 //! repeatable runs; clear errors for bad checkpoints and diverging losses.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::models::{GptConfig, GptModel};

@@ -2,7 +2,7 @@
 //! prompt formatting byte for byte, the judge client against stub OpenAI and Ollama servers,
 //! short runs on a small GPT through `llmlab run` and the library (lower validation loss,
 //! Ctrl-C and resume, the finished run loaded by `generate` and `chat`).
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::eval::judge::{judge_file, Api, Judge, JudgeConfig};

@@ -1,6 +1,6 @@
 //! Chapter 2 data pipeline and the data registry.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::data::registry::{sha256_hex, Registry};

@@ -1,7 +1,7 @@
 //! The Llama family against Hugging Face transformers: SmolLM2-135M-Instruct from its GGUF file
 //! (transformers dequantizes the same file) and tiny random LlamaForCausalLM folders.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::chat::{ChatTemplate, Message};

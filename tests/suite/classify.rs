@@ -1,6 +1,6 @@
 //! Classification fine-tuning (book ch06, appendix E): the SMS Spam data and its split, the
 //! freezing strategies, LoRA, frozen-prefix reuse, and a short real run with SmolLM2.
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::classify::data::{self, ClassifyDataSpec};

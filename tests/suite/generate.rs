@@ -1,6 +1,6 @@
 //! Generation (book ch05 §5.3, ch04 KV-cache bonus) and Hugging Face GPT-2 weights (§5.5).
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::generate::{generate, sample_next, GenerateSpec};

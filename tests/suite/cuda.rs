@@ -1,7 +1,7 @@
 //! CUDA checks, ignored on machines without a GPU (CI); `scripts/gpu_check.sh` runs them with
 //! `--ignored` on a GPU machine.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::generate::{generate, GenerateSpec};

@@ -1,7 +1,7 @@
 //! Chapters 3–4: attention variants and the GPT model against the book's PyTorch code (ours, in
 //! tests/reference/book_gpt.py) loaded with the same weights.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::models::{generate_text_simple, param_stats, GptConfig, GptModel};

@@ -10,7 +10,7 @@
 //! threads, so `--threads 2 --jobs 2` is compared with `--threads 1`; then the trial runs the
 //! same operations in a fresh process, and the numbers are bit-equal.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use std::path::Path;

@@ -1,6 +1,6 @@
 //! Chapter 2 tokenizers: parity with tiktoken, round trips, the book's worked examples.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::data::tokenizer::{build_simple_vocab, train_bpe, END_OF_TEXT_ID};

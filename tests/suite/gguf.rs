@@ -3,7 +3,7 @@
 //! the SmolLM2 file; broken files give clear errors. The 4-bit linear layers of `--dtype q4`
 //! against plain matmuls, on random weights and on the file's Q4_1 tensors.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::error::LlmError;

@@ -135,8 +135,16 @@ pub fn assert_same_metrics(a: &Path, b: &Path, keys: &[&str], what: &str) -> Res
     Ok(())
 }
 
-/// Requests a stop (as Ctrl-C does) after optimizer step `.0`.
+/// Requests a stop (as Ctrl-C does) after optimizer step `.0`; clears the request when dropped,
+/// so that a test that fails before clearing it does not stop the runs of the tests after it
+/// (they share this process).
 pub struct StopAt(pub usize);
+
+impl Drop for StopAt {
+    fn drop(&mut self) {
+        llmlab::signal::reset();
+    }
+}
 
 impl llmlab::train::trainer::TrainEvents for StopAt {
     fn log(&mut self, _msg: &str) {}

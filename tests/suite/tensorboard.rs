@@ -3,7 +3,7 @@
 //! package's record reader, `EventAccumulator`, and the HParams plugin's own backend), and every
 //! scalar, text sample, hparam value, end status and experiment definition is checked.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::tensorboard::{HParamDomain, HValue, SessionStatus, TbWriter};
