@@ -128,18 +128,9 @@ fn bad_label_files_name_the_line() -> Result<()> {
     Ok(())
 }
 
-fn tiny_llama_yaml(dir: &Path) -> Result<String> {
-    let p = dir.join("tiny-llama.yaml");
-    std::fs::write(
-        &p,
-        "family: llama\nvocab_size: 49152\ncontext_length: 128\nemb_dim: 64\nn_heads: 4\nn_kv_groups: 2\nn_layers: 3\nhidden_dim: 128\nrope_base: 10000.0\nrms_eps: 1.0e-5\ntie_weights: true\n",
-    )?;
-    Ok(p.display().to_string())
-}
-
 /// A GPT (gpt-mini) and a Llama (3 blocks) with random weights, without dropout.
 fn tiny_models(dir: &Path) -> Result<Vec<(String, LoadedLm)>> {
-    let llama = tiny_llama_yaml(dir)?;
+    let llama = common::tiny_llama_yaml(dir)?;
     Ok(vec![
         ("gpt-mini".into(), LoadedLm::load("gpt-mini", Device::Cpu)?),
         ("tiny-llama".into(), LoadedLm::load(&llama, Device::Cpu)?),
@@ -185,7 +176,7 @@ fn freezing_strategies_change_only_their_parameters() -> Result<()> {
             let lm = if family == "gpt-mini" {
                 LoadedLm::load("gpt-mini", Device::Cpu)?
             } else {
-                LoadedLm::load(&tiny_llama_yaml(dir.path())?, Device::Cpu)?
+                LoadedLm::load(&common::tiny_llama_yaml(dir.path())?, Device::Cpu)?
             };
             let mut clf = Classifier::new(lm, 2, TokenPos::Flexible);
             clf.set_dropout(0.0);
@@ -302,7 +293,7 @@ fn small_spec(model: &str, trainable: &str, reuse: bool) -> Result<ClassifySpec>
 fn frozen_prefix_reuse_matches_the_plain_path() -> Result<()> {
     set_mirror();
     let dir = tempfile::tempdir()?;
-    let llama = tiny_llama_yaml(dir.path())?;
+    let llama = common::tiny_llama_yaml(dir.path())?;
     for model in ["gpt-mini", llama.as_str()] {
         let mut runs = Vec::new();
         for reuse in [false, true] {

@@ -634,11 +634,9 @@ fn bf16_autocast_guard_on_cpu() -> Result<()> {
         vocab_size: 1000,
         context_length: 32,
         emb_dim: 64,
-        n_heads: 4,
-        n_layers: 2,
         drop_rate: 0.0,
         qkv_bias: false,
-        tie_weights: false,
+        ..common::tiny_gpt()
     };
     let vs = VarStore::new(cpu);
     let model = GptModel::new(&vs.root(), &cfg);

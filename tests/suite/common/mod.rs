@@ -1,6 +1,13 @@
-//! Helpers shared by the integration tests: the reference Python, fixtures, tensor comparison.
+//! Helpers shared by the integration tests: the reference Python, fixtures, tensor comparison,
+//! a local HTTP stub, tiny model configs, greedy decoding.
 #![allow(dead_code)]
+mod http;
+
+pub use http::{HttpStub, Response};
+
 use anyhow::{bail, Context, Result};
+use llmlab::generate::GenerateSpec;
+use llmlab::models::GptConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,6 +115,45 @@ pub fn llmlab_stdin(args: &[&str], input: &str) -> Result<(i32, String, String)>
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     ))
+}
+
+/// The tests' tiny GPT: vocabulary 97, context 16, 32-dim embeddings, 4 heads, 2 blocks,
+/// dropout 0.1, qkv bias, an untied head. Tests that need other numbers override fields:
+/// `GptConfig { vocab_size: 61, ..tiny_gpt() }`.
+pub fn tiny_gpt() -> GptConfig {
+    GptConfig {
+        vocab_size: 97,
+        context_length: 16,
+        emb_dim: 32,
+        n_heads: 4,
+        n_layers: 2,
+        drop_rate: 0.1,
+        qkv_bias: true,
+        tie_weights: false,
+    }
+}
+
+/// Writes the tests' tiny Llama config (SmolLM2's vocabulary, 3 blocks of 64 dims, GQA 4 query /
+/// 2 KV heads, tied head) to `dir/tiny-llama.yaml`; returns its path for `LoadedLm::load`.
+pub fn tiny_llama_yaml(dir: &Path) -> Result<String> {
+    let p = dir.join("tiny-llama.yaml");
+    std::fs::write(
+        &p,
+        "family: llama\nvocab_size: 49152\ncontext_length: 128\nemb_dim: 64\nn_heads: 4\nn_kv_groups: 2\nn_layers: 3\nhidden_dim: 128\nrope_base: 10000.0\nrms_eps: 1.0e-5\ntie_weights: true\n",
+    )?;
+    Ok(p.display().to_string())
+}
+
+/// Greedy decoding of `n` tokens (temperature 0), with or without the KV cache, without an
+/// end-of-text stop (`GenerateSpec { eos_id: Some(id), ..greedy(n, true) }` adds one).
+pub fn greedy(n: usize, use_cache: bool) -> GenerateSpec {
+    GenerateSpec {
+        max_new_tokens: n,
+        temperature: 0.0,
+        eos_id: None,
+        use_cache,
+        ..Default::default()
+    }
 }
 
 pub fn gpt2_bpe_dir() -> PathBuf {
