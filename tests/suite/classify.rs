@@ -32,19 +32,12 @@ fn sms_spam_reads_like_python_csv_and_splits_70_10_20() -> Result<()> {
     assert_eq!(examples.iter().filter(|e| e.label == 1).count(), 747);
 
     let file = common::mirror().join("sms-spam-collection/SMSSpamCollection");
-    let out = std::process::Command::new(common::python())
-        .args([
-            "-c",
-            "import csv,json,sys; print(json.dumps(list(csv.reader(open(sys.argv[1], newline='', encoding='utf-8'), delimiter='\\t'))))",
-        ])
-        .arg(&file)
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<(String, String)> = serde_json::from_slice(&out.stdout)?;
+    let out = common::Reference::code(
+        "import csv,json,sys; print(json.dumps(list(csv.reader(open(sys.argv[1], newline='', encoding='utf-8'), delimiter='\\t'))))",
+    )
+    .input(&file)
+    .run()?;
+    let rows: Vec<(String, String)> = serde_json::from_str(&out)?;
     assert_eq!(rows.len(), examples.len());
     for (e, (label, text)) in examples.iter().zip(&rows) {
         assert_eq!(&e.text, text, "line {}", e.line);
@@ -874,10 +867,9 @@ fn steps_match_reference(
 #[test]
 fn classification_steps_match_pytorch_and_transformers() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    common::run_reference(
-        "hf_classify.py",
-        &[dir.path().to_str().expect("utf-8 path")],
-    )?;
+    common::Reference::script("hf_classify.py")
+        .output(dir.path())
+        .run()?;
     let spec = format!("gpt2:{}", dir.path().join("model").display());
     for trainable in ["last_block", "all", "head"] {
         for token in ["last", "flexible", "mean"] {
@@ -908,10 +900,10 @@ fn classification_steps_match_pytorch_and_transformers() -> Result<()> {
 #[test]
 fn lora_classification_steps_match_peft() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    common::run_reference(
-        "hf_classify.py",
-        &[dir.path().to_str().expect("utf-8 path"), "--lora"],
-    )?;
+    common::Reference::script("hf_classify.py")
+        .output(dir.path())
+        .arg("--lora")
+        .run()?;
     let spec = format!("hf:{}", dir.path().join("model").display());
     for token in ["last", "flexible"] {
         let r = common::read_tensors(&dir.path().join(format!("lora-{token}.safetensors")))?;

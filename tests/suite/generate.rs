@@ -160,14 +160,10 @@ fn generation_stops_at_eos() -> Result<()> {
 
 fn hf_fixture(tied: bool) -> Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    common::run_reference(
-        "gen_hf_gpt2.py",
-        &[
-            dir.path().to_str().unwrap(),
-            "--tied",
-            if tied { "1" } else { "0" },
-        ],
-    )?;
+    common::Reference::script("gen_hf_gpt2.py")
+        .output(dir.path())
+        .args(["--tied", if tied { "1" } else { "0" }])
+        .run()?;
     Ok(dir)
 }
 

@@ -26,14 +26,14 @@ fn smollm2_matches_transformers() -> Result<()> {
         repo.join("src/generate.rs"),
         repo.join("tests/fixtures/unicode_edge_cases.txt"),
     ];
-    let mut args = vec![
-        "smollm2".to_string(),
-        gguf.display().to_string(),
-        dir.path().display().to_string(),
-    ];
-    args.extend(corpus.iter().map(|p| p.display().to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    common::run_reference("hf_llama.py", &args)?;
+    let mut reference = common::Reference::script("hf_llama.py")
+        .arg("smollm2")
+        .input(&gguf)
+        .output(dir.path());
+    for p in &corpus {
+        reference = reference.input(p);
+    }
+    reference.run()?;
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("ref.json"))?)?;
     let logits = common::read_tensors(&dir.path().join("logits.safetensors"))?;
@@ -284,9 +284,11 @@ fn hf_llama_folders_match_transformers() -> Result<()> {
         &["--tied", "--bf16"][..],
     ] {
         let dir = tempfile::tempdir()?;
-        let mut args = vec!["tiny-llama", dir.path().to_str().unwrap()];
-        args.extend(flags);
-        common::run_reference("hf_llama.py", &args)?;
+        common::Reference::script("hf_llama.py")
+            .arg("tiny-llama")
+            .output(dir.path())
+            .args(flags)
+            .run()?;
         let (_vs, mut m) = load_hf(dir.path(), Device::Cpu)?;
         assert_eq!(m.cfg.n_kv_groups, 2);
         assert_eq!(m.cfg.tie_weights, flags.contains(&"--tied"));
@@ -355,10 +357,11 @@ fn llama_presets_and_bad_configs() -> Result<()> {
 #[test]
 fn download_fetches_sharded_llama_checkpoints() -> Result<()> {
     let src = tempfile::tempdir()?;
-    common::run_reference(
-        "hf_llama.py",
-        &["tiny-llama", src.path().to_str().unwrap(), "--shards"],
-    )?;
+    common::Reference::script("hf_llama.py")
+        .arg("tiny-llama")
+        .output(src.path())
+        .arg("--shards")
+        .run()?;
     let root = src.path().to_path_buf();
     let server = common::HttpStub::serve(move |req| {
         let file = req.file_name();

@@ -27,6 +27,7 @@ mod gguf;
 mod instruct;
 mod llama;
 mod model;
+mod reference_cache;
 mod runner;
 mod tensorboard;
 mod tokenizer;

@@ -19,17 +19,11 @@ fn fixture(cfg: &GptConfig, seq: i64) -> Result<tempfile::TempDir> {
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "drop_rate": cfg.drop_rate, "qkv_bias": cfg.qkv_bias,
     }))?;
     let seq = seq.to_string();
-    common::run_reference(
-        "gen_gpt.py",
-        &[
-            "--out",
-            dir.path().to_str().unwrap(),
-            "--config",
-            &cfg_json,
-            "--seq",
-            &seq,
-        ],
-    )?;
+    common::Reference::script("gen_gpt.py")
+        .arg("--out")
+        .output(dir.path())
+        .args(["--config", &cfg_json, "--seq", &seq])
+        .run()?;
     Ok(dir)
 }
 

@@ -114,7 +114,7 @@ fn write_sweep(root: &Path) -> Result<()> {
 }
 
 fn read_back(root: &Path) -> Result<Value> {
-    let out = common::run_reference("tb_read.py", &[root.to_str().unwrap()])?;
+    let out = common::run_reference_uncached("tb_read.py", &[root.to_str().unwrap()])?;
     Ok(serde_json::from_str(&out)?)
 }
 

@@ -19,10 +19,11 @@ use tch::{Device, Kind, Tensor};
 #[test]
 fn adamw_steps_match_pytorch() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let out = common::run_reference(
-        "gen_train.py",
-        &["--out", dir.path().to_str().unwrap(), "--steps", "5"],
-    )?;
+    let out = common::Reference::script("gen_train.py")
+        .arg("--out")
+        .output(dir.path())
+        .args(["--steps", "5"])
+        .run()?;
     let meta: serde_json::Value = serde_json::from_str(&out)?;
     let cfg: GptConfig = serde_json::from_value(meta["cfg"].clone())?;
     let t = common::read_tensors(&dir.path().join("train.safetensors"))?;
@@ -467,10 +468,10 @@ fn set_grads(opt: &mut AdamW, t: &BTreeMap<String, Tensor>, step: usize) {
 #[test]
 fn fused_adamw_matches_plain_and_pytorch() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let out = common::run_reference(
-        "gen_fused_adamw.py",
-        &["--out", dir.path().to_str().unwrap()],
-    )?;
+    let out = common::Reference::script("gen_fused_adamw.py")
+        .arg("--out")
+        .output(dir.path())
+        .run()?;
     let meta: serde_json::Value = serde_json::from_str(&out)?;
     let t = common::read_tensors(&dir.path().join("fused_adamw.safetensors"))?;
     let names: Vec<String> = serde_json::from_value(meta["names"].clone())?;

@@ -1,9 +1,11 @@
-//! Helpers shared by the integration tests: the reference Python, fixtures, tensor comparison,
-//! a local HTTP stub, tiny model configs, greedy decoding.
+//! Helpers shared by the integration tests: the reference Python (cached), fixtures, tensor
+//! comparison, a local HTTP stub, tiny model configs, greedy decoding.
 #![allow(dead_code)]
 mod http;
+mod reference;
 
 pub use http::{HttpStub, Response};
+pub use reference::{run_reference_uncached, Outcome, Reference, ReferenceCache};
 
 use anyhow::{bail, Context, Result};
 use llmlab::generate::GenerateSpec;
@@ -29,26 +31,6 @@ pub fn mirror() -> PathBuf {
     std::env::var_os("LLMLAB_DATA_MIRROR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("../shared/data"))
-}
-
-/// Runs a script of `tests/reference/` and returns its stdout.
-pub fn run_reference(script: &str, args: &[&str]) -> Result<String> {
-    let path = repo().join("tests/reference").join(script);
-    let out = Command::new(python())
-        .arg(&path)
-        .args(args)
-        .env("PYTHONPATH", repo().join("tests/reference"))
-        .output()
-        .with_context(|| format!("running {} with {}", path.display(), python().display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}):\n{}",
-            script,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
