@@ -12,9 +12,14 @@ export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LLMLAB_DATA_MIRROR="${LLMLAB_DATA_MIRROR:-$PWD/shared/data}"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())' | tee -a "$OUT/gpu.txt"
-for t in target/release/deps/cuda-*; do
-  [ -x "$t" ] && "$t" --ignored --test-threads=1 2>&1 | tee "$OUT/cuda_tests.txt"
-done
+# The integration tests are one binary, target/release/deps/suite-<hash> (the newest, if older
+# builds left others); its `cuda::` tests are the #[ignore]d CUDA checks.
+SUITE="$(ls -t target/release/deps/suite-* 2>/dev/null | while read -r f; do [ -x "$f" ] && [ -f "$f" ] && { echo "$f"; break; }; done)"
+if [ -n "$SUITE" ]; then
+  "$SUITE" --ignored --test-threads=1 cuda:: 2>&1 | tee "$OUT/cuda_tests.txt"
+else
+  echo "no test binary target/release/deps/suite-* (build it with cargo test --release --no-run)" | tee "$OUT/cuda_tests.txt"
+fi
 B=target/release/llmlab
 {
   for b in 8 32; do $B bench forward --device cuda --config gpt2-small --batch $b --seq 256 --warmup 3 --iters 10; done

@@ -1,4 +1,4 @@
-"""References for the Llama-family tests (tests/llama.rs, tests/gguf.rs), from code llmlab did
+"""References for the Llama-family tests (tests/suite/llama.rs, tests/suite/gguf.rs), from code llmlab did
 not write: Hugging Face transformers (GGUF loading, LlamaForCausalLM) and the `gguf` package.
 
 Subcommands:

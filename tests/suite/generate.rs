@@ -1,6 +1,6 @@
 //! Generation (book ch05 §5.3, ch04 KV-cache bonus) and Hugging Face GPT-2 weights (§5.5).
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common::{self, greedy};
 
 use anyhow::Result;
 use llmlab::generate::{generate, sample_next, GenerateSpec};
@@ -14,26 +14,11 @@ fn tiny_model(seed: i64, ctx: i64) -> (VarStore, GptModel) {
     let cfg = GptConfig {
         vocab_size: 61,
         context_length: ctx,
-        emb_dim: 32,
-        n_heads: 4,
-        n_layers: 2,
-        drop_rate: 0.1,
-        qkv_bias: true,
-        tie_weights: false,
+        ..common::tiny_gpt()
     };
     let vs = VarStore::new(Device::Cpu);
     let m = GptModel::new(&vs.root(), &cfg);
     (vs, m)
-}
-
-fn greedy(n: usize, use_cache: bool) -> GenerateSpec {
-    GenerateSpec {
-        max_new_tokens: n,
-        temperature: 0.0,
-        eos_id: None,
-        use_cache,
-        ..Default::default()
-    }
 }
 
 /// Greedy decoding with the KV cache gives exactly the tokens of the no-cache path and of the
@@ -175,14 +160,10 @@ fn generation_stops_at_eos() -> Result<()> {
 
 fn hf_fixture(tied: bool) -> Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    common::run_reference(
-        "gen_hf_gpt2.py",
-        &[
-            dir.path().to_str().unwrap(),
-            "--tied",
-            if tied { "1" } else { "0" },
-        ],
-    )?;
+    common::Reference::script("gen_hf_gpt2.py")
+        .output(dir.path())
+        .args(["--tied", if tied { "1" } else { "0" }])
+        .run()?;
     Ok(dir)
 }
 
@@ -255,31 +236,16 @@ fn hf_gpt2_with_unknown_tensor_is_rejected() -> Result<()> {
 /// a mismatch keeps nothing.
 #[test]
 fn download_checks_the_announced_sha256() -> Result<()> {
-    use std::io::{Read, Write};
     let body = b"not really safetensors".to_vec();
     let good = llmlab::data::registry::sha256_hex(&body);
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
     let b2 = body.clone();
-    let server = std::thread::spawn(move || {
-        // Two rounds: config.json + weights with the right sha, then weights with a wrong one.
-        for etag in [None, Some(good.clone()), None, Some("0".repeat(64))] {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let (payload, extra) = match &etag {
-                None => (b"{}".to_vec(), String::new()),
-                Some(e) => (b2.clone(), format!("X-Linked-Etag: \"{e}\"\r\n")),
-            };
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
-                payload.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(&payload);
-        }
-    });
-    let endpoint = format!("http://127.0.0.1:{port}");
+    // Two rounds: config.json + weights with the right sha, then weights with a wrong one.
+    let mut etags = [None, Some(good.clone()), None, Some("0".repeat(64))].into_iter();
+    let server = common::HttpStub::serve_n(4, move |_| match etags.next().expect("4 answers") {
+        None => common::Response::ok(b"{}".to_vec()),
+        Some(e) => common::Response::ok(b2.clone()).header("X-Linked-Etag", &format!("\"{e}\"")),
+    })?;
+    let endpoint = server.url().to_string();
     let cache = tempfile::tempdir()?;
     let dir =
         llmlab::weights::hub::download_gpt2_with("gpt2-small", None, cache.path(), &endpoint)?;
@@ -300,7 +266,7 @@ fn download_checks_the_announced_sha256() -> Result<()> {
         .exists());
     let leftovers = std::fs::read_dir(cache2.path().join("models/gpt2-small"))?.count();
     assert_eq!(leftovers, 1, "only config.json, no partial weights");
-    server.join().expect("server");
+    server.join();
     let err = llmlab::weights::hub::download_gpt2_with("gpt2-huge", None, cache2.path(), &endpoint)
         .unwrap_err();
     assert!(format!("{err:#}").contains("gpt2-xl"));

@@ -1,7 +1,7 @@
 //! Experiment files: sweep expansion (grid and zip), `extends`, `--set`, slugs, and strict
 //! validation with file/line/column errors; `llmlab run` skipping finished trials.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::experiment::{prepare::prepare, Experiment};

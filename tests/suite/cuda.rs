@@ -1,10 +1,10 @@
 //! CUDA checks, ignored on machines without a GPU (CI); `scripts/gpu_check.sh` runs them with
 //! `--ignored` on a GPU machine.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
-use llmlab::generate::{generate, GenerateSpec};
+use llmlab::generate::generate;
 use llmlab::models::{GptConfig, GptModel};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -25,11 +25,9 @@ fn cuda_matches_cpu() -> Result<()> {
         vocab_size: 500,
         context_length: 64,
         emb_dim: 128,
-        n_heads: 4,
         n_layers: 3,
         drop_rate: 0.0,
-        qkv_bias: true,
-        tie_weights: false,
+        ..common::tiny_gpt()
     };
     let cpu_vs = VarStore::new(Device::Cpu);
     let cpu = GptModel::new(&cpu_vs.root(), &cfg);
@@ -40,11 +38,7 @@ fn cuda_matches_cpu() -> Result<()> {
     let a = tch::no_grad(|| cpu.forward_t(&x, false));
     let b = tch::no_grad(|| gpu.forward_t(&x.to_device(dev), false)).to_device(Device::Cpu);
     common::assert_close(&b, &a, 1e-3, 1e-3, "cuda vs cpu logits")?;
-    let spec = GenerateSpec {
-        max_new_tokens: 30,
-        eos_id: None,
-        ..Default::default()
-    };
+    let spec = common::greedy(30, true);
     assert_eq!(
         generate(&cpu, &[1, 2, 3], &spec)?.ids,
         generate(&gpu, &[1, 2, 3], &spec)?.ids

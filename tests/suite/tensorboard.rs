@@ -3,7 +3,7 @@
 //! package's record reader, `EventAccumulator`, and the HParams plugin's own backend), and every
 //! scalar, text sample, hparam value, end status and experiment definition is checked.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::tensorboard::{HParamDomain, HValue, SessionStatus, TbWriter};
@@ -114,7 +114,7 @@ fn write_sweep(root: &Path) -> Result<()> {
 }
 
 fn read_back(root: &Path) -> Result<Value> {
-    let out = common::run_reference("tb_read.py", &[root.to_str().unwrap()])?;
+    let out = common::run_reference_uncached("tb_read.py", &[root.to_str().unwrap()])?;
     Ok(serde_json::from_str(&out)?)
 }
 

@@ -1,6 +1,6 @@
 //! Chapter 2 tokenizers: parity with tiktoken, round trips, the book's worked examples.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::data::tokenizer::{build_simple_vocab, train_bpe, END_OF_TEXT_ID};
@@ -20,15 +20,12 @@ fn gpt2_ids_match_tiktoken() -> Result<()> {
     let spam = common::mirror().join("sms-spam-collection/SMSSpamCollection");
     let edge = common::repo().join("tests/fixtures/unicode_edge_cases.txt");
     let bpe = common::gpt2_bpe_dir();
-    let out = common::run_reference(
-        "tiktoken_ids.py",
-        &[
-            bpe.to_str().unwrap(),
-            verdict.to_str().unwrap(),
-            spam.to_str().unwrap(),
-            edge.to_str().unwrap(),
-        ],
-    )?;
+    let out = common::Reference::script("tiktoken_ids.py")
+        .input(&bpe)
+        .input(&verdict)
+        .input(&spam)
+        .input(&edge)
+        .run()?;
     let reference: BTreeMap<String, serde_json::Value> = serde_json::from_str(&out)?;
 
     let want: Vec<u32> = serde_json::from_value(reference[verdict.to_str().unwrap()].clone())?;

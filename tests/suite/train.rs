@@ -1,7 +1,7 @@
 //! Chapter 5 / appendix D training: AdamW, clipping and the schedule against PyTorch; resumable,
 //! repeatable runs; clear errors for bad checkpoints and diverging losses.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::models::{GptConfig, GptModel};
@@ -19,10 +19,11 @@ use tch::{Device, Kind, Tensor};
 #[test]
 fn adamw_steps_match_pytorch() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let out = common::run_reference(
-        "gen_train.py",
-        &["--out", dir.path().to_str().unwrap(), "--steps", "5"],
-    )?;
+    let out = common::Reference::script("gen_train.py")
+        .arg("--out")
+        .output(dir.path())
+        .args(["--steps", "5"])
+        .run()?;
     let meta: serde_json::Value = serde_json::from_str(&out)?;
     let cfg: GptConfig = serde_json::from_value(meta["cfg"].clone())?;
     let t = common::read_tensors(&dir.path().join("train.safetensors"))?;
@@ -467,10 +468,10 @@ fn set_grads(opt: &mut AdamW, t: &BTreeMap<String, Tensor>, step: usize) {
 #[test]
 fn fused_adamw_matches_plain_and_pytorch() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let out = common::run_reference(
-        "gen_fused_adamw.py",
-        &["--out", dir.path().to_str().unwrap()],
-    )?;
+    let out = common::Reference::script("gen_fused_adamw.py")
+        .arg("--out")
+        .output(dir.path())
+        .run()?;
     let meta: serde_json::Value = serde_json::from_str(&out)?;
     let t = common::read_tensors(&dir.path().join("fused_adamw.safetensors"))?;
     let names: Vec<String> = serde_json::from_value(meta["names"].clone())?;
@@ -634,11 +635,9 @@ fn bf16_autocast_guard_on_cpu() -> Result<()> {
         vocab_size: 1000,
         context_length: 32,
         emb_dim: 64,
-        n_heads: 4,
-        n_layers: 2,
         drop_rate: 0.0,
         qkv_bias: false,
-        tie_weights: false,
+        ..common::tiny_gpt()
     };
     let vs = VarStore::new(cpu);
     let model = GptModel::new(&vs.root(), &cfg);

@@ -1,7 +1,7 @@
 //! The Llama family against Hugging Face transformers: SmolLM2-135M-Instruct from its GGUF file
 //! (transformers dequantizes the same file) and tiny random LlamaForCausalLM folders.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common::{self, greedy};
 
 use anyhow::Result;
 use llmlab::chat::{ChatTemplate, Message};
@@ -11,16 +11,6 @@ use llmlab::models::LlamaConfig;
 use llmlab::resolve::{smollm2_gguf, AnyModel, InferenceDtype, LoadedLm};
 use llmlab::weights::llama::load_hf;
 use tch::{Device, Kind, Tensor};
-
-fn greedy(n: usize, use_cache: bool, eos: Option<i64>) -> GenerateSpec {
-    GenerateSpec {
-        max_new_tokens: n,
-        temperature: 0.0,
-        eos_id: eos,
-        use_cache,
-        ..Default::default()
-    }
-}
 
 /// SmolLM2 parity, in one transformers run (loading the GGUF there takes most of the time):
 /// token ids on English, code and Unicode text; last-position logits (max abs diff < 1e-3);
@@ -36,14 +26,14 @@ fn smollm2_matches_transformers() -> Result<()> {
         repo.join("src/generate.rs"),
         repo.join("tests/fixtures/unicode_edge_cases.txt"),
     ];
-    let mut args = vec![
-        "smollm2".to_string(),
-        gguf.display().to_string(),
-        dir.path().display().to_string(),
-    ];
-    args.extend(corpus.iter().map(|p| p.display().to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    common::run_reference("hf_llama.py", &args)?;
+    let mut reference = common::Reference::script("hf_llama.py")
+        .arg("smollm2")
+        .input(&gguf)
+        .output(dir.path());
+    for p in &corpus {
+        reference = reference.input(p);
+    }
+    reference.run()?;
     let reference: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("ref.json"))?)?;
     let logits = common::read_tensors(&dir.path().join("logits.safetensors"))?;
@@ -103,7 +93,11 @@ fn smollm2_matches_transformers() -> Result<()> {
             want.pop();
         }
         for use_cache in [true, false] {
-            let out = generate(model, &ids, &greedy(32, use_cache, lm.eos_id))?;
+            let spec = GenerateSpec {
+                eos_id: lm.eos_id,
+                ..greedy(32, use_cache)
+            };
+            let out = generate(model, &ids, &spec)?;
             assert_eq!(
                 out.ids, want,
                 "greedy continuation of prompt {i} (cache {use_cache})"
@@ -210,7 +204,7 @@ fn smollm2_q4_is_close_to_f32() -> Result<()> {
             assert!(q4_top == idx.int64_value(&[0]) || q4_top == idx.int64_value(&[1]));
         }
         // Greedy continuations: the common prefix with f32's.
-        let spec = greedy(32, true, None);
+        let spec = greedy(32, true);
         let a = generate(f32_m, &ids, &spec)?.ids;
         let b = generate(q4_m, &ids, &spec)?.ids;
         let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
@@ -247,7 +241,7 @@ fn smollm2_q4_is_close_to_f32() -> Result<()> {
         &generate(
             q4_m,
             &q4_lm.encode_prompt("The capital of France is")?,
-            &greedy(8, true, None),
+            &greedy(8, true),
         )?
         .ids,
     )?;
@@ -290,9 +284,11 @@ fn hf_llama_folders_match_transformers() -> Result<()> {
         &["--tied", "--bf16"][..],
     ] {
         let dir = tempfile::tempdir()?;
-        let mut args = vec!["tiny-llama", dir.path().to_str().unwrap()];
-        args.extend(flags);
-        common::run_reference("hf_llama.py", &args)?;
+        common::Reference::script("hf_llama.py")
+            .arg("tiny-llama")
+            .output(dir.path())
+            .args(flags)
+            .run()?;
         let (_vs, mut m) = load_hf(dir.path(), Device::Cpu)?;
         assert_eq!(m.cfg.n_kv_groups, 2);
         assert_eq!(m.cfg.tie_weights, flags.contains(&"--tied"));
@@ -311,7 +307,7 @@ fn hf_llama_folders_match_transformers() -> Result<()> {
         let prompt: Vec<i64> = serde_json::from_value(r["prompt"].clone())?;
         let want: Vec<i64> = serde_json::from_value(r["greedy"].clone())?;
         for use_cache in [true, false] {
-            let out = generate(&m, &prompt, &greedy(want.len(), use_cache, None))?.ids;
+            let out = generate(&m, &prompt, &greedy(want.len(), use_cache))?.ids;
             assert_eq!(out, want, "greedy {flags:?} (cache {use_cache})");
         }
         // The inference set-up (fused q/k/v and gate/up) computes the same logits.
@@ -324,7 +320,7 @@ fn hf_llama_folders_match_transformers() -> Result<()> {
             0.0,
             &format!("fused {flags:?}"),
         )?;
-        let out = generate(&m, &prompt, &greedy(want.len(), true, None))?.ids;
+        let out = generate(&m, &prompt, &greedy(want.len(), true))?.ids;
         assert_eq!(out, want, "greedy {flags:?} (fused)");
     }
     Ok(())
@@ -360,44 +356,30 @@ fn llama_presets_and_bad_configs() -> Result<()> {
 /// against its announced sha256; the folder then loads and matches the original.
 #[test]
 fn download_fetches_sharded_llama_checkpoints() -> Result<()> {
-    use std::io::{Read, Write};
     let src = tempfile::tempdir()?;
-    common::run_reference(
-        "hf_llama.py",
-        &["tiny-llama", src.path().to_str().unwrap(), "--shards"],
-    )?;
+    common::Reference::script("hf_llama.py")
+        .arg("tiny-llama")
+        .output(src.path())
+        .arg("--shards")
+        .run()?;
     let root = src.path().to_path_buf();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let mut s = stream.expect("accept");
-            let mut buf = [0u8; 4096];
-            let n = s.read(&mut buf).unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
-            let file = path.rsplit('/').next().unwrap_or("").to_string();
-            let body = if file.starts_with("tokenizer") {
-                Some(b"{}".to_vec())
-            } else {
-                std::fs::read(root.join(&file)).ok()
-            };
-            let head = match &body {
-                None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
-                Some(b) => format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Linked-Etag: \"{}\"\r\nConnection: close\r\n\r\n",
-                    b.len(),
-                    llmlab::data::registry::sha256_hex(b)
-                ),
-            };
-            let _ = s.write_all(head.as_bytes());
-            if let Some(b) = body {
-                let _ = s.write_all(&b);
+    let server = common::HttpStub::serve(move |req| {
+        let file = req.file_name();
+        let body = if file.starts_with("tokenizer") {
+            Some(b"{}".to_vec())
+        } else {
+            std::fs::read(root.join(file)).ok()
+        };
+        match body {
+            None => common::Response::not_found(),
+            Some(b) => {
+                let etag = format!("\"{}\"", llmlab::data::registry::sha256_hex(&b));
+                common::Response::ok(b).header("X-Linked-Etag", &etag)
             }
         }
-    });
+    })?;
     let cache = tempfile::tempdir()?;
-    let endpoint = format!("http://127.0.0.1:{port}");
+    let endpoint = server.url().to_string();
     let dir =
         llmlab::weights::hub::download_llama_with("llama-3.2-1b", None, cache.path(), &endpoint)?;
     assert!(dir.join("model.safetensors.index.json").is_file());

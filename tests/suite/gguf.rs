@@ -3,7 +3,7 @@
 //! the SmolLM2 file; broken files give clear errors. The 4-bit linear layers of `--dtype q4`
 //! against plain matmuls, on random weights and on the file's Q4_1 tensors.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::error::LlmError;
@@ -29,10 +29,11 @@ fn dequantization_matches_gguf_py_for_every_type() -> Result<()> {
         dir.path().join("small.gguf"),
         dir.path().join("ref.safetensors"),
     );
-    common::run_reference(
-        "hf_llama.py",
-        &["small-gguf", file.to_str().unwrap(), refp.to_str().unwrap()],
-    )?;
+    common::Reference::script("hf_llama.py")
+        .arg("small-gguf")
+        .output(&file)
+        .output(&refp)
+        .run()?;
     let g = GgufFile::open(&file)?;
     assert_eq!(g.version, 3);
     assert_eq!(g.get("test.u32"), Some(&Value::U32(7)));
@@ -84,9 +85,12 @@ fn smollm2_tensors_match_gguf_py() -> Result<()> {
         "blk.29.ffn_down.weight",
         "blk.0.attn_norm.weight",
     ];
-    let mut args = vec!["dequant", gguf.to_str().unwrap(), refp.to_str().unwrap()];
-    args.extend(names);
-    common::run_reference("hf_llama.py", &args)?;
+    common::Reference::script("hf_llama.py")
+        .arg("dequant")
+        .input(&gguf)
+        .output(&refp)
+        .args(names)
+        .run()?;
     let g = GgufFile::open(&gguf)?;
     assert_eq!(g.get_str("general.architecture")?, "llama");
     assert_eq!(g.tensors.len(), 272);

@@ -1,6 +1,15 @@
-//! Helpers shared by the integration tests: the reference Python, fixtures, tensor comparison.
+//! Helpers shared by the integration tests: the reference Python (cached), fixtures, tensor
+//! comparison, a local HTTP stub, tiny model configs, greedy decoding.
 #![allow(dead_code)]
+mod http;
+mod reference;
+
+pub use http::{HttpStub, Response};
+pub use reference::{run_reference_uncached, Outcome, Reference, ReferenceCache};
+
 use anyhow::{bail, Context, Result};
+use llmlab::generate::GenerateSpec;
+use llmlab::models::GptConfig;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,26 +31,6 @@ pub fn mirror() -> PathBuf {
     std::env::var_os("LLMLAB_DATA_MIRROR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("../shared/data"))
-}
-
-/// Runs a script of `tests/reference/` and returns its stdout.
-pub fn run_reference(script: &str, args: &[&str]) -> Result<String> {
-    let path = repo().join("tests/reference").join(script);
-    let out = Command::new(python())
-        .arg(&path)
-        .args(args)
-        .env("PYTHONPATH", repo().join("tests/reference"))
-        .output()
-        .with_context(|| format!("running {} with {}", path.display(), python().display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}):\n{}",
-            script,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
@@ -110,6 +99,45 @@ pub fn llmlab_stdin(args: &[&str], input: &str) -> Result<(i32, String, String)>
     ))
 }
 
+/// The tests' tiny GPT: vocabulary 97, context 16, 32-dim embeddings, 4 heads, 2 blocks,
+/// dropout 0.1, qkv bias, an untied head. Tests that need other numbers override fields:
+/// `GptConfig { vocab_size: 61, ..tiny_gpt() }`.
+pub fn tiny_gpt() -> GptConfig {
+    GptConfig {
+        vocab_size: 97,
+        context_length: 16,
+        emb_dim: 32,
+        n_heads: 4,
+        n_layers: 2,
+        drop_rate: 0.1,
+        qkv_bias: true,
+        tie_weights: false,
+    }
+}
+
+/// Writes the tests' tiny Llama config (SmolLM2's vocabulary, 3 blocks of 64 dims, GQA 4 query /
+/// 2 KV heads, tied head) to `dir/tiny-llama.yaml`; returns its path for `LoadedLm::load`.
+pub fn tiny_llama_yaml(dir: &Path) -> Result<String> {
+    let p = dir.join("tiny-llama.yaml");
+    std::fs::write(
+        &p,
+        "family: llama\nvocab_size: 49152\ncontext_length: 128\nemb_dim: 64\nn_heads: 4\nn_kv_groups: 2\nn_layers: 3\nhidden_dim: 128\nrope_base: 10000.0\nrms_eps: 1.0e-5\ntie_weights: true\n",
+    )?;
+    Ok(p.display().to_string())
+}
+
+/// Greedy decoding of `n` tokens (temperature 0), with or without the KV cache, without an
+/// end-of-text stop (`GenerateSpec { eos_id: Some(id), ..greedy(n, true) }` adds one).
+pub fn greedy(n: usize, use_cache: bool) -> GenerateSpec {
+    GenerateSpec {
+        max_new_tokens: n,
+        temperature: 0.0,
+        eos_id: None,
+        use_cache,
+        ..Default::default()
+    }
+}
+
 pub fn gpt2_bpe_dir() -> PathBuf {
     mirror().join("gpt2-bpe")
 }
@@ -135,8 +163,16 @@ pub fn assert_same_metrics(a: &Path, b: &Path, keys: &[&str], what: &str) -> Res
     Ok(())
 }
 
-/// Requests a stop (as Ctrl-C does) after optimizer step `.0`.
+/// Requests a stop (as Ctrl-C does) after optimizer step `.0`; clears the request when dropped,
+/// so that a test that fails before clearing it does not stop the runs of the tests after it
+/// (they share this process).
 pub struct StopAt(pub usize);
+
+impl Drop for StopAt {
+    fn drop(&mut self) {
+        llmlab::signal::reset();
+    }
+}
 
 impl llmlab::train::trainer::TrainEvents for StopAt {
     fn log(&mut self, _msg: &str) {}

@@ -1,7 +1,7 @@
 //! The binary as a user drives it: outputs, and bad input giving clear errors, non-zero exits and
 //! never a panic.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 

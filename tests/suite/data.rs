@@ -1,6 +1,6 @@
 //! Chapter 2 data pipeline and the data registry.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::data::registry::{sha256_hex, Registry};
@@ -184,22 +184,11 @@ fn registry_rejects_a_bad_checksum() -> Result<()> {
 /// wrong bytes, or no server at all, leaves no file behind and names the URL.
 #[test]
 fn registry_download_is_checksummed_and_atomic() -> Result<()> {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    let server = std::thread::spawn(move || {
-        for body in [b"hello world\n".as_slice(), b"tampered\n".as_slice()] {
-            let (mut s, _) = listener.accept().expect("accept");
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(body);
-        }
-    });
+    let mut bodies = [b"hello world\n".as_slice(), b"tampered\n".as_slice()].into_iter();
+    let server = common::HttpStub::serve_n(2, move |_| {
+        common::Response::ok(bodies.next().expect("two answers"))
+    })?;
+    let port = server.port();
     let yaml = format!(
         "datasets:\n  hello:\n    description: test\n    files:\n      - {{path: hello.txt, url: \"http://127.0.0.1:{port}/hello.txt\", sha256: {}}}\n",
         sha256_hex(b"hello world\n")
@@ -219,7 +208,7 @@ fn registry_download_is_checksummed_and_atomic() -> Result<()> {
             && msg.contains("expected sha256"),
         "{msg}"
     );
-    server.join().expect("server thread");
+    server.join();
     let leftovers: Vec<_> = walk(cache2.path());
     assert!(leftovers.is_empty(), "no partial file: {leftovers:?}");
     // The server is gone: a network failure names the URL and leaves nothing.

@@ -1,7 +1,7 @@
 //! Chapters 3–4: attention variants and the GPT model against the book's PyTorch code (ours, in
 //! tests/reference/book_gpt.py) loaded with the same weights.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::models::{generate_text_simple, param_stats, GptConfig, GptModel};
@@ -19,17 +19,11 @@ fn fixture(cfg: &GptConfig, seq: i64) -> Result<tempfile::TempDir> {
         "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "drop_rate": cfg.drop_rate, "qkv_bias": cfg.qkv_bias,
     }))?;
     let seq = seq.to_string();
-    common::run_reference(
-        "gen_gpt.py",
-        &[
-            "--out",
-            dir.path().to_str().unwrap(),
-            "--config",
-            &cfg_json,
-            "--seq",
-            &seq,
-        ],
-    )?;
+    common::Reference::script("gen_gpt.py")
+        .arg("--out")
+        .output(dir.path())
+        .args(["--config", &cfg_json, "--seq", &seq])
+        .run()?;
     Ok(dir)
 }
 
@@ -38,19 +32,6 @@ fn load_gpt(cfg: &GptConfig, dir: &Path) -> Result<(VarStore, GptModel)> {
     let model = GptModel::new(&vs.root(), cfg);
     llmlab::weights::load_gpt_state_dict(&vs, &dir.join("weights.safetensors"))?;
     Ok((vs, model))
-}
-
-fn tiny() -> GptConfig {
-    GptConfig {
-        vocab_size: 97,
-        context_length: 16,
-        emb_dim: 32,
-        n_heads: 4,
-        n_layers: 2,
-        drop_rate: 0.1,
-        qkv_bias: true,
-        tie_weights: false,
-    }
 }
 
 /// Our GptModel gives the reference GPTModel's logits (f32, max abs diff < 1e-4) for the same
@@ -83,12 +64,12 @@ fn check_gpt_parity(cfg: &GptConfig, seq: i64) -> Result<()> {
 
 #[test]
 fn gpt_tiny_logits_match_reference() -> Result<()> {
-    check_gpt_parity(&tiny(), 7)?;
+    check_gpt_parity(&common::tiny_gpt(), 7)?;
     check_gpt_parity(
         &GptConfig {
             qkv_bias: false,
             n_layers: 3,
-            ..tiny()
+            ..common::tiny_gpt()
         },
         16,
     )
@@ -124,10 +105,10 @@ fn parameter_counts_equal_the_books() -> Result<()> {
     // not), and gives the book's exercise 4.2 numbers for the larger presets.
     for c in [
         cfg.clone(),
-        tiny(),
+        common::tiny_gpt(),
         GptConfig {
             tie_weights: true,
-            ..tiny()
+            ..common::tiny_gpt()
         },
     ] {
         let vs = VarStore::new(Device::Cpu);
@@ -158,7 +139,7 @@ fn sub(t: &BTreeMap<String, Tensor>, prefix: &str) -> BTreeMap<String, Tensor> {
 /// fused SDPA path vs the explicit one.
 #[test]
 fn attention_variants_match_reference_and_each_other() -> Result<()> {
-    let dir = fixture(&tiny(), 4)?;
+    let dir = fixture(&common::tiny_gpt(), 4)?;
     let t = common::read_tensors(&dir.path().join("attention.safetensors"))?;
     let origin = dir.path().join("attention.safetensors");
     let x = &t["x"];
@@ -335,13 +316,13 @@ fn fused_layer_norm_and_gelu_equal_book_formulas() -> Result<()> {
 /// A checkpoint with a wrong shape or a missing tensor is a clear error naming the tensor.
 #[test]
 fn mismatched_weights_name_the_tensor() -> Result<()> {
-    let dir = fixture(&tiny(), 4)?;
+    let dir = fixture(&common::tiny_gpt(), 4)?;
     let vs = VarStore::new(Device::Cpu);
     let _m = GptModel::new(
         &vs.root(),
         &GptConfig {
             emb_dim: 64,
-            ..tiny()
+            ..common::tiny_gpt()
         },
     );
     let err = llmlab::weights::load_gpt_state_dict(&vs, &dir.path().join("weights.safetensors"))
@@ -356,7 +337,7 @@ fn mismatched_weights_name_the_tensor() -> Result<()> {
         &vs.root(),
         &GptConfig {
             n_layers: 3,
-            ..tiny()
+            ..common::tiny_gpt()
         },
     );
     let msg = format!(
@@ -382,7 +363,7 @@ fn mismatched_weights_name_the_tensor() -> Result<()> {
 /// save then load round-trips every variable exactly.
 #[test]
 fn save_then_load_round_trips() -> Result<()> {
-    let cfg = tiny();
+    let cfg = common::tiny_gpt();
     let vs = VarStore::new(Device::Cpu);
     let m = GptModel::new(&vs.root(), &cfg);
     let dir = tempfile::tempdir()?;
@@ -406,7 +387,7 @@ fn fresh_weights_follow_pytorch_init() -> Result<()> {
         n_heads: 4,
         n_layers: 1,
         vocab_size: 1000,
-        ..tiny()
+        ..common::tiny_gpt()
     };
     let vs = VarStore::new(Device::Cpu);
     let _m = GptModel::new(&vs.root(), &cfg);

@@ -1,6 +1,6 @@
 //! Classification fine-tuning (book ch06, appendix E): the SMS Spam data and its split, the
 //! freezing strategies, LoRA, frozen-prefix reuse, and a short real run with SmolLM2.
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::classify::data::{self, ClassifyDataSpec};
@@ -32,19 +32,12 @@ fn sms_spam_reads_like_python_csv_and_splits_70_10_20() -> Result<()> {
     assert_eq!(examples.iter().filter(|e| e.label == 1).count(), 747);
 
     let file = common::mirror().join("sms-spam-collection/SMSSpamCollection");
-    let out = std::process::Command::new(common::python())
-        .args([
-            "-c",
-            "import csv,json,sys; print(json.dumps(list(csv.reader(open(sys.argv[1], newline='', encoding='utf-8'), delimiter='\\t'))))",
-        ])
-        .arg(&file)
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: Vec<(String, String)> = serde_json::from_slice(&out.stdout)?;
+    let out = common::Reference::code(
+        "import csv,json,sys; print(json.dumps(list(csv.reader(open(sys.argv[1], newline='', encoding='utf-8'), delimiter='\\t'))))",
+    )
+    .input(&file)
+    .run()?;
+    let rows: Vec<(String, String)> = serde_json::from_str(&out)?;
     assert_eq!(rows.len(), examples.len());
     for (e, (label, text)) in examples.iter().zip(&rows) {
         assert_eq!(&e.text, text, "line {}", e.line);
@@ -128,18 +121,9 @@ fn bad_label_files_name_the_line() -> Result<()> {
     Ok(())
 }
 
-fn tiny_llama_yaml(dir: &Path) -> Result<String> {
-    let p = dir.join("tiny-llama.yaml");
-    std::fs::write(
-        &p,
-        "family: llama\nvocab_size: 49152\ncontext_length: 128\nemb_dim: 64\nn_heads: 4\nn_kv_groups: 2\nn_layers: 3\nhidden_dim: 128\nrope_base: 10000.0\nrms_eps: 1.0e-5\ntie_weights: true\n",
-    )?;
-    Ok(p.display().to_string())
-}
-
 /// A GPT (gpt-mini) and a Llama (3 blocks) with random weights, without dropout.
 fn tiny_models(dir: &Path) -> Result<Vec<(String, LoadedLm)>> {
-    let llama = tiny_llama_yaml(dir)?;
+    let llama = common::tiny_llama_yaml(dir)?;
     Ok(vec![
         ("gpt-mini".into(), LoadedLm::load("gpt-mini", Device::Cpu)?),
         ("tiny-llama".into(), LoadedLm::load(&llama, Device::Cpu)?),
@@ -185,7 +169,7 @@ fn freezing_strategies_change_only_their_parameters() -> Result<()> {
             let lm = if family == "gpt-mini" {
                 LoadedLm::load("gpt-mini", Device::Cpu)?
             } else {
-                LoadedLm::load(&tiny_llama_yaml(dir.path())?, Device::Cpu)?
+                LoadedLm::load(&common::tiny_llama_yaml(dir.path())?, Device::Cpu)?
             };
             let mut clf = Classifier::new(lm, 2, TokenPos::Flexible);
             clf.set_dropout(0.0);
@@ -302,7 +286,7 @@ fn small_spec(model: &str, trainable: &str, reuse: bool) -> Result<ClassifySpec>
 fn frozen_prefix_reuse_matches_the_plain_path() -> Result<()> {
     set_mirror();
     let dir = tempfile::tempdir()?;
-    let llama = tiny_llama_yaml(dir.path())?;
+    let llama = common::tiny_llama_yaml(dir.path())?;
     for model in ["gpt-mini", llama.as_str()] {
         let mut runs = Vec::new();
         for reuse in [false, true] {
@@ -924,10 +908,9 @@ fn steps_match_reference(
 #[test]
 fn classification_steps_match_pytorch_and_transformers() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    common::run_reference(
-        "hf_classify.py",
-        &[dir.path().to_str().expect("utf-8 path")],
-    )?;
+    common::Reference::script("hf_classify.py")
+        .output(dir.path())
+        .run()?;
     let spec = format!("gpt2:{}", dir.path().join("model").display());
     for trainable in ["last_block", "all", "head"] {
         for token in ["last", "flexible", "mean"] {
@@ -958,10 +941,10 @@ fn classification_steps_match_pytorch_and_transformers() -> Result<()> {
 #[test]
 fn lora_classification_steps_match_peft() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    common::run_reference(
-        "hf_classify.py",
-        &[dir.path().to_str().expect("utf-8 path"), "--lora"],
-    )?;
+    common::Reference::script("hf_classify.py")
+        .output(dir.path())
+        .arg("--lora")
+        .run()?;
     let spec = format!("hf:{}", dir.path().join("model").display());
     for token in ["last", "flexible"] {
         let r = common::read_tensors(&dir.path().join(format!("lora-{token}.safetensors")))?;

@@ -10,7 +10,7 @@
 //! threads, so `--threads 2 --jobs 2` is compared with `--threads 1`; then the trial runs the
 //! same operations in a fresh process, and the numbers are bit-equal.
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use std::path::Path;
@@ -186,7 +186,7 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
         "killed: no process runs it"
     );
     let ckpt = checkpoint_step(&t2);
-    let killed: serde_json::Value = serde_json::from_str(&common::run_reference(
+    let killed: serde_json::Value = serde_json::from_str(&common::run_reference_uncached(
         "tb_read.py",
         &[cut.join("tiny-sweep").to_str().unwrap()],
     )?)?;
@@ -291,7 +291,7 @@ fn send_signal(pid: u32, signal: &str) {
 /// samples are there as text, and the HParams dashboard's backend lists every trial with its
 /// `train.lr`, one session start, its status and metrics. Returns what tb_read.py read.
 fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<serde_json::Value> {
-    let out = common::run_reference("tb_read.py", &[exp_dir.to_str().unwrap()])?;
+    let out = common::run_reference_uncached("tb_read.py", &[exp_dir.to_str().unwrap()])?;
     let tb: serde_json::Value = serde_json::from_str(&out)?;
     let infos = tb["experiment"]["hparam_infos"].as_array().unwrap();
     assert_eq!(infos.len(), 1);

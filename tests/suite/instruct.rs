@@ -2,16 +2,14 @@
 //! prompt formatting byte for byte, the judge client against stub OpenAI and Ollama servers,
 //! short runs on a small GPT through `llmlab run` and the library (lower validation loss,
 //! Ctrl-C and resume, the finished run loaded by `generate` and `chat`).
-mod common;
+use crate::common;
 
 use anyhow::Result;
 use llmlab::eval::judge::{judge_file, Api, Judge, JudgeConfig};
 use llmlab::instruct::collate::{collate, collate_packed, pack, CollateOptions, Encoded};
 use llmlab::instruct::data::{Entry, InstructDataSpec};
 use llmlab::instruct::prompt::{PromptStyle, Prompter};
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tch::{Device, Tensor};
 
@@ -202,80 +200,48 @@ fn jsonl_with_custom_fields() -> Result<()> {
     Ok(())
 }
 
-/// A stub judge server that speaks the OpenAI chat API (`POST /v1/chat/completions`) and
-/// Ollama's (`POST /api/chat`): GET answers 200, each POST the next scripted `(status,
-/// content)` in its API's shape (status 0: answer only after 1.5 s, later than the client's
-/// timeout); any other path gets a 404. Records each POST's path and body.
-type Seen = Arc<Mutex<Vec<(String, String)>>>;
-
-fn stub_server(script: Vec<(u16, &'static str)>) -> Result<(String, Seen)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = Arc::clone(&bodies);
-    std::thread::spawn(move || {
-        let mut script = script.into_iter();
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { break };
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut first = String::new();
-            if reader.read_line(&mut first).is_err() {
-                continue;
-            }
-            let path = first.split_whitespace().nth(1).unwrap_or("").to_string();
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = reader.read_exact(&mut body);
-            let (status, payload) = if first.starts_with("GET") {
-                (200, "{\"data\": [], \"models\": []}".to_string())
-            } else if path != "/v1/chat/completions" && path != "/api/chat" {
-                (404, "{\"error\": \"not found\"}".to_string())
-            } else {
-                seen.lock()
-                    .expect("lock")
-                    .push((path.clone(), String::from_utf8_lossy(&body).to_string()));
-                let (status, content) = script.next().unwrap_or((200, "50"));
-                let message = serde_json::json!({"role": "assistant", "content": content});
-                let payload = match status {
-                    0 | 200 if path == "/api/chat" => {
-                        serde_json::json!({"model": "m", "message": message, "done": true})
-                            .to_string()
-                    }
-                    0 | 200 => serde_json::json!({"choices": [{"message": message}]}).to_string(),
-                    _ => "{\"error\": \"overloaded\"}".to_string(),
-                };
-                (status, payload)
-            };
-            let late = status == 0;
-            let status = status.max(200);
-            let answer = move |mut stream: std::net::TcpStream| {
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-                    payload.len()
-                );
-            };
-            if late {
-                // Answer after the client gave up, without holding up the next request.
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(1500));
-                    answer(stream);
-                });
-            } else {
-                answer(stream);
-            }
+/// A stub judge server ([`common::HttpStub`]) that speaks the OpenAI chat API (`POST
+/// /v1/chat/completions`) and Ollama's (`POST /api/chat`): GET answers 200, each POST the next
+/// scripted `(status, content)` in its API's shape (status 0: answer only after 1.5 s, later than
+/// the client's timeout); any other path gets a 404.
+fn stub_server(script: Vec<(u16, &'static str)>) -> Result<common::HttpStub> {
+    let mut script = script.into_iter();
+    common::HttpStub::serve(move |req| {
+        if req.method == "GET" {
+            return common::Response::json(200, "{\"data\": [], \"models\": []}");
         }
-    });
-    Ok((url, bodies))
+        if !is_judge_api(&req.path) {
+            return common::Response::json(404, "{\"error\": \"not found\"}");
+        }
+        let (status, content) = script.next().unwrap_or((200, "50"));
+        let message = serde_json::json!({"role": "assistant", "content": content});
+        let payload = match status {
+            0 | 200 if req.path == "/api/chat" => {
+                serde_json::json!({"model": "m", "message": message, "done": true}).to_string()
+            }
+            0 | 200 => serde_json::json!({"choices": [{"message": message}]}).to_string(),
+            _ => "{\"error\": \"overloaded\"}".to_string(),
+        };
+        let response = common::Response::json(status.max(200), payload);
+        if status == 0 {
+            response.after(Duration::from_millis(1500))
+        } else {
+            response
+        }
+    })
+}
+
+fn is_judge_api(path: &str) -> bool {
+    path == "/v1/chat/completions" || path == "/api/chat"
+}
+
+/// The path and body of each POST to the judge APIs the stub received.
+fn judge_posts(stub: &common::HttpStub) -> Vec<(String, String)> {
+    stub.requests()
+        .into_iter()
+        .filter(|r| r.method != "GET" && is_judge_api(&r.path))
+        .map(|r| (r.path.clone(), r.body_text()))
+        .collect()
 }
 
 /// The judge scores each response through the OpenAI chat API: a 5xx is retried, an answer
@@ -284,12 +250,13 @@ fn stub_server(script: Vec<(u16, &'static str)>) -> Result<(String, Seen)> {
 /// the seed.
 #[test]
 fn judge_scores_through_a_stub_openai_server() -> Result<()> {
-    let (url, bodies) = stub_server(vec![
+    let stub = stub_server(vec![
         (500, ""),
         (200, "85"),
         (200, "I cannot score this."),
         (200, "Score: 42 out of 100"),
     ])?;
+    let url = stub.url();
     let dir = tempfile::tempdir()?;
     let responses = dir.path().join("responses.json");
     let mk = |i: &str, inp: &str, o: &str, r: &str| serde_json::json!({"instruction": i, "input": inp, "output": o, "model_response": r});
@@ -306,7 +273,7 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
             mk("Name a colour.", "", "Blue", "Blue"),
         ])?,
     )?;
-    let mut cfg = JudgeConfig::new(&url, "judge-model", Api::Openai);
+    let mut cfg = JudgeConfig::new(url, "judge-model", Api::Openai);
     cfg.backoff = Duration::from_millis(10);
     cfg.timeout = Duration::from_secs(10);
     let mut seen = Vec::new();
@@ -314,7 +281,7 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
     assert_eq!((s.scored, s.unparsable, s.total), (2, 1, 3));
     assert_eq!(s.mean_score, Some((85.0 + 42.0) / 2.0));
     assert_eq!(seen, vec![(1, 3, Some(85)), (2, 3, None), (3, 3, Some(42))]);
-    let bodies = bodies.lock().expect("lock").clone();
+    let bodies = judge_posts(&stub);
     assert_eq!(bodies.len(), 4, "one retry after the 500");
     assert!(bodies
         .iter()
@@ -342,7 +309,8 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
 /// request that times out is retried.
 #[test]
 fn judge_scores_through_a_stub_ollama_server() -> Result<()> {
-    let (url, bodies) = stub_server(vec![(0, "10"), (200, "77"), (200, "The score is 91.")])?;
+    let stub = stub_server(vec![(0, "10"), (200, "77"), (200, "The score is 91.")])?;
+    let url = stub.url();
     let dir = tempfile::tempdir()?;
     let responses = dir.path().join("responses.json");
     std::fs::write(
@@ -350,13 +318,13 @@ fn judge_scores_through_a_stub_ollama_server() -> Result<()> {
         r#"[{"instruction": "Say hi.", "input": "", "output": "Hi", "model_response": "Hello"},
             {"instruction": "Add 1 and 2.", "input": "", "output": "3", "model_response": "3"}]"#,
     )?;
-    let mut cfg = JudgeConfig::new(&url, "llama3", Api::Ollama);
+    let mut cfg = JudgeConfig::new(url, "llama3", Api::Ollama);
     cfg.backoff = Duration::from_millis(10);
     cfg.timeout = Duration::from_millis(700);
     let s = judge_file(&responses, cfg, &mut |_, _, _| {})?;
     assert_eq!((s.scored, s.unparsable, s.total), (2, 0, 2));
     assert_eq!(s.mean_score, Some((77.0 + 91.0) / 2.0));
-    let bodies = bodies.lock().expect("lock").clone();
+    let bodies = judge_posts(&stub);
     assert_eq!(bodies.len(), 3, "one retry after the timeout");
     assert!(bodies.iter().all(|(path, _)| path == "/api/chat"));
     let first: serde_json::Value = serde_json::from_str(&bodies[0].1)?;
@@ -411,14 +379,15 @@ fn unreachable_judge_is_a_clear_error_and_json_summary() -> Result<()> {
     assert!(err.contains("does not answer"), "{err}");
     assert!(!dir.path().join("r.judged.json").exists());
 
-    let (url, _) = stub_server(vec![(200, "70")])?;
+    let stub = stub_server(vec![(200, "70")])?;
+    let url = stub.url();
     let (code, out, err) = common::llmlab(&[
         "eval",
         "judge",
         "--responses",
         r,
         "--judge-url",
-        &url,
+        url,
         "--judge-model",
         "m",
         "--format",
