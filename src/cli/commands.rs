@@ -505,7 +505,7 @@ fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
     let json = a.format == Format::Json;
     let start = Instant::now();
     let r = perplexity(&lm, &text, &spec, &mut |done, total| {
-        if !json && (done == total || done % 100 == 0) {
+        if !json {
             eprint!("\r[{done}/{total} windows]");
             if done == total {
                 eprintln!();
