@@ -8,6 +8,7 @@
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
 //! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model | [`instruct`], [`eval`] |
+//! | evaluation: perplexity (Hugging Face's strided window), pairwise judging, Chatbot Arena leaderboards | [`eval`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`resolve`], [`chat`], [`request`], [`nn::quant`] |
 //!
 //! Benchmarks (tokens/s, MFU, weight bandwidth) in [`bench`]. Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,

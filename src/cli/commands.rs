@@ -25,9 +25,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate_cmd(a),
         Command::Chat(a) => super::chat::chat(a),
         Command::Classify(a) => classify_cmd(a),
-        Command::Eval {
-            action: EvalAction::Judge(a),
-        } => judge_cmd(a),
+        Command::Eval { action } => match action {
+            EvalAction::Judge(a) => judge_cmd(a),
+            EvalAction::Perplexity(a) => perplexity_cmd(a),
+            EvalAction::Pairwise(a) => pairwise_cmd(a),
+            EvalAction::Leaderboard(a) => leaderboard_cmd(a),
+        },
         Command::Download(a) => download(a),
         Command::Bench(a) => bench(a),
     }
@@ -427,16 +430,24 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+impl JudgeServerArgs {
+    fn config(&self) -> crate::eval::judge::JudgeConfig {
+        use crate::eval::judge::{Api, JudgeConfig};
+        let api = match self.api {
+            JudgeApi::Openai => Api::Openai,
+            JudgeApi::Ollama => Api::Ollama,
+        };
+        let mut cfg = JudgeConfig::new(&self.judge_url, &self.judge_model, api);
+        cfg.seed = self.seed;
+        cfg.timeout = std::time::Duration::from_secs(self.timeout.max(1));
+        cfg.retries = self.retries;
+        cfg
+    }
+}
+
 fn judge_cmd(a: JudgeArgs) -> Result<()> {
-    use crate::eval::judge::{judge_file, judged_path, Api, JudgeConfig};
-    let api = match a.api {
-        JudgeApi::Openai => Api::Openai,
-        JudgeApi::Ollama => Api::Ollama,
-    };
-    let mut cfg = JudgeConfig::new(&a.judge_url, &a.judge_model, api);
-    cfg.seed = a.seed;
-    cfg.timeout = std::time::Duration::from_secs(a.timeout.max(1));
-    cfg.retries = a.retries;
+    use crate::eval::judge::{judge_file, judged_path};
+    let cfg = a.server.config();
     let text = a.format == Format::Text;
     let summary = judge_file(&a.responses, cfg, &mut |i, n, score| {
         if text {
@@ -462,6 +473,132 @@ fn judge_cmd(a: JudgeArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     }
     Ok(())
+}
+
+/// Prints `value` as one JSON line (`--format json`) and writes it to `out` atomically.
+fn emit_json<T: serde::Serialize>(value: &T, json: bool, out: Option<&Path>) -> Result<()> {
+    let line = serde_json::to_string(value)?;
+    if json {
+        println!("{line}");
+    }
+    if let Some(out) = out {
+        crate::error::write_atomic(out, (line + "\n").as_bytes())?;
+    }
+    Ok(())
+}
+
+fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
+    use crate::eval::perplexity::{dataset_text, perplexity, PerplexitySpec};
+    let device = parse_device(&a.compute.device)?;
+    set_threads(a.compute.threads);
+    let text = match (&a.file, &a.dataset) {
+        (Some(f), _) => read_text(f)?,
+        (None, Some(name)) => dataset_text(name)?,
+        (None, None) => unreachable!("clap: --file or --dataset is required"),
+    };
+    let spec = PerplexitySpec {
+        max_length: a.max_length,
+        stride: a.stride,
+        batch_size: Some(a.batch_size),
+    };
+    let lm = LoadedLm::load(&a.model, device)?;
+    let json = a.format == Format::Json;
+    let start = Instant::now();
+    let r = perplexity(&lm, &text, &spec, &mut |done, total| {
+        if !json {
+            eprint!("\r[{done}/{total} windows]");
+            if done == total {
+                eprintln!();
+            }
+        }
+    })?;
+    if !json {
+        println!("perplexity: {:.4}", r.perplexity);
+        println!(
+            "nll: {:.6} nats per token over {} tokens (as the Hugging Face guide counts them)",
+            r.nll, r.tokens
+        );
+        println!(
+            "exact nll: {:.6} over all {} scored targets (perplexity {:.4})",
+            r.exact_nll,
+            r.scored_tokens,
+            r.exact_nll.exp()
+        );
+        println!(
+            "{} text tokens, {} windows of {} tokens moved by {} ({:.1} s on {})",
+            r.text_tokens,
+            r.windows,
+            r.max_length,
+            r.stride,
+            start.elapsed().as_secs_f64(),
+            device_name(device)
+        );
+    }
+    emit_json(&r, json, a.out.as_deref())
+}
+
+fn pairwise_cmd(a: PairwiseArgs) -> Result<()> {
+    use crate::eval::leaderboard::Winner;
+    use crate::eval::pairwise::{pairwise, unparsable_path, ResponsesFile};
+    let files = a
+        .responses
+        .iter()
+        .map(|r| ResponsesFile::parse(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let text = a.format == Format::Text;
+    let s = pairwise(&files, a.server.config(), &a.out, &mut |i, n, vote| {
+        if text {
+            match vote {
+                Some(v) => {
+                    let who = match v.winner {
+                        Winner::ModelA => v.model_a.as_str(),
+                        Winner::ModelB => v.model_b.as_str(),
+                        Winner::Tie => "tie",
+                    };
+                    eprintln!("[{i}/{n}] {} vs {}: {who}", v.model_a, v.model_b);
+                }
+                None => eprintln!("[{i}/{n}] unparsable"),
+            }
+        }
+    })?;
+    if text {
+        println!(
+            "{} comparisons of {} models: {} already in {}, {} new votes, {} unparsable ({} of {} judge replies)",
+            s.comparisons,
+            s.models.len(),
+            s.already_done,
+            s.out.display(),
+            s.new_votes,
+            s.unparsable_comparisons,
+            s.replies.unparsable,
+            s.replies.parsed + s.replies.unparsable
+        );
+        if s.unparsable_comparisons > 0 {
+            println!(
+                "unparsable comparisons: {}",
+                unparsable_path(&a.out).display()
+            );
+        }
+    } else {
+        println!("{}", serde_json::to_string(&s)?);
+    }
+    Ok(())
+}
+
+fn leaderboard_cmd(a: LeaderboardArgs) -> Result<()> {
+    use crate::eval::leaderboard::{leaderboard, read_votes, render_text, LeaderboardSpec};
+    let votes = read_votes(&a.votes)?;
+    let lb = leaderboard(
+        &votes,
+        &LeaderboardSpec {
+            bootstrap: a.bootstrap,
+            seed: a.seed,
+        },
+    );
+    if a.format == Format::Text {
+        print!("{}", render_text(&lb));
+    }
+    emit_json(&lb, a.format == Format::Json, a.out.as_deref())
 }
 
 fn classify_cmd(a: ClassifyArgs) -> Result<()> {

@@ -45,7 +45,8 @@ pub enum Command {
     Chat(ChatArgs),
     /// Classify texts with a fine-tuned classifier (a `task: classify` run folder): label and probability.
     Classify(ClassifyArgs),
-    /// Evaluate instruction responses (book ch07 §7.8): score them with a judge model.
+    /// Evaluate models: judge scores (book ch07 §7.8), pairwise votes and their leaderboard,
+    /// perplexity of a text.
     Eval {
         #[command(subcommand)]
         action: EvalAction,
@@ -99,6 +100,19 @@ pub enum EvalAction {
     /// OpenAI-compatible or Ollama API (the book's prompt, temperature 0, a seed). Writes every
     /// judged answer to <responses>.judged.json beside the file.
     Judge(JudgeArgs),
+    /// Perplexity of a text with Hugging Face's strided sliding window: windows of --max-length
+    /// tokens moved by --stride, each scoring only targets no earlier window scored. Prints
+    /// {"perplexity", "nll", "tokens", ...} (nll and tokens as the guide's code counts them;
+    /// exact_nll: the plain mean over every scored target).
+    Perplexity(PerplexityArgs),
+    /// Compare models' responses pairwise with a judge model: for every instruction two models
+    /// answered, the judge sees both responses in both orders; a model wins only if both orders
+    /// prefer it, otherwise a tie. Appends one Chatbot Arena battle line per comparison to --out
+    /// (resumable: comparisons already there are not asked again).
+    Pairwise(PairwiseArgs),
+    /// A leaderboard from pairwise votes: Bradley-Terry ratings (Chatbot Arena's fit, mean
+    /// 1000) with bootstrap 95% intervals, online Elo, rank by the intervals.
+    Leaderboard(LeaderboardArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,13 +123,9 @@ pub enum JudgeApi {
     Ollama,
 }
 
+/// The judge server and how requests to it are made (`eval judge`, `eval pairwise`).
 #[derive(Args, Debug)]
-pub struct JudgeArgs {
-    /// A responses file: a JSON array of objects with instruction, input, output and
-    /// model_response (a `task: instruct` run's responses.json, or the book's
-    /// instruction-data-with-response.json).
-    #[arg(long)]
-    pub responses: PathBuf,
+pub struct JudgeServerArgs {
     /// The judge server's base URL, e.g. http://localhost:11434 (Ollama) or http://localhost:8000.
     #[arg(long)]
     pub judge_url: String,
@@ -125,10 +135,6 @@ pub struct JudgeArgs {
     /// The API the server speaks.
     #[arg(long, value_enum, default_value_t = JudgeApi::Openai)]
     pub api: JudgeApi,
-    /// `text`: a progress line per response and a summary; `json`: one object
-    /// {"mean_score", "scored", "unparsable", "total"}.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
     /// The seed sent with every request (the book: 123).
     #[arg(long, default_value_t = 123)]
     pub seed: u64,
@@ -139,6 +145,94 @@ pub struct JudgeArgs {
     /// (waiting 0.5 s, then twice as long each time).
     #[arg(long, default_value_t = 3)]
     pub retries: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct JudgeArgs {
+    /// A responses file: a JSON array of objects with instruction, input, output and
+    /// model_response (a `task: instruct` run's responses.json, or the book's
+    /// instruction-data-with-response.json).
+    #[arg(long)]
+    pub responses: PathBuf,
+    #[command(flatten)]
+    pub server: JudgeServerArgs,
+    /// `text`: a progress line per response and a summary; `json`: one object
+    /// {"mean_score", "scored", "unparsable", "total"}.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("text").required(true).args(["file", "dataset"])))]
+pub struct PerplexityArgs {
+    /// smollm2-135m-instruct, a .gguf file, hf:DIR, gpt2:DIR, a run or model folder, a
+    /// .safetensors checkpoint, or a preset (fresh weights): anything `generate` loads.
+    #[arg(long)]
+    pub model: String,
+    /// A UTF-8 text file.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// A registered text data set: the-verdict, tinyshakespeare, middlemarch.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Tokens per window (default: the model's context length).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Tokens each window's start moves, 1..=max-length (default: max-length / 2, the guide's
+    /// 512 of 1024).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// `text`: the figures for a reader; `json`: one object.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Also write the JSON result to this file (atomically).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct PairwiseArgs {
+    /// A responses file (as `task: instruct` writes: a JSON array of objects with instruction,
+    /// input, output and model_response), one per model, at least two: PATH or NAME=PATH.
+    /// Without NAME the model is named after the file stem, or, for a file named
+    /// responses.json, after its folder (runs/exp/trial/responses.json -> trial).
+    #[arg(long = "responses", value_name = "[NAME=]PATH", required = true)]
+    pub responses: Vec<String>,
+    #[command(flatten)]
+    pub server: JudgeServerArgs,
+    /// The votes file (JSON lines, appended; comparisons already in it are skipped). Comparisons
+    /// with an unparsable reply go to <stem>.unparsable.jsonl beside it.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `text`: a line per comparison and a summary; `json`: one summary object.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct LeaderboardArgs {
+    /// Votes: JSON lines (`llmlab eval pairwise --out`) or a JSON array, each with model_a,
+    /// model_b and winner (model_a | model_b | tie | "tie (bothbad)"), Chatbot Arena's format.
+    #[arg(long)]
+    pub votes: PathBuf,
+    /// Bootstrap resamples of the votes for the 95% intervals (0: no intervals).
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap resampling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// `text`: a table; `json`: {"models": [{"model", "rating", "ci_low", "ci_high", "elo",
+    /// "rank", "battles", "wins", "ties", "note"?}], "votes", "bootstrap", "notes"?}.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Also write the JSON result to this file (atomically).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -4,6 +4,8 @@
 //! with the book's prompt, temperature 0 and a seed. Server errors (5xx) and timeouts are retried
 //! with exponential back-off; the score is the first integer 0..=100 in the reply (a reply
 //! without one is counted as unparsable). Every judged answer is kept beside the responses.
+//! The client ([`Judge`]: requests, retries, the count of unparsable replies) also serves
+//! [`super::pairwise`].
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::prompt::{format_input, Entry};
 use anyhow::Result;
@@ -138,8 +140,11 @@ impl Judge {
         })
     }
 
-    fn body(&self, prompt: &str) -> serde_json::Value {
-        let messages = serde_json::json!([{"role": "user", "content": prompt}]);
+    fn body(&self, messages: &[(&str, &str)]) -> serde_json::Value {
+        let messages: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
+            .collect();
         match self.cfg.api {
             Api::Openai => serde_json::json!({
                 "model": self.cfg.model,
@@ -211,9 +216,16 @@ impl Judge {
             })
     }
 
-    /// The judge's reply to `prompt`, retrying server errors and timeouts with back-off.
+    /// The judge's reply to `prompt` (one user message), retrying server errors and timeouts
+    /// with back-off.
     pub fn ask(&self, prompt: &str) -> Result<String, LlmError> {
-        let body = self.body(prompt).to_string();
+        self.ask_messages(&[("user", prompt)])
+    }
+
+    /// The judge's reply to a conversation of `(role, content)` messages (`system`, `user`),
+    /// retrying server errors and timeouts with back-off.
+    pub fn ask_messages(&self, messages: &[(&str, &str)]) -> Result<String, LlmError> {
+        let body = self.body(messages).to_string();
         let mut wait = self.cfg.backoff;
         let mut attempt = 0;
         loop {
@@ -233,6 +245,34 @@ impl Judge {
                 }
             }
         }
+    }
+}
+
+/// Counts of judge replies that `parse` read and those it could not (`eval judge`'s scores,
+/// `eval pairwise`'s verdicts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    pub parsed: usize,
+    pub unparsable: usize,
+}
+
+impl Judge {
+    /// Asks `messages` and reads the reply with `parse`; a reply it rejects is counted as
+    /// unparsable (never an error: the reply is returned for the record).
+    pub fn ask_parsed<T>(
+        &self,
+        messages: &[(&str, &str)],
+        parse: impl Fn(&str) -> Option<T>,
+        tally: &mut Tally,
+    ) -> Result<(String, Option<T>), LlmError> {
+        let reply = self.ask_messages(messages)?;
+        let v = parse(&reply);
+        if v.is_some() {
+            tally.parsed += 1;
+        } else {
+            tally.unparsable += 1;
+        }
+        Ok((reply, v))
     }
 }
 
@@ -301,17 +341,12 @@ pub fn judge_file(
     let judge = Judge::new(cfg);
     judge.probe()?;
     let mut judged = Vec::with_capacity(entries.len());
-    let (mut sum, mut scored, mut unparsable) = (0u64, 0usize, 0usize);
+    let mut sum = 0u64;
+    let mut tally = Tally::default();
     for (i, (e, response)) in entries.iter().enumerate() {
-        let reply = judge.ask(&judge_prompt(e, response))?;
-        let score = parse_score(&reply);
-        match score {
-            Some(s) => {
-                sum += u64::from(s);
-                scored += 1;
-            }
-            None => unparsable += 1,
-        }
+        let prompt = judge_prompt(e, response);
+        let (reply, score) = judge.ask_parsed(&[("user", &prompt)], parse_score, &mut tally)?;
+        sum += u64::from(score.unwrap_or(0));
         let mut rec = e.raw.clone();
         rec.insert("judge_reply".into(), reply.into());
         rec.insert("judge_score".into(), score.into());
@@ -319,9 +354,9 @@ pub fn judge_file(
         progress(i + 1, entries.len(), score);
     }
     let summary = JudgeSummary {
-        mean_score: (scored > 0).then(|| sum as f64 / scored as f64),
-        scored,
-        unparsable,
+        mean_score: (tally.parsed > 0).then(|| sum as f64 / tally.parsed as f64),
+        scored: tally.parsed,
+        unparsable: tally.unparsable,
         total: entries.len(),
     };
     let out = serde_json::json!({

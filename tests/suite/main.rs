@@ -21,6 +21,7 @@ mod classify;
 mod cli;
 mod cuda;
 mod data;
+mod eval;
 mod experiment;
 mod generate;
 mod gguf;

@@ -1,0 +1,663 @@
+//! Evaluation commands: perplexity with Hugging Face's strided sliding window against the
+//! guide's code run with transformers, pairwise judging against a stub judge server (both
+//! orders, resuming), and the leaderboard against Chatbot Arena's scikit-learn fit.
+use crate::common;
+
+use anyhow::{Context, Result};
+use llmlab::eval::judge::{Api, JudgeConfig};
+use llmlab::eval::pairwise::{pairwise, unparsable_path, ResponsesFile, SYSTEM_PROMPT};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn json_of(out: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(out.trim()).with_context(|| format!("not JSON: {out}"))
+}
+
+fn rel_diff(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+/// The guide's loop in transformers on a tiny random GPT-2 (GPT-2's vocabulary) and
+/// `llmlab eval perplexity` on the same weights and text agree: the same windows and token
+/// counts, `nll` and `perplexity` within 1e-4 relative, for overlapping windows (stride 16 and
+/// 7 of 32), disjoint ones and a max_length below the context; batching windows changes
+/// nothing; `exact_nll` equals the mean over every scored target.
+#[test]
+fn perplexity_matches_the_hf_guide_on_a_tiny_gpt2() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let verdict = std::fs::read_to_string(common::mirror().join("the-verdict/the-verdict.txt"))?;
+    let text: String = verdict.chars().take(4000).collect();
+    let file = dir.path().join("text.txt");
+    std::fs::write(&file, &text)?;
+    let runs = [(32, 16), (32, 7), (24, 24), (32, 32)];
+    let specs: Vec<String> = runs.iter().map(|(m, s)| format!("{m}:{s}")).collect();
+    let mut args = vec![
+        dir.path().to_str().context("UTF-8 path")?.to_string(),
+        file.to_str().context("UTF-8 path")?.to_string(),
+        common::gpt2_bpe_dir().to_string_lossy().into_owned(),
+    ];
+    args.extend(specs);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let reference = json_of(&common::run_reference_uncached("hf_perplexity.py", &args)?)?;
+    let model = format!("gpt2:{}", dir.path().join("model").display());
+    let mut worst: f64 = 0.0;
+    for (k, (max_length, stride)) in runs.iter().enumerate() {
+        let r = &reference["runs"][k];
+        let (m, s) = (max_length.to_string(), stride.to_string());
+        let batch = if k == 1 { "5" } else { "1" };
+        let (code, out, err) = common::llmlab(&[
+            "eval",
+            "perplexity",
+            "--model",
+            &model,
+            "--file",
+            file.to_str().context("UTF-8 path")?,
+            "--max-length",
+            &m,
+            "--stride",
+            &s,
+            "--batch-size",
+            batch,
+            "--format",
+            "json",
+            "--device",
+            "cpu",
+        ])?;
+        assert_eq!(code, 0, "{err}");
+        let v = json_of(&out)?;
+        assert_eq!(
+            v["text_tokens"], reference["text_tokens"],
+            "same tokenization"
+        );
+        assert_eq!(v["tokens"], r["tokens"], "{m}:{s} tokens");
+        assert_eq!(v["windows"], r["windows"], "{m}:{s} windows");
+        assert_eq!(v["scored_tokens"], r["scored_tokens"], "{m}:{s} scored");
+        for key in ["nll", "perplexity", "exact_nll"] {
+            let (a, b) = (
+                v[key].as_f64().context("number")?,
+                r[key].as_f64().context("number")?,
+            );
+            let d = rel_diff(a, b);
+            eprintln!(
+                "max_length {m} stride {s} {key}: llmlab {a} transformers {b} rel diff {d:.2e}"
+            );
+            assert!(d <= 1e-4, "{m}:{s} {key}: {a} vs {b}");
+            worst = worst.max(d);
+        }
+    }
+    eprintln!("largest relative difference: {worst:.2e}");
+    // The guide's counting differs from the plain mean once windows overlap.
+    let r = &reference["runs"][1];
+    assert_ne!(r["tokens"], r["scored_tokens"]);
+    Ok(())
+}
+
+/// Bad perplexity settings and sources are usage errors naming the flag or listing the text
+/// data sets; a registered data set is read by name (the-verdict: 5,145 GPT-2 tokens).
+#[test]
+fn perplexity_settings_and_sources() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    common::run_reference_uncached(
+        "gen_hf_gpt2.py",
+        &[
+            dir.path().to_str().context("UTF-8 path")?,
+            "--new-tokens",
+            "1",
+        ],
+    )?;
+    let model = format!("gpt2:{}", dir.path().join("model").display());
+    let ppl = |extra: &[&str]| {
+        let mut a = vec!["eval", "perplexity", "--model", &model, "--device", "cpu"];
+        a.extend_from_slice(extra);
+        common::llmlab(&a)
+    };
+    let (code, _, err) = ppl(&["--dataset", "the-verdict", "--stride", "40"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--stride 40") && err.contains("1..=32"),
+        "{err}"
+    );
+    let (code, _, err) = ppl(&["--dataset", "the-verdict", "--max-length", "64"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--max-length 64"), "{err}");
+    let (code, _, err) = ppl(&["--dataset", "mmlu"])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("text data set 'mmlu'") && err.contains("the-verdict"),
+        "{err}"
+    );
+    let (code, _, err) = ppl(&[])?;
+    assert_ne!(code, 0);
+    assert!(err.contains("--file") && err.contains("--dataset"), "{err}");
+    // gen_hf_gpt2.py's model has 211 tokens; the-verdict's ids go far beyond, so this checks
+    // only the plumbing with a GPT-2-sized model: a fresh gpt-mini preset.
+    let out = dir.path().join("ppl.json");
+    let (code, stdout, err) = common::llmlab(&[
+        "eval",
+        "perplexity",
+        "--model",
+        "gpt-mini",
+        "--dataset",
+        "the-verdict",
+        "--max-length",
+        "64",
+        "--stride",
+        "64",
+        "--out",
+        out.to_str().context("UTF-8 path")?,
+        "--device",
+        "cpu",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("perplexity:"), "{stdout}");
+    let v = json_of(&std::fs::read_to_string(&out)?)?;
+    assert_eq!(v["text_tokens"], 5145);
+    assert_eq!(v["windows"], 81);
+    assert_eq!(v["tokens"], 5145 - 81);
+    assert!(v["perplexity"].as_f64().is_some_and(f64::is_finite));
+    Ok(())
+}
+
+type Requests = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// The text between two markers of a prompt.
+fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+    let from = text.find(start).map_or(0, |i| i + start.len());
+    let to = text[from..].find(end).map_or(text.len(), |i| from + i);
+    &text[from..to]
+}
+
+/// A stub judge speaking the OpenAI chat API. Its verdict: the response that contains "RIGHT"
+/// when only one does, else always "A" (a position bias, which the two orders turn into a
+/// tie); an instruction containing "Unclear" gets an answer without a verdict. The first POST
+/// gets a 500 (retried). Records every POST body.
+fn stub_judge() -> Result<(String, Requests)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let seen: Requests = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        let mut posts = 0;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let (status, payload) = if first.starts_with("GET") {
+                (200, "{\"data\": []}".to_string())
+            } else {
+                posts += 1;
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                log.lock().expect("lock").push(req.clone());
+                let user = req["messages"][1]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string();
+                let a = between(&user, "[The start of response A]\n", "\n[The end");
+                let b = between(&user, "[The start of response B]\n", "\n[The end");
+                let reply = if user.contains("Unclear") {
+                    "Both responses have merits."
+                } else if b.contains("RIGHT") && !a.contains("RIGHT") {
+                    "B is correct, A is not. [[B]]"
+                } else {
+                    "A reads better. [[A]]"
+                };
+                if posts == 1 {
+                    (500, "{\"error\": \"overloaded\"}".to_string())
+                } else {
+                    let message = serde_json::json!({"role": "assistant", "content": reply});
+                    (
+                        200,
+                        serde_json::json!({"choices": [{"message": message}]}).to_string(),
+                    )
+                }
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+                payload.len()
+            );
+        }
+    });
+    Ok((url, seen))
+}
+
+fn write_responses(path: &Path, entries: &[(&str, &str, &str)]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let v: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(i, out, r)| {
+            serde_json::json!({"instruction": i, "input": "", "output": out, "model_response": r})
+        })
+        .collect();
+    std::fs::write(path, serde_json::to_string_pretty(&v)?)?;
+    Ok(())
+}
+
+fn vote_lines(path: &Path) -> Result<Vec<serde_json::Value>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
+}
+
+/// Three models' responses compared pairwise on the instructions each pair shares: every
+/// comparison asked in both orders (a 500 retried), a win only when both orders agree (the stub's
+/// position bias becomes a tie), an unparsable reply kept aside without a vote; the model names
+/// come from the folder of a responses.json, a file stem, or NAME=PATH. Run again, nothing is
+/// asked; with its last vote lost and a line cut short, only that comparison is asked again.
+/// The votes make a leaderboard (the never-winning model gets a note, not a number).
+#[test]
+fn pairwise_votes_both_orders_and_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let alpha = dir.path().join("runs/exp/alpha/responses.json");
+    let beta = dir.path().join("beta.json");
+    let gamma = dir.path().join("g.json");
+    write_responses(
+        &alpha,
+        &[
+            ("Name a colour.", "Blue", "RIGHT: blue"),
+            ("Add 1 and 2.", "3", "RIGHT: 3"),
+            ("Unclear task", "?", "x"),
+        ],
+    )?;
+    write_responses(
+        &beta,
+        &[
+            ("Add 1 and 2.", "3", "RIGHT: three"),
+            ("Name a colour.", "Blue", "the sky"),
+            ("Unclear task", "?", "y"),
+        ],
+    )?;
+    write_responses(
+        &gamma,
+        &[
+            ("Name a colour.", "Blue", "RIGHT: red"),
+            ("Spell 'cat'.", "c-a-t", "c-a-t"),
+        ],
+    )?;
+    let (url, seen) = stub_judge()?;
+    let files: Vec<ResponsesFile> = [
+        alpha.display().to_string(),
+        beta.display().to_string(),
+        format!("gamma={}", gamma.display()),
+    ]
+    .iter()
+    .map(|s| ResponsesFile::parse(s))
+    .collect::<Result<_, _>>()?;
+    assert_eq!(
+        files.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
+        ["alpha", "beta", "gamma"]
+    );
+    let out = dir.path().join("votes.jsonl");
+    let mut cfg = JudgeConfig::new(&url, "judge", Api::Openai);
+    cfg.backoff = Duration::from_millis(10);
+    cfg.timeout = Duration::from_secs(10);
+    let mut heard = 0;
+    let s = pairwise(&files, cfg.clone(), &out, &mut |_, _, _| heard += 1)?;
+    assert_eq!(
+        (
+            s.comparisons,
+            s.already_done,
+            s.new_votes,
+            s.unparsable_comparisons
+        ),
+        (5, 0, 4, 1)
+    );
+    assert_eq!((s.replies.parsed, s.replies.unparsable), (8, 2));
+    assert_eq!(heard, 5);
+    let requests = seen.lock().expect("lock").clone();
+    assert_eq!(requests.len(), 11, "10 replies + one retry after the 500");
+    let first = &requests[1];
+    assert_eq!(first["model"], "judge");
+    assert_eq!(first["temperature"], 0);
+    assert_eq!(first["messages"][0]["role"], "system");
+    assert_eq!(first["messages"][0]["content"], SYSTEM_PROMPT);
+    assert_eq!(
+        first["messages"][1]["content"],
+        "[Instruction]\nName a colour.\n\n[Reference answer]\nBlue\n\n[The start of response A]\nRIGHT: blue\n[The end of response A]\n\n[The start of response B]\nthe sky\n[The end of response B]"
+    );
+    assert!(requests[2]["messages"][1]["content"]
+        .as_str()
+        .is_some_and(|c| c.contains("response A]\nthe sky\n")));
+    let votes = vote_lines(&out)?;
+    let summary: Vec<(String, String, String, String)> = votes
+        .iter()
+        .map(|v| {
+            (
+                v["model_a"].as_str().unwrap_or("").into(),
+                v["model_b"].as_str().unwrap_or("").into(),
+                v["winner"].as_str().unwrap_or("").into(),
+                v["instruction"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    let t = |a: &str, b: &str, w: &str, i: &str| (a.into(), b.into(), w.into(), i.into());
+    assert_eq!(
+        summary,
+        vec![
+            t("alpha", "beta", "model_a", "Name a colour."),
+            t("alpha", "beta", "tie", "Add 1 and 2."),
+            t("alpha", "gamma", "tie", "Name a colour."),
+            t("beta", "gamma", "model_b", "Name a colour."),
+        ]
+    );
+    assert_eq!(
+        votes[1]["verdicts"],
+        serde_json::json!(["model_a", "model_b"])
+    );
+    let side = vote_lines(&unparsable_path(&out))?;
+    assert_eq!(side.len(), 1);
+    assert_eq!(side[0]["instruction"], "Unclear task");
+    assert_eq!(side[0]["replies"][0], "Both responses have merits.");
+
+    // Again, through the command line: nothing to ask.
+    let arg = |p: &Path| p.display().to_string();
+    let gamma_arg = format!("gamma={}", gamma.display());
+    let cli = |format: &str| {
+        common::llmlab(&[
+            "eval",
+            "pairwise",
+            "--responses",
+            &arg(&alpha),
+            "--responses",
+            &arg(&beta),
+            "--responses",
+            &gamma_arg,
+            "--judge-url",
+            &url,
+            "--judge-model",
+            "judge",
+            "--out",
+            &arg(&out),
+            "--format",
+            format,
+        ])
+    };
+    let (code, stdout, err) = cli("json")?;
+    assert_eq!(code, 0, "{err}");
+    let v = json_of(&stdout)?;
+    assert_eq!(
+        (v["already_done"].as_u64(), v["new_votes"].as_u64()),
+        (Some(5), Some(0))
+    );
+    assert_eq!(seen.lock().expect("lock").len(), 11, "nothing asked again");
+
+    // The last vote lost and a line cut short by a crash: only that comparison is asked.
+    let text = std::fs::read_to_string(&out)?;
+    let keep: Vec<&str> = text.lines().take(3).collect();
+    std::fs::write(&out, keep.join("\n") + "\n{\"model_a\": \"be")?;
+    let (code, stdout, err) = cli("text")?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("4 already in") && stdout.contains("1 new votes"),
+        "{stdout}"
+    );
+    assert_eq!(seen.lock().expect("lock").len(), 13);
+    let again = vote_lines(&out)?;
+    assert_eq!(again, votes, "the same votes, every line whole");
+
+    // Two files both named 'responses' in folders of one name need NAME=PATH.
+    let other = dir.path().join("other/alpha/responses.json");
+    write_responses(&other, &[("Name a colour.", "Blue", "blue")])?;
+    let two = [
+        ResponsesFile::parse(&arg(&alpha))?,
+        ResponsesFile::parse(&arg(&other))?,
+    ];
+    let err = pairwise(&two, cfg, &out, &mut |_, _, _| {}).expect_err("same names");
+    assert!(format!("{err:#}").contains("NAME=PATH"), "{err:#}");
+
+    // The leaderboard of these votes: beta won nothing (one tie), so it comes last.
+    let (code, stdout, err) = common::llmlab(&[
+        "eval",
+        "leaderboard",
+        "--votes",
+        &arg(&out),
+        "--format",
+        "json",
+        "--bootstrap",
+        "20",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let lb = json_of(&stdout)?;
+    let names: Vec<&str> = lb["models"]
+        .as_array()
+        .context("models")?
+        .iter()
+        .filter_map(|r| r["model"].as_str())
+        .collect();
+    assert_eq!(names.len(), 3);
+    assert_eq!(names[2], "beta", "{lb}");
+    assert_eq!(lb["models"][2]["wins"], 0);
+    assert_eq!(lb["models"][2]["ties"], 1);
+    Ok(())
+}
+
+/// Votes from known strengths (5 models, 800 battles, ties and Arena's "tie (bothbad)"), as a
+/// small deterministic generator draws them.
+fn synthetic_votes() -> Vec<serde_json::Value> {
+    let models = [
+        "alpaca-7b",
+        "gpt2-medium-sft",
+        "smollm2-135m",
+        "smollm2-360m",
+        "llama-1b",
+    ];
+    let strength = [0.2, -0.35, -0.1, 0.15, 0.45]; // log10 odds units
+    let mut state: u64 = 0x5EED;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..800)
+        .map(|_| {
+            let a = (next() * 5.0) as usize;
+            let b = (a + 1 + (next() * 4.0) as usize) % 5;
+            let p = 1.0 / (1.0 + 10f64.powf(strength[b] - strength[a]));
+            let u = next();
+            let winner = if u < 0.12 {
+                "tie"
+            } else if u < 0.15 {
+                "tie (bothbad)"
+            } else if next() < p {
+                "model_a"
+            } else {
+                "model_b"
+            };
+            serde_json::json!({"model_a": models[a], "model_b": models[b], "winner": winner, "instruction": "q"})
+        })
+        .collect()
+}
+
+/// The Bradley–Terry ratings equal Chatbot Arena's `compute_mle_elo` (scikit-learn's logistic
+/// regression) within 0.5 rating points and the online Elo its `compute_online_elo` (K = 32);
+/// the ratings average 1000, every interval holds its rating, ranks follow the intervals, and
+/// `--out` holds what was printed.
+#[test]
+fn leaderboard_matches_the_arena_fit() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let votes = dir.path().join("votes.jsonl");
+    let lines: Vec<String> = synthetic_votes().iter().map(|v| v.to_string()).collect();
+    std::fs::write(&votes, lines.join("\n") + "\n")?;
+    let path = votes.to_str().context("UTF-8 path")?;
+    let reference = json_of(&common::run_reference_uncached("arena_elo.py", &[path])?)?;
+    let out = dir.path().join("lb.json");
+    let (code, stdout, err) = common::llmlab(&[
+        "eval",
+        "leaderboard",
+        "--votes",
+        path,
+        "--bootstrap",
+        "200",
+        "--seed",
+        "3",
+        "--format",
+        "json",
+        "--out",
+        out.to_str().context("UTF-8 path")?,
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let lb = json_of(&stdout)?;
+    assert_eq!(lb, json_of(&std::fs::read_to_string(&out)?)?);
+    let rows = lb["models"].as_array().context("models")?;
+    assert_eq!(rows.len(), 5);
+    let (mut worst_mle, mut worst_elo, mut mean) = (0f64, 0f64, 0f64);
+    for r in rows {
+        let name = r["model"].as_str().context("model")?;
+        let rating = r["rating"].as_f64().context("rating")?;
+        let d = (rating - reference["mle"][name].as_f64().context("reference")?).abs();
+        let e = (r["elo"].as_f64().context("elo")?
+            - reference["elo"][name].as_f64().context("reference")?)
+        .abs();
+        eprintln!(
+            "{name}: rating {rating:.3} (|diff| to scikit-learn {d:.2e}), elo |diff| {e:.2e}"
+        );
+        worst_mle = worst_mle.max(d);
+        worst_elo = worst_elo.max(e);
+        mean += rating / 5.0;
+        let (lo, hi) = (
+            r["ci_low"].as_f64().context("ci_low")?,
+            r["ci_high"].as_f64().context("ci_high")?,
+        );
+        assert!(lo <= rating && rating <= hi, "{r}");
+        let better = rows
+            .iter()
+            .filter(|o| o["ci_low"].as_f64().is_some_and(|l| l > hi))
+            .count();
+        assert_eq!(r["rank"], 1 + better, "{r}");
+    }
+    eprintln!("max |rating diff| {worst_mle:.2e}, max |elo diff| {worst_elo:.2e}");
+    assert!(
+        worst_mle <= 0.5,
+        "ratings differ from scikit-learn's by {worst_mle}"
+    );
+    assert!(worst_elo <= 1e-9, "online Elo differs by {worst_elo}");
+    assert!((mean - 1000.0).abs() < 1e-6, "mean rating {mean}");
+    assert_eq!(lb["votes"], 800);
+    assert_eq!(lb["bootstrap"]["skipped"], 0);
+    // The same seed gives the same intervals; text output is a table.
+    let (_, again, _) = common::llmlab(&[
+        "eval",
+        "leaderboard",
+        "--votes",
+        path,
+        "--bootstrap",
+        "200",
+        "--seed",
+        "3",
+        "--format",
+        "json",
+    ])?;
+    assert_eq!(json_of(&again)?, lb);
+    let (code, table, err) =
+        common::llmlab(&["eval", "leaderboard", "--votes", path, "--bootstrap", "10"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        table.starts_with("rank") && table.contains("llama-1b"),
+        "{table}"
+    );
+    Ok(())
+}
+
+/// A model that won every battle has no finite Bradley–Terry rating: the command prints a
+/// null rating with a note and ranks it first, never a NaN or an infinity.
+#[test]
+fn undefeated_model_gets_a_note() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let votes = dir.path().join("votes.jsonl");
+    let v = |a: &str, b: &str, w: &str| {
+        serde_json::json!({"model_a": a, "model_b": b, "winner": w}).to_string() + "\n"
+    };
+    let text = [
+        v("champ", "x", "model_a"),
+        v("y", "champ", "model_b"),
+        v("x", "y", "model_a"),
+        v("x", "y", "model_b"),
+        v("y", "x", "tie"),
+    ]
+    .concat();
+    std::fs::write(&votes, text)?;
+    let path = votes.to_str().context("UTF-8 path")?;
+    let (code, stdout, err) =
+        common::llmlab(&["eval", "leaderboard", "--votes", path, "--format", "json"])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !stdout.contains("NaN") && !stdout.contains("Infinity"),
+        "{stdout}"
+    );
+    let lb = json_of(&stdout)?;
+    let top = &lb["models"][0];
+    assert_eq!(
+        (top["model"].as_str(), top["rank"].as_u64()),
+        (Some("champ"), Some(1))
+    );
+    assert!(top["rating"].is_null() && top["ci_low"].is_null(), "{top}");
+    assert!(
+        top["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("won every battle")),
+        "{top}"
+    );
+    for r in &lb["models"].as_array().context("models")?[1..] {
+        assert!(r["rating"].as_f64().is_some_and(f64::is_finite), "{r}");
+        assert_eq!(r["rank"], 2, "{r}");
+    }
+    let (code, table, _) = common::llmlab(&["eval", "leaderboard", "--votes", path])?;
+    assert_eq!(code, 0);
+    assert!(table.contains("note: champ: won every battle"), "{table}");
+    Ok(())
+}
+
+/// A vote with an unknown winner is an error naming the file, the line and the value (exit 1,
+/// no panic); so is a line that is not JSON, and an empty file.
+#[test]
+fn bad_votes_name_the_file_and_line() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let votes = dir.path().join("votes.jsonl");
+    std::fs::write(
+        &votes,
+        "{\"model_a\": \"x\", \"model_b\": \"y\", \"winner\": \"model_a\"}\n\n{\"model_a\": \"x\", \"model_b\": \"y\", \"winner\": \"draw\"}\n",
+    )?;
+    let path = votes.to_str().context("UTF-8 path")?;
+    let (code, _, err) = common::llmlab(&["eval", "leaderboard", "--votes", path])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(path) && err.contains("line 3") && err.contains("unknown winner 'draw'"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::write(
+        &votes,
+        "{\"model_a\": \"x\", \"model_b\": \"y\", \"winner\": \"tie\"}\nnot json\n",
+    )?;
+    let (code, _, err) = common::llmlab(&["eval", "leaderboard", "--votes", path])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("line 2: not JSON"), "{err}");
+    std::fs::write(&votes, "\n")?;
+    let (code, _, err) = common::llmlab(&["eval", "leaderboard", "--votes", path])?;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no votes"), "{err}");
+    Ok(())
+}
