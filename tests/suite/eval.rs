@@ -6,8 +6,6 @@ use crate::common;
 use anyhow::{Context, Result};
 use llmlab::eval::judge::{Api, JudgeConfig};
 use llmlab::eval::pairwise::{pairwise, unparsable_path, ResponsesFile, SYSTEM_PROMPT};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -175,68 +173,36 @@ fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
 /// tie); an instruction containing "Unclear" gets an answer without a verdict. The first POST
 /// gets a 500 (retried). Records every POST body.
 fn stub_judge() -> Result<(String, Requests)> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let url = format!("http://{}", listener.local_addr()?);
     let seen: Requests = Arc::new(Mutex::new(Vec::new()));
     let log = Arc::clone(&seen);
-    std::thread::spawn(move || {
-        let mut posts = 0;
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { break };
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut first = String::new();
-            if reader.read_line(&mut first).is_err() {
-                continue;
-            }
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = reader.read_exact(&mut body);
-            let (status, payload) = if first.starts_with("GET") {
-                (200, "{\"data\": []}".to_string())
-            } else {
-                posts += 1;
-                let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                log.lock().expect("lock").push(req.clone());
-                let user = req["messages"][1]["content"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_string();
-                let a = between(&user, "[The start of response A]\n", "\n[The end");
-                let b = between(&user, "[The start of response B]\n", "\n[The end");
-                let reply = if user.contains("Unclear") {
-                    "Both responses have merits."
-                } else if b.contains("RIGHT") && !a.contains("RIGHT") {
-                    "B is correct, A is not. [[B]]"
-                } else {
-                    "A reads better. [[A]]"
-                };
-                if posts == 1 {
-                    (500, "{\"error\": \"overloaded\"}".to_string())
-                } else {
-                    let message = serde_json::json!({"role": "assistant", "content": reply});
-                    (
-                        200,
-                        serde_json::json!({"choices": [{"message": message}]}).to_string(),
-                    )
-                }
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
-                payload.len()
-            );
+    let mut posts = 0;
+    let stub = common::HttpStub::serve(move |r| {
+        if r.method == "GET" {
+            return common::Response::json(200, "{\"data\": []}");
         }
-    });
-    Ok((url, seen))
+        posts += 1;
+        let req: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        log.lock().expect("lock").push(req.clone());
+        let user = req["messages"][1]["content"].as_str().unwrap_or("");
+        let a = between(user, "[The start of response A]\n", "\n[The end");
+        let b = between(user, "[The start of response B]\n", "\n[The end");
+        let reply = if user.contains("Unclear") {
+            "Both responses have merits."
+        } else if b.contains("RIGHT") && !a.contains("RIGHT") {
+            "B is correct, A is not. [[B]]"
+        } else {
+            "A reads better. [[A]]"
+        };
+        if posts == 1 {
+            return common::Response::json(500, "{\"error\": \"overloaded\"}");
+        }
+        let message = serde_json::json!({"role": "assistant", "content": reply});
+        common::Response::json(
+            200,
+            serde_json::json!({"choices": [{"message": message}]}).to_string(),
+        )
+    })?;
+    Ok((stub.url().to_string(), seen))
 }
 
 fn write_responses(path: &Path, entries: &[(&str, &str, &str)]) -> Result<()> {
