@@ -75,6 +75,14 @@ impl LlmError {
 }
 
 /// Reads a whole file, naming it in the error.
+/// Maps an I/O error on `path` to [`LlmError::Io`] (for `map_err`).
+pub fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
+    move |source| LlmError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 pub fn read_bytes(path: &std::path::Path) -> Result<Vec<u8>, LlmError> {
     std::fs::read(path).map_err(|source| LlmError::Io {
         path: path.to_path_buf(),

@@ -28,6 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval { action } => match action {
             EvalAction::Judge(a) => judge_cmd(a),
             EvalAction::Perplexity(a) => perplexity_cmd(a),
+            EvalAction::Mmlu(a) => mmlu_cmd(a),
             EvalAction::Pairwise(a) => pairwise_cmd(a),
             EvalAction::Leaderboard(a) => leaderboard_cmd(a),
         },
@@ -530,6 +531,95 @@ fn perplexity_cmd(a: PerplexityArgs) -> Result<()> {
             r.windows,
             r.max_length,
             r.stride,
+            start.elapsed().as_secs_f64(),
+            device_name(device)
+        );
+    }
+    emit_json(&r, json, a.out.as_deref())
+}
+
+fn mmlu_cmd(a: MmluArgs) -> Result<()> {
+    use crate::eval::mmlu::{data_root, evaluate, MmluSpec};
+    let device = parse_device(&a.compute.device)?;
+    set_threads(a.compute.threads);
+    let spec = MmluSpec {
+        subjects: a.subjects.clone(),
+        shots: a.shots,
+        style: a.style,
+        limit: a.limit,
+        batch_size: a.batch_size,
+    };
+    spec.validate()?;
+    spec.subject_list()?;
+    let root = match &a.data {
+        Some(d) => d.clone(),
+        None => data_root()?,
+    };
+    let lm = LoadedLm::load(&a.model, device)?;
+    let json = a.format == Format::Json;
+    let start = Instant::now();
+    let mut first: Option<(usize, Instant)> = None;
+    let r = evaluate(&lm, &spec, &root, a.predictions.as_deref(), &mut |p| {
+        if !json {
+            // Questions per second of this process (resumed questions excluded).
+            let (d0, t0) = *first.get_or_insert((p.done, Instant::now()));
+            let rate = (p.done - d0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            eprint!(
+                "\r[{}/{} questions] {:<40} {:.1} q/s",
+                p.done, p.total, p.subject, rate
+            );
+        }
+    })?;
+    if !json {
+        eprintln!();
+        println!("{:<40} {:>8} {:>6}", "subject", "accuracy", "n");
+        for (name, s) in &r.subjects {
+            println!("{name:<40} {:>7.2}% {:>6}", 100.0 * s.accuracy, s.n);
+        }
+        for (name, s) in &r.categories {
+            println!(
+                "{:<40} {:>7.2}% {:>6}",
+                format!("[{name}]"),
+                100.0 * s.accuracy,
+                s.n
+            );
+        }
+        println!(
+            "MMLU ({}, {} shots): accuracy {:.2}% (95% CI {:.2}-{:.2}) over {} questions; macro {:.2}% over {} subjects",
+            r.style.name(),
+            r.shots,
+            100.0 * r.accuracy,
+            100.0 * r.ci_low,
+            100.0 * r.ci_high,
+            r.n,
+            100.0 * r.macro_accuracy,
+            r.subjects.len()
+        );
+        if let Some(u) = r.accuracy_unnormalized {
+            println!("unnormalised log-likelihood (acc): {:.2}%", 100.0 * u);
+        }
+        if r.fewer_shots > 0 {
+            println!(
+                "{} questions had fewer than {} examples: their prompts would not fit the context of {} tokens",
+                r.fewer_shots,
+                r.shots,
+                lm.context_length()
+            );
+        }
+        if !r.skipped.is_empty() {
+            println!(
+                "{} questions left out: longer than the context of {} tokens even with no examples ({})",
+                r.skipped.len(),
+                lm.context_length(),
+                r.skipped
+                    .iter()
+                    .map(|s| format!("{}#{}", s.subject, s.index))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        println!(
+            "{:.1} s on {}",
             start.elapsed().as_secs_f64(),
             device_name(device)
         );

@@ -105,6 +105,11 @@ pub enum EvalAction {
     /// {"perplexity", "nll", "tokens", ...} (nll and tokens as the guide's code counts them;
     /// exact_nll: the plain mean over every scored target).
     Perplexity(PerplexityArgs),
+    /// MMLU accuracy by log-likelihood: `letter` (lm-evaluation-harness's prompt, " A".." D"
+    /// scored) or `cloze` (lighteval's, as SmolLM2's model card: the choice texts scored,
+    /// normalised per character), 0-5 shots from each subject's dev split. Prints the micro
+    /// accuracy with a 95% interval, the macro accuracy, subjects and categories.
+    Mmlu(MmluArgs),
     /// Compare models' responses pairwise with a judge model: for every instruction two models
     /// answered, the judge sees both responses in both orders; a model wins only if both orders
     /// prefer it, otherwise a tie. Appends one Chatbot Arena battle line per comparison to --out
@@ -186,6 +191,43 @@ pub struct PerplexityArgs {
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
     /// `text`: the figures for a reader; `json`: one object.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Also write the JSON result to this file (atomically).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct MmluArgs {
+    /// smollm2-135m-instruct, a .gguf file, hf:DIR, gpt2:DIR, a run or model folder, a
+    /// .safetensors checkpoint: anything `generate` loads.
+    #[arg(long)]
+    pub model: String,
+    /// `all`, or subjects separated by commas (e.g. anatomy,virology).
+    #[arg(long, default_value = "all")]
+    pub subjects: String,
+    /// Examples from each subject's dev split before the question (0-5).
+    #[arg(long, default_value_t = 0)]
+    pub shots: usize,
+    #[arg(long, value_enum, default_value_t = crate::eval::mmlu::Style::Letter)]
+    pub style: crate::eval::mmlu::Style,
+    /// At most this many test questions per subject (the first ones).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Append one JSON line per question (subject, index, gold, pred, loglik of the four
+    /// choices); an interrupted evaluation given the same file resumes from it.
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
+    /// An MMLU folder (holding data/test, data/dev) instead of the data registry's.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// `text`: progress and a table; `json`: one object.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     /// Also write the JSON result to this file (atomically).

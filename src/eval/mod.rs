@@ -6,6 +6,8 @@
 //! with Hugging Face's strided sliding window).
 pub mod judge;
 pub mod leaderboard;
+pub mod loglik;
+pub mod mmlu;
 pub mod pairwise;
 pub mod perplexity;
 pub use crate::metrics;

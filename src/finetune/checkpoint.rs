@@ -21,12 +21,7 @@ const TENSORS: &str = "trainable.safetensors";
 const STATE: &str = "state.json";
 
 /// Maps an I/O error to [`LlmError::Io`] naming `path`.
-pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LlmError + '_ {
-    move |source| LlmError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
+pub use crate::error::io_at as io;
 
 /// Saves the trained tensors, the optimizer moments and `state` as `checkpoints/last`; the
 /// checkpoint it replaces becomes `checkpoints/previous`.

@@ -2,6 +2,7 @@
 //! either family.
 use crate::models::gpt::{GptCache, GptModel};
 use crate::models::llama::{LlamaCache, LlamaModel};
+use crate::nn::attention::KvCache;
 use tch::{Device, Tensor};
 
 /// A causal language model that generation can drive, with or without a KV cache.
@@ -22,6 +23,33 @@ pub trait CausalLm {
         self.forward_logits_cached(idx, cache).select(1, -1)
     }
     fn reset_cache(cache: &mut Self::Cache);
+    /// The final hidden states `(b, n, emb)` of `idx` continuing the cached sequence (the cache
+    /// grows by `n`); [`head`](Self::head) turns the positions a caller needs into logits.
+    fn hidden_cached(&self, idx: &Tensor, cache: &mut Self::Cache) -> Tensor;
+    /// Logits `(.., vocab)` of final hidden states `(.., emb)`.
+    fn head(&self, hidden: &Tensor) -> Tensor;
+    /// The per-layer key/value buffers of a cache.
+    fn cache_layers(cache: &Self::Cache) -> &[KvCache];
+    fn cache_layers_mut(cache: &mut Self::Cache) -> &mut [KvCache];
+    /// A cache from per-layer buffers (see [`KvCache::broadcast`]).
+    fn cache_from_layers(layers: Vec<KvCache>) -> Self::Cache;
+}
+
+/// A cache of `batch` rows whose first `len` positions repeat row 0 of `prefix` in every row,
+/// with room for `capacity` positions: a shared prompt prefix (the header and few-shot examples
+/// of a benchmark) computed once and continued by a batch of different suffixes.
+pub fn broadcast_cache<M: CausalLm>(
+    prefix: &M::Cache,
+    len: i64,
+    batch: i64,
+    capacity: i64,
+) -> M::Cache {
+    M::cache_from_layers(
+        M::cache_layers(prefix)
+            .iter()
+            .map(|l| l.broadcast(len, batch, capacity))
+            .collect(),
+    )
 }
 
 impl CausalLm for LlamaModel {
@@ -51,6 +79,21 @@ impl CausalLm for LlamaModel {
     fn reset_cache(cache: &mut LlamaCache) {
         cache.reset()
     }
+    fn hidden_cached(&self, idx: &Tensor, cache: &mut LlamaCache) -> Tensor {
+        LlamaModel::hidden_cached(self, idx, Some(cache), false)
+    }
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        self.logits(hidden)
+    }
+    fn cache_layers(cache: &LlamaCache) -> &[KvCache] {
+        &cache.layers
+    }
+    fn cache_layers_mut(cache: &mut LlamaCache) -> &mut [KvCache] {
+        &mut cache.layers
+    }
+    fn cache_from_layers(layers: Vec<KvCache>) -> LlamaCache {
+        LlamaCache { layers }
+    }
 }
 
 impl CausalLm for GptModel {
@@ -79,5 +122,20 @@ impl CausalLm for GptModel {
     }
     fn reset_cache(cache: &mut GptCache) {
         cache.reset()
+    }
+    fn hidden_cached(&self, idx: &Tensor, cache: &mut GptCache) -> Tensor {
+        GptModel::hidden_cached(self, idx, Some(cache), false)
+    }
+    fn head(&self, hidden: &Tensor) -> Tensor {
+        self.logits(hidden)
+    }
+    fn cache_layers(cache: &GptCache) -> &[KvCache] {
+        &cache.layers
+    }
+    fn cache_layers_mut(cache: &mut GptCache) -> &mut [KvCache] {
+        &mut cache.layers
+    }
+    fn cache_from_layers(layers: Vec<KvCache>) -> GptCache {
+        GptCache { layers }
     }
 }

@@ -346,6 +346,31 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Forgets every position from `len` on (a shared prompt prefix stays; what followed it is
+    /// overwritten by the next append).
+    pub fn truncate(&mut self, len: i64) {
+        self.len = self.len.min(len.max(0));
+    }
+
+    /// A new cache of `batch` rows and `capacity` positions whose first `len` positions hold, in
+    /// every row, row 0 of this one: one prefix computed once, then continued by a batch.
+    pub fn broadcast(&self, len: i64, batch: i64, capacity: i64) -> Self {
+        let len = len.min(self.len);
+        let size = self.k.size(); // (b, h, capacity, hd)
+        let opts = (self.k.kind(), self.k.device());
+        let out = Self {
+            k: Tensor::zeros([batch, size[1], capacity, size[3]], opts),
+            v: Tensor::zeros([batch, size[1], capacity, size[3]], opts),
+            len,
+        };
+        if len > 0 {
+            let src = |t: &Tensor| t.narrow(0, 0, 1).narrow(2, 0, len); // (1, h, len, hd)
+            out.k.narrow(2, 0, len).copy_(&src(&self.k));
+            out.v.narrow(2, 0, len).copy_(&src(&self.v));
+        }
+        out
+    }
+
     /// Writes `k`, `v` `(b, h, n, hd)` after the cached positions; returns views of all of them.
     pub(crate) fn append(&mut self, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let n = k.size()[2];

@@ -627,3 +627,278 @@ fn bad_votes_name_the_file_and_line() -> Result<()> {
     assert!(err.contains("no votes"), "{err}");
     Ok(())
 }
+
+/// What `llmlab eval mmlu --format json` prints and writes to `--predictions`.
+fn mmlu_run(
+    model: &str,
+    style: &str,
+    shots: usize,
+    subjects: &str,
+    limit: usize,
+    preds: &Path,
+    batch: &str,
+) -> Result<(serde_json::Value, Vec<serde_json::Value>)> {
+    let shots = shots.to_string();
+    let limit = limit.to_string();
+    let (code, out, err) = common::llmlab(&[
+        "eval",
+        "mmlu",
+        "--model",
+        model,
+        "--style",
+        style,
+        "--shots",
+        &shots,
+        "--subjects",
+        subjects,
+        "--limit",
+        &limit,
+        "--batch-size",
+        batch,
+        "--predictions",
+        preds.to_str().context("UTF-8 path")?,
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let lines = std::fs::read_to_string(preds)?
+        .lines()
+        .map(json_of)
+        .collect::<Result<Vec<_>>>()?;
+    Ok((json_of(&out)?, lines))
+}
+
+/// `llmlab eval mmlu` against `tests/reference/hf_mmlu.py` (lm-evaluation-harness's letter
+/// prompt, lighteval's cloze prompt, lm-eval's loglikelihood, transformers one question at a
+/// time) on tiny random GPT-2 and Llama checkpoints: byte-equal prompts, log-likelihoods within
+/// 1e-3, identical predictions and accuracies, 0 and 5 shots. The Llama uses SmolLM2's
+/// tokenizer; high_school_european_history's 5-shot prompts do not fit the tiny models' 2,048
+/// positions: the reference leaves them out, llmlab gives them fewer examples and counts them.
+#[test]
+fn mmlu_matches_lm_eval_and_lighteval_on_tiny_models() -> Result<()> {
+    use llmlab::eval::mmlu::{prefix_text, query, read_split, Style};
+    let dir = tempfile::tempdir()?;
+    let models = dir.path().join("models");
+    common::Reference::script("hf_mmlu.py")
+        .arg("tiny")
+        .output(&models)
+        .run()?;
+    let data = common::mirror().join("mmlu");
+    let subjects = "abstract_algebra,high_school_european_history,world_religions";
+    let mut compared = 0;
+    let mut worst: f64 = 0.0;
+    for (family, spec) in [("gpt2", "gpt2"), ("llama", "hf")] {
+        let folder = models.join(family);
+        for (style, shots) in [("letter", 0), ("letter", 5), ("cloze", 0), ("cloze", 5)] {
+            let reference = json_of(
+                &common::Reference::script("hf_mmlu.py")
+                    .args(["score", "--model"])
+                    .arg(format!("{family}:"))
+                    .arg("--path")
+                    .input(&folder)
+                    .args([
+                        "--subjects",
+                        subjects,
+                        "--shots",
+                        &shots.to_string(),
+                        "--style",
+                        style,
+                        "--limit",
+                        "3",
+                        "--data",
+                    ])
+                    .input(data.join("data"))
+                    .run()?,
+            )?;
+            let preds = dir.path().join(format!("{family}-{style}-{shots}.jsonl"));
+            let model = format!("{spec}:{}", folder.display());
+            let (ours, lines) = mmlu_run(&model, style, shots, subjects, 3, &preds, "3")?;
+            let what = format!("{family} {style} {shots}-shot");
+            let refs = reference["questions"].as_array().context("questions")?;
+            let skipped = reference["skipped"].as_array().context("skipped")?;
+            assert_eq!(lines.len(), 9, "{what}: every question scored");
+            assert_eq!(ours["n"], 9, "{what}");
+            assert_eq!(
+                ours["fewer_shots"].as_u64(),
+                Some(skipped.len() as u64),
+                "{what}: the reference's skipped questions are ours with fewer examples"
+            );
+            for s in skipped {
+                let line = lines
+                    .iter()
+                    .find(|l| l["subject"] == s["subject"] && l["index"] == s["index"])
+                    .context("skipped question scored")?;
+                assert!(
+                    line["used_shots"].as_u64() < Some(shots as u64),
+                    "{what}: {line}"
+                );
+            }
+            let st = if style == "letter" {
+                Style::Letter
+            } else {
+                Style::Cloze
+            };
+            for r in refs {
+                let subject = r["subject"].as_str().context("subject")?;
+                let index = r["index"].as_u64().context("index")? as usize;
+                let line = lines
+                    .iter()
+                    .find(|l| l["subject"] == subject && l["index"] == index)
+                    .context("question missing")?;
+                assert_eq!(line["used_shots"].as_u64(), Some(shots as u64), "{what}");
+                // The same prompt, byte for byte.
+                let dev = read_split(&data, subject, "dev")?;
+                let test = read_split(&data, subject, "test")?;
+                let prompt = prefix_text(st, subject, &dev[..shots]) + &query(st, &test[index]);
+                assert_eq!(
+                    prompt,
+                    r["context"].as_str().context("context")?,
+                    "{what}: prompt of {subject} #{index}"
+                );
+                assert_eq!(line["gold"], r["gold"]);
+                assert_eq!(
+                    line["pred"], r["pred"],
+                    "{what}: {subject} #{index}: {line} vs {r}"
+                );
+                for j in 0..4 {
+                    let (a, b) = (
+                        line["loglik"][j].as_f64().context("loglik")?,
+                        r["loglik"][j].as_f64().context("loglik")?,
+                    );
+                    worst = worst.max((a - b).abs());
+                    assert!(
+                        (a - b).abs() < 1e-3,
+                        "{what}: {subject} #{index} choice {j}: {a} vs {b}"
+                    );
+                }
+                compared += 1;
+            }
+            // Accuracy over the questions both scored.
+            if skipped.is_empty() {
+                for key in ["accuracy", "macro_accuracy"] {
+                    let (a, b) = (
+                        ours[key].as_f64().context("acc")?,
+                        reference[key].as_f64().context("acc")?,
+                    );
+                    assert!((a - b).abs() < 1e-12, "{what}: {key} {a} vs {b}");
+                }
+                assert_eq!(
+                    ours["categories"]["humanities"]["n"],
+                    reference["categories"]["humanities"]["n"]
+                );
+                assert_eq!(
+                    ours["categories"]["humanities"]["accuracy"],
+                    reference["categories"]["humanities"]["accuracy"]
+                );
+            }
+        }
+    }
+    eprintln!("{compared} questions compared, largest log-likelihood difference {worst:.2e}");
+    assert!(compared >= 60, "{compared}");
+    Ok(())
+}
+
+/// The same on SmolLM2-135M-Instruct's GGUF (transformers dequantizes it as llmlab does) on a
+/// few questions, letter and cloze, 0-shot; and an interrupted evaluation resumes from its
+/// predictions file: a second run with a larger --limit scores only the new questions and
+/// reports the same figures as one run over all of them.
+#[test]
+fn mmlu_matches_transformers_on_smollm2_and_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let gguf = llmlab::resolve::smollm2_gguf()?;
+    let data = common::mirror().join("mmlu");
+    let subjects = "anatomy,high_school_mathematics";
+    for style in ["letter", "cloze"] {
+        let reference = json_of(
+            &common::Reference::script("hf_mmlu.py")
+                .args(["score", "--model"])
+                .arg("gguf:")
+                .arg("--path")
+                .input(&gguf)
+                .args([
+                    "--subjects",
+                    subjects,
+                    "--style",
+                    style,
+                    "--limit",
+                    "2",
+                    "--data",
+                ])
+                .input(data.join("data"))
+                .run()?,
+        )?;
+        let preds = dir.path().join(format!("{style}.jsonl"));
+        // First one question per subject, then resume to two.
+        let (first, _) = mmlu_run("smollm2-135m-instruct", style, 0, subjects, 1, &preds, "4")?;
+        assert_eq!(first["n"], 2);
+        let (ours, lines) = mmlu_run("smollm2-135m-instruct", style, 0, subjects, 2, &preds, "4")?;
+        assert_eq!(
+            lines.len(),
+            4,
+            "the resumed run appended only the two new questions"
+        );
+        for r in reference["questions"].as_array().context("questions")? {
+            let line = lines
+                .iter()
+                .find(|l| l["subject"] == r["subject"] && l["index"] == r["index"])
+                .context("question missing")?;
+            assert_eq!(line["pred"], r["pred"], "{style}: {line} vs {r}");
+            for j in 0..4 {
+                let (a, b) = (
+                    line["loglik"][j].as_f64().context("loglik")?,
+                    r["loglik"][j].as_f64().context("loglik")?,
+                );
+                assert!(
+                    (a - b).abs() < 1e-3,
+                    "{style}: {} #{} choice {j}: {a} vs {b}",
+                    r["subject"],
+                    r["index"]
+                );
+            }
+        }
+        assert_eq!(
+            ours["accuracy"].as_f64(),
+            reference["accuracy"].as_f64(),
+            "{style}"
+        );
+        // Another style into the same file is refused, naming it.
+        let (code, _, err) = common::llmlab(&[
+            "eval",
+            "mmlu",
+            "--model",
+            "smollm2-135m-instruct",
+            "--style",
+            if style == "letter" { "cloze" } else { "letter" },
+            "--subjects",
+            subjects,
+            "--limit",
+            "1",
+            "--predictions",
+            preds.to_str().context("UTF-8")?,
+            "--device",
+            "cpu",
+        ])?;
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!("{}", preds.display())) && err.contains("another --predictions"),
+            "{err}"
+        );
+    }
+    // Bad input: an unknown subject lists the valid ones.
+    let (code, _, err) = common::llmlab(&[
+        "eval",
+        "mmlu",
+        "--model",
+        "smollm2-135m-instruct",
+        "--subjects",
+        "anatomy,astrology",
+    ])?;
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("astrology") && err.contains("world_religions"),
+        "{err}"
+    );
+    Ok(())
+}
