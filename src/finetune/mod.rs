@@ -16,8 +16,7 @@ pub mod spec;
 
 pub use crate::models::trainable::{Method, Trainable};
 pub use run::{
-    open, open_run_dir, set_checkpoint_minutes, FinetuneRun, Finished, LoopState, Outcome,
-    DEFAULT_CHECKPOINT_MINUTES,
+    open, set_checkpoint_minutes, FinetuneRun, LoopState, Outcome, DEFAULT_CHECKPOINT_MINUTES,
 };
 pub use spec::{TrainArgs, TrainDefaults};
 

@@ -1,9 +1,9 @@
-//! The life of a fine-tuning run, the same for every task: the run folder (`config.yaml`
-//! checked or written, `--restart`, a finished run reported from its `metrics.jsonl`), the
-//! optimizer over the trained tensors, resuming from the last checkpoint, the optimizer step with
-//! gradient accumulation and clipping, evaluation records, checkpoints (at every epoch end, on
-//! Ctrl-C/SIGTERM, and every [`set_checkpoint_minutes`] minutes inside an epoch) and the
-//! finish (final record, `status.json`). A task's own loop stays explicit, in the book's order:
+//! The life of a fine-tuning run, the same for every task: the run folder ([`RunDir`], as
+//! pretraining's: `config.yaml` checked or written, `--restart`, a finished run reported from its
+//! `metrics.jsonl`), the optimizer over the trained tensors, resuming from the last checkpoint,
+//! the optimizer step with gradient accumulation and clipping, evaluation records, checkpoints
+//! (at every epoch end, on Ctrl-C/SIGTERM, and every [`set_checkpoint_minutes`] minutes inside an
+//! epoch) and the finish (final record, `status.json`). A task's own loop stays explicit, in the book's order:
 //!
 //! ```text
 //! if let Some(done) = open(spec, threads, dir, restart, events)? { return Ok(done); }
@@ -21,8 +21,9 @@
 //! ```
 use super::checkpoint;
 use super::spec::{TrainArgs, TrainDefaults};
-use crate::error::{read_text, write_atomic, LlmError};
+use crate::error::{write_atomic, LlmError};
 use crate::train::optim::AdamW;
+use crate::train::run_dir::{self, RunDir};
 use crate::train::trainer::{append_line, seed_for_step, truncate_jsonl, TrainEvents};
 use anyhow::Result;
 use serde::de::DeserializeOwned;
@@ -87,62 +88,6 @@ impl CheckpointTimer {
     }
 }
 
-/// A run that finished before: its evaluation records and its final record.
-pub struct Finished<E, F> {
-    pub evals: Vec<E>,
-    pub result: F,
-}
-
-/// Prepares `run_dir` for the run whose resolved settings are `resolved` (YAML): `restart`
-/// clears its state; an existing `config.yaml` must hold the same settings (else a usage error
-/// naming the folder), a missing one is written. Returns the earlier result when the run had
-/// finished: the `metrics.jsonl` lines that parse as `E`, and the last one that parses as `F`.
-pub fn open_run_dir<E: DeserializeOwned, F: DeserializeOwned>(
-    run_dir: &Path,
-    resolved: &str,
-    restart: bool,
-) -> Result<Option<Finished<E, F>>> {
-    std::fs::create_dir_all(run_dir).map_err(checkpoint::io(run_dir))?;
-    let config_path = run_dir.join("config.yaml");
-    let status_path = run_dir.join("status.json");
-    let metrics_path = run_dir.join("metrics.jsonl");
-    if restart {
-        for p in [&config_path, &status_path, &metrics_path] {
-            let _ = std::fs::remove_file(p);
-        }
-        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
-    }
-    if config_path.is_file() {
-        if read_text(&config_path)? != resolved {
-            return Err(LlmError::Usage(format!(
-                "{} holds a run with a different config ({}); resume it with the same settings, pass --restart to start over, or choose another folder",
-                run_dir.display(),
-                config_path.display()
-            ))
-            .into());
-        }
-    } else {
-        write_atomic(&config_path, resolved.as_bytes())?;
-    }
-    if !(status_path.is_file() && read_text(&status_path)?.contains("\"finished\"")) {
-        return Ok(None);
-    }
-    let text = read_text(&metrics_path)?;
-    let evals = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let result = text
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<F>(l).ok())
-        .ok_or_else(|| LlmError::BadFile {
-            path: metrics_path.clone(),
-            message: "a finished run without its final record".into(),
-        })?;
-    Ok(Some(Finished { evals, result }))
-}
-
 /// On resume at `step`: keeps the evaluation records (`E`) up to it in `metrics.jsonl` and drops
 /// a final record (`F`) written before the stop, which the resumed run writes again.
 pub fn resume_metrics<E: DeserializeOwned, F: DeserializeOwned>(
@@ -170,8 +115,10 @@ pub struct Outcome<E, F> {
     pub already_finished: bool,
 }
 
-/// Opens a run: sets the thread count, prepares the folder ([`open_run_dir`] with the spec's
-/// resolved YAML) and, when the run had finished, reports it (`Some`: nothing more to do).
+/// Opens a run: sets the thread count, prepares the folder ([`RunDir::open`] with the spec's
+/// resolved YAML; the config must match) and, when the run had finished, reports it (`Some`:
+/// nothing more to do) from its `metrics.jsonl`: the lines that parse as `E`, and the last one
+/// that parses as `F`.
 pub fn open<E: DeserializeOwned, F: DeserializeOwned, S: Serialize>(
     spec: &S,
     threads: Option<usize>,
@@ -180,16 +127,26 @@ pub fn open<E: DeserializeOwned, F: DeserializeOwned, S: Serialize>(
     events: &mut dyn TrainEvents,
 ) -> Result<Option<Outcome<E, F>>> {
     crate::device::set_threads(threads);
-    let Some(done) = open_run_dir(run_dir, &serde_yaml::to_string(spec)?, restart)? else {
+    let yaml = serde_yaml::to_string(spec)?;
+    let run = RunDir::open(run_dir, &yaml, restart, &[], None, "folder")?;
+    if !run.finished()? {
         return Ok(None);
-    };
+    }
+    let evals = run.read_records()?;
+    let result = run
+        .read_records::<F>()?
+        .pop()
+        .ok_or_else(|| LlmError::BadFile {
+            path: run.metrics_path(),
+            message: "a finished run without its final record".into(),
+        })?;
     events.log(&format!(
         "{} already finished (pass --restart to train again)",
         run_dir.display()
     ));
     Ok(Some(Outcome {
-        evals: done.evals,
-        result: done.result,
+        evals,
+        result,
         already_finished: true,
     }))
 }
@@ -258,7 +215,7 @@ impl<'a, E: Serialize + DeserializeOwned, F: Serialize + DeserializeOwned> Finet
             .into());
         }
         let mut opt = AdamW::over(&trained, args.weight_decay);
-        let metrics = dir.join("metrics.jsonl");
+        let metrics = dir.join(run_dir::METRICS);
         let mut state = LoopState::default();
         let mut evals = Vec::new();
         let loaded: Option<LoopState> =
@@ -406,7 +363,7 @@ impl<'a, E: Serialize + DeserializeOwned, F: Serialize + DeserializeOwned> Finet
             self.state.step - 1,
         ));
         append_line(
-            &self.dir.join("metrics.jsonl"),
+            &self.dir.join(run_dir::METRICS),
             &serde_json::to_string(&rec)?,
         )?;
         let mut scalars = vec![("train/loss", train_loss), ("val/loss", val_loss)];
@@ -466,17 +423,12 @@ impl<'a, E: Serialize + DeserializeOwned, F: Serialize + DeserializeOwned> Finet
     ) -> Result<Outcome<E, F>> {
         self.events.scalars(self.state.step, scalars);
         append_line(
-            &self.dir.join("metrics.jsonl"),
+            &self.dir.join(run_dir::METRICS),
             &serde_json::to_string(&result)?,
         )?;
         save(&self.evals, &self.trained)?;
-        write_atomic(
-            &self.dir.join("status.json"),
-            serde_json::json!({"status": "finished", "steps": self.state.step})
-                .to_string()
-                .as_bytes(),
-        )?;
-        let _ = std::fs::remove_dir_all(self.dir.join("checkpoints"));
+        RunDir::at(&self.dir).finish(Some(self.state.step))?;
+        let _ = std::fs::remove_dir_all(self.dir.join(run_dir::CHECKPOINTS));
         Ok(Outcome {
             evals: self.evals,
             result,

@@ -1,7 +1,9 @@
 //! Training (book ch05 and appendix D): loss over batches and loaders, AdamW, learning-rate
-//! schedules, resumable checkpoints and the pretraining loop.
+//! schedules, resumable checkpoints, the run folder's life (shared with fine-tuning and the
+//! experiment runners) and the pretraining loop.
 pub mod checkpoint;
 pub mod optim;
+pub mod run_dir;
 pub mod schedule;
 pub mod spec;
 pub mod trainer;
@@ -11,6 +13,7 @@ use crate::error::LlmError;
 use crate::models::GptModel;
 use tch::{Device, Kind, Tensor};
 
+pub use run_dir::{RunDir, RunStatus};
 pub use spec::PretrainSpec;
 pub use trainer::{pretrain, EvalRecord, RunOutcome};
 

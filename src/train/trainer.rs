@@ -5,6 +5,7 @@
 //! evaluate on `eval_iter` batches of train and validation data; a sample after each epoch.
 use super::checkpoint::{self, TrainState, FORMAT_VERSION};
 use super::optim::{AdamW, AdamWConfig};
+use super::run_dir::RunDir;
 use super::spec::PretrainSpec;
 use super::{calc_loss_batch, calc_loss_loader};
 use crate::data::{BpeTokenizer, DataLoader, GptDataset, Registry};
@@ -20,6 +21,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::Device;
+
+/// The run folder's samples after each epoch, one JSON object a line.
+const SAMPLES: &str = "samples.jsonl";
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -194,35 +198,21 @@ pub fn pretrain(
 ) -> Result<RunOutcome> {
     spec.validate("pretrain spec")?;
     crate::device::set_threads(spec.train.threads);
-    let config_path = run_dir.join("config.yaml");
-    let status_path = run_dir.join("status.json");
-    let metrics_path = run_dir.join("metrics.jsonl");
-    let samples_path = run_dir.join("samples.jsonl");
-    let resolved = serde_yaml::to_string(spec)?;
-    if restart && run_dir.exists() {
-        for p in [&config_path, &status_path, &metrics_path, &samples_path] {
-            let _ = std::fs::remove_file(p);
-        }
-        let _ = std::fs::remove_dir_all(run_dir.join("checkpoints"));
+    let run = RunDir::open(
+        run_dir,
+        &serde_yaml::to_string(spec)?,
+        restart,
+        &[SAMPLES],
+        Some(&|before: &str| same_but_fused_adamw(before, spec)),
+        "--out",
+    )?;
+    if run.config_rewritten() {
+        // train.fused_adamw picks an implementation of the same update, so a run may switch it
+        // on resume; config.yaml records the setting in use from now on.
+        events.log("train.fused_adamw differs from config.yaml (same update, other kernel); resuming with the new setting");
     }
-    if config_path.is_file() {
-        let before = read_text(&config_path)?;
-        if before != resolved && same_but_fused_adamw(&before, spec) {
-            // train.fused_adamw picks an implementation of the same update, so a run may
-            // switch it on resume; config.yaml records the setting in use from now on.
-            events.log("train.fused_adamw differs from config.yaml (same update, other kernel); resuming with the new setting");
-            write_atomic(&config_path, resolved.as_bytes())?;
-        } else if before != resolved {
-            return Err(LlmError::Usage(format!(
-                "{} holds a run with a different config ({}); resume it with the same settings, pass --restart to start over, or choose another --out",
-                run_dir.display(),
-                config_path.display()
-            ))
-            .into());
-        }
-    } else {
-        write_atomic(&config_path, resolved.as_bytes())?;
-    }
+    let metrics_path = run.metrics_path();
+    let samples_path = run_dir.join(SAMPLES);
 
     let (source, cfg) = resolve_model(spec)?;
     let tok = BpeTokenizer::gpt2()?;
@@ -237,18 +227,14 @@ pub fn pretrain(
         }
         .into());
     }
-    if status_path.is_file() && read_text(&status_path)?.contains("\"finished\"") {
+    if run.finished()? {
         events.log(&format!(
             "{} already finished (pass --restart to train again)",
             run_dir.display()
         ));
-        let evals = read_text(&metrics_path)?
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
         return Ok(RunOutcome {
             run_dir: run_dir.into(),
-            evals,
+            evals: run.read_records()?,
             samples: Vec::new(),
             resumed_from_step: None,
             already_finished: true,
@@ -456,12 +442,7 @@ pub fn pretrain(
         &run_dir.join("losses.png"),
         &spec.name,
     )?;
-    write_atomic(
-        &status_path,
-        serde_json::json!({"status": "finished", "steps": state.step})
-            .to_string()
-            .as_bytes(),
-    )?;
+    run.finish(Some(state.step))?;
     Ok(RunOutcome {
         run_dir: run_dir.into(),
         evals,

@@ -23,6 +23,7 @@ use crate::generate::GenerateSpec;
 use crate::request::{build_prompt, Mode};
 use crate::resolve::{InferenceDtype, LoadedLm};
 use crate::train::trainer::TrainEvents;
+use crate::train::RunDir;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
@@ -127,6 +128,9 @@ pub fn distinct_n(seqs: &[Vec<i64>], n: usize) -> f64 {
     }
 }
 
+/// A trial's samples, one [`Sample`] a line.
+const SAMPLES: &str = "samples.jsonl";
+
 /// One generated sample (a line of `samples.jsonl`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Sample {
@@ -146,21 +150,17 @@ pub struct Diversity {
     pub tokens_per_sec: f64,
 }
 
-/// Runs a generate trial in `dir`, returning the samples and figures.
+/// Runs a generate trial in `dir`, returning the samples and figures. Sampling starts over each
+/// time (there is nothing to resume), so the folder is opened as with `--restart`: what an
+/// earlier attempt left (its status, records and samples) goes before anything is written.
 pub fn run(
     spec: &GenerateTaskSpec,
     dir: &Path,
     device: tch::Device,
     log: &mut dyn FnMut(&str),
 ) -> Result<(Vec<Sample>, Diversity)> {
-    std::fs::create_dir_all(dir).map_err(|source| LlmError::Io {
-        path: dir.into(),
-        source,
-    })?;
-    write_atomic(
-        &dir.join("config.yaml"),
-        serde_yaml::to_string(spec)?.as_bytes(),
-    )?;
+    let yaml = serde_yaml::to_string(spec)?;
+    let run_dir = RunDir::open(dir, &yaml, true, &[SAMPLES], None, "folder")?;
     let mut lm = LoadedLm::load(&spec.model, device)?;
     lm.set_dtype(spec.dtype)?;
     let mut samples = Vec::new();
@@ -218,12 +218,12 @@ pub fn run(
         .iter()
         .map(|s| serde_json::to_string(s).map(|l| l + "\n"))
         .collect::<Result<_, _>>()?;
-    write_atomic(&dir.join("samples.jsonl"), lines.as_bytes())?;
+    write_atomic(&dir.join(SAMPLES), lines.as_bytes())?;
     write_atomic(
-        &dir.join("metrics.jsonl"),
+        &run_dir.metrics_path(),
         (serde_json::to_string(&div)? + "\n").as_bytes(),
     )?;
-    write_atomic(&dir.join("status.json"), br#"{"status":"finished"}"#)?;
+    run_dir.finish(None)?;
     Ok((samples, div))
 }
 
