@@ -10,4 +10,5 @@ pub mod loglik;
 pub mod mmlu;
 pub mod pairwise;
 pub mod perplexity;
+pub mod suite;
 pub use crate::metrics;

@@ -102,12 +102,43 @@ pub(crate) fn write_tb_experiment(exp: &Experiment, dir: &Path) -> Result<()> {
             (k.clone(), HParamDomain::Discrete(hv))
         })
         .collect();
-    let metrics = task::find(exp)?.metric_tags();
+    let mut metrics: Vec<&str> = task::find(exp)?.metric_tags().to_vec();
+    if !exp.evaluate.is_empty() {
+        metrics.extend(
+            EVAL_METRICS
+                .iter()
+                .filter(|m| !metrics.contains(m))
+                .collect::<Vec<_>>(),
+        );
+    }
     let mut w = TbWriter::new(dir)?;
     // One definition per folder: an earlier invocation's may list other axis values.
     w.prune_earlier_files(None)?;
-    w.hparams_experiment(&hparams, metrics)?;
+    w.hparams_experiment(&hparams, &metrics)?;
     w.flush()
+}
+
+/// The TensorBoard tags of the figures an `evaluate:` block or `task: eval` logs (each
+/// `eval/<figure>` of [`crate::eval::suite::EvalFigures`]) that the HParams dashboard compares.
+pub const EVAL_METRICS: &[&str] = &[
+    "eval/mmlu_accuracy",
+    "eval/mmlu_macro_accuracy",
+    "eval/perplexity",
+];
+
+impl TrialEvents<'_> {
+    /// Logs evaluation figures as scalars `eval/<name>` at step 0.
+    pub fn eval_figures(&mut self, figures: &crate::eval::suite::EvalFigures) {
+        let logged = self.tb.as_mut().map(|w| -> anyhow::Result<()> {
+            for (name, v) in figures {
+                w.scalar(&format!("eval/{name}"), *v, 0)?;
+            }
+            w.flush()
+        });
+        if let Some(Err(e)) = logged {
+            self.tb_problem(&e);
+        }
+    }
 }
 
 /// Routes a trial's training events to the progress bars and TensorBoard.

@@ -91,7 +91,7 @@ pub fn run_parallel(
     let mut pending = std::collections::VecDeque::new();
     for (i, (trial, _)) in trials.iter().enumerate() {
         let dir = root.join(&trial.slug);
-        if !opts.restart && has_status(&dir, "finished") {
+        if !opts.restart && super::status::is_done(&dir, &exp.evaluate) {
             progress.log(&format!("{}: finished before, skipped", label(i)));
             results[i] = Some(TrialResult {
                 slug: trial.slug.clone(),

@@ -40,7 +40,7 @@ use serde_yaml::{Mapping, Value};
 use std::path::{Path, PathBuf};
 
 /// Keys that belong to the experiment, not to the task's settings.
-const EXPERIMENT_KEYS: &[&str] = &["extends", "sweep", "target"];
+const EXPERIMENT_KEYS: &[&str] = &["extends", "sweep", "target", "evaluate", "models_from"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +86,10 @@ pub struct Experiment {
     pub files: Vec<(PathBuf, String)>,
     /// `--set` overrides as given.
     pub sets: Vec<String>,
+    /// `evaluate:` — evaluations each trial runs on the model it finished (see
+    /// [`crate::eval::suite`]); not part of a trial's `config.yaml`, so adding one to a sweep
+    /// neither restarts nor blocks its trials: finished ones are evaluated on the next run.
+    pub evaluate: Vec<crate::eval::suite::Evaluation>,
 }
 
 /// One point of the sweep.
@@ -164,6 +168,22 @@ pub fn set_dotted(doc: &mut Value, key: &str, value: Value) -> Result<(), String
     let mut cur = doc;
     let parts: Vec<&str> = key.split('.').collect();
     for (i, part) in parts.iter().enumerate() {
+        // An item of a list by its index (`evaluations.0.mmlu.style`).
+        if let Value::Sequence(seq) = cur {
+            let n = seq.len();
+            let Some(item) = part.parse::<usize>().ok().and_then(|j| seq.get_mut(j)) else {
+                return Err(format!(
+                    "'{}' is a list of {n} items, so '{key}' can't be set",
+                    parts[..i].join(".")
+                ));
+            };
+            if i + 1 == parts.len() {
+                *item = value;
+                return Ok(());
+            }
+            cur = item;
+            continue;
+        }
         let Value::Mapping(m) = cur else {
             return Err(format!(
                 "'{}' is not a mapping, so '{key}' can't be set",
@@ -175,7 +195,7 @@ pub fn set_dotted(doc: &mut Value, key: &str, value: Value) -> Result<(), String
             m.insert(k, value);
             return Ok(());
         }
-        if !matches!(m.get(&k), Some(Value::Mapping(_))) {
+        if !matches!(m.get(&k), Some(Value::Mapping(_) | Value::Sequence(_))) {
             m.insert(k.clone(), Value::Mapping(Mapping::new()));
         }
         cur = m.get_mut(&k).expect("inserted above");
@@ -184,7 +204,10 @@ pub fn set_dotted(doc: &mut Value, key: &str, value: Value) -> Result<(), String
 }
 
 pub fn get_dotted<'a>(doc: &'a Value, key: &str) -> Option<&'a Value> {
-    key.split('.').try_fold(doc, |cur, part| cur.get(part))
+    key.split('.').try_fold(doc, |cur, part| match cur {
+        Value::Sequence(seq) => part.parse::<usize>().ok().and_then(|j| seq.get(j)),
+        _ => cur.get(part),
+    })
 }
 
 /// A value as it reads in a slug or a table: `0.001`, `last_block`, `true`.
@@ -197,6 +220,41 @@ pub fn value_text(v: &Value) -> String {
             .trim()
             .replace('\n', " "),
     }
+}
+
+/// `models_from: runs/EXP`: a sweep of `model` over the finished trial folders of another
+/// experiment, in name order.
+fn models_from_axis(v: &Value, axes: &[Axis], mode: SweepMode) -> Result<Axis, String> {
+    let Some(dir) = v.as_str().map(PathBuf::from) else {
+        return Err(format!(
+            "models_from: {}: expected a folder of trials, e.g. runs/freeze-sweep",
+            value_text(v)
+        ));
+    };
+    if axes.iter().any(|(k, _)| k == "model") {
+        return Err("models_from: model is swept too; give the models one way".into());
+    }
+    if mode == SweepMode::Zip && !axes.is_empty() {
+        return Err("models_from: with a zip sweep; use a grid (the default)".into());
+    }
+    let entries =
+        std::fs::read_dir(&dir).map_err(|e| format!("models_from: {}: {e}", dir.display()))?;
+    let mut trials: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| crate::train::RunDir::at(p).finished().unwrap_or(false))
+        .collect();
+    trials.sort();
+    if trials.is_empty() {
+        return Err(format!(
+            "models_from: {} holds no finished trial (run that experiment first)",
+            dir.display()
+        ));
+    }
+    let values = trials
+        .into_iter()
+        .map(|p| Value::String(p.display().to_string()))
+        .collect();
+    Ok(("model".into(), values))
 }
 
 fn slug_part(s: &str) -> String {
@@ -312,7 +370,25 @@ impl Experiment {
                 )
             })?),
         };
-        let (axes, mode) = match m.remove("sweep") {
+        let evaluate = match m.remove("evaluate") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => {
+                let list: Vec<crate::eval::suite::Evaluation> = serde_yaml::from_value(v)
+                    .map_err(|e| {
+                        config_err(
+                            at("evaluate"),
+                            format!("evaluate: {e} (expected a list such as [{{mmlu: {{subjects: anatomy}}}}, {{perplexity: {{dataset: the-verdict}}}}])"),
+                        )
+                    })?;
+                crate::eval::suite::validate("evaluate", &list).map_err(|e| match e {
+                    LlmError::Config { message, .. } => config_err(at("evaluate"), message),
+                    other => other.into(),
+                })?;
+                list
+            }
+        };
+        let models_from = m.remove("models_from");
+        let (mut axes, mode) = match m.remove("sweep") {
             None | Some(Value::Null) => (Vec::new(), SweepMode::Grid),
             Some(Value::Mapping(s)) => {
                 parse_sweep(s).map_err(|msg| config_err(at("sweep"), msg))?
@@ -351,6 +427,11 @@ impl Experiment {
                 ))
             }
         };
+        if let Some(v) = models_from {
+            let axis = models_from_axis(&v, &axes, mode)
+                .map_err(|msg| config_err(at("models_from"), msg))?;
+            axes.insert(0, axis);
+        }
         Ok(Self {
             name,
             task,
@@ -360,6 +441,7 @@ impl Experiment {
             target,
             files,
             sets: sets.to_vec(),
+            evaluate,
         })
     }
 

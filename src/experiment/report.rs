@@ -75,6 +75,14 @@ pub(crate) fn final_metrics(trial_dir: &Path) -> Vec<(String, f64)> {
     if best.is_finite() {
         out.push(("best_val_loss".into(), best));
     }
+    // The figures of an `evaluate:` block, beside the task's own.
+    if let Ok(Some(r)) = crate::eval::suite::EvalResults::read(trial_dir) {
+        for (k, v) in r.figures {
+            if !out.iter().any(|(o, _)| *o == k) {
+                out.push((k, v));
+            }
+        }
+    }
     out
 }
 

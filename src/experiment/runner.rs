@@ -92,7 +92,7 @@ fn run_with(
         if let Some(b) = progress.trial.take() {
             b.finish_and_clear();
         }
-        if !opts.restart && prior.as_ref().is_some_and(|s| s.status == "finished") {
+        if !opts.restart && status::is_done(&dir, &exp.evaluate) {
             progress.log(&format!("{label}: finished before, skipped"));
             results.push(TrialResult {
                 slug: trial.slug.clone(),
@@ -117,6 +117,9 @@ fn run_with(
                 events: TrialEvents::open(&mut *progress, label.clone(), trial, &dir),
             };
             let outcome = spec.task().run(spec, &*shared[i], &mut run);
+            if outcome.is_ok() && !exp.evaluate.is_empty() {
+                evaluate_trial(&exp.evaluate, &dir, opts.device, &mut run.events);
+            }
             (outcome, run.events.tb.take())
         };
         if let Some(mut w) = tb {
@@ -146,4 +149,34 @@ fn run_with(
         });
     }
     Ok(results)
+}
+
+/// Runs the experiment's `evaluate:` block on the model a finished trial holds (unless its
+/// results are there already) and logs the figures. A failure is reported, not fatal: the trial
+/// stays finished (its training is not redone) and the next `llmlab run` tries the evaluations
+/// again.
+fn evaluate_trial(
+    list: &[crate::eval::suite::Evaluation],
+    dir: &std::path::Path,
+    device: tch::Device,
+    events: &mut TrialEvents,
+) {
+    use crate::eval::suite::{load_run_model, run_evaluations, EvalResults};
+    use crate::train::trainer::TrainEvents;
+    if EvalResults::complete(dir, list) {
+        return;
+    }
+    let names: Vec<&str> = list.iter().map(|e| e.name()).collect();
+    events.log(&format!(
+        "evaluating the finished model: {}",
+        names.join(", ")
+    ));
+    let result = load_run_model(dir, device)
+        .and_then(|lm| run_evaluations(&lm, list, dir, &mut |m: &str| events.log(m)));
+    match result {
+        Ok(r) => events.eval_figures(&r.figures),
+        Err(e) => events.log(&format!(
+            "evaluation failed: {e:#}; the trial stays finished and `llmlab run` tries its evaluations again"
+        )),
+    }
 }

@@ -16,6 +16,12 @@ pub(crate) fn has_status(dir: &Path, status: &str) -> bool {
     read_status(dir).is_some_and(|s| s.status == status)
 }
 
+/// Whether the trial in `dir` has nothing left to do: it finished, and it holds the results of
+/// the experiment's `evaluate:` block (an evaluation added after it finished still runs).
+pub(crate) fn is_done(dir: &Path, evaluate: &[crate::eval::suite::Evaluation]) -> bool {
+    has_status(dir, "finished") && crate::eval::suite::EvalResults::complete(dir, evaluate)
+}
+
 /// Records that the trial in `dir` (created if missing) failed with `error`.
 pub(crate) fn write_failed(dir: &Path, error: &str) -> Result<()> {
     std::fs::create_dir_all(dir)?;

@@ -25,6 +25,7 @@ pub static TASKS: &[&dyn DynTask] = &[
     &tasks::generate::Generate,
     &tasks::classify::Classify,
     &tasks::instruct::Instruct,
+    &tasks::eval::Eval,
 ];
 
 /// A task `llmlab run` runs: one trial of an experiment with `task: NAME`.

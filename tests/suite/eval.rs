@@ -902,3 +902,172 @@ fn mmlu_matches_transformers_on_smollm2_and_resumes() -> Result<()> {
     );
     Ok(())
 }
+
+/// An `evaluate:` block on a freeze sweep and `task: eval` over its trials agree, and mean what
+/// they say: each trial's MMLU and perplexity land in `evaluations.json`, its TensorBoard
+/// `eval/*` scalars and the summary; the `head` trial trained only the classifier head, so its
+/// language model is SmolLM2's own and scores exactly as `llmlab eval mmlu` on the base model;
+/// `task: eval` with `models_from:` finds the same figures for every trial; a finished trial is
+/// not trained again when the block changes, only evaluated.
+#[test]
+fn evaluate_block_and_eval_task_agree_on_a_freeze_sweep() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let runs = dir.path().join("runs");
+    let runs_s = runs.to_str().context("UTF-8 path")?;
+    let yaml = common::repo().join("experiments/freeze_sweep_eval.yaml");
+    let evaluate = |limit: usize| {
+        format!("evaluate=[{{mmlu: {{subjects: anatomy, style: cloze, limit: {limit}}}}}, {{perplexity: {{dataset: the-verdict, max_tokens: 300, max_length: 128}}}}]")
+    };
+    let run = |limit: usize| {
+        common::llmlab(&[
+            "run",
+            yaml.to_str().expect("UTF-8 path"),
+            "--runs",
+            runs_s,
+            "--set",
+            "data.max_per_class=12",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "data.max_length=16",
+            "--set",
+            "sweep.finetune.trainable=[head, last_block]",
+            "--set",
+            &evaluate(limit),
+            "--device",
+            "cpu",
+        ])
+    };
+    let (code, _, err) = run(3)?;
+    assert_eq!(code, 0, "{err}");
+    let exp = runs.join("freeze-sweep-eval");
+    let head = exp.join("trainable-head");
+    let last = exp.join("trainable-last_block");
+    let results = |d: &Path| -> Result<serde_json::Value> {
+        json_of(&std::fs::read_to_string(d.join("evaluations.json"))?)
+    };
+    let (h, l) = (results(&head)?, results(&last)?);
+    assert_eq!(h["mmlu"]["n"], 3);
+    assert_eq!(h["perplexity"]["text_tokens"], 300);
+    // The head-only trial's language model is the base model: the same log-likelihoods.
+    let base = dir.path().join("base.jsonl");
+    let (_, base_lines) = mmlu_run(
+        "smollm2-135m-instruct",
+        "cloze",
+        0,
+        "anatomy",
+        3,
+        &base,
+        "4",
+    )?;
+    let trial_lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(head.join("mmlu_predictions.jsonl"))?
+            .lines()
+            .map(json_of)
+            .collect::<Result<_>>()?;
+    for (a, b) in trial_lines.iter().zip(&base_lines) {
+        assert_eq!(a["index"], b["index"]);
+        for j in 0..4 {
+            let (x, y) = (
+                a["loglik"][j].as_f64().context("loglik")?,
+                b["loglik"][j].as_f64().context("loglik")?,
+            );
+            assert!(
+                (x - y).abs() < 1e-4,
+                "head-only trial vs base model: {x} vs {y}"
+            );
+        }
+    }
+    // Training the last block moved the language model.
+    assert_ne!(h["figures"]["perplexity"], l["figures"]["perplexity"]);
+    let summary = std::fs::read_to_string(exp.join("summary.csv"))?;
+    assert!(
+        summary
+            .lines()
+            .next()
+            .is_some_and(|h| h.contains("mmlu_accuracy") && h.contains("perplexity")),
+        "{summary}"
+    );
+    // TensorBoard, read by the real tensorboard: each trial's eval scalars, and the HParams
+    // dashboard's metrics include them.
+    let tb = json_of(&common::run_reference_uncached(
+        "tb_read.py",
+        &[exp.to_str().context("UTF-8")?],
+    )?)?;
+    let scalars = &tb["runs"]["trainable-head"]["scalars"];
+    let ppl = scalars["eval/perplexity"][0][1]
+        .as_f64()
+        .context("eval/perplexity scalar")?;
+    assert!(
+        (ppl - h["figures"]["perplexity"].as_f64().context("ppl")?).abs() < 1e-3 * ppl,
+        "{ppl}"
+    );
+    assert!(
+        tb["experiment"].to_string().contains("eval/mmlu_accuracy"),
+        "{}",
+        tb["experiment"]
+    );
+
+    // `task: eval` over the sweep's trials finds the same figures.
+    let eval_yaml = dir.path().join("eval.yaml");
+    std::fs::write(
+        &eval_yaml,
+        format!(
+            "name: eval-trials\ntask: eval\nmodels_from: {}\nevaluations:\n  - mmlu: {{subjects: anatomy, style: cloze, limit: 3}}\n  - perplexity: {{dataset: the-verdict, max_tokens: 300, max_length: 128}}\n",
+            exp.display()
+        ),
+    )?;
+    let (code, _, err) = common::llmlab(&[
+        "run",
+        eval_yaml.to_str().context("UTF-8")?,
+        "--runs",
+        runs_s,
+        "--device",
+        "cpu",
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let trials: Vec<_> = std::fs::read_dir(runs.join("eval-trials"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(trials.len(), 2, "{trials:?}");
+    for t in &trials {
+        let r = results(t)?;
+        let from = if t.display().to_string().contains("trainable-head") {
+            &h
+        } else {
+            &l
+        };
+        for k in ["mmlu_accuracy", "perplexity"] {
+            let (a, b) = (
+                r["figures"][k].as_f64().context("figure")?,
+                from["figures"][k].as_f64().context("figure")?,
+            );
+            assert!((a - b).abs() < 1e-9, "{}: {k} {a} vs {b}", t.display());
+        }
+        let m = common::metric_lines(t)?;
+        assert_eq!(m.last().context("record")?["evaluations"], 2);
+    }
+
+    // A changed block: the finished trials are evaluated again, not trained again.
+    let status_before = std::fs::read_to_string(last.join("status.json"))?;
+    let (code, out, err) = run(4)?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains("finished before, skipped") && !out.contains("finished before, skipped"),
+        "{err}"
+    );
+    assert_eq!(results(&last)?["mmlu"]["n"], 4);
+    assert_eq!(
+        std::fs::read_to_string(last.join("status.json"))?,
+        status_before
+    );
+    // Unchanged: skipped.
+    let (code, out, err) = run(4)?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        format!("{out}{err}").contains("finished before, skipped"),
+        "{err}"
+    );
+    Ok(())
+}
