@@ -1049,6 +1049,59 @@ fn evaluate_block_and_eval_task_agree_on_a_freeze_sweep() -> Result<()> {
         assert_eq!(m.last().context("record")?["evaluations"], 2);
     }
 
+    // notebooks/eval_report.ipynb runs headless on the eval experiment: MMLU per category of
+    // both trials, and the leaderboard of a votes file with its intervals.
+    let eval_exp = runs.join("eval-trials");
+    let votes = dir.path().join("votes.jsonl");
+    let vote = |a: &str, b: &str, w: &str| {
+        format!("{{\"model_a\": \"{a}\", \"model_b\": \"{b}\", \"winner\": \"{w}\"}}\n")
+    };
+    let lines: String = (0..6)
+        .map(|i| {
+            vote(
+                "head",
+                "last_block",
+                if i % 3 == 0 { "model_b" } else { "model_a" },
+            )
+        })
+        .collect();
+    std::fs::write(&votes, lines)?;
+    let (code, _, err) = common::llmlab(&[
+        "eval",
+        "leaderboard",
+        "--votes",
+        votes.to_str().context("UTF-8")?,
+        "--bootstrap",
+        "20",
+        "--format",
+        "json",
+        "--out",
+        eval_exp
+            .join("leaderboard.json")
+            .to_str()
+            .context("UTF-8")?,
+    ])?;
+    assert_eq!(code, 0, "{err}");
+    let out = std::process::Command::new(common::python())
+        .arg(common::repo().join("tests/reference/run_notebook.py"))
+        .arg(common::repo().join("notebooks/eval_report.ipynb"))
+        .arg(dir.path().join("executed.ipynb"))
+        .env("LLMLAB_EXPERIMENT_DIR", &eval_exp)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("2 trials with evaluations") && stdout.contains("leaderboard: [("),
+        "{stdout}"
+    );
+    for f in ["notebook_mmlu_by_category.png", "notebook_leaderboard.png"] {
+        assert!(eval_exp.join(f).is_file(), "{f} missing");
+    }
+
     // A changed block: the finished trials are evaluated again, not trained again.
     let status_before = std::fs::read_to_string(last.join("status.json"))?;
     let (code, out, err) = run(4)?;
