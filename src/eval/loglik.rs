@@ -79,7 +79,7 @@ impl Request {
     /// `context + continuation` without its last token (lm-eval's `inp`).
     pub fn rows(&self) -> Vec<Row> {
         let n = self.context.len();
-        if n > 0 && self.continuations.iter().all(|c| c.len() == 1) {
+        if self.one_row() {
             return vec![Row {
                 input: self.context.clone(),
                 targets: self
@@ -103,9 +103,31 @@ impl Request {
             .collect()
     }
 
+    /// Whether one row scores every continuation (each is one token).
+    fn one_row(&self) -> bool {
+        !self.context.is_empty() && self.continuations.iter().all(|c| c.len() == 1)
+    }
+
+    /// How many rows [`rows`](Self::rows) makes.
+    pub fn row_count(&self) -> usize {
+        if self.one_row() {
+            1
+        } else {
+            self.continuations.len()
+        }
+    }
+
     /// Tokens of the longest row: what must fit the model's context.
     pub fn longest_row(&self) -> usize {
-        self.rows().iter().map(Row::len).max().unwrap_or(0)
+        let n = self.context.len();
+        if self.one_row() {
+            return n;
+        }
+        self.continuations
+            .iter()
+            .map(|c| (n + c.len()).saturating_sub(1))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -114,10 +136,7 @@ pub fn request_scores(requests: &[Request], row_scores: Vec<Vec<f64>>) -> Vec<Ve
     let mut it = row_scores.into_iter();
     requests
         .iter()
-        .map(|r| {
-            let k = r.rows().len();
-            it.by_ref().take(k).flatten().collect()
-        })
+        .map(|r| it.by_ref().take(r.row_count()).flatten().collect())
         .collect()
 }
 

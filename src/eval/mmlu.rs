@@ -335,11 +335,15 @@ pub fn continuations(style: Style, q: &Question) -> Vec<String> {
 /// The predicted choice from the four log-likelihoods: the largest (letter), or the largest
 /// per character of the continuation (cloze); the first wins a tie, as `argmax` does.
 pub fn predict(style: Style, q: &Question, loglik: &[f64]) -> usize {
-    let score = |j: usize| match style {
-        Style::Letter => loglik[j],
-        Style::Cloze => loglik[j] / continuations(style, q)[j].chars().count() as f64,
+    let scores: Vec<f64> = match style {
+        Style::Letter => loglik.to_vec(),
+        Style::Cloze => continuations(style, q)
+            .iter()
+            .zip(loglik)
+            .map(|(c, l)| l / c.chars().count() as f64)
+            .collect(),
     };
-    (0..loglik.len()).fold(0, |best, j| if score(j) > score(best) { j } else { best })
+    (0..scores.len()).fold(0, |best, j| if scores[j] > scores[best] { j } else { best })
 }
 
 /// One line of a predictions file.
