@@ -132,12 +132,20 @@ impl Request {
 }
 
 /// Splits each request's row scores back into one score per continuation.
-pub fn request_scores(requests: &[Request], row_scores: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
+fn request_scores<'a>(
+    requests: impl IntoIterator<Item = &'a Request>,
+    row_scores: Vec<Vec<f64>>,
+) -> Vec<Vec<f64>> {
     let mut it = row_scores.into_iter();
     requests
-        .iter()
+        .into_iter()
         .map(|r| it.by_ref().take(r.row_count()).flatten().collect())
         .collect()
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[i64], b: &[i64]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// A model and a prompt prefix run once into a KV cache; [`score`](Self::score) continues it.
@@ -168,6 +176,63 @@ impl<'m, M: CausalLm> PrefixScorer<'m, M> {
         }
     }
 
+    /// A scorer whose cache also holds `tokens` (this one's cache is reused for the part of
+    /// `tokens` that agrees with its prefix; the rest is run). Cut to the model's context.
+    pub fn extended(&self, tokens: &[i64]) -> Self {
+        let _g = tch::no_grad_guard();
+        let model = self.model;
+        let tokens = &tokens[..tokens.len().min(model.context_length().max(0) as usize)];
+        let l = match &self.cache {
+            Some(_) => common_prefix(tokens, &self.prefix),
+            None => 0,
+        };
+        let cache = (!tokens.is_empty()).then(|| {
+            let (n, rest) = (tokens.len() as i64, &tokens[l..]);
+            let mut c = match &self.cache {
+                Some(c) if l > 0 => broadcast_cache::<M>(c, l as i64, 1, n),
+                _ => model.new_cache(1, n),
+            };
+            if !rest.is_empty() {
+                let idx = Tensor::from_slice(rest)
+                    .view([1, -1])
+                    .to_device(model.device());
+                let _ = model.hidden_cached(&idx, &mut c);
+            }
+            c
+        });
+        Self {
+            model,
+            prefix: tokens.to_vec(),
+            cache,
+        }
+    }
+
+    /// One score per continuation of every request. Requests whose continuations are single
+    /// tokens are batched `batch_size` rows at a time; a request with longer continuations
+    /// runs its context once into the cache ([`extended`](Self::extended)) and then its
+    /// continuations as a batch that continues it, instead of the context once per choice.
+    pub fn score_requests(&self, requests: &[Request], batch_size: usize) -> Result<Vec<Vec<f64>>> {
+        let (one, many): (Vec<usize>, Vec<usize>) =
+            (0..requests.len()).partition(|&i| requests[i].row_count() == 1);
+        let mut out = vec![Vec::new(); requests.len()];
+        let rows: Vec<Row> = one.iter().flat_map(|&i| requests[i].rows()).collect();
+        let scores = request_scores(
+            one.iter().map(|&i| &requests[i]),
+            self.score(&rows, batch_size)?,
+        );
+        for (i, s) in one.into_iter().zip(scores) {
+            out[i] = s;
+        }
+        for i in many {
+            let r = &requests[i];
+            let context = &r.context[..r.context.len().saturating_sub(1)];
+            let rows = r.rows();
+            let scores = self.extended(context).score(&rows, batch_size)?;
+            out[i] = request_scores([r], scores).remove(0);
+        }
+        Ok(out)
+    }
+
     /// The score of every target group of every row, in order, `batch_size` rows per forward
     /// pass (longest rows first, as lm-eval orders them, so a batch pads little). A row's
     /// tokens that agree with the prefix are taken from the cache; the rest are run.
@@ -192,15 +257,7 @@ impl<'m, M: CausalLm> PrefixScorer<'m, M> {
     fn reusable(&self, batch: &[&Row]) -> usize {
         batch
             .iter()
-            .map(|r| {
-                let common = r
-                    .input
-                    .iter()
-                    .zip(&self.prefix)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                common.min(r.first_scored().unwrap_or(0))
-            })
+            .map(|r| common_prefix(&r.input, &self.prefix).min(r.first_scored().unwrap_or(0)))
             .min()
             .unwrap_or(0)
     }
@@ -346,7 +403,7 @@ mod tests {
         };
         let model = GptModel::new(&vs.root(), &cfg);
         let prefix = vec![1, 2, 3, 4, 5, 6];
-        let rows = [
+        let requests = [
             Request {
                 context: vec![1, 2, 3, 4, 5, 6, 7, 8],
                 continuations: vec![vec![9], vec![10], vec![11], vec![12]],
@@ -359,23 +416,34 @@ mod tests {
                 context: vec![1, 2, 3],
                 continuations: vec![vec![9, 3]],
             },
-        ]
-        .iter()
-        .flat_map(Request::rows)
-        .collect::<Vec<_>>();
-        let got = PrefixScorer::new(&model, &prefix)
-            .score(&rows, 3)
-            .expect("ok");
+        ];
+        let rows = requests.iter().flat_map(Request::rows).collect::<Vec<_>>();
+        let scorer = PrefixScorer::new(&model, &prefix);
+        let got = scorer.score(&rows, 3).expect("ok");
+        let mut want_rows = Vec::new();
         for (r, g) in rows.iter().zip(&got) {
             let x = Tensor::from_slice(&r.input).view([1, -1]);
             let logp = tch::no_grad(|| model.forward_t(&x, false)).log_softmax(-1, Kind::Float);
+            let mut want_row = Vec::new();
             for (group, &s) in r.targets.iter().zip(g) {
                 let want: f64 = group
                     .iter()
                     .map(|&(p, t)| logp.double_value(&[0, p as i64, t]))
                     .sum();
                 assert!((want - s).abs() < 1e-5, "{want} vs {s}");
+                want_row.push(want);
             }
+            want_rows.push(want_row);
         }
+        // Per request, each context run once into an extended cache: the same scores.
+        let want = request_scores(&requests, want_rows);
+        let by_request = scorer.score_requests(&requests, 2).expect("ok");
+        for (w, g) in want.iter().flatten().zip(by_request.iter().flatten()) {
+            assert!((w - g).abs() < 1e-5, "{w} vs {g}");
+        }
+        assert_eq!(
+            by_request.iter().map(Vec::len).collect::<Vec<_>>(),
+            [4, 2, 1]
+        );
     }
 }

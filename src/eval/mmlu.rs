@@ -19,7 +19,7 @@
 //! fit; counted in `fewer_shots`); one that does not fit even with none is left out and listed
 //! in `skipped` — never cut. Every scored question can be appended to a predictions file
 //! (JSONL), from which an interrupted evaluation resumes.
-use super::loglik::{encode_pair, request_scores, PrefixScorer, Request};
+use super::loglik::{encode_pair, PrefixScorer, Request};
 use crate::data::Registry;
 use crate::error::{io_at, write_atomic, LlmError};
 use crate::models::{AnyModel, CausalLm};
@@ -571,8 +571,7 @@ fn evaluate_with<M: CausalLm>(
         }
         for chunk in reqs.chunks(spec.batch_size * 4) {
             let requests: Vec<Request> = chunk.iter().map(|(_, _, r)| r.clone()).collect();
-            let rows: Vec<_> = requests.iter().flat_map(Request::rows).collect();
-            let scores = request_scores(&requests, scorer.score(&rows, spec.batch_size)?);
+            let scores = scorer.score_requests(&requests, spec.batch_size)?;
             let mut lines = String::new();
             for ((q, k, _), loglik) in chunk.iter().zip(scores) {
                 let p = Prediction {
