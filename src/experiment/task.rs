@@ -25,6 +25,7 @@ pub static TASKS: &[&dyn DynTask] = &[
     &tasks::generate::Generate,
     &tasks::classify::Classify,
     &tasks::instruct::Instruct,
+    &tasks::dpo::Dpo,
     &tasks::eval::Eval,
 ];
 

@@ -160,7 +160,7 @@ impl InstructDataSpec {
             &path,
             &self.instruction_field,
             &self.input_field,
-            &self.output_field,
+            (&self.output_field, "output"),
         )
     }
 
@@ -191,12 +191,14 @@ impl InstructDataSpec {
     }
 }
 
-/// Reads a JSON array or JSONL file of instruction records.
+/// Reads a JSON array or JSONL file of instruction records. `output` is the field read as the
+/// entry's output and the `data.` key that names it (`output`; `chosen` for preference data),
+/// for the message when a record lacks it.
 pub fn read_entries(
     path: &Path,
     instruction_field: &str,
     input_field: &str,
-    output_field: &str,
+    (output_field, output_key): (&str, &str),
 ) -> Result<Vec<Entry>> {
     let text = read_text(path)?;
     let bad = |m: String| LlmError::BadFile {
@@ -236,7 +238,7 @@ pub fn read_entries(
                     if name == instruction_field {
                         "instruction"
                     } else {
-                        "output"
+                        output_key
                     }
                 ))),
             }

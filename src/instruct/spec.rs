@@ -36,7 +36,9 @@ fn default_seed() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct InstructModelSpec {
     /// A model spec as `llmlab generate --model` takes it (`smollm2-135m-instruct`,
-    /// `gpt2:DIR`, a `.gguf` file, `hf:DIR`, a run folder, a preset).
+    /// `gpt2:DIR`, a `.gguf` file, `hf:DIR`, a run folder, a preset); `run:` is another name
+    /// for it (a run folder to continue from, as DPO after instruction tuning).
+    #[serde(alias = "run")]
     pub name: String,
     /// Dropout rate while fine-tuning (default: the model's own; the book uses 0.0).
     #[serde(default)]
@@ -128,7 +130,27 @@ impl Default for GenerationSettings {
     }
 }
 
+impl InstructModelSpec {
+    /// The first out-of-range value, as a message starting with its key.
+    pub fn problem(&self) -> Option<String> {
+        self.dropout
+            .filter(|p| !(0.0..1.0).contains(p))
+            .map(|p| format!("model.dropout: {p}: expected a value in [0, 1)"))
+    }
+}
+
 impl GenerationSettings {
+    /// The first out-of-range value, as a message starting with its key.
+    pub fn problem(&self) -> Option<String> {
+        if self.max_new_tokens == 0 {
+            return Some("generation.max_new_tokens: 0: expected at least 1".into());
+        }
+        match self.to_spec(0, None, Vec::new()).validate() {
+            Err(LlmError::Config { message, .. }) => Some(format!("generation.{message}")),
+            _ => None,
+        }
+    }
+
     /// The generation spec with the model's stop ids.
     pub fn to_spec(&self, seed: u64, eos_id: Option<i64>, stop_ids: Vec<i64>) -> GenerateSpec {
         GenerateSpec {
@@ -163,10 +185,8 @@ impl InstructSpec {
         if self.task != "instruct" {
             return err(format!("task: '{}': expected instruct", self.task));
         }
-        if let Some(p) = self.model.dropout {
-            if !(0.0..1.0).contains(&p) {
-                return err(format!("model.dropout: {p}: expected a value in [0, 1)"));
-            }
+        if let Some(m) = self.model.problem() {
+            return err(m);
         }
         if let Some(m) = self.data.check() {
             return err(m);
@@ -177,13 +197,8 @@ impl InstructSpec {
         if let Some(m) = self.train.problem() {
             return err(m);
         }
-        let g = &self.generation;
-        if g.max_new_tokens == 0 {
-            return err("generation.max_new_tokens: 0: expected at least 1".into());
-        }
-        let gs = g.to_spec(self.seed, None, Vec::new());
-        if let Err(LlmError::Config { message, .. }) = gs.validate() {
-            return err(format!("generation.{message}"));
+        if let Some(m) = self.generation.problem() {
+            return err(m);
         }
         Ok(())
     }

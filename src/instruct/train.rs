@@ -7,11 +7,11 @@
 //! stopped them), as `task: classify` does.
 use super::collate::{self, Batch, CollateOptions, Encoded};
 use super::data::{self, Entry, Splits};
-use super::spec::{InstructFinetuneSpec, InstructSpec, Method};
+use super::spec::{GenerationSettings, InstructFinetuneSpec, InstructSpec, Method};
 use crate::error::{read_text, write_atomic};
 use crate::finetune::{self, batches, FinetuneRun, Trainable};
 use crate::models::trainable::Weights;
-use crate::prompt::Prompter;
+use crate::prompt::{PromptStyle, Prompter};
 use crate::resolve::saved::{self, SavedHead, SavedRecord};
 use crate::resolve::LoadedLm;
 use crate::train::trainer::TrainEvents;
@@ -219,14 +219,13 @@ pub fn respond(
 
 /// The generation settings with the model's stop tokens: end-of-text (the padding token the
 /// examples end with), the model's end-of-sequence and end-of-turn tokens.
-fn generation_spec(
-    spec: &InstructSpec,
+pub fn generation_spec(
+    settings: &GenerationSettings,
+    seed: u64,
     lm: &LoadedLm,
     max_new: usize,
 ) -> crate::generate::GenerateSpec {
-    let mut g = spec
-        .generation
-        .to_spec(spec.seed, lm.eos_id, lm.response_stops());
+    let mut g = settings.to_spec(seed, lm.eos_id, lm.response_stops());
     g.max_new_tokens = max_new;
     g
 }
@@ -285,7 +284,12 @@ pub fn run(
             other => format!(", {}", other.name()),
         }
     ));
-    let sample_spec = generation_spec(spec, &p.lm, spec.generation.max_new_tokens.min(50));
+    let sample_spec = generation_spec(
+        &spec.generation,
+        spec.seed,
+        &p.lm,
+        spec.generation.max_new_tokens.min(50),
+    );
     let ignore = opts.ignore_index;
     run.begin();
     for epoch in run.epochs() {
@@ -348,7 +352,12 @@ pub fn run(
     let (mut exact_match, mut rouge_l) = (f64::NAN, f64::NAN);
     let mut n_responses = 0;
     if spec.generation.responses && !p.splits.test.is_empty() {
-        let gen = generation_spec(spec, &p.lm, spec.generation.max_new_tokens);
+        let gen = generation_spec(
+            &spec.generation,
+            spec.seed,
+            &p.lm,
+            spec.generation.max_new_tokens,
+        );
         let t0 = Instant::now();
         let mut out = Vec::with_capacity(p.splits.test.len());
         let mut responses = Vec::with_capacity(p.splits.test.len());
@@ -408,7 +417,14 @@ pub fn run(
     ];
     let groups = run.groups_per_epoch();
     run.finish(result, &scalars, |evals, trained| {
-        save_finetuned(&p, spec, trained, run_dir)?;
+        save_language_model(
+            run_dir,
+            &spec.task,
+            &spec.model.name,
+            &spec.finetune,
+            p.prompter.style,
+            trained,
+        )?;
         // The book's Figure 7.17.
         finetune::plot_curves(
             evals,
@@ -424,20 +440,21 @@ pub fn run(
     })
 }
 
-/// Writes the saved model (`saved_model.json` + `saved_model.safetensors`, see
-/// [`crate::resolve::saved`]): the trained tensors (the adapters with LoRA, the trained blocks'
-/// weights with full fine-tuning) and the prompt style.
-fn save_finetuned(
-    p: &Prepared,
-    spec: &InstructSpec,
-    trained: &[(String, Tensor)],
+/// Writes the saved model of a language-model run (`saved_model.json` +
+/// `saved_model.safetensors`, see [`crate::resolve::saved`]): the trained tensors (the adapters
+/// with LoRA, the trained blocks' weights with full fine-tuning) and the prompt style.
+pub fn save_language_model(
     dir: &Path,
+    task: &str,
+    base_model: &str,
+    ft: &InstructFinetuneSpec,
+    prompt_style: PromptStyle,
+    trained: &[(String, Tensor)],
 ) -> Result<()> {
-    let ft = &spec.finetune;
     let rec = SavedRecord {
         format: saved::SAVED_FORMAT,
-        task: spec.task.clone(),
-        base_model: spec.model.name.clone(),
+        task: task.into(),
+        base_model: base_model.into(),
         weights: Weights::Pretrained,
         trainable: ft.trainable,
         method: ft.method,
@@ -445,7 +462,7 @@ fn save_finetuned(
         tensors: saved::SAVED_TENSORS.into(),
         full: ft.trainable == Trainable::All && ft.method == Method::Full,
         head: SavedHead::CausalLm {
-            prompt_style: Some(p.prompter.style),
+            prompt_style: Some(prompt_style),
         },
     };
     saved::save(dir, &rec, trained)

@@ -234,7 +234,7 @@ impl MultiHeadAttention {
             (&mut v, &self.w_value),
         ] {
             if let Some(l) = &lin.lora {
-                *t = &*t + l.delta(x, train);
+                *t = l.add_delta(t.shallow_clone(), x, train);
             }
         }
         let (q, k, v) = (

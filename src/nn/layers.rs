@@ -44,7 +44,7 @@ impl Linear {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let y = self.inner.forward(x);
         match &self.lora {
-            Some(l) => y + l.delta(x, train),
+            Some(l) => l.add_delta(y, x, train),
             None => y,
         }
     }

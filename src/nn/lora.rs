@@ -102,6 +102,20 @@ impl LoraConfig {
     }
 }
 
+thread_local! {
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every LoRA adapter of this thread's models left out, so a model with
+/// adapters computes as its base model (PEFT's `disable_adapter()`; DPO's reference model
+/// without a second copy of the weights).
+pub fn without_adapters<T>(f: impl FnOnce() -> T) -> T {
+    let before = ADAPTERS_OFF.with(|c| c.replace(true));
+    let out = f();
+    ADAPTERS_OFF.with(|c| c.set(before));
+    out
+}
+
 /// One adapter: `A` `(in, rank)`, `B` `(rank, out)`.
 #[derive(Debug)]
 pub struct Lora {
@@ -130,9 +144,14 @@ impl Lora {
         }
     }
 
-    /// The update for input `x` `(…, in)` → `(…, out)`.
-    pub fn delta(&self, x: &Tensor, train: bool) -> Tensor {
-        x.dropout(self.dropout, train)
+    /// `y` plus the update for input `x` `(…, in)` → `(…, out)`; `y` unchanged inside
+    /// [`without_adapters`].
+    pub fn add_delta(&self, y: Tensor, x: &Tensor, train: bool) -> Tensor {
+        if ADAPTERS_OFF.with(|c| c.get()) {
+            return y;
+        }
+        y + x
+            .dropout(self.dropout, train)
             .matmul(&self.a)
             .matmul(&self.b)
             * self.scale

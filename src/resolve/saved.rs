@@ -196,7 +196,7 @@ impl SavedRecord {
             path: dir.join(SAVED_RECORD),
             source: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                "not a fine-tuned model: a finished classify or instruct run folder holds this file",
+                "not a fine-tuned model: a finished classify, instruct or dpo run folder holds this file",
             ),
         }
         .into())

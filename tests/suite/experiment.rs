@@ -165,7 +165,7 @@ fn validation_errors_name_file_line_key_and_choices() -> Result<()> {
             "task",
             BASE.replace("task: pretrain", "task: summarize"),
             vec![],
-            format!("invalid config {d}/task.yaml:2:1: task: 'summarize' is not a task llmlab runs yet; expected one of: pretrain, generate, classify, instruct, eval"),
+            format!("invalid config {d}/task.yaml:2:1: task: 'summarize' is not a task llmlab runs yet; expected one of: pretrain, generate, classify, instruct, dpo, eval"),
         ),
         (
             "yaml",

@@ -21,6 +21,7 @@ mod classify;
 mod cli;
 mod cuda;
 mod data;
+mod dpo;
 mod eval;
 mod experiment;
 mod generate;

@@ -1,6 +1,7 @@
 //! One file per task `llmlab run` runs, each a [`super::task::Task`] listed in
 //! [`super::task::TASKS`].
 pub mod classify;
+pub mod dpo;
 pub mod eval;
 pub mod generate;
 pub mod instruct;
