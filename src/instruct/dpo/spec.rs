@@ -103,6 +103,14 @@ impl TrainDefaults for BookDpo {
 pub type DpoTrainSpec = TrainArgs<BookDpo>;
 
 impl DpoSpec {
+    /// Parses a DPO experiment's YAML (one trial; the runner parses files with sweeps).
+    pub fn deserialize_yaml(text: &str) -> Result<Self, LlmError> {
+        serde_yaml::from_str(text).map_err(|e| LlmError::Config {
+            origin: "dpo spec".into(),
+            message: e.to_string(),
+        })
+    }
+
     /// Range checks; the message starts with the key (the runner locates it in the file).
     pub fn validate(&self) -> Result<(), LlmError> {
         let err = |m: String| {
