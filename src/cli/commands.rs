@@ -431,14 +431,19 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+impl From<JudgeApi> for crate::remote::Api {
+    fn from(api: JudgeApi) -> Self {
+        match api {
+            JudgeApi::Openai => Self::Openai,
+            JudgeApi::Ollama => Self::Ollama,
+        }
+    }
+}
+
 impl JudgeServerArgs {
     fn config(&self) -> crate::eval::judge::JudgeConfig {
-        use crate::eval::judge::{Api, JudgeConfig};
-        let api = match self.api {
-            JudgeApi::Openai => Api::Openai,
-            JudgeApi::Ollama => Api::Ollama,
-        };
-        let mut cfg = JudgeConfig::new(&self.judge_url, &self.judge_model, api);
+        let mut cfg =
+            crate::eval::judge::judge_config(&self.judge_url, &self.judge_model, self.api.into());
         cfg.seed = self.seed;
         cfg.timeout = std::time::Duration::from_secs(self.timeout.max(1));
         cfg.retries = self.retries;
