@@ -4,6 +4,7 @@
 //! response for every test entry ([`train`]).
 pub mod collate;
 pub mod data;
+pub mod make_preferences;
 pub mod spec;
 pub mod train;
 
