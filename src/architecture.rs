@@ -9,7 +9,8 @@
 /// lower than the rest), from the bottom up.
 const LAYERS: &[&[&str]] = &[
     // Foundation: errors, device and threads, signals, the C++ shim, plots, TensorBoard files,
-    // text metrics, the data registry (downloads and the cache).
+    // text metrics, the data registry (downloads and the cache), the chat client of a teacher or
+    // judge model behind an HTTP server.
     &[
         "error",
         "device",
@@ -19,6 +20,7 @@ const LAYERS: &[&[&str]] = &[
         "tensorboard",
         "metrics",
         "data::registry",
+        "remote",
     ],
     &["nn"],
     &["models"],

@@ -7,7 +7,7 @@
 //! | ch04 GPT: LayerNorm, GELU, feed-forward, blocks, `GPTModel`, greedy generation | [`nn::layers`], [`models::gpt`] |
 //! | ch05 pretraining: loss, the training loop, saving/loading weights | [`train`], [`weights`] |
 //! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
-//! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model | [`instruct`], [`eval`] |
+//! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model; preference data from a teacher model (ch07/04); their chat client | [`instruct`], [`eval`], [`remote`] |
 //! | evaluation: perplexity (Hugging Face's strided window), pairwise judging, Chatbot Arena leaderboards | [`eval`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`resolve`], [`chat`], [`request`], [`nn::quant`] |
 //!
@@ -33,6 +33,7 @@ pub mod models;
 pub mod nn;
 pub mod plot;
 pub mod prompt;
+pub mod remote;
 pub mod request;
 pub mod resolve;
 pub mod shim;

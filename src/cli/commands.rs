@@ -221,6 +221,69 @@ fn data(action: DataAction) -> Result<()> {
             let dir = reg.fetch(&name)?;
             println!("{}", dir.display());
         }
+        DataAction::MakePreferences(a) => make_preferences_cmd(a, &reg)?,
+    }
+    Ok(())
+}
+
+fn make_preferences_cmd(a: MakePreferencesArgs, reg: &Registry) -> Result<()> {
+    use crate::instruct::make_preferences::{dataset_file, make_preferences, PreferenceSpec};
+    use crate::remote::{ChatConfig, Role};
+    let input = match (&a.input, &a.dataset) {
+        (Some(p), _) => {
+            if !p.exists() {
+                let name = p.to_string_lossy();
+                let hint = if reg.get(&name).is_ok() {
+                    format!("; for the registered data set, give --dataset {name}")
+                } else {
+                    String::new()
+                };
+                return Err(LlmError::Usage(format!(
+                    "--input {}: no such file{hint}",
+                    p.display()
+                ))
+                .into());
+            }
+            p.clone()
+        }
+        (None, Some(name)) => dataset_file(name)?,
+        (None, None) => unreachable!("clap: --input or --dataset is required"),
+    };
+    let mut teacher = ChatConfig::new(
+        Role::Teacher,
+        &a.teacher_url,
+        &a.teacher_model,
+        a.api.into(),
+    );
+    teacher.seed = a.seed;
+    teacher.timeout = std::time::Duration::from_secs(a.timeout.max(1));
+    teacher.retries = a.retries;
+    let spec = PreferenceSpec {
+        input,
+        out: a.out.clone(),
+        seed: a.seed,
+        limit: a.limit,
+    };
+    let text = a.format == Format::Text;
+    let s = make_preferences(&spec, teacher, &mut |i, n, choice| {
+        if text {
+            eprintln!("[{i}/{n}] {}", choice.name());
+        }
+    })?;
+    if text {
+        println!(
+            "{} entries in {} ({} made now, {} already there): {} polite (rewrite chosen), {} impolite (rewrite rejected), {} unchanged by the teacher",
+            s.entries,
+            s.out.display(),
+            s.made,
+            s.resumed,
+            s.polite,
+            s.impolite,
+            s.unchanged
+        );
+        println!("settings: {}", s.progress.display());
+    } else {
+        println!("{}", serde_json::to_string(&s)?);
     }
     Ok(())
 }
@@ -431,14 +494,19 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+impl From<JudgeApi> for crate::remote::Api {
+    fn from(api: JudgeApi) -> Self {
+        match api {
+            JudgeApi::Openai => Self::Openai,
+            JudgeApi::Ollama => Self::Ollama,
+        }
+    }
+}
+
 impl JudgeServerArgs {
     fn config(&self) -> crate::eval::judge::JudgeConfig {
-        use crate::eval::judge::{Api, JudgeConfig};
-        let api = match self.api {
-            JudgeApi::Openai => Api::Openai,
-            JudgeApi::Ollama => Api::Ollama,
-        };
-        let mut cfg = JudgeConfig::new(&self.judge_url, &self.judge_model, api);
+        let mut cfg =
+            crate::eval::judge::judge_config(&self.judge_url, &self.judge_model, self.api.into());
         cfg.seed = self.seed;
         cfg.timeout = std::time::Duration::from_secs(self.timeout.max(1));
         cfg.retries = self.retries;

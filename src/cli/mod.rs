@@ -26,7 +26,8 @@ pub enum Command {
     Run(RunArgs),
     /// Summary table of an experiment's trials (terminal; writes summary.md and summary.csv).
     Report(ReportArgs),
-    /// Data sets of the book: list them or fetch one (mirror, cache or download).
+    /// Data sets of the book: list them, fetch one (mirror, cache or download), or make DPO
+    /// preference data with a teacher model.
     Data {
         #[command(subcommand)]
         action: DataAction,
@@ -323,6 +324,59 @@ pub enum DataAction {
         /// Data set name (see `llmlab data list`).
         name: String,
     },
+    /// Make DPO preference data with a teacher model, as the book does (ch07/04,
+    /// create-preference-data-ollama.ipynb).
+    ///
+    /// For each instruction entry, pick "polite" or "impolite" at random (seeded) and ask a
+    /// teacher model to slightly rewrite the output to be more so, with the book's prompt; a
+    /// polite rewrite becomes `chosen` (the output `rejected`), an impolite one `rejected` (the
+    /// output `chosen`). Writes the book's instruction-data-with-preference.json shape (each
+    /// entry's fields + chosen, rejected), atomically after every entry, and records the
+    /// settings in <out stem>.progress.json: the same command continues after the entries
+    /// already made; other settings (input, --seed, --teacher-model) are refused.
+    MakePreferences(MakePreferencesArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["input", "dataset"])))]
+pub struct MakePreferencesArgs {
+    /// An instruction data file: a JSON array (or JSON lines) of objects with instruction,
+    /// input (may be empty) and output, e.g. the book's instruction-data.json.
+    #[arg(long)]
+    pub input: Option<PathBuf>,
+    /// Or a registered instruction data set (`llmlab data list`), e.g. instruction-data.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// The teacher server's base URL, e.g. http://localhost:11434 (Ollama) or http://localhost:8000.
+    #[arg(long)]
+    pub teacher_url: String,
+    /// The teacher model's name on that server, e.g. llama3.1:70b (the book's).
+    #[arg(long)]
+    pub teacher_model: String,
+    /// The API the server speaks.
+    #[arg(long, value_enum, default_value_t = JudgeApi::Openai)]
+    pub api: JudgeApi,
+    /// The preference file to write (a JSON array), e.g. instruction-data-with-preference.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seeds the polite/impolite choice of every entry; also sent with every request
+    /// (temperature 0; the book's requests: seed 123).
+    #[arg(long, default_value_t = 123)]
+    pub seed: u64,
+    /// Only the first N entries (a later run with a larger N continues the file).
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Per-request time limit in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+    /// Retries of a request after a server error (5xx), a timeout or a dropped connection
+    /// (waiting 0.5 s, then twice as long each time).
+    #[arg(long, default_value_t = 3)]
+    pub retries: usize,
+    /// `text`: a progress line per entry and a summary; `json`: one summary object
+    /// {"entries", "made", "resumed", "polite", "impolite", "unchanged", "out", "progress"}.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -4,55 +4,22 @@
 //! with the book's prompt, temperature 0 and a seed. Server errors (5xx) and timeouts are retried
 //! with exponential back-off; the score is the first integer 0..=100 in the reply (a reply
 //! without one is counted as unparsable). Every judged answer is kept beside the responses.
-//! The client ([`Judge`]: requests, retries, the count of unparsable replies) also serves
-//! [`super::pairwise`].
+//! The HTTP client is [`crate::remote`]'s ([`Judge`] is its `ChatClient` under the judge's
+//! name); what is asked and how a reply is read ([`ask_parsed`], the count of unparsable
+//! replies) is the judge's, and also serves [`super::pairwise`].
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::prompt::{format_input, Entry};
+pub use crate::remote::{Api, ChatClient as Judge, ChatConfig as JudgeConfig, Role};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-/// Which API the judge server speaks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Api {
-    /// `POST {url}/v1/chat/completions` (vLLM, llama.cpp server, LM Studio, `llmlab serve`, …).
-    #[default]
-    Openai,
-    /// `POST {url}/api/chat` with `stream: false` (the book's Ollama set-up).
-    Ollama,
-}
-
-#[derive(Debug, Clone)]
-pub struct JudgeConfig {
-    /// The server's base URL (`http://localhost:11434`).
-    pub url: String,
-    /// The judge model's name (`llama3`, `gpt-4o-mini`, …).
-    pub model: String,
-    pub api: Api,
-    /// Sent with every request (the book: 123), with temperature 0.
-    pub seed: u64,
-    /// Per-request time limit.
-    pub timeout: Duration,
-    /// Tries after the first on a 5xx answer, a timeout or a dropped connection.
-    pub retries: usize,
-    /// The first wait before a retry; it doubles each time.
-    pub backoff: Duration,
-}
-
-impl JudgeConfig {
-    pub fn new(url: &str, model: &str, api: Api) -> Self {
-        Self {
-            url: url.trim_end_matches('/').to_string(),
-            model: model.into(),
-            api,
-            seed: 123,
-            timeout: Duration::from_secs(120),
-            retries: 3,
-            backoff: Duration::from_millis(500),
-        }
-    }
+/// A judge's settings as the book's `ollama_evaluate.py` sends them: seed 123, temperature 0
+/// and (Ollama) `num_ctx` 2048; 120 s per request, 3 retries.
+pub fn judge_config(url: &str, model: &str, api: Api) -> JudgeConfig {
+    let mut cfg = JudgeConfig::new(Role::Judge, url, model, api);
+    cfg.num_ctx = Some(2048);
+    cfg
 }
 
 /// The book's judge prompt for an entry and a response.
@@ -92,162 +59,6 @@ pub fn parse_score(reply: &str) -> Option<u32> {
     }
 }
 
-/// A client of one judge server.
-pub struct Judge {
-    pub cfg: JudgeConfig,
-    agent: ureq::Agent,
-}
-
-/// One failed HTTP exchange: whether trying again may help, and why.
-struct Failure {
-    retry: bool,
-    message: String,
-}
-
-impl Judge {
-    pub fn new(cfg: JudgeConfig) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(cfg.timeout))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        Self { cfg, agent }
-    }
-
-    fn endpoint(&self) -> String {
-        match self.cfg.api {
-            Api::Openai => format!("{}/v1/chat/completions", self.cfg.url),
-            Api::Ollama => format!("{}/api/chat", self.cfg.url),
-        }
-    }
-
-    /// Checks that the server answers at all (any HTTP status counts) before any work starts.
-    pub fn probe(&self) -> Result<(), LlmError> {
-        let url = match self.cfg.api {
-            Api::Openai => format!("{}/v1/models", self.cfg.url),
-            Api::Ollama => format!("{}/api/tags", self.cfg.url),
-        };
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(self.cfg.timeout.min(Duration::from_secs(10))))
-            .http_status_as_error(false)
-            .build()
-            .into();
-        agent.get(&url).call().map(|_| ()).map_err(|e| {
-            LlmError::Usage(format!(
-                "the judge server at {} does not answer ({e}); start it (e.g. `ollama serve` and `ollama pull {}`) or check --judge-url and --api",
-                self.cfg.url, self.cfg.model
-            ))
-        })
-    }
-
-    fn body(&self, messages: &[(&str, &str)]) -> serde_json::Value {
-        let messages: Vec<serde_json::Value> = messages
-            .iter()
-            .map(|(role, content)| serde_json::json!({"role": role, "content": content}))
-            .collect();
-        match self.cfg.api {
-            Api::Openai => serde_json::json!({
-                "model": self.cfg.model,
-                "messages": messages,
-                "temperature": 0,
-                "seed": self.cfg.seed,
-            }),
-            Api::Ollama => serde_json::json!({
-                "model": self.cfg.model,
-                "messages": messages,
-                "stream": false,
-                "options": {"seed": self.cfg.seed, "temperature": 0, "num_ctx": 2048},
-            }),
-        }
-    }
-
-    fn try_once(&self, body: &str) -> Result<String, Failure> {
-        let url = self.endpoint();
-        let mut resp = self
-            .agent
-            .post(&url)
-            .header("Content-Type", "application/json")
-            .send(body)
-            .map_err(|e| Failure {
-                retry: matches!(
-                    e,
-                    ureq::Error::Timeout(_) | ureq::Error::Io(_) | ureq::Error::Protocol(_)
-                ),
-                message: format!("POST {url}: {e}"),
-            })?;
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().map_err(|e| Failure {
-            retry: true,
-            message: format!("POST {url}: reading the answer: {e}"),
-        })?;
-        if status >= 500 {
-            return Err(Failure {
-                retry: true,
-                message: format!("POST {url}: HTTP {status}: {}", snippet(&text)),
-            });
-        }
-        if status >= 400 {
-            return Err(Failure {
-                retry: false,
-                message: format!(
-                    "POST {url}: HTTP {status}: {} (is --judge-model '{}' served there?)",
-                    snippet(&text),
-                    self.cfg.model
-                ),
-            });
-        }
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Failure {
-            retry: false,
-            message: format!("POST {url}: not a JSON answer ({e}): {}", snippet(&text)),
-        })?;
-        let content = match self.cfg.api {
-            Api::Openai => v.pointer("/choices/0/message/content"),
-            Api::Ollama => v.pointer("/message/content"),
-        };
-        content
-            .and_then(|c| c.as_str())
-            .map(str::to_string)
-            .ok_or_else(|| Failure {
-                retry: false,
-                message: format!(
-                    "POST {url}: the answer has no message content: {}",
-                    snippet(&text)
-                ),
-            })
-    }
-
-    /// The judge's reply to `prompt` (one user message), retrying server errors and timeouts
-    /// with back-off.
-    pub fn ask(&self, prompt: &str) -> Result<String, LlmError> {
-        self.ask_messages(&[("user", prompt)])
-    }
-
-    /// The judge's reply to a conversation of `(role, content)` messages (`system`, `user`),
-    /// retrying server errors and timeouts with back-off.
-    pub fn ask_messages(&self, messages: &[(&str, &str)]) -> Result<String, LlmError> {
-        let body = self.body(messages).to_string();
-        let mut wait = self.cfg.backoff;
-        let mut attempt = 0;
-        loop {
-            match self.try_once(&body) {
-                Ok(reply) => return Ok(reply),
-                Err(f) if f.retry && attempt < self.cfg.retries => {
-                    attempt += 1;
-                    std::thread::sleep(wait);
-                    wait *= 2;
-                }
-                Err(f) => {
-                    return Err(LlmError::Usage(format!(
-                        "the judge failed after {} attempt(s): {}",
-                        attempt + 1,
-                        f.message
-                    )))
-                }
-            }
-        }
-    }
-}
-
 /// Counts of judge replies that `parse` read and those it could not (`eval judge`'s scores,
 /// `eval pairwise`'s verdicts).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,29 +67,22 @@ pub struct Tally {
     pub unparsable: usize,
 }
 
-impl Judge {
-    /// Asks `messages` and reads the reply with `parse`; a reply it rejects is counted as
-    /// unparsable (never an error: the reply is returned for the record).
-    pub fn ask_parsed<T>(
-        &self,
-        messages: &[(&str, &str)],
-        parse: impl Fn(&str) -> Option<T>,
-        tally: &mut Tally,
-    ) -> Result<(String, Option<T>), LlmError> {
-        let reply = self.ask_messages(messages)?;
-        let v = parse(&reply);
-        if v.is_some() {
-            tally.parsed += 1;
-        } else {
-            tally.unparsable += 1;
-        }
-        Ok((reply, v))
+/// Asks `messages` and reads the reply with `parse`; a reply it rejects is counted as
+/// unparsable (never an error: the reply is returned for the record).
+pub fn ask_parsed<T>(
+    judge: &Judge,
+    messages: &[(&str, &str)],
+    parse: impl Fn(&str) -> Option<T>,
+    tally: &mut Tally,
+) -> Result<(String, Option<T>), LlmError> {
+    let reply = judge.ask_messages(messages)?;
+    let v = parse(&reply);
+    if v.is_some() {
+        tally.parsed += 1;
+    } else {
+        tally.unparsable += 1;
     }
-}
-
-fn snippet(text: &str) -> String {
-    let t: String = text.chars().take(200).collect();
-    t.replace('\n', " ")
+    Ok((reply, v))
 }
 
 /// The figures `--format json` prints.
@@ -345,7 +149,7 @@ pub fn judge_file(
     let mut tally = Tally::default();
     for (i, (e, response)) in entries.iter().enumerate() {
         let prompt = judge_prompt(e, response);
-        let (reply, score) = judge.ask_parsed(&[("user", &prompt)], parse_score, &mut tally)?;
+        let (reply, score) = ask_parsed(&judge, &[("user", &prompt)], parse_score, &mut tally)?;
         sum += u64::from(score.unwrap_or(0));
         let mut rec = e.raw.clone();
         rec.insert("judge_reply".into(), reply.into());

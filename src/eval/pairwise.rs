@@ -17,7 +17,7 @@
 //!
 //! The HTTP client, its retries and the count of unparsable replies are `eval judge`'s
 //! ([`super::judge::Judge`]).
-use super::judge::{read_responses, Judge, JudgeConfig, Tally};
+use super::judge::{ask_parsed, read_responses, Judge, JudgeConfig, Tally};
 use super::leaderboard::Winner;
 use crate::error::{read_text, LlmError};
 use crate::prompt::Entry;
@@ -365,7 +365,8 @@ pub fn pairwise(
         let (a, b) = (&files[c.i].name, &files[c.j].name);
         let mut ask = |first: &str, second: &str| {
             let prompt = pairwise_prompt(c.entry, first, second);
-            judge.ask_parsed(
+            ask_parsed(
+                &judge,
                 &[("system", SYSTEM_PROMPT), ("user", &prompt)],
                 parse_verdict,
                 &mut summary.replies,

@@ -4,7 +4,7 @@
 use crate::common;
 
 use anyhow::{Context, Result};
-use llmlab::eval::judge::{Api, JudgeConfig};
+use llmlab::eval::judge::{judge_config, Api};
 use llmlab::eval::pairwise::{pairwise, unparsable_path, ResponsesFile, SYSTEM_PROMPT};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -275,7 +275,7 @@ fn pairwise_votes_both_orders_and_resumes() -> Result<()> {
         ["alpha", "beta", "gamma"]
     );
     let out = dir.path().join("votes.jsonl");
-    let mut cfg = JudgeConfig::new(&url, "judge", Api::Openai);
+    let mut cfg = judge_config(&url, "judge", Api::Openai);
     cfg.backoff = Duration::from_millis(10);
     cfg.timeout = Duration::from_secs(10);
     let mut heard = 0;

@@ -5,7 +5,7 @@
 use crate::common;
 
 use anyhow::Result;
-use llmlab::eval::judge::{judge_file, Api, Judge, JudgeConfig};
+use llmlab::eval::judge::{judge_config, judge_file, Api, Judge};
 use llmlab::instruct::collate::{collate, collate_packed, pack, CollateOptions, Encoded};
 use llmlab::instruct::data::{Entry, InstructDataSpec};
 use llmlab::instruct::prompt::{PromptStyle, Prompter};
@@ -273,7 +273,7 @@ fn judge_scores_through_a_stub_openai_server() -> Result<()> {
             mk("Name a colour.", "", "Blue", "Blue"),
         ])?,
     )?;
-    let mut cfg = JudgeConfig::new(url, "judge-model", Api::Openai);
+    let mut cfg = judge_config(url, "judge-model", Api::Openai);
     cfg.backoff = Duration::from_millis(10);
     cfg.timeout = Duration::from_secs(10);
     let mut seen = Vec::new();
@@ -318,7 +318,7 @@ fn judge_scores_through_a_stub_ollama_server() -> Result<()> {
         r#"[{"instruction": "Say hi.", "input": "", "output": "Hi", "model_response": "Hello"},
             {"instruction": "Add 1 and 2.", "input": "", "output": "3", "model_response": "3"}]"#,
     )?;
-    let mut cfg = JudgeConfig::new(url, "llama3", Api::Ollama);
+    let mut cfg = judge_config(url, "llama3", Api::Ollama);
     cfg.backoff = Duration::from_millis(10);
     cfg.timeout = Duration::from_millis(700);
     let s = judge_file(&responses, cfg, &mut |_, _, _| {})?;
@@ -348,7 +348,7 @@ fn unreachable_judge_is_a_clear_error_and_json_summary() -> Result<()> {
     // A port nobody listens on: bind, read the port, close.
     let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let url = format!("http://127.0.0.1:{port}");
-    let judge = Judge::new(JudgeConfig::new(&url, "m", Api::Ollama));
+    let judge = Judge::new(judge_config(&url, "m", Api::Ollama));
     let err = judge
         .probe()
         .expect_err("nothing listens there")

@@ -29,6 +29,7 @@ mod gguf;
 mod instruct;
 mod llama;
 mod model;
+mod preferences;
 mod reference_cache;
 mod runner;
 mod tensorboard;
