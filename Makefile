@@ -74,6 +74,7 @@ bench: setup build
 	$(PY) tests/reference/bench.py --llmlab $(BIN) --config gpt2-small --threads 2 --rounds 3
 	$(PY) tests/reference/bench_freeze.py --llmlab $(BIN) --threads 2
 	$(PY) tests/reference/bench_mmlu.py --llmlab $(BIN) --threads 2
+	$(PY) tests/reference/bench_dpo.py --llmlab $(BIN) --threads 2
 
 # Runs the freeze sweep (skips finished trials) and executes its notebook in place.
 notebooks: setup build
