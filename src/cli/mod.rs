@@ -82,7 +82,7 @@ pub struct RunArgs {
     /// CPU). Ctrl-C stops every running trial after its state is saved.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub jobs: usize,
-    /// Fine-tuning trials (classify, instruct) also save a checkpoint after this many minutes
+    /// Fine-tuning trials (classify, instruct, dpo) also save a checkpoint after this many minutes
     /// of training inside an epoch, so a killed process loses at most that much; 0: only at
     /// epoch ends and on Ctrl-C/SIGTERM, which always save. (Pretraining: train.checkpoint_every.)
     #[arg(long, value_name = "MINUTES", default_value_t = crate::finetune::DEFAULT_CHECKPOINT_MINUTES, value_parser = non_negative_minutes)]
