@@ -130,6 +130,17 @@ impl Default for GenerationSettings {
     }
 }
 
+/// The first of a spec's problems (messages starting with their key) as its validation error.
+pub fn first_problem(problems: impl IntoIterator<Item = Option<String>>) -> Result<(), LlmError> {
+    match problems.into_iter().flatten().next() {
+        Some(message) => Err(LlmError::Config {
+            origin: String::new(),
+            message,
+        }),
+        None => Ok(()),
+    }
+}
+
 impl InstructModelSpec {
     /// The first out-of-range value, as a message starting with its key.
     pub fn problem(&self) -> Option<String> {
@@ -176,30 +187,13 @@ impl InstructSpec {
 
     /// Range checks; the message starts with the key (the runner locates it in the file).
     pub fn validate(&self) -> Result<(), LlmError> {
-        let err = |m: String| {
-            Err(LlmError::Config {
-                origin: String::new(),
-                message: m,
-            })
-        };
-        if self.task != "instruct" {
-            return err(format!("task: '{}': expected instruct", self.task));
-        }
-        if let Some(m) = self.model.problem() {
-            return err(m);
-        }
-        if let Some(m) = self.data.check() {
-            return err(m);
-        }
-        if let Some(m) = self.finetune.lora.check() {
-            return err(m);
-        }
-        if let Some(m) = self.train.problem() {
-            return err(m);
-        }
-        if let Some(m) = self.generation.problem() {
-            return err(m);
-        }
-        Ok(())
+        first_problem([
+            (self.task != "instruct").then(|| format!("task: '{}': expected instruct", self.task)),
+            self.model.problem(),
+            self.data.check(),
+            self.finetune.lora.check(),
+            self.train.problem(),
+            self.generation.problem(),
+        ])
     }
 }

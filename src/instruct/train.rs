@@ -7,7 +7,9 @@
 //! stopped them), as `task: classify` does.
 use super::collate::{self, Batch, CollateOptions, Encoded};
 use super::data::{self, Entry, Splits};
-use super::spec::{GenerationSettings, InstructFinetuneSpec, InstructSpec, Method};
+use super::spec::{
+    GenerationSettings, InstructFinetuneSpec, InstructModelSpec, InstructSpec, Method,
+};
 use crate::error::{read_text, write_atomic};
 use crate::finetune::{self, batches, FinetuneRun, Trainable};
 use crate::models::trainable::Weights;
@@ -77,23 +79,41 @@ pub fn encode(lm: &LoadedLm, prompter: &Prompter, entries: &[Entry]) -> Result<V
         .collect()
 }
 
+/// Loads the model to tune (then seeds every generator with `seed`), with its dropout and the
+/// LoRA adapters `ft` trains, and the prompter of `style` for it.
+pub fn load_model(
+    model: &InstructModelSpec,
+    ft: &InstructFinetuneSpec,
+    style: PromptStyle,
+    seed: u64,
+    device: Device,
+) -> Result<(LoadedLm, Prompter)> {
+    let mut lm = LoadedLm::load(&model.name, device)?;
+    crate::device::seed_everything(seed);
+    if let Some(p) = model.dropout {
+        lm.model.set_drop_rate(p);
+    }
+    let adapted = ft.trainable.adapted_blocks(ft.method, lm.model.n_layers());
+    if !adapted.is_empty() {
+        lm.add_lora_to(&ft.lora, adapted);
+    }
+    let prompter = Prompter::new(style, lm.chat.clone(), &model.name)?;
+    Ok((lm, prompter))
+}
+
 /// Loads the model (with dropout and adapters as `spec` says) and the data.
 pub fn prepare(spec: &InstructSpec, device: Device) -> Result<Prepared> {
     let entries = spec.data.read()?;
     let splits = spec.data.split(&entries, spec.seed);
     let keys = "data.split and data.max_*";
     finetune::check_splits(splits.train.len(), splits.val.len(), "entries", keys)?;
-    let mut lm = LoadedLm::load(&spec.model.name, device)?;
-    crate::device::seed_everything(spec.seed);
-    if let Some(p) = spec.model.dropout {
-        lm.model.set_drop_rate(p);
-    }
-    let ft = &spec.finetune;
-    let adapted = ft.trainable.adapted_blocks(ft.method, lm.model.n_layers());
-    if !adapted.is_empty() {
-        lm.add_lora_to(&ft.lora, adapted);
-    }
-    let prompter = Prompter::new(spec.data.prompt_style, lm.chat.clone(), &spec.model.name)?;
+    let (lm, prompter) = load_model(
+        &spec.model,
+        &spec.finetune,
+        spec.data.prompt_style,
+        spec.seed,
+        device,
+    )?;
     let opts = CollateOptions {
         pad_id: lm.pad_id(),
         ignore_index: -100,

@@ -223,7 +223,7 @@ fn dpo_cached_reference_equals_live_and_an_interrupted_run_resumes() -> Result<(
              generation: {{max_new_tokens: 6}}\n"
         )
     };
-    let spec = |r: &str| llmlab::instruct::dpo::DpoSpec::deserialize_yaml(&yaml(r));
+    let spec = |r: &str| llmlab::instruct::dpo::DpoSpec::from_yaml(&yaml(r), "test");
     let run = llmlab::instruct::dpo::train::run;
     let dir = tempfile::tempdir()?;
     let (whole, live, parts) = (

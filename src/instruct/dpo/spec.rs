@@ -4,7 +4,9 @@
 use super::data::PreferenceDataSpec;
 use crate::error::LlmError;
 use crate::finetune::{TrainArgs, TrainDefaults};
-use crate::instruct::spec::{GenerationSettings, InstructFinetuneSpec, InstructModelSpec};
+use crate::instruct::spec::{
+    first_problem, GenerationSettings, InstructFinetuneSpec, InstructModelSpec,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,46 +105,26 @@ impl TrainDefaults for BookDpo {
 pub type DpoTrainSpec = TrainArgs<BookDpo>;
 
 impl DpoSpec {
-    /// Parses a DPO experiment's YAML (one trial; the runner parses files with sweeps).
-    pub fn deserialize_yaml(text: &str) -> Result<Self, LlmError> {
+    /// Parses one trial's YAML (the runner reads experiment files, with sweeps, itself).
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, LlmError> {
         serde_yaml::from_str(text).map_err(|e| LlmError::Config {
-            origin: "dpo spec".into(),
+            origin: origin.into(),
             message: e.to_string(),
         })
     }
 
     /// Range checks; the message starts with the key (the runner locates it in the file).
     pub fn validate(&self) -> Result<(), LlmError> {
-        let err = |m: String| {
-            Err(LlmError::Config {
-                origin: String::new(),
-                message: m,
-            })
-        };
-        if self.task != "dpo" {
-            return err(format!("task: '{}': expected dpo", self.task));
-        }
-        if let Some(m) = self.model.problem() {
-            return err(m);
-        }
-        if !(self.dpo.beta.is_finite() && self.dpo.beta > 0.0) {
-            return err(format!(
-                "dpo.beta: {}: expected a number > 0",
-                self.dpo.beta
-            ));
-        }
-        if let Some(m) = self.data.check() {
-            return err(m);
-        }
-        if let Some(m) = self.finetune.lora.check() {
-            return err(m);
-        }
-        if let Some(m) = self.train.problem() {
-            return err(m);
-        }
-        if let Some(m) = self.generation.problem() {
-            return err(m);
-        }
-        Ok(())
+        let beta = self.dpo.beta;
+        first_problem([
+            (self.task != "dpo").then(|| format!("task: '{}': expected dpo", self.task)),
+            self.model.problem(),
+            (!(beta.is_finite() && beta > 0.0))
+                .then(|| format!("dpo.beta: {beta}: expected a number > 0")),
+            self.data.check(),
+            self.finetune.lora.check(),
+            self.train.problem(),
+            self.generation.problem(),
+        ])
     }
 }

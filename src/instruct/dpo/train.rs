@@ -10,7 +10,7 @@ use super::spec::{DpoSpec, Logprobs};
 use crate::error::{read_text, write_atomic};
 use crate::finetune::{self, batches, FinetuneRun, Method};
 use crate::instruct::data::write_splits;
-use crate::instruct::train::{generation_spec, respond, save_language_model};
+use crate::instruct::train::{generation_spec, load_model, respond, save_language_model};
 use crate::prompt::Prompter;
 use crate::resolve::LoadedLm;
 use crate::train::trainer::TrainEvents;
@@ -87,17 +87,13 @@ fn prepare(spec: &DpoSpec, device: Device, events: &mut dyn TrainEvents) -> Resu
     let splits = spec.data.split(&pairs, spec.seed);
     let keys = "data.split and data.max_*";
     finetune::check_splits(splits.train.len(), splits.val.len(), "pairs", keys)?;
-    let mut lm = LoadedLm::load(&spec.model.name, device)?;
-    crate::device::seed_everything(spec.seed);
-    if let Some(p) = spec.model.dropout {
-        lm.model.set_drop_rate(p);
-    }
-    let ft = &spec.finetune;
-    let adapted = ft.trainable.adapted_blocks(ft.method, lm.model.n_layers());
-    if !adapted.is_empty() {
-        lm.add_lora_to(&ft.lora, adapted);
-    }
-    let prompter = Prompter::new(spec.data.prompt_style, lm.chat.clone(), &spec.model.name)?;
+    let (lm, prompter) = load_model(
+        &spec.model,
+        &spec.finetune,
+        spec.data.prompt_style,
+        spec.seed,
+        device,
+    )?;
     let max_len = spec
         .data
         .allowed_max_length
