@@ -5,13 +5,19 @@
 //! evaluations:                     # (evaluate: on a training task)
 //!   - mmlu: {subjects: "anatomy,virology", shots: 5, style: letter, limit: 20}
 //!   - perplexity: {dataset: middlemarch, max_tokens: 4096, max_length: 512, stride: 256}
+//!   - rouge: {dataset: instruction-data, max_test: 20, max_new_tokens: 128}
+//!   - judge: {url: "http://localhost:11434", model: llama3, api: ollama}
 //! ```
 //!
 //! Each evaluation writes its full result to `<trial>/evaluations.json` (MMLU's subjects and
 //! categories, perplexity's token counts) and contributes flat figures ([`EvalFigures`]) that
 //! the runner logs as TensorBoard scalars `eval/<name>` and HParams metrics, and `llmlab report`
 //! shows as columns. MMLU appends its predictions to `<trial>/mmlu_predictions.jsonl`, so an
-//! interrupted evaluation resumes where it stopped.
+//! interrupted evaluation resumes where it stopped. `rouge` writes the model's responses to the
+//! test split of instruction data (`<trial>/eval_responses.json`, the instruct task's
+//! `responses.json` shape) with their exact match and ROUGE-L against the references; `judge`
+//! (after `rouge` in the list) scores those responses with a judge model as `llmlab eval judge`
+//! does (`<trial>/eval_responses.judged.json`).
 use super::mmlu::{self, MmluResult, MmluSpec};
 use super::perplexity::{dataset_text, perplexity_of_ids, PerplexityResult, PerplexitySpec};
 use crate::error::{read_text, write_atomic, LlmError};
@@ -29,6 +35,10 @@ pub enum Evaluation {
     Mmlu(MmluSpec),
     /// `llmlab eval perplexity` on a registered text or a file.
     Perplexity(PerplexityEval),
+    /// Responses to instruction data's test split: exact match and ROUGE-L.
+    Rouge(RougeEval),
+    /// The `rouge` responses scored by a judge model (`llmlab eval judge`).
+    Judge(JudgeEval),
 }
 
 impl Evaluation {
@@ -37,6 +47,8 @@ impl Evaluation {
         match self {
             Self::Mmlu(_) => "mmlu",
             Self::Perplexity(_) => "perplexity",
+            Self::Rouge(_) => "rouge",
+            Self::Judge(_) => "judge",
         }
     }
 }
@@ -50,17 +62,23 @@ struct Entry {
     mmlu: Option<MmluSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     perplexity: Option<PerplexityEval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rouge: Option<RougeEval>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    judge: Option<JudgeEval>,
 }
 
 impl TryFrom<Entry> for Evaluation {
     type Error = String;
     fn try_from(e: Entry) -> Result<Self, String> {
-        match (e.mmlu, e.perplexity) {
-            (Some(m), None) => Ok(Self::Mmlu(m)),
-            (None, Some(p)) => Ok(Self::Perplexity(p)),
-            _ => {
-                Err("expected one evaluation per item: `mmlu: {...}` or `perplexity: {...}`".into())
-            }
+        let mut found = Vec::new();
+        found.extend(e.mmlu.map(Self::Mmlu));
+        found.extend(e.perplexity.map(Self::Perplexity));
+        found.extend(e.rouge.map(Self::Rouge));
+        found.extend(e.judge.map(Self::Judge));
+        match (found.pop(), found.is_empty()) {
+            (Some(one), true) => Ok(one),
+            _ => Err("expected one evaluation per item: `mmlu: {...}`, `perplexity: {...}`, `rouge: {...}` or `judge: {...}`".into()),
         }
     }
 }
@@ -74,6 +92,14 @@ impl From<Evaluation> for Entry {
             },
             Evaluation::Perplexity(p) => Self {
                 perplexity: Some(p),
+                ..Default::default()
+            },
+            Evaluation::Rouge(r) => Self {
+                rouge: Some(r),
+                ..Default::default()
+            },
+            Evaluation::Judge(j) => Self {
+                judge: Some(j),
                 ..Default::default()
             },
         }
@@ -115,6 +141,81 @@ impl PerplexityEval {
     }
 }
 
+/// Responses to the test split of instruction data (the book's 85/5/10 split), greedy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RougeEval {
+    /// A registered instruction data set (default `instruction-data`) ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+    /// ... or a JSON/JSONL file of `instruction`, `input`, `output` records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Only the first this many test entries (the book's split has 110).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_test: Option<usize>,
+    /// Tokens per response (default 256, the book's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    /// How the entries become prompts; default: the style an instruct or DPO run learned, else
+    /// the model's chat template, else Alpaca.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_style: Option<crate::prompt::PromptStyle>,
+}
+
+/// A judge model's scores of the `rouge` responses (`llmlab eval judge`'s prompt and parsing).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JudgeEval {
+    pub url: String,
+    pub model: String,
+    #[serde(default)]
+    pub api: crate::remote::Api,
+}
+
+/// The model's responses to `r`'s test entries, written to `path` (the entry + `model_response`)
+/// with their (exact match, ROUGE-L) against the references.
+fn responses(lm: &LoadedLm, r: &RougeEval, path: &Path) -> Result<(usize, f64, f64)> {
+    use crate::instruct::data::InstructDataSpec;
+    use crate::prompt::{PromptStyle, Prompter};
+    let data = InstructDataSpec {
+        dataset: r.dataset.clone(),
+        path: r.path.clone(),
+        max_test: r.max_test,
+        ..Default::default()
+    };
+    let test = data.split(&data.read()?, 0).test;
+    let style = r
+        .prompt_style
+        .or(lm.prompt_style)
+        .unwrap_or(if lm.chat.is_some() {
+            PromptStyle::Chat
+        } else {
+            PromptStyle::Alpaca
+        });
+    let prompter = Prompter::new(style, lm.chat.clone(), &lm.name)?;
+    let settings = crate::instruct::spec::GenerationSettings::default();
+    let max_new = r.max_new_tokens.unwrap_or(settings.max_new_tokens);
+    let gen = crate::instruct::train::generation_spec(&settings, 123, lm, max_new);
+    let mut out = Vec::with_capacity(test.len());
+    let mut answers = Vec::with_capacity(test.len());
+    for e in &test {
+        let answer = crate::instruct::train::respond(lm, &prompter, e, &gen)?;
+        let mut rec = e.raw.clone();
+        rec.insert("model_response".into(), answer.clone().into());
+        out.push(serde_json::Value::Object(rec));
+        answers.push(answer);
+    }
+    write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
+    let (em, rl) = crate::metrics::score_responses(
+        answers
+            .iter()
+            .zip(&test)
+            .map(|(a, e)| (a.as_str(), e.output.as_str())),
+    );
+    Ok((test.len(), em, rl))
+}
+
 /// Checks a list before anything runs; messages start with `key` (`evaluations` or `evaluate`).
 pub fn validate(key: &str, list: &[Evaluation]) -> Result<(), LlmError> {
     let err = |m: String| LlmError::Config {
@@ -147,6 +248,25 @@ pub fn validate(key: &str, list: &[Evaluation]) -> Result<(), LlmError> {
                     )));
                 }
             }
+            Evaluation::Rouge(r) => {
+                if r.dataset.is_some() && r.path.is_some() {
+                    return Err(err(format!(
+                        "{key}[{i}].rouge: expected one of dataset or path, not both"
+                    )));
+                }
+                if r.max_test == Some(0) || r.max_new_tokens == Some(0) {
+                    return Err(err(format!(
+                        "{key}[{i}].rouge: max_test and max_new_tokens: expected at least 1"
+                    )));
+                }
+            }
+            Evaluation::Judge(_) => {
+                if !list[..i].iter().any(|o| matches!(o, Evaluation::Rouge(_))) {
+                    return Err(err(format!(
+                        "{key}[{i}].judge: scores the responses of a `rouge` evaluation; list one before it"
+                    )));
+                }
+            }
         }
     }
     Ok(())
@@ -166,12 +286,16 @@ pub struct EvalResults {
     pub mmlu: Option<MmluResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perplexity: Option<PerplexityResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<super::judge::JudgeSummary>,
 }
 
 /// The file a trial's evaluation results are in.
 pub const RESULTS: &str = "evaluations.json";
 /// The MMLU predictions of a trial (resumable).
 pub const MMLU_PREDICTIONS: &str = "mmlu_predictions.jsonl";
+/// The `rouge` responses of a trial (the `judge` evaluation scores them).
+pub const RESPONSES: &str = "eval_responses.json";
 
 /// The model a finished run folder holds, as a language model: an instruct or pretraining run
 /// as `generate` loads it; a classifier's fine-tuned blocks under its base model's own output
@@ -277,6 +401,29 @@ pub fn run_evaluations(
                 ));
                 out.figures.insert("perplexity".into(), r.perplexity);
                 out.perplexity = Some(r);
+            }
+            Evaluation::Rouge(r) => {
+                let (n, em, rl) = responses(lm, r, &dir.join(RESPONSES))?;
+                log(&format!(
+                    "{n} test responses: exact match {:.1}%, ROUGE-L {rl:.3}",
+                    100.0 * em
+                ));
+                out.figures.insert("exact_match".into(), em);
+                out.figures.insert("rouge_l".into(), rl);
+            }
+            Evaluation::Judge(j) => {
+                let cfg = super::judge::judge_config(&j.url, &j.model, j.api);
+                let s = super::judge::judge_file(&dir.join(RESPONSES), cfg, &mut |_, _, _| {})?;
+                log(&format!(
+                    "judge {}: mean score {} over {} of {} responses",
+                    j.model,
+                    s.mean_score.map_or("-".into(), |m| format!("{m:.2}")),
+                    s.scored,
+                    s.total
+                ));
+                out.figures
+                    .insert("judge_score".into(), s.mean_score.unwrap_or(f64::NAN));
+                out.judge = Some(s);
             }
         }
     }

@@ -124,6 +124,8 @@ pub const EVAL_METRICS: &[&str] = &[
     "eval/mmlu_accuracy",
     "eval/mmlu_macro_accuracy",
     "eval/perplexity",
+    "eval/rouge_l",
+    "eval/judge_score",
 ];
 
 impl TrialEvents<'_> {

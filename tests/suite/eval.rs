@@ -1124,3 +1124,117 @@ fn evaluate_block_and_eval_task_agree_on_a_freeze_sweep() -> Result<()> {
     );
     Ok(())
 }
+
+/// `task: eval` on a finished DPO run (it loads as an instruct run does): `rouge` answers the
+/// first test entries of the book's instruction data in the run's prompt style and scores exact
+/// match and ROUGE-L against the references; `judge` sends each of those responses to a stub
+/// judge in `llmlab eval judge`'s prompt and averages its scores; both land in
+/// `evaluations.json` and the report. A `judge` without a `rouge` before it is refused.
+#[test]
+fn eval_task_scores_a_dpo_runs_responses_with_rouge_and_a_judge() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let runs = dir.path().join("runs");
+    let run = |name: &str, yaml: &str| -> Result<(i32, String)> {
+        let file = dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml)?;
+        let (code, _, err) = common::llmlab(&[
+            "run",
+            file.to_str().context("UTF-8 path")?,
+            "--runs",
+            runs.to_str().context("UTF-8 path")?,
+            "--device",
+            "cpu",
+        ])?;
+        Ok((code, err))
+    };
+    let (code, err) = run(
+        "dpo",
+        "name: dpo\ntask: dpo\nmodel: {name: gpt-mini, dropout: 0.0}\n\
+         data: {max_train: 4, max_val: 2}\n\
+         train: {batch_size: 2, eval_freq: 5, eval_iter: 1}\n\
+         generation: {responses: false}\n",
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let replies = Arc::new(Mutex::new(vec!["70", "Score: 80"].into_iter()));
+    let prompts = Arc::new(Mutex::new(Vec::new()));
+    let (r, p) = (replies.clone(), prompts.clone());
+    let stub = common::HttpStub::serve(move |req| {
+        if req.method == "GET" {
+            return common::Response::json(200, "{\"data\": []}");
+        }
+        p.lock().expect("lock").push(req.body_text());
+        let content = r.lock().expect("lock").next().unwrap_or("50");
+        let message = serde_json::json!({"role": "assistant", "content": content});
+        common::Response::json(
+            200,
+            serde_json::json!({"choices": [{"message": message}]}).to_string(),
+        )
+    })?;
+    let dpo_run = runs.join("dpo/base");
+    let yaml = |list: &str| {
+        format!(
+            "name: eval-dpo\ntask: eval\nmodel: '{}'\nevaluations:\n{list}",
+            dpo_run.display()
+        )
+    };
+    let (code, err) = run(
+        "judge-alone",
+        &yaml(&format!("  - judge: {{url: '{}', model: m}}\n", stub.url())),
+    )?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("evaluations[0].judge") && err.contains("rouge"),
+        "{err}"
+    );
+
+    let (code, err) = run(
+        "eval-dpo",
+        &yaml(&format!(
+            "  - rouge: {{max_test: 2, max_new_tokens: 5}}\n  - judge: {{url: '{}', model: m, api: openai}}\n",
+            stub.url()
+        )),
+    )?;
+    assert_eq!(code, 0, "{err}");
+    let trial = runs.join("eval-dpo/base");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trial.join("evaluations.json"))?)?;
+    let responses: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(trial.join("eval_responses.json"))?)?;
+    assert_eq!(responses.len(), 2);
+    // The book's split: train 935, then test (the next 110), then validation.
+    let book: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(
+        common::mirror().join("instruction-data/instruction-data.json"),
+    )?)?;
+    assert_eq!(responses[0]["instruction"], book[935]["instruction"]);
+    let (em, rl) =
+        llmlab::metrics::score_responses(responses.iter().zip(&book[935..]).map(|(r, b)| {
+            (
+                r["model_response"].as_str().unwrap_or(""),
+                b["output"].as_str().unwrap_or(""),
+            )
+        }));
+    assert_eq!(results["figures"]["rouge_l"].as_f64(), Some(rl));
+    assert_eq!(results["figures"]["exact_match"].as_f64(), Some(em));
+    assert_eq!(results["figures"]["judge_score"].as_f64(), Some(75.0));
+    let prompts = prompts.lock().expect("lock").clone();
+    assert_eq!(prompts.len(), 2);
+    let answer = responses[1]["model_response"].as_str().unwrap_or("");
+    let expected = llmlab::eval::judge::judge_prompt(
+        &llmlab::prompt::Entry::new(
+            book[936]["instruction"].as_str().unwrap_or(""),
+            book[936]["input"].as_str().unwrap_or(""),
+            book[936]["output"].as_str().unwrap_or(""),
+        ),
+        answer,
+    );
+    let body: serde_json::Value = serde_json::from_str(&prompts[1])?;
+    assert_eq!(body["messages"][0]["content"], expected.as_str());
+    let (code, out, err) =
+        common::llmlab(&["report", runs.join("eval-dpo").to_str().context("UTF-8")?])?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("rouge_l") && out.contains("judge_score"),
+        "{out}"
+    );
+    Ok(())
+}
