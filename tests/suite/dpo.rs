@@ -288,6 +288,25 @@ fn dpo_cached_reference_equals_live_and_an_interrupted_run_resumes() -> Result<(
         ],
         "stopped and resumed",
     )?;
+    // A cache made from other weights (say, a retrained run folder of the same name) is not
+    // used: a restarted run computes the values again, and they are the same as before.
+    let cache = parts.join("reference_logps.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cache)?)?;
+    let first = c["train"][0].clone();
+    c["weights"] = Value::from("other weights");
+    c["train"][0] = serde_json::json!([0.0, 1.0, 0.0, 1.0]);
+    std::fs::write(&cache, c.to_string())?;
+    let mut logs = Vec::new();
+    run(&cached, &parts, Device::Cpu, true, &mut |m: &str| {
+        logs.push(m.to_string())
+    })?;
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("reference log-probabilities of 12 pairs")),
+        "{logs:?}"
+    );
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(&cache)?)?;
+    assert_eq!(c["train"][0], first);
     let read = |d: &Path| -> Result<Vec<Value>> {
         Ok(serde_json::from_str(&std::fs::read_to_string(
             d.join("responses.json"),

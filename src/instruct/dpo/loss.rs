@@ -144,8 +144,11 @@ type RefRow = [f64; 4];
 /// what it was computed from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct RefCache {
-    /// The model spec and a SHA-256 of the pairs' tokens, masks and truncation.
+    /// The model spec, a fingerprint of its weights (a retrained run folder of the same name
+    /// gives another) and a SHA-256 of the pairs' tokens, masks and truncation.
     model: String,
+    #[serde(default)]
+    weights: String,
     data_sha256: String,
     train: Vec<RefRow>,
     val: Vec<RefRow>,
@@ -208,13 +211,16 @@ impl ReferenceLogps {
             Reference::Cached => {
                 let path = dir.join(REFERENCE_CACHE);
                 let sha = data_sha256(train, val, pad_id, max_len);
+                let weights = weights_fingerprint(lm);
                 if let Ok(text) = read_text(&path) {
                     let c: RefCache =
                         serde_json::from_str(&text).map_err(|e| LlmError::BadFile {
                             path: path.clone(),
                             message: format!("not a reference cache ({e}); delete it"),
                         })?;
-                    if c.model == model && c.data_sha256 == sha {
+                    if (&c.model, &c.weights, &c.data_sha256)
+                        == (&model.to_string(), &weights, &sha)
+                    {
                         log(&format!(
                             "reference log-probabilities from {}",
                             path.display()
@@ -231,6 +237,7 @@ impl ReferenceLogps {
                 };
                 let c = RefCache {
                     model: model.into(),
+                    weights,
                     data_sha256: sha,
                     train: rows(train),
                     val: rows(val),
@@ -313,6 +320,31 @@ fn reference_rows(
         }
     }
     out
+}
+
+/// A SHA-256 over every weight's name, shape, sum and sum of squares (f64): what tells one set
+/// of weights from another without hashing their bytes. LoRA adapters are left out (they start
+/// as no change).
+fn weights_fingerprint(lm: &LoadedLm) -> String {
+    let _g = tch::no_grad_guard();
+    let mut vars: Vec<(String, Tensor)> = lm
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| !n.contains(".lora_"))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = Sha256::new();
+    for (name, t) in vars {
+        let t = t.to_kind(Kind::Double);
+        h.update(name.as_bytes());
+        for d in t.size() {
+            h.update(d.to_le_bytes());
+        }
+        h.update(t.sum(Kind::Double).double_value(&[]).to_le_bytes());
+        h.update((&t * &t).sum(Kind::Double).double_value(&[]).to_le_bytes());
+    }
+    format!("{:x}", h.finalize())
 }
 
 /// A SHA-256 over the pairs' tokens and masks and the collate settings.
