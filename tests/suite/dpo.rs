@@ -405,3 +405,63 @@ fn dpo_names_bad_records_and_counts_identical_pairs() -> Result<()> {
     assert!(last["val_reward_margin"].is_number(), "{last}");
     Ok(())
 }
+
+/// DPO after instruction tuning, as the book's pipeline goes: `model: {run: INSTRUCT_RUN}`
+/// starts from the finished instruct run (its adapters merged) with fresh adapters; the DPO run
+/// then loads as a model over that base: `generate` answers in the prompt style it was tuned in,
+/// as the run's own `model_response`.
+#[test]
+fn dpo_starts_from_a_finished_instruct_run() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let instruct = run_experiment(
+        dir.path(),
+        "sft",
+        "name: sft\ntask: instruct\nmodel: {name: gpt-mini, dropout: 0.0}\n\
+         data: {max_train: 8, max_val: 2, max_test: 1, allowed_max_length: 96}\n\
+         finetune: {method: lora, lora: {rank: 4, alpha: 8}}\n\
+         train: {epochs: 1, batch_size: 4, lr: 1.0e-3, eval_freq: 5, eval_iter: 1}\n\
+         generation: {responses: false}\n",
+    )?;
+    let dpo = run_experiment(
+        dir.path(),
+        "dpo-after-sft",
+        &format!(
+            "name: dpo-after-sft\ntask: dpo\nmodel: {{run: '{}', dropout: 0.0}}\n\
+             data: {{max_train: 4, max_val: 2, max_test: 1}}\n\
+             finetune: {{method: lora, lora: {{rank: 4, alpha: 8}}}}\n\
+             train: {{batch_size: 2, lr: 1.0e-3, eval_freq: 5, eval_iter: 1}}\n\
+             generation: {{max_new_tokens: 6}}\n",
+            instruct.display()
+        ),
+    )?;
+    let saved: Value =
+        serde_json::from_str(&std::fs::read_to_string(dpo.join("saved_model.json"))?)?;
+    assert_eq!(saved["task"], "dpo");
+    assert_eq!(saved["base_model"], instruct.display().to_string());
+    let responses: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(dpo.join("responses.json"))?)?;
+    let entry = &responses[0];
+    let model = dpo.to_str().context("UTF-8 path")?;
+    let mut args = vec![
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        entry["instruction"].as_str().context("instruction")?,
+        "--max-new-tokens",
+        "6",
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ];
+    let input = entry["input"].as_str().unwrap_or("");
+    if !input.is_empty() {
+        args.extend(["--input", input]);
+    }
+    let (code, out, err) = common::llmlab(&args)?;
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(out.trim())?;
+    assert_eq!(v["response"], entry["model_response"], "{out}");
+    Ok(())
+}
