@@ -20,21 +20,11 @@ fn book_pairs(dir: &Path, n: usize) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Runs `yaml` (a DPO experiment) with `llmlab run` into `runs`; returns the trial folder.
+/// Runs `yaml` (a DPO experiment) with `llmlab run` into `dir/runs`; returns the trial folder.
 fn run_experiment(dir: &Path, name: &str, yaml: &str) -> Result<PathBuf> {
-    let file = dir.join(format!("{name}.yaml"));
-    std::fs::write(&file, yaml)?;
-    let runs = dir.join("runs");
-    let (code, _, err) = common::llmlab(&[
-        "run",
-        file.to_str().context("UTF-8 path")?,
-        "--runs",
-        runs.to_str().context("UTF-8 path")?,
-        "--device",
-        "cpu",
-    ])?;
+    let (code, err) = common::llmlab_run(dir, &dir.join("runs"), name, yaml)?;
     assert_eq!(code, 0, "{err}");
-    Ok(runs.join(name).join("base"))
+    Ok(dir.join("runs").join(name).join("base"))
 }
 
 /// Within 1e-5, or a few f32 ulps of `scale` (the size of the sequence log-probabilities the
@@ -318,28 +308,7 @@ fn dpo_cached_reference_equals_live_and_an_interrupted_run_resumes() -> Result<(
     let entry = &responses[0];
     assert!(entry["reference_response"].is_string(), "{entry}");
 
-    let model = whole.to_str().context("UTF-8 path")?;
-    let mut args = vec![
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        entry["instruction"].as_str().context("instruction")?,
-        "--max-new-tokens",
-        "6",
-        "--format",
-        "json",
-        "--device",
-        "cpu",
-    ];
-    let input = entry["input"].as_str().unwrap_or("");
-    if !input.is_empty() {
-        args.extend(["--input", input]);
-    }
-    let (code, out, err) = common::llmlab(&args)?;
-    assert_eq!(code, 0, "{err}");
-    let v: Value = serde_json::from_str(out.trim())?;
-    assert_eq!(v["response"], entry["model_response"], "{out}");
+    common::assert_generate_answers_as_the_run(&whole, entry, 6)?;
     Ok(())
 }
 
@@ -363,17 +332,7 @@ fn dpo_names_bad_records_and_counts_identical_pairs() -> Result<()> {
     let run = |name: &str, records: &[Value]| -> Result<(i32, String)> {
         let file = dir.path().join(format!("{name}.json"));
         std::fs::write(&file, serde_json::to_string(records)?)?;
-        let exp = dir.path().join(format!("{name}.yaml"));
-        std::fs::write(&exp, yaml(name, &file))?;
-        let (code, _, err) = common::llmlab(&[
-            "run",
-            exp.to_str().context("UTF-8 path")?,
-            "--runs",
-            runs.to_str().context("UTF-8 path")?,
-            "--device",
-            "cpu",
-        ])?;
-        Ok((code, err))
+        common::llmlab_run(dir.path(), &runs, name, &yaml(name, &file))
     };
     let mut bad = pairs.clone();
     bad[1].as_object_mut().context("object")?.remove("rejected");
@@ -441,27 +400,6 @@ fn dpo_starts_from_a_finished_instruct_run() -> Result<()> {
     let responses: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(dpo.join("responses.json"))?)?;
     let entry = &responses[0];
-    let model = dpo.to_str().context("UTF-8 path")?;
-    let mut args = vec![
-        "generate",
-        "--model",
-        model,
-        "--prompt",
-        entry["instruction"].as_str().context("instruction")?,
-        "--max-new-tokens",
-        "6",
-        "--format",
-        "json",
-        "--device",
-        "cpu",
-    ];
-    let input = entry["input"].as_str().unwrap_or("");
-    if !input.is_empty() {
-        args.extend(["--input", input]);
-    }
-    let (code, out, err) = common::llmlab(&args)?;
-    assert_eq!(code, 0, "{err}");
-    let v: Value = serde_json::from_str(out.trim())?;
-    assert_eq!(v["response"], entry["model_response"], "{out}");
+    common::assert_generate_answers_as_the_run(&dpo, entry, 6)?;
     Ok(())
 }

@@ -1134,19 +1134,7 @@ fn evaluate_block_and_eval_task_agree_on_a_freeze_sweep() -> Result<()> {
 fn eval_task_scores_a_dpo_runs_responses_with_rouge_and_a_judge() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let runs = dir.path().join("runs");
-    let run = |name: &str, yaml: &str| -> Result<(i32, String)> {
-        let file = dir.path().join(format!("{name}.yaml"));
-        std::fs::write(&file, yaml)?;
-        let (code, _, err) = common::llmlab(&[
-            "run",
-            file.to_str().context("UTF-8 path")?,
-            "--runs",
-            runs.to_str().context("UTF-8 path")?,
-            "--device",
-            "cpu",
-        ])?;
-        Ok((code, err))
-    };
+    let run = |name: &str, yaml: &str| common::llmlab_run(dir.path(), &runs, name, yaml);
     let (code, err) = run(
         "dpo",
         "name: dpo\ntask: dpo\nmodel: {name: gpt-mini, dropout: 0.0}\n\

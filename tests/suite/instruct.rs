@@ -526,28 +526,8 @@ fn interrupted_instruct_run_resumes_and_the_run_loads_in_generate() -> Result<()
 
     // The finished run as a model.
     let entry = &responses[0];
+    common::assert_generate_answers_as_the_run(&whole, entry, 8)?;
     let run = whole.to_str().expect("UTF-8 path");
-    let mut args = vec![
-        "generate",
-        "--model",
-        run,
-        "--prompt",
-        entry["instruction"].as_str().expect("instruction"),
-        "--max-new-tokens",
-        "8",
-        "--format",
-        "json",
-        "--device",
-        "cpu",
-    ];
-    let input = entry["input"].as_str().unwrap_or("");
-    if !input.is_empty() {
-        args.extend(["--input", input]);
-    }
-    let (code, out, err) = common::llmlab(&args)?;
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim())?;
-    assert_eq!(v["response"], entry["model_response"], "{out}");
 
     let (code, out, err) = common::llmlab_stdin(
         &[

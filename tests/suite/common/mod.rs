@@ -76,6 +76,55 @@ pub fn llmlab(args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
+/// `llmlab run FILE --runs RUNS --device cpu` after writing `yaml` to `dir/<name>.yaml`;
+/// returns (exit code, stderr).
+pub fn llmlab_run(dir: &Path, runs: &Path, name: &str, yaml: &str) -> Result<(i32, String)> {
+    let file = dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml)?;
+    let (code, _, err) = llmlab(&[
+        "run",
+        file.to_str().context("UTF-8 path")?,
+        "--runs",
+        runs.to_str().context("UTF-8 path")?,
+        "--device",
+        "cpu",
+    ])?;
+    Ok((code, err))
+}
+
+/// `llmlab generate --model RUN` on a test entry of the run's `responses.json` (its
+/// instruction, and its input when it has one) answers, greedily, what the run wrote as the
+/// entry's `model_response`.
+pub fn assert_generate_answers_as_the_run(
+    run: &Path,
+    entry: &serde_json::Value,
+    max_new_tokens: usize,
+) -> Result<()> {
+    let n = max_new_tokens.to_string();
+    let mut args = vec![
+        "generate",
+        "--model",
+        run.to_str().context("UTF-8 path")?,
+        "--prompt",
+        entry["instruction"].as_str().context("instruction")?,
+        "--max-new-tokens",
+        &n,
+        "--format",
+        "json",
+        "--device",
+        "cpu",
+    ];
+    let input = entry["input"].as_str().unwrap_or("");
+    if !input.is_empty() {
+        args.extend(["--input", input]);
+    }
+    let (code, out, err) = llmlab(&args)?;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    assert_eq!(v["response"], entry["model_response"], "{out}");
+    Ok(())
+}
+
 /// Runs the llmlab binary with `input` on its stdin; returns (exit code, stdout, stderr).
 pub fn llmlab_stdin(args: &[&str], input: &str) -> Result<(i32, String, String)> {
     use std::io::Write;
