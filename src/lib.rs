@@ -36,6 +36,7 @@ pub mod prompt;
 pub mod remote;
 pub mod request;
 pub mod resolve;
+pub mod serve;
 pub mod shim;
 pub mod signal;
 pub mod tensorboard;

@@ -1,0 +1,3 @@
+//! `llmlab serve`: an OpenAI-compatible HTTP server (axum + tokio) over the continuous-batching
+//! [`engine`], with a web chat page.
+pub mod engine;
