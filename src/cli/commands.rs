@@ -32,6 +32,7 @@ pub fn run(cli: Cli) -> Result<()> {
             EvalAction::Pairwise(a) => pairwise_cmd(a),
             EvalAction::Leaderboard(a) => leaderboard_cmd(a),
         },
+        Command::Serve(a) => serve_cmd(a),
         Command::Download(a) => download(a),
         Command::Bench(a) => bench(a),
     }
@@ -865,6 +866,28 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn serve_cmd(a: ServeArgs) -> Result<()> {
+    use crate::serve::{engine::EngineConfig, run, ServeConfig};
+    let device = parse_device(&a.compute.device)?;
+    set_threads(a.compute.threads);
+    let secs = std::time::Duration::from_secs;
+    run(ServeConfig {
+        engine: EngineConfig {
+            model: a.model,
+            dtype: a.dtype,
+            device,
+            max_batch: a.max_batch as usize,
+            max_queue: a.max_queue as usize,
+        },
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
+        max_body: (a.max_body_mib as usize) << 20,
+        timeout: secs(a.timeout),
+        idle_timeout: secs(a.idle_timeout),
+    })
 }
 
 fn download(a: DownloadArgs) -> Result<()> {

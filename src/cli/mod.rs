@@ -52,6 +52,9 @@ pub enum Command {
         #[command(subcommand)]
         action: EvalAction,
     },
+    /// Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streaming,
+    /// log-probabilities), with a web chat page at / and continuous batching.
+    Serve(ServeArgs),
     /// Download Hugging Face weights (GPT-2, SmolLM2, Llama 3.x) into the cache; prints the folder.
     Download(DownloadArgs),
     /// Micro-benchmarks: tokens/s with MFU (and weight GB/s for decoding); `make bench` runs them beside PyTorch.
@@ -595,6 +598,54 @@ pub struct ChatArgs {
     /// the CPU: weight-only 4-bit, GGUF Q4_1's groups of 32, bf16 activations; fastest decode).
     #[arg(long, value_enum, default_value_t = InferenceDtype::F32)]
     pub dtype: InferenceDtype,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// `llmlab serve`.
+#[derive(Args, Debug)]
+#[command(
+    after_help = "Endpoints: GET / (web chat), GET /health, GET /v1/models, POST /v1/chat/completions, \
+POST /v1/completions, POST /tokenize. With a key, every route but / and /health needs \
+`Authorization: Bearer KEY`. Ctrl-C or SIGTERM cancels the running requests and exits 0."
+)]
+pub struct ServeArgs {
+    /// smollm2-135m-instruct, a .gguf file, hf:DIR (Llama or GPT-2), a run or model folder, a
+    /// .safetensors checkpoint, gpt2:DIR or a preset: anything `generate` loads. Clients name it
+    /// by this string.
+    #[arg(long)]
+    pub model: String,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the ready line names it).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Require this key (`Authorization: Bearer KEY`) on every route but / and /health.
+    #[arg(long, env = "LLMLAB_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Inference weights: f32 (exact), bf16 (half the bytes per token) or q4 (Llama models on
+    /// the CPU: weight-only 4-bit, GGUF Q4_1's groups of 32, bf16 activations; fastest decode).
+    #[arg(long, value_enum, default_value_t = InferenceDtype::F32)]
+    pub dtype: InferenceDtype,
+    /// Requests decoded together (continuous batching: a finished request's slot is refilled
+    /// between two decoding steps).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch: u64,
+    /// Requests waiting for a slot; one more is answered 429.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_queue: u64,
+    /// Longest a request may take, in seconds (queue and generation; 408 after that, or an
+    /// error event ending a stream).
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// A connection that sends no complete request within this many seconds is closed (slow or
+    /// idle kept-alive clients).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout: u64,
+    /// Largest request body in MiB (413 beyond).
+    #[arg(long, value_name = "MIB", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_body_mib: u64,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
