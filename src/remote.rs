@@ -47,7 +47,8 @@ impl Role {
 #[derive(Debug, Clone)]
 pub struct ChatConfig {
     pub role: Role,
-    /// The server's base URL (`http://localhost:11434`), without a trailing slash.
+    /// The server's base URL (`http://localhost:11434`), without a trailing slash (nor, for
+    /// an OpenAI API, a trailing `/v1`: the endpoints add it).
     pub url: String,
     /// The model's name on the server (`llama3`, `gpt-4o-mini`, …).
     pub model: String,
@@ -68,9 +69,15 @@ pub struct ChatConfig {
 impl ChatConfig {
     /// Seed 123, no `num_ctx`, 120 s per request, 3 retries starting at 0.5 s.
     pub fn new(role: Role, url: &str, model: &str, api: Api) -> Self {
+        let url = url.trim_end_matches('/');
+        // OpenAI clients write the base URL with its /v1 (`http://127.0.0.1:8000/v1`).
+        let url = match api {
+            Api::Openai => url.strip_suffix("/v1").unwrap_or(url),
+            Api::Ollama => url,
+        };
         Self {
             role,
-            url: url.trim_end_matches('/').to_string(),
+            url: url.to_string(),
             model: model.into(),
             api,
             seed: 123,
@@ -274,6 +281,13 @@ mod tests {
         assert_eq!(body["options"]["num_ctx"], 2048);
         cfg.api = Api::Openai;
         let body = ChatClient::new(cfg).body(&[("user", "hi")]);
+        for url in ["http://h:1/v1", "http://h:1/v1/", "http://h:1"] {
+            let c = ChatConfig::new(Role::Judge, url, "m", Api::Openai);
+            assert_eq!(
+                ChatClient::new(c).endpoint(),
+                "http://h:1/v1/chat/completions"
+            );
+        }
         assert!(body.get("options").is_none() && body["temperature"] == 0);
     }
 }

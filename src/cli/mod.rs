@@ -135,7 +135,8 @@ pub enum JudgeApi {
 /// The judge server and how requests to it are made (`eval judge`, `eval pairwise`).
 #[derive(Args, Debug)]
 pub struct JudgeServerArgs {
-    /// The judge server's base URL, e.g. http://localhost:11434 (Ollama) or http://localhost:8000.
+    /// The judge server's base URL, e.g. http://localhost:11434 (Ollama) or http://localhost:8000
+    /// (OpenAI; http://localhost:8000/v1 too).
     #[arg(long)]
     pub judge_url: String,
     /// The judge model's name on that server, e.g. llama3.

@@ -548,7 +548,9 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<Plan, ApiError> {
-        parse_body::<ChatRequest>(body.as_bytes())?.plan()
+        let req = parse_body::<ChatRequest>(body.as_bytes())?;
+        parse_messages(&req.messages, "messages")?;
+        req.plan()
     }
 
     #[test]
