@@ -26,7 +26,8 @@ use super::api::{
     TokenizeRequest,
 };
 use super::engine::{
-    Engine, Event, Finish, Input, Job, JobError, Load, ModelInfo, Status, SubmitError, TokenLogprob,
+    Engine, Event, Finish, Input, Job, Load, ModelInfo, Status, SubmitError, TokenLogprob,
+    Tokenized,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
@@ -51,11 +52,7 @@ pub trait Backend: Send + Sync + 'static {
     fn status(&self) -> Status;
     fn load(&self) -> Load;
     fn submit(&self, job: Job) -> Result<(), SubmitError>;
-    #[allow(clippy::type_complexity)]
-    fn tokenize(
-        &self,
-        input: Input,
-    ) -> Result<oneshot::Receiver<Result<Vec<(i64, String)>, JobError>>, SubmitError>;
+    fn tokenize(&self, input: Input) -> Result<oneshot::Receiver<Tokenized>, SubmitError>;
     /// Stops taking requests and cancels the running ones; blocks until the engine is gone.
     fn shutdown(&self);
 }
@@ -70,10 +67,7 @@ impl Backend for Engine {
     fn submit(&self, job: Job) -> Result<(), SubmitError> {
         Engine::submit(self, job)
     }
-    fn tokenize(
-        &self,
-        input: Input,
-    ) -> Result<oneshot::Receiver<Result<Vec<(i64, String)>, JobError>>, SubmitError> {
+    fn tokenize(&self, input: Input) -> Result<oneshot::Receiver<Tokenized>, SubmitError> {
         Engine::tokenize(self, input)
     }
     fn shutdown(&self) {
@@ -497,6 +491,8 @@ async fn health(State(s): St) -> Response {
                 "model": info.id,
                 "running": load.running,
                 "waiting": load.waiting,
+                "steps": load.steps,
+                "decoded": load.decoded,
             }))
         }
         Err(e) => e.into_response(),

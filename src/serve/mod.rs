@@ -14,6 +14,8 @@
 pub mod api;
 pub mod engine;
 pub mod http;
+pub mod sampler;
+pub mod text;
 
 use crate::error::LlmError;
 use engine::{Engine, EngineConfig, Status};

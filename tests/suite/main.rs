@@ -33,6 +33,7 @@ mod preferences;
 mod reference_cache;
 mod runner;
 mod serve;
+mod serve_engine;
 mod tensorboard;
 mod tokenizer;
 mod train;

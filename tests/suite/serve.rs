@@ -13,7 +13,7 @@ use crate::common;
 use anyhow::{bail, ensure, Context, Result};
 use llmlab::serve::engine::{
     Engine, EngineConfig, Event, Finish, Input, Job, JobError, Load, ModelInfo, Status,
-    SubmitError, TokenLogprob,
+    SubmitError, TokenLogprob, Tokenized,
 };
 use llmlab::serve::{Backend, HttpConfig, Server};
 use serde_json::{json, Value};
@@ -255,7 +255,7 @@ impl Backend for Fake {
     fn load(&self) -> Load {
         Load {
             running: self.running.load(Ordering::SeqCst),
-            waiting: 0,
+            ..Default::default()
         }
     }
 
@@ -289,10 +289,7 @@ impl Backend for Fake {
         Ok(())
     }
 
-    fn tokenize(
-        &self,
-        input: Input,
-    ) -> Result<oneshot::Receiver<Result<Vec<(i64, String)>, JobError>>, SubmitError> {
+    fn tokenize(&self, input: Input) -> Result<oneshot::Receiver<Tokenized>, SubmitError> {
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Ok(fake_tokens(&input)));
         Ok(rx)
