@@ -887,6 +887,7 @@ fn serve_cmd(a: ServeArgs) -> Result<()> {
         max_body: (a.max_body_mib as usize) << 20,
         timeout: secs(a.timeout),
         idle_timeout: secs(a.idle_timeout),
+        default_max_tokens: a.max_tokens.map(|n| n as usize),
     })
 }
 

@@ -644,6 +644,10 @@ pub struct ServeArgs {
     /// idle kept-alive clients).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_timeout: u64,
+    /// Most new tokens of a chat request that sets neither max_tokens nor
+    /// max_completion_tokens (default: until the model ends its turn or the context is full).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_tokens: Option<u64>,
     /// Largest request body in MiB (413 beyond).
     #[arg(long, value_name = "MIB", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_body_mib: u64,

@@ -86,6 +86,9 @@ pub struct HttpConfig {
     pub max_body: usize,
     /// Longest a request may take, streamed or not.
     pub timeout: Duration,
+    /// Most new tokens of a chat request that sets neither `max_tokens` nor
+    /// `max_completion_tokens` (`None`: up to the context, as OpenAI).
+    pub default_max_tokens: Option<usize>,
 }
 
 struct AppState {
@@ -556,7 +559,8 @@ async fn chat_completions(State(s): St, body: Body) -> Result<Response, ApiError
     let started_at = Instant::now();
     let req: ChatRequest = parse_body(&read_body(body, s.cfg.max_body).await?)?;
     let info = s.model_for(req.model.as_deref())?;
-    let plan = req.plan()?;
+    let mut plan = req.plan()?;
+    plan.sampling.max_tokens = plan.sampling.max_tokens.or(s.cfg.default_max_tokens);
     let messages = parse_messages(&req.messages, "messages")?;
     let mut rxs = s.submit_all(&[Input::Messages(messages)], &plan, plan.logprobs, false)?;
     let starts = all_started(&mut rxs, "messages").await?;

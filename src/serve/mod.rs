@@ -41,6 +41,8 @@ pub struct ServeConfig {
     pub timeout: Duration,
     /// Longest a connection may wait for a request's head.
     pub idle_timeout: Duration,
+    /// Most new tokens of a chat request that names no limit (`None`: up to the context).
+    pub default_max_tokens: Option<usize>,
 }
 
 /// Serves `app` on `listener` until `stop` turns true, then shuts every connection down
@@ -197,6 +199,7 @@ async fn run_async(cfg: ServeConfig) -> anyhow::Result<()> {
         api_key: cfg.api_key.clone(),
         max_body: cfg.max_body,
         timeout: cfg.timeout,
+        default_max_tokens: cfg.default_max_tokens,
     };
     let (stop, stop_rx) = watch::channel(false);
     let server = tokio::spawn(serve(
