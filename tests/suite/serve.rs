@@ -368,6 +368,15 @@ fn fake_run(job: &Job, cancelled: &AtomicUsize, stopping: &AtomicBool, delay: Du
 }
 
 fn fake_server(fake: &Arc<Fake>, key: Option<&str>) -> Result<Server> {
+    fake_server_with(fake, key, Duration::from_secs(30), Duration::from_secs(10))
+}
+
+fn fake_server_with(
+    fake: &Arc<Fake>,
+    key: Option<&str>,
+    timeout: Duration,
+    idle_timeout: Duration,
+) -> Result<Server> {
     Server::start(
         "127.0.0.1:0",
         fake.clone(),
@@ -375,10 +384,10 @@ fn fake_server(fake: &Arc<Fake>, key: Option<&str>) -> Result<Server> {
             model: "fake".into(),
             api_key: key.map(str::to_string),
             max_body: 1 << 20,
-            timeout: Duration::from_secs(30),
+            timeout,
             default_max_tokens: None,
         },
-        Duration::from_secs(10),
+        idle_timeout,
     )
 }
 
@@ -668,6 +677,57 @@ fn a_full_server_answers_429_and_a_dropped_stream_frees_its_slot() -> Result<()>
         &json!({"prompt": "y", "max_tokens": 2}),
     )?;
     assert_eq!(ok.json()?["choices"][0]["text"], "ab");
+    Ok(())
+}
+
+/// A request past `--timeout` is a 408 (a stream ends with an error event), and its job is
+/// cancelled; a client that goes away before a non-streamed answer cancels its job too; a
+/// connection that sends nothing is closed after the idle timeout.
+#[test]
+fn timeouts_and_clients_that_leave_cancel_their_jobs() -> Result<()> {
+    let fake = Fake::new(4, Duration::from_millis(20));
+    let server = fake_server_with(
+        &fake,
+        None,
+        Duration::from_millis(400),
+        Duration::from_millis(300),
+    )?;
+    let url = format!("{}/v1/chat/completions", server.url());
+    let slow = json!({"messages": user("hi"), "max_tokens": 40});
+    let e = post(&url, None, &slow)?.error(408)?;
+    assert_eq!(e["type"], "timeout_error");
+    let mut streamed = slow.clone();
+    streamed["stream"] = json!(true);
+    let a = post(&url, None, &streamed)?;
+    let frames = sse_data(&a.body);
+    assert_eq!(frames.last().map(String::as_str), Some("[DONE]"));
+    let last: Value = serde_json::from_str(&frames[frames.len() - 2])?;
+    assert_eq!(last["error"]["type"], "timeout_error", "{}", a.body);
+    wait_health(&server.url(), Duration::from_secs(2), |_, v| {
+        v["running"] == 0
+    })?;
+    assert_eq!(fake.cancelled.load(Ordering::SeqCst), 2);
+    let gone = raw_post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"messages": user("hi"), "max_tokens": 15}),
+    )?;
+    std::thread::sleep(Duration::from_millis(60));
+    drop(gone);
+    wait_health(&server.url(), Duration::from_secs(2), |_, v| {
+        v["running"] == 0
+    })?;
+    assert_eq!(
+        fake.cancelled.load(Ordering::SeqCst),
+        3,
+        "a non-streamed client left"
+    );
+    let mut idle = std::net::TcpStream::connect(server.addr)?;
+    idle.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let t0 = Instant::now();
+    let n = idle.read(&mut [0u8; 64]).unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     Ok(())
 }
 
