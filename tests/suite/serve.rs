@@ -980,7 +980,7 @@ fn greedy_chat_equals_generate_with_usage_stream_and_logprobs() -> Result<()> {
 fn stop_seed_and_completions_through_the_openai_package() -> Result<()> {
     let server = served()?;
     let prompt = "List three colours, separated by commas.";
-    let reference = generate_chat(prompt, 16)?;
+    let reference = generate_chat(prompt, 12)?;
     let text = reference["text"].as_str().context("text")?;
     // A stop string from the middle of the greedy answer.
     let cut = text
@@ -989,12 +989,12 @@ fn stop_seed_and_completions_through_the_openai_package() -> Result<()> {
         .map_or(0, |(i, _)| i);
     let stop: String = text[cut..].chars().take(2).collect();
     let before = &text[..text.find(stop.as_str()).unwrap_or(text.len())];
-    let sampled = json!({"n": 2, "seed": 42, "temperature": 1.0, "max_tokens": 12});
+    let sampled = json!({"n": 2, "seed": 42, "temperature": 1.0, "max_tokens": 6});
     let r = openai(
         server,
         None,
         json!([
-            chat_call(prompt, json!({"temperature": 0, "max_tokens": 16, "stop": [stop]})),
+            chat_call(prompt, json!({"temperature": 0, "max_tokens": 12, "stop": [stop]})),
             chat_call(prompt, sampled.clone()),
             chat_call(prompt, sampled),
             {"op": "completion", "kwargs": {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}},
@@ -1090,9 +1090,9 @@ fn eight_concurrent_clients_get_their_answers_alone() -> Result<()> {
         .enumerate()
         .map(|(i, p)| {
             let sampling = if i % 2 == 0 {
-                json!({"temperature": 0, "max_tokens": 4 + i})
+                json!({"temperature": 0, "max_tokens": 3 + i % 3})
             } else {
-                json!({"temperature": 0.9, "seed": i, "max_tokens": 4 + i})
+                json!({"temperature": 0.9, "seed": i, "max_tokens": 3 + i % 3})
             };
             chat_call(p, sampling)
         })
