@@ -14,7 +14,9 @@
 //! - libtorch's random generator: every test whose numbers depend on it seeds it first
 //!   (`tch::manual_seed`, or a model load that seeds it);
 //! - libtorch's thread count: no test changes it in this process (runs that set `threads` are
-//!   separate `llmlab` processes).
+//!   separate `llmlab` processes);
+//! - the `serve` tests' shared server (an engine thread holding SmolLM2-135M in f32, idle once
+//!   they are done) lives until the process ends.
 mod common;
 
 mod classify;
