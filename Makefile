@@ -31,12 +31,13 @@ endif
 
 BIN := target/release/llmlab
 
-.PHONY: setup setup-run services build run test bench tensorboard notebooks fmt lint clean help
+.PHONY: setup setup-run services build run test bench bench-deps tensorboard notebooks fmt lint clean help
 
 help:
 	@echo "make run    - install, build, run the default experiment"
 	@echo "make test   - install, build, fmt/clippy checks and all tests"
 	@echo "make bench  - llmlab vs PyTorch benchmarks (figures + ratios)"
+	@echo "make bench-deps - bench-only references (llama-cpp-python, compiled)"
 	@echo "make setup | setup-run | services | build | tensorboard | notebooks | clean"
 
 # Idempotent: installs only when the requirements change or the venv is missing.
@@ -79,6 +80,12 @@ bench: setup build
 	$(PY) tests/reference/bench_freeze.py --llmlab $(BIN) --threads 2
 	$(PY) tests/reference/bench_mmlu.py --llmlab $(BIN) --threads 2
 	$(PY) tests/reference/bench_dpo.py --llmlab $(BIN) --threads 2
+	$(PY) tests/reference/bench_serve.py --llmlab $(BIN) --threads 2
+
+# Bench-only references, not part of `make setup`: llama.cpp's OpenAI server through
+# llama-cpp-python, compiled from its source package (several minutes on 2 cores).
+bench-deps: setup
+	$(PY) -m pip install "llama-cpp-python[server]==0.3.36"
 
 # Runs the freeze sweep (skips finished trials) and executes its notebook in place.
 notebooks: setup build

@@ -2,7 +2,7 @@
 //! either family.
 use crate::models::gpt::{GptCache, GptModel};
 use crate::models::llama::{LlamaCache, LlamaModel};
-use crate::nn::attention::KvCache;
+use crate::nn::attention::{KvCache, RowPositions};
 use tch::{Device, Tensor};
 
 /// A causal language model that generation can drive, with or without a KV cache.
@@ -22,6 +22,11 @@ pub trait CausalLm {
     fn forward_last_logits_cached(&self, idx: &Tensor, cache: &mut Self::Cache) -> Tensor {
         self.forward_logits_cached(idx, cache).select(1, -1)
     }
+    /// Logits `(b, vocab)` of one new token per row `idx` `(b, 1)`, row `b` continuing its own
+    /// sequence in row `b` of `cache` at position `rows.pos[b]`: a batch whose sequences have
+    /// different lengths (continuous batching). The cache's rows must hold `rows.n_keys`
+    /// positions; its length counter is not used.
+    fn decode_rows(&self, idx: &Tensor, cache: &mut Self::Cache, rows: &RowPositions) -> Tensor;
     fn reset_cache(cache: &mut Self::Cache);
     /// The final hidden states `(b, n, emb)` of `idx` continuing the cached sequence (the cache
     /// grows by `n`); [`head`](Self::head) turns the positions a caller needs into logits.
@@ -76,6 +81,9 @@ impl CausalLm for LlamaModel {
         let h = self.hidden_cached(idx, Some(cache), false);
         self.logits(&h.select(1, -1))
     }
+    fn decode_rows(&self, idx: &Tensor, cache: &mut LlamaCache, rows: &RowPositions) -> Tensor {
+        self.logits(&self.hidden_rows(idx, cache, rows).select(1, 0))
+    }
     fn reset_cache(cache: &mut LlamaCache) {
         cache.reset()
     }
@@ -119,6 +127,9 @@ impl CausalLm for GptModel {
     fn forward_last_logits_cached(&self, idx: &Tensor, cache: &mut GptCache) -> Tensor {
         let h = self.hidden_cached(idx, Some(cache), false);
         self.logits(&h.select(1, -1))
+    }
+    fn decode_rows(&self, idx: &Tensor, cache: &mut GptCache, rows: &RowPositions) -> Tensor {
+        self.logits(&self.hidden_rows(idx, cache, rows).select(1, 0))
     }
     fn reset_cache(cache: &mut GptCache) {
         cache.reset()

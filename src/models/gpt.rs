@@ -4,7 +4,7 @@
 //! `pos_emb.weight`, `trf_blocks.{i}.att.W_query.weight`, `trf_blocks.{i}.ff.layers.0.weight`,
 //! `trf_blocks.{i}.norm1.scale`, `final_norm.shift`, `out_head.weight`, …
 use crate::error::LlmError;
-use crate::nn::attention::KvCache;
+use crate::nn::attention::{KvCache, RowPositions};
 use crate::nn::Linear;
 use crate::nn::{AttentionImpl, FeedForward, LayerNorm, MultiHeadAttention};
 use anyhow::Result;
@@ -169,6 +169,13 @@ impl TransformerBlock {
         self.forward_cached(x, None, train)
     }
 
+    /// One new token per row at the positions of `rows` (see [`MultiHeadAttention::forward_rows`]).
+    pub fn forward_rows(&self, x: &Tensor, cache: &mut KvCache, rows: &RowPositions) -> Tensor {
+        let x = x + self.att.forward_rows(&self.norm1.forward(x), cache, rows);
+        let h = self.ff.forward_t(&self.norm2.forward(&x), false);
+        x + h
+    }
+
     /// The linear layers LoRA can adapt: the attention's (query, key, value, output) and the
     /// feed-forward network's.
     pub fn linears(&mut self) -> ([&mut Linear; 4], Vec<&mut Linear>) {
@@ -283,6 +290,17 @@ impl GptModel {
         let pos = Tensor::arange(n, (Kind::Int64, in_idx.device()));
         (self.tok_emb.forward(in_idx) + self.pos_emb.forward(&pos))
             .dropout(self.cfg.drop_rate, train)
+    }
+
+    /// Hidden states `(b, 1, emb)` of one new token per row `idx` `(b, 1)`, row `b` continuing
+    /// its own sequence in row `b` of `cache` at position `rows.pos[b]` (continuous batching).
+    pub fn hidden_rows(&self, idx: &Tensor, cache: &mut GptCache, rows: &RowPositions) -> Tensor {
+        let b = idx.size()[0];
+        let mut x = self.tok_emb.forward(idx) + self.pos_emb.forward(&rows.pos.view([b, 1]));
+        for (block, layer) in self.trf_blocks.iter().zip(cache.layers.iter_mut()) {
+            x = block.forward_rows(&x, layer, rows);
+        }
+        self.final_norm.forward(&x)
     }
 
     /// An empty KV cache for `batch` sequences of up to `context_length` tokens.

@@ -8,7 +8,7 @@
 //! (gate, up, down), `trf_blocks.{i}.{norm1,norm2}.weight`, `final_norm.weight`, `out_head.weight`.
 //! [`crate::weights::llama`] maps GGUF and Hugging Face names onto them.
 use crate::error::LlmError;
-use crate::nn::attention::{causal_mask, KvCache};
+use crate::nn::attention::{causal_mask, KvCache, RowPositions};
 use crate::nn::quant::{int4_unsupported, Int4Linear};
 use crate::nn::Linear;
 use anyhow::Result;
@@ -305,9 +305,24 @@ impl Rope {
     /// Rotates `x` `(b, h, n, hd)` whose tokens sit at positions `start..start + n`.
     pub fn apply(&self, x: &Tensor, start: i64) -> Tensor {
         let n = x.size()[2];
+        let cos = self.cos.narrow(0, start, n);
+        let sin = self.sin.narrow(0, start, n);
+        Self::rotate(x, &cos, &sin)
+    }
+
+    /// Rotates `x` `(b, h, 1, hd)` whose row `b` sits at position `pos[b]`.
+    pub fn apply_rows(&self, x: &Tensor, pos: &Tensor) -> Tensor {
+        let (b, _, _, hd) = x.size4().expect("4-d (b, h, 1, head_dim)");
+        let cos = self.cos.index_select(0, pos).view([b, 1, 1, hd]);
+        let sin = self.sin.index_select(0, pos).view([b, 1, 1, hd]);
+        Self::rotate(x, &cos, &sin)
+    }
+
+    /// `x · cos + rotate_half(x) · sin` with tables that broadcast over `x`.
+    fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         let hd = x.size()[3];
-        let cos = self.cos.narrow(0, start, n).to_kind(x.kind());
-        let sin = self.sin.narrow(0, start, n).to_kind(x.kind());
+        let cos = cos.to_kind(x.kind());
+        let sin = sin.to_kind(x.kind());
         let x1 = x.narrow(-1, 0, hd / 2);
         let x2 = x.narrow(-1, hd / 2, hd / 2);
         let rotated = Tensor::cat(&[&x2.neg(), &x1], -1);
@@ -415,13 +430,9 @@ impl GroupedQueryAttention {
         self.out = Some(Projection::new(self.out_proj.ws.shallow_clone(), weights));
     }
 
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        cache: Option<&mut KvCache>,
-        train: bool,
-    ) -> Tensor {
+    /// Queries `(b, n_heads, n, head_dim)`, keys and values `(b, n_kv, n, head_dim)` of `x`
+    /// `(b, n, emb_dim)`, before RoPE.
+    fn heads_qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
         let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, emb_dim)");
         // (b, n, h·head_dim) → (b, n, h, head_dim) → (b, h, n, head_dim): h = n_heads for the
         // queries, n_kv (fewer) for keys and values, which grouped-query attention shares.
@@ -429,7 +440,7 @@ impl GroupedQueryAttention {
         let adapted = [&self.w_query, &self.w_key, &self.w_value]
             .iter()
             .any(|l| l.lora.is_some());
-        let (q, k, v) = match (&self.qkv, train || adapted) {
+        match (&self.qkv, train || adapted) {
             (Some(w), false) => {
                 let (dq, dkv) = (self.n_heads * self.head_dim, self.n_kv * self.head_dim);
                 let parts = w.forward(x).split_with_sizes([dq, dkv, dkv], -1);
@@ -444,7 +455,32 @@ impl GroupedQueryAttention {
                 heads(&self.w_key.forward_t(x, train), self.n_kv),
                 heads(&self.w_value.forward_t(x, train), self.n_kv),
             ),
-        };
+        }
+    }
+
+    /// Heads merged and projected: `(b, n_heads, n, head_dim)` → `(b, n, emb_dim)`.
+    fn merge_heads(&self, ctx: &Tensor, train: bool) -> Tensor {
+        let (b, _, n, _) = ctx.size4().expect("4-d context (b, n_heads, n, head_dim)");
+        // (b, n_heads, n, head_dim) → (b, n, n_heads, head_dim) → (b, n, n_heads·head_dim)
+        let ctx = ctx
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, n, self.n_heads * self.head_dim]);
+        match (&self.out, train || self.out_proj.lora.is_some()) {
+            (Some(o), false) => o.forward(&ctx),
+            _ => self.out_proj.forward_t(&ctx, train),
+        }
+    }
+
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let n = x.size()[1];
+        let (q, k, v) = self.heads_qkv(x, train);
         let start = cache.as_ref().map_or(0, |c| c.len());
         let q = rope.apply(&q, start);
         let k = rope.apply(&k, start);
@@ -486,15 +522,33 @@ impl GroupedQueryAttention {
                 }
             }
         };
-        // (b, n_heads, n, head_dim) → (b, n, n_heads, head_dim) → (b, n, n_heads·head_dim)
-        let ctx = ctx
-            .transpose(1, 2)
-            .contiguous()
-            .view([b, n, self.n_heads * self.head_dim]);
-        match (&self.out, train || self.out_proj.lora.is_some()) {
-            (Some(o), false) => o.forward(&ctx),
-            _ => self.out_proj.forward_t(&ctx, train),
-        }
+        self.merge_heads(&ctx, train)
+    }
+
+    /// One new token per row, `x` `(b, 1, emb_dim)`, each row continuing its own sequence in
+    /// the rows of `cache` at the positions of `rows` (continuous batching; eval mode).
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        rows: &RowPositions,
+    ) -> Tensor {
+        let (q, k, v) = self.heads_qkv(x, false);
+        let q = rope.apply_rows(&q, &rows.pos);
+        let k = rope.apply_rows(&k, &rows.pos);
+        let (k_all, v_all) = cache.write_rows(&k, &v, rows);
+        let ctx = Tensor::scaled_dot_product_attention(
+            &q,
+            &k_all,
+            &v_all,
+            Some(&rows.allowed),
+            0.0,
+            false,
+            None,
+            self.n_kv != self.n_heads,
+        );
+        self.merge_heads(&ctx, false)
     }
 }
 
@@ -597,6 +651,21 @@ impl LlamaBlock {
             .dropout(self.drop_rate, train);
         x + h
     }
+
+    /// One new token per row at the positions of `rows` (see [`GroupedQueryAttention::forward_rows`]).
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        rows: &RowPositions,
+    ) -> Tensor {
+        let x = x + self
+            .att
+            .forward_rows(&self.norm1.forward(x), rope, cache, rows);
+        let h = self.ff.forward_t(&self.norm2.forward(&x), false);
+        x + h
+    }
 }
 
 /// A Llama-family decoder.
@@ -679,6 +748,16 @@ impl LlamaModel {
                     x = b.forward(&x, &self.rope, Some(layer), train);
                 }
             }
+        }
+        self.final_norm.forward(&x)
+    }
+
+    /// Hidden states `(b, 1, emb)` of one new token per row `idx` `(b, 1)`, row `b` continuing
+    /// its own sequence in row `b` of `cache` at position `rows.pos[b]` (continuous batching).
+    pub fn hidden_rows(&self, idx: &Tensor, cache: &mut LlamaCache, rows: &RowPositions) -> Tensor {
+        let mut x = self.tok_emb.forward(idx);
+        for (b, layer) in self.trf_blocks.iter().zip(cache.layers.iter_mut()) {
+            x = b.forward_rows(&x, &self.rope, layer, rows);
         }
         self.final_norm.forward(&x)
     }

@@ -222,10 +222,9 @@ impl MultiHeadAttention {
         self.forward_cached(x, None, train)
     }
 
-    /// As [`forward_t`](Self::forward_t); with a cache, the keys/values of `x` are appended to
-    /// it and the queries attend over everything cached so far (book ch04 KV-cache bonus).
-    pub fn forward_cached(&self, x: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
-        let (b, n, _) = x.size3().expect("3-d input (b, num_tokens, d_in)");
+    /// Queries, keys and values of `x` `(b, n, d_in)`, split into heads: three
+    /// `(b, num_heads, n, head_dim)`.
+    fn heads_qkv(&self, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
         let (mut q, mut k, mut v) = self.qkv(x);
         // LoRA adapters (appendix E) add their low-rank updates to the fused projection.
         for (t, lin) in [
@@ -237,11 +236,26 @@ impl MultiHeadAttention {
                 *t = l.add_delta(t.shallow_clone(), x, train);
             }
         }
-        let (q, k, v) = (
+        (
             self.split_heads(&q),
             self.split_heads(&k),
             self.split_heads(&v),
-        );
+        )
+    }
+
+    /// Heads merged and projected: `(b, num_heads, n, head_dim)` → `(b, n, d_out)`.
+    fn merge_heads(&self, ctx: &Tensor, train: bool) -> Tensor {
+        let (b, _, n, _) = ctx
+            .size4()
+            .expect("4-d context (b, num_heads, n, head_dim)");
+        let ctx = ctx.transpose(1, 2).contiguous().view([b, n, self.d_out]);
+        self.out_proj.forward_t(&ctx, train)
+    }
+
+    /// As [`forward_t`](Self::forward_t); with a cache, the keys/values of `x` are appended to
+    /// it and the queries attend over everything cached so far (book ch04 KV-cache bonus).
+    pub fn forward_cached(&self, x: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Tensor {
+        let (q, k, v) = self.heads_qkv(x, train);
         let ctx = match cache {
             None => self.attend(&q, &k, &v, train), // (b, num_heads, n, head_dim)
             Some(c) => {
@@ -249,8 +263,25 @@ impl MultiHeadAttention {
                 self.attend(&q, &k_all, &v_all, train)
             }
         };
-        let ctx = ctx.transpose(1, 2).contiguous().view([b, n, self.d_out]);
-        self.out_proj.forward_t(&ctx, train)
+        self.merge_heads(&ctx, train)
+    }
+
+    /// One new token per row, `x` `(b, 1, d_in)`, each row continuing its own sequence in the
+    /// rows of `cache` at the positions of `rows` (continuous batching; eval mode).
+    pub fn forward_rows(&self, x: &Tensor, cache: &mut KvCache, rows: &RowPositions) -> Tensor {
+        let (q, k, v) = self.heads_qkv(x, false);
+        let (k_all, v_all) = cache.write_rows(&k, &v, rows);
+        let ctx = Tensor::scaled_dot_product_attention(
+            &q,
+            &k_all,
+            &v_all,
+            Some(&rows.allowed),
+            0.0,
+            false,
+            None,
+            false,
+        );
+        self.merge_heads(&ctx, false)
     }
 
     /// Causal attention of `q` `(b, h, n_q, hd)` over `k`, `v` `(b, h, n_k, hd)`, where the
@@ -301,6 +332,36 @@ impl MultiHeadAttention {
                     .dropout(self.dropout, train);
                 attn_weights.matmul(v)
             }
+        }
+    }
+}
+
+/// One decoding step of a batch whose rows sit at different positions of their own sequences
+/// (continuous batching: a server's requests join and leave the batch independently). Row `b`'s
+/// new token sits at position `pos[b]` and attends to that row's keys `0..=pos[b]`.
+#[derive(Debug)]
+pub struct RowPositions {
+    /// `(b,)` int64.
+    pub pos: Tensor,
+    /// Keys the batch's attention spans: `max(pos) + 1`.
+    pub n_keys: i64,
+    /// `(b, 1, 1, n_keys)`: key `j` is visible to row `b` when `j <= pos[b]`.
+    pub allowed: Tensor,
+}
+
+impl RowPositions {
+    pub fn new(pos: &[i64], device: tch::Device) -> Self {
+        let b = pos.len() as i64;
+        let n_keys = pos.iter().max().map_or(1, |&m| m + 1);
+        let p = Tensor::from_slice(pos).to_device(device);
+        let allowed = Tensor::arange(n_keys, (Kind::Int64, device))
+            .view([1, n_keys])
+            .le_tensor(&p.view([b, 1]))
+            .view([b, 1, 1, n_keys]);
+        Self {
+            pos: p,
+            n_keys,
+            allowed,
         }
     }
 }
@@ -369,6 +430,70 @@ impl KvCache {
             out.v.narrow(2, 0, len).copy_(&src(&self.v));
         }
         out
+    }
+
+    /// Rows of the buffers.
+    pub fn rows(&self) -> i64 {
+        self.k.size()[0]
+    }
+
+    /// Room for `capacity` positions per row (never less than now), keeping what is cached.
+    pub fn grow(&mut self, capacity: i64) {
+        let size = self.k.size(); // (b, h, capacity, hd)
+        if capacity <= size[2] {
+            return;
+        }
+        let opts = (self.k.kind(), self.k.device());
+        for t in [&mut self.k, &mut self.v] {
+            let bigger = Tensor::zeros([size[0], size[1], capacity, size[3]], opts);
+            bigger.narrow(2, 0, size[2]).copy_(t);
+            *t = bigger;
+        }
+    }
+
+    /// Copies the first `len` positions of row `from` of `src` into row `to` of this cache
+    /// (a prompt computed alone joins a batch; a finished row's place is taken by another).
+    pub fn copy_row(&mut self, to: i64, src: &KvCache, from: i64, len: i64) {
+        if len == 0 {
+            return;
+        }
+        let part = |t: &Tensor, row: i64| t.narrow(0, row, 1).narrow(2, 0, len);
+        part(&self.k, to).copy_(&part(&src.k, from));
+        part(&self.v, to).copy_(&part(&src.v, from));
+    }
+
+    /// Moves row `from`'s first `len` positions to row `to` within this cache.
+    pub fn move_row(&mut self, from: i64, to: i64, len: i64) {
+        if len == 0 || from == to {
+            return;
+        }
+        for t in [&self.k, &self.v] {
+            t.narrow(0, to, 1)
+                .narrow(2, 0, len)
+                .copy_(&t.narrow(0, from, 1).narrow(2, 0, len));
+        }
+    }
+
+    /// Writes each row's new key and value `(b, h, 1, hd)` at its position in the first `b`
+    /// rows; returns views `(b, h, n_keys, hd)` of those rows.
+    pub(crate) fn write_rows(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        rows: &RowPositions,
+    ) -> (Tensor, Tensor) {
+        let b = k.size()[0];
+        assert!(
+            rows.n_keys <= self.capacity() && b <= self.rows(),
+            "KV cache too small for the batch (the engine grows it first)"
+        );
+        let row_ids = Tensor::arange(b, (Kind::Int64, k.device()));
+        // Advanced indices on dims 0 and 2 (row, position): the values are (b, h, hd).
+        let idx = [Some(row_ids), None, Some(rows.pos.shallow_clone())];
+        let _ = self.k.index_put_(&idx, &k.squeeze_dim(2), false);
+        let _ = self.v.index_put_(&idx, &v.squeeze_dim(2), false);
+        let view = |t: &Tensor| t.narrow(0, 0, b).narrow(2, 0, rows.n_keys);
+        (view(&self.k), view(&self.v))
     }
 
     /// Writes `k`, `v` `(b, h, n, hd)` after the cached positions; returns views of all of them.

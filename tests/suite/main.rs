@@ -32,6 +32,7 @@ mod model;
 mod preferences;
 mod reference_cache;
 mod runner;
+mod serve_engine;
 mod serve_page;
 mod tensorboard;
 mod tokenizer;
