@@ -5,10 +5,11 @@ Enter, records how the assistant's reply grows until the page marks it done, and
     {"reply": ..., "stats": ..., "tokens_per_second": ..., "finish": ..., "snapshots": [lengths],
      "model": ..., "error": ..., "html_elements": n, "turns": [per message], "console_errors": [...]}
 
-    browser_chat.py URL MESSAGE [MESSAGE ...] [--api-key K] [--system S] [--temperature T]
-                    [--max-tokens N] [--stop-after CHARS] [--expect-error]
+    browser_chat.py URL MESSAGE [MESSAGE ...] [--api-key K | --type-api-key K] [--system S]
+                    [--temperature T] [--max-tokens N] [--stop-after CHARS] [--expect-error]
 
-The top-level fields are the last message's. Settings are typed into the page's fields. Exits
+The top-level fields are the last message's. Settings are typed into the page's fields;
+--api-key is one the page kept from an earlier visit (set in its localStorage before it loads). Exits
 non-zero with a message on stderr when a reply does not stream (fewer than two growing states of
 the reply's text seen before it is done), is empty, or does not finish in --timeout seconds; with
 --expect-error, when the page shows no error instead. --stop-after presses Stop (#stop) once the
@@ -65,7 +66,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("url")
     ap.add_argument("messages", nargs="+")
-    ap.add_argument("--api-key")
+    ap.add_argument("--api-key", help="a key the page kept (localStorage) before it loads")
+    ap.add_argument("--type-api-key", help="a key typed into Settings after the page loaded")
     ap.add_argument("--system")
     ap.add_argument("--temperature")
     ap.add_argument("--max-tokens")
@@ -86,21 +88,24 @@ def main():
     try:
         driver.set_script_timeout(10)
         driver.get(args.url)
+        if args.api_key is not None:
+            driver.execute_script("localStorage.setItem('llmlab.apiKey', arguments[0])", args.api_key)
+            driver.get(args.url)
         # The page asked v1/models for the model's name (or failed to, and says so).
         deadline = time.monotonic() + 30
         while driver.find_element(By.ID, "model").text == "connecting…":
             if time.monotonic() > deadline:
                 fail("the page never loaded the model list")
             time.sleep(0.05)
-        if args.api_key is not None:
-            set_field(driver, "api-key", args.api_key)
+        if args.type_api_key is not None:
+            set_field(driver, "api-key", args.type_api_key)
         if args.system is not None:
             set_field(driver, "system", args.system)
         if args.temperature is not None:
             set_field(driver, "temperature", args.temperature)
         if args.max_tokens is not None:
             set_field(driver, "max-tokens", args.max_tokens)
-        if args.api_key is not None:  # the page reloads the model list with the key
+        if args.type_api_key is not None:  # the page reloads the model list with the key
             time.sleep(0.3)
         driver.execute_script(OBSERVE)
         turns = []

@@ -175,7 +175,7 @@ fn page_streams_replies_with_history_and_system_message() -> Result<()> {
 #[test]
 fn page_sends_the_api_key_and_shows_server_errors() -> Result<()> {
     let (_server, url) = mock(&["--api-key", "k-123", "--delay", "0.02"])?;
-    let v = browser_chat(&url, &["Hi", "--api-key", "wrong", "--expect-error"])?;
+    let v = browser_chat(&url, &["Hi", "--type-api-key", "wrong", "--expect-error"])?;
     let error = v["error"].as_str().context("error")?;
     assert!(error.contains("401"), "{v}");
     assert!(error.contains("invalid or missing API key"), "{v}");
@@ -183,6 +183,8 @@ fn page_sends_the_api_key_and_shows_server_errors() -> Result<()> {
     let v = browser_chat(&url, &["Hi", "--api-key", "k-123"])?;
     assert_eq!(v["reply"], "You said: Hi. Turn 1.");
     assert_streamed(&v)?;
+    // The kept key was sent from the first request on (no 401 while loading).
+    assert_eq!(v["console_errors"], serde_json::json!([]), "{v}");
     Ok(())
 }
 
@@ -200,41 +202,53 @@ fn page_stop_button_cancels_the_reply() -> Result<()> {
     Ok(())
 }
 
-/// A free TCP port on 127.0.0.1.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `llmlab serve --model smollm2-135m-instruct` on a free port with an API key, once `/health`
+/// answers 200; returns the process and its URL.
+fn llmlab_serve(key: &str) -> Result<(Killed, String)> {
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .args(["serve", "--model", "smollm2-135m-instruct", "--port", "0"])
+        .args(["--api-key", key, "--device", "cpu"])
+        .env("LLMLAB_DATA_MIRROR", mirror())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting llmlab serve")?;
+    let stderr = child.stderr.take().context("the server's stderr")?;
+    let child = Killed(child);
+    // Its first line names the address; the rest is passed on to the test's output.
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines.next().context("llmlab serve said nothing")??;
+    eprintln!("{first}");
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .with_context(|| format!("no URL in {first:?}"))?
+        .trim_end_matches([';', ',']);
+    let url = url.to_string();
+    loop {
+        match ureq::get(format!("{url}/health")).call() {
+            Ok(r) if r.status() == 200 => break,
+            _ if t.elapsed() > Duration::from_secs(300) => bail!("{url}/health is not 200"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    eprintln!("llmlab serve ready in {:.1} s", t.elapsed().as_secs_f64());
+    Ok((child, url))
 }
 
 /// The page served by `llmlab serve` with SmolLM2-135M-Instruct: a greedy (temperature 0)
 /// reply streams into the page and is the reply the same request gets unstreamed.
 #[test]
 fn page_chats_with_llmlab_serve() -> Result<()> {
-    let port = free_port()?.to_string();
-    let url = format!("http://127.0.0.1:{port}");
-    let t = Instant::now();
-    let _server = Killed(
-        Command::new(env!("CARGO_BIN_EXE_llmlab"))
-            .args(["serve", "--model", "smollm2-135m-instruct", "--port", &port])
-            .env("LLMLAB_DATA_MIRROR", mirror())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting llmlab serve")?,
-    );
+    let key = "page-test-key";
+    let (_server, url) = llmlab_serve(key)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(120)))
+        .timeout_global(Some(Duration::from_secs(300)))
         .http_status_as_error(false)
         .build()
         .into();
-    loop {
-        match agent.get(format!("{url}/health")).call() {
-            Ok(r) if r.status() == 200 => break,
-            _ if t.elapsed() > Duration::from_secs(180) => bail!("{url}/health is not 200"),
-            _ => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
-    eprintln!("llmlab serve ready in {:.1} s", t.elapsed().as_secs_f64());
     let page = agent.get(&url).call()?.body_mut().read_to_string()?;
     assert_eq!(
         page,
@@ -245,15 +259,22 @@ fn page_chats_with_llmlab_serve() -> Result<()> {
     let question = "What is the capital of France?";
     let v = browser_chat(
         &format!("{url}/"),
-        &[question, "--temperature", "0", "--max-tokens", "40"],
+        &[
+            question,
+            "--api-key",
+            key,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+        ],
     )?;
     assert_streamed(&v)?;
     let rate = tokens_per_second(&v)?;
     let reply = v["reply"].as_str().context("reply")?;
     assert!(!reply.trim().is_empty(), "{v}");
     assert_eq!(v["console_errors"], serde_json::json!([]), "{v}");
-    let model = v["model"].as_str().context("model")?;
-    assert!(model.contains("smollm2-135m-instruct"), "{v}");
+    assert_eq!(v["model"], "model: smollm2-135m-instruct", "{v}");
 
     let body = serde_json::json!({
         "model": "smollm2-135m-instruct",
@@ -264,6 +285,7 @@ fn page_chats_with_llmlab_serve() -> Result<()> {
     let mut resp = agent
         .post(format!("{url}/v1/chat/completions"))
         .header("Content-Type", "application/json")
+        .header("Authorization", &format!("Bearer {key}"))
         .send(body.to_string())?;
     let text = resp.body_mut().read_to_string()?;
     let unstreamed: Value = serde_json::from_str(&text).with_context(|| text.clone())?;
@@ -272,7 +294,7 @@ fn page_chats_with_llmlab_serve() -> Result<()> {
         "the page's streamed reply vs unstreamed: {text}"
     );
     eprintln!(
-        "reply {reply:?}: {} snapshots, {rate:.1} tokens/s in the page; stats {}",
+        "reply {reply:?}: {} growing states, {rate:.1} tokens/s in the page; stats {}",
         v["snapshots"].as_array().map_or(0, Vec::len),
         v["stats"]
     );
