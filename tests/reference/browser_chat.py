@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from urllib.parse import urljoin
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -87,10 +88,12 @@ def main():
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     try:
         driver.set_script_timeout(10)
-        driver.get(args.url)
         if args.api_key is not None:
+            # The origin's storage, from a page of it that is not the chat (no request without it).
+            driver.get(urljoin(args.url, "/health"))
             driver.execute_script("localStorage.setItem('llmlab.apiKey', arguments[0])", args.api_key)
-            driver.get(args.url)
+            driver.get_log("browser")  # that page's messages (its favicon) are not the chat's
+        driver.get(args.url)
         # The page asked v1/models for the model's name (or failed to, and says so).
         deadline = time.monotonic() + 30
         while driver.find_element(By.ID, "model").text == "connecting…":
