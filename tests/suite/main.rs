@@ -33,6 +33,7 @@ mod preferences;
 mod reference_cache;
 mod runner;
 mod serve_engine;
+mod slurm;
 mod tensorboard;
 mod tokenizer;
 mod train;
