@@ -34,6 +34,7 @@ mod reference_cache;
 mod runner;
 mod serve_engine;
 mod serve_page;
+mod slurm;
 mod tensorboard;
 mod tokenizer;
 mod train;
