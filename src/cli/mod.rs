@@ -90,12 +90,78 @@ pub struct RunArgs {
     /// epoch ends and on Ctrl-C/SIGTERM, which always save. (Pretraining: train.checkpoint_every.)
     #[arg(long, value_name = "MINUTES", default_value_t = crate::finetune::DEFAULT_CHECKPOINT_MINUTES, value_parser = non_negative_minutes)]
     pub checkpoint_minutes: f64,
-    /// Internal (--jobs): run only this trial of the sweep, leaving the experiment's records
-    /// and report to the process that started it.
-    #[arg(long, value_name = "SLUG", hide = true)]
-    pub only_trial: Option<String>,
+    /// Run only this trial of the sweep: its folder name (as --dry-run lists it) or its index
+    /// (0-based, its place in runs/<experiment>/experiment.json: what a Slurm array task gets).
+    /// The experiment's records and summary are left to the run that started the sweep; a
+    /// finished trial is skipped, an interrupted one resumes. (`--jobs` and `--backend slurm`
+    /// run each trial this way.)
+    #[arg(long, value_name = "NAME|INDEX", alias = "only-trial")]
+    pub trial: Option<String>,
+    /// Where the trials run: `local` (here; --jobs N at once) or `slurm` (one Slurm job array, a
+    /// task per unfinished trial; see the Slurm options and the README's "Slurm job arrays").
+    #[arg(long, value_enum, default_value_t = Backend::Local)]
+    pub backend: Backend,
+    #[command(flatten)]
+    pub slurm: SlurmArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    Local,
+    Slurm,
+}
+
+/// `llmlab run --backend slurm`: what each array task asks Slurm for, and whether to wait.
+#[derive(Args, Debug, Default)]
+#[command(next_help_heading = "Slurm (--backend slurm)")]
+pub struct SlurmArgs {
+    /// The partition the tasks run in (default: the cluster's).
+    #[arg(long, value_name = "P")]
+    pub partition: Option<String>,
+    /// Time limit of each task, HH:MM:SS (a task out of time stops like Ctrl-C, its state saved;
+    /// submitting again resumes it).
+    #[arg(long, value_name = "HH:MM:SS")]
+    pub time: Option<String>,
+    /// CPUs per task [default: 1]; the trial runs on as many threads.
+    #[arg(long, value_name = "N")]
+    pub cpus_per_trial: Option<usize>,
+    /// GPUs per task (--gres=gpu:N) [default: 0]; Slurm sets CUDA_VISIBLE_DEVICES to them.
+    #[arg(long, value_name = "N")]
+    pub gpus_per_trial: Option<usize>,
+    /// Memory per task, e.g. 8G (sbatch --mem).
+    #[arg(long, value_name = "SIZE")]
+    pub mem: Option<String>,
+    /// At most K tasks of the array at once (--array=...%K).
+    #[arg(long, value_name = "K")]
+    pub array_parallelism: Option<usize>,
+    /// One more sbatch option, written as an #SBATCH line (repeatable):
+    /// --sbatch-arg=--qos=short --sbatch-arg=--account=lab.
+    #[arg(long = "sbatch-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// Wait until the array is done, showing each trial as it starts and ends, then print the
+    /// summary as a local run does.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+impl SlurmArgs {
+    /// The first Slurm flag given, if any (they need --backend slurm).
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            (self.partition.is_some(), "--partition"),
+            (self.time.is_some(), "--time"),
+            (self.cpus_per_trial.is_some(), "--cpus-per-trial"),
+            (self.gpus_per_trial.is_some(), "--gpus-per-trial"),
+            (self.mem.is_some(), "--mem"),
+            (self.array_parallelism.is_some(), "--array-parallelism"),
+            (!self.sbatch_args.is_empty(), "--sbatch-arg"),
+            (self.wait, "--wait"),
+        ]
+        .into_iter()
+        .find_map(|(given, flag)| given.then_some(flag))
+    }
 }
 
 #[derive(Subcommand, Debug)]

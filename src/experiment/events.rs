@@ -85,7 +85,7 @@ fn hvalue(v: &serde_yaml::Value) -> HValue {
 
 /// The experiment's hparams (each axis with its values; an axis mixing kinds becomes strings)
 /// and its task's metric tags, written to `runs/<experiment>/` for the HParams dashboard.
-pub(crate) fn write_tb_experiment(exp: &Experiment, dir: &Path) -> Result<()> {
+pub fn write_tb_experiment(exp: &Experiment, dir: &Path) -> Result<()> {
     let hparams: Vec<(String, HParamDomain)> = exp
         .axes
         .iter()

@@ -1,5 +1,5 @@
 //! `llmlab run --jobs N`: up to N trials at once, each in a process of its own that runs
-//! [`super::runner::run`] for one trial (`--only-trial SLUG`), so its folder is the one a
+//! [`super::runner::run`] for one trial (`--trial SLUG`), so its folder is the one a
 //! sequential run writes.
 use super::events::{self, Progress};
 use super::runner::{experiment_dir, Outcome, RunOptions, TrialResult};
@@ -18,7 +18,7 @@ pub struct Launch<'a> {
     /// over the job slots); empty: the variable is left alone. See [`visible_gpus`].
     pub gpus: Vec<String>,
     /// The command line that runs the trial with this slug, on this many threads, and nothing
-    /// else (`llmlab run FILE --only-trial SLUG --threads K ...`).
+    /// else (`llmlab run FILE --trial SLUG --threads K ...`).
     pub command: &'a dyn Fn(&str, usize) -> std::process::Command,
 }
 
@@ -163,21 +163,11 @@ pub fn run_parallel(
             let secs = r.started.elapsed().as_secs_f64();
             let outcome = match status {
                 Ok(s) if s.success() && has_status(&dir, "finished") => {
-                    let metrics: Vec<String> = super::report::final_metrics(&dir)
-                        .iter()
-                        .map(|(k, v)| {
-                            if v.fract() == 0.0 && v.abs() < 1e15 {
-                                format!("{k} {v:.0}")
-                            } else {
-                                format!("{k} {v:.4}")
-                            }
-                        })
-                        .collect();
+                    let metrics = metrics_text(&dir);
                     progress.log(&format!(
-                        "{}: finished in {secs:.0}s{}{}",
+                        "{}: finished in {secs:.0}s{}{metrics}",
                         label(r.index),
                         if metrics.is_empty() { "" } else { ": " },
-                        metrics.join(", ")
                     ));
                     Some(Outcome::Finished)
                 }
@@ -316,6 +306,21 @@ fn detach(cmd: &mut std::process::Command) {
             }
         }
     }
+}
+
+/// A finished trial's final metrics as a log line reads them: `val_loss 1.2345, step 12`.
+pub(crate) fn metrics_text(dir: &Path) -> String {
+    super::report::final_metrics(dir)
+        .iter()
+        .map(|(k, v)| {
+            if v.fract() == 0.0 && v.abs() < 1e15 {
+                format!("{k} {v:.0}")
+            } else {
+                format!("{k} {v:.4}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The last non-empty line of a log file.

@@ -21,7 +21,8 @@
 //!
 //! The modules: [`task`] (the [`task::Task`] trait and the registry) with one file per task in
 //! [`tasks`]; [`prepare`] (validation and config-drift checks before anything runs); [`runner`]
-//! (the trials one after the other) and [`jobs`] (`--jobs N`, a process per trial); [`events`]
+//! (the trials one after the other), [`jobs`] (`--jobs N`, a process per trial) and [`slurm`]
+//! (`--backend slurm`, a Slurm job array with a task per trial); [`events`]
 //! (progress bars, TensorBoard); [`status`] (a trial's `status.json`); [`report`] (the summary).
 pub mod events;
 pub mod jobs;
@@ -29,6 +30,7 @@ pub mod locate;
 pub mod prepare;
 pub mod report;
 pub mod runner;
+pub mod slurm;
 pub mod status;
 pub mod task;
 pub mod tasks;

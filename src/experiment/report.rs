@@ -119,6 +119,19 @@ pub fn rows(dir: &Path) -> Result<(ExperimentRecord, Vec<Row>)> {
             }
         })
         .collect();
+    // A Slurm job array's tasks: queued or running, wherever they run (squeue, sacct).
+    if super::slurm::read_submission(dir).is_some() {
+        let mut status: std::collections::BTreeMap<String, String> = rows
+            .iter()
+            .map(|r| (r.slug.clone(), r.status.clone()))
+            .collect();
+        super::slurm::overlay(dir, &mut status);
+        for r in &mut rows {
+            if let Some(s) = status.remove(&r.slug) {
+                r.status = s;
+            }
+        }
+    }
     let target = rec.target.clone().unwrap_or(Target {
         metric: "val_loss".into(),
         mode: Goal::Min,

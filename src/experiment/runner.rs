@@ -45,6 +45,52 @@ pub(crate) fn experiment_dir(exp: &Experiment, opts: &RunOptions) -> Result<Path
     Ok(root)
 }
 
+/// The folder name of the trial `--trial NAME|INDEX` names: a trial's folder name, or its
+/// 0-based index in `runs/<experiment>/experiment.json` (the list a Slurm array's task indexes
+/// refer to; the order of `--dry-run` when the record is not there yet). `file` is for errors.
+pub fn resolve_trial(
+    arg: &str,
+    trials: &[Trial],
+    exp_dir: &std::path::Path,
+    file: &std::path::Path,
+) -> Result<String, LlmError> {
+    let listed = |slug: &str| trials.iter().any(|t| t.slug == slug);
+    let Ok(index) = arg.parse::<usize>() else {
+        return if listed(arg) {
+            Ok(arg.to_string())
+        } else {
+            Err(LlmError::Usage(format!(
+                "--trial {arg}: {} has no such trial (see --dry-run)",
+                file.display()
+            )))
+        };
+    };
+    let record = exp_dir.join("experiment.json");
+    let from_record = std::fs::read_to_string(&record)
+        .ok()
+        .and_then(|t| serde_json::from_str::<super::report::ExperimentRecord>(&t).ok());
+    let slugs: Vec<String> = match &from_record {
+        Some(rec) => rec.trials.iter().map(|(s, _)| s.clone()).collect(),
+        None => trials.iter().map(|t| t.slug.clone()).collect(),
+    };
+    let Some(slug) = slugs.get(index) else {
+        return Err(LlmError::Usage(format!(
+            "--trial {arg}: the experiment has {} trial(s), indexes 0 to {} (see --dry-run)",
+            slugs.len(),
+            slugs.len().saturating_sub(1)
+        )));
+    };
+    if !listed(slug) {
+        return Err(LlmError::Usage(format!(
+            "--trial {arg}: {} lists {slug} at index {index}, a trial {} no longer has (its sweep \
+             changed since); run or submit the file again to record its trials",
+            record.display(),
+            file.display()
+        )));
+    }
+    Ok(slug.clone())
+}
+
 /// Whether an error is Ctrl-C's: the trial saved its state and resumes when run again.
 fn interrupted(e: &anyhow::Error) -> bool {
     e.downcast_ref::<LlmError>()

@@ -36,6 +36,8 @@ mod reference_cache;
 mod runner;
 mod serve;
 mod serve_engine;
+mod serve_page;
+mod slurm;
 mod tensorboard;
 mod tokenizer;
 mod train;

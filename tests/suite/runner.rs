@@ -465,7 +465,7 @@ fn parallel_trials_give_the_sequential_results() -> Result<()> {
             "{par_err}"
         );
         let log = std::fs::read_to_string(two.join("jobs").join(slug).join("log.txt"))?;
-        assert!(log.contains("--threads\" \"1\" \"--only-trial\""), "{log}");
+        assert!(log.contains("--threads\" \"1\" \"--trial\""), "{log}");
     }
     assert!(
         par_err.contains("FAILED: the training split has"),
