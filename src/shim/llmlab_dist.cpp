@@ -2,7 +2,8 @@
 // rendezvous and a ProcessGroupGloo (CPU tensors) for the collectives of data-parallel training
 // (book appendix A, DistributedDataParallel). Same conventions as llmlab_shim.cpp: tensor
 // handles are `torch::Tensor*`, every function catches C++ exceptions and returns NULL or a
-// malloc'd message that the caller frees with `llmlab_free_error`.
+// malloc'd message that the caller frees with `llmlab_free_error` (c10 errors without their C++
+// backtrace: a user reads them).
 //
 // The gloo headers are not in the torch wheel; src/shim/gloo_decl/ declares the names
 // ProcessGroupGloo.hpp mentions (see its README). ProcessGroupNCCL is not bound yet.
@@ -30,6 +31,8 @@ char *dist_error(const char *msg) {
   try {                                               \
     __VA_ARGS__                                            \
     return nullptr;                                   \
+  } catch (const c10::Error &e) {                     \
+    return dist_error(e.what_without_backtrace());    \
   } catch (const std::exception &e) {                 \
     return dist_error(e.what());                      \
   } catch (...) {                                     \

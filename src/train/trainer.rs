@@ -189,6 +189,31 @@ pub(crate) fn same_but_fused_adamw(before: &str, spec: &PretrainSpec) -> bool {
     &old == spec
 }
 
+/// A run folder trained with another `train.nproc` is refused with a message that says so (its
+/// global batch, hence its curve, depends on the number of ranks).
+fn refuse_other_nproc(run_dir: &Path, spec: &PretrainSpec, restart: bool) -> Result<()> {
+    let path = RunDir::at(run_dir).config_path();
+    if restart || !path.is_file() {
+        return Ok(());
+    }
+    let Ok(before) = serde_yaml::from_str::<PretrainSpec>(&read_text(&path)?) else {
+        return Ok(()); // RunDir::open reports the difference
+    };
+    if before.train.nproc == spec.train.nproc {
+        return Ok(());
+    }
+    Err(LlmError::Usage(format!(
+        "{} was trained with train.nproc {} (global batch {} × {}), this run asks for {}; resume it with --nproc {}, or pass --restart to start over",
+        run_dir.display(),
+        before.train.nproc,
+        before.train.nproc,
+        before.train.batch_size,
+        spec.train.nproc,
+        before.train.nproc
+    ))
+    .into())
+}
+
 /// Runs (or resumes, or reports as finished) a pretraining run in `run_dir`.
 pub fn pretrain(
     spec: &PretrainSpec,
@@ -228,6 +253,7 @@ pub fn pretrain_dist(
     let main = dist.is_main();
     // Rank 0 opens (or refuses) the run folder; the others wait, then read what it decided.
     let run = if main {
+        refuse_other_nproc(run_dir, spec, restart)?;
         let run = RunDir::open(
             run_dir,
             &serde_yaml::to_string(spec)?,
