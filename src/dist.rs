@@ -32,6 +32,8 @@ pub struct Dist {
     pub rank: usize,
     pub world: usize,
     pg: Option<ProcessGroup>,
+    /// Wall-clock seconds spent in [`Dist::allreduce_mean`] so far (the overhead DDP adds).
+    allreduce_secs: std::cell::Cell<f64>,
 }
 
 impl std::fmt::Debug for Dist {
@@ -164,6 +166,7 @@ impl Dist {
             rank: 0,
             world: 1,
             pg: None,
+            allreduce_secs: Default::default(),
         }
     }
 
@@ -207,6 +210,7 @@ impl Dist {
             rank: env.rank,
             world: env.world,
             pg: Some(pg),
+            allreduce_secs: Default::default(),
         })
     }
 
@@ -240,6 +244,7 @@ impl Dist {
     /// world size and copied back. Undefined tensors (parameters without a gradient) are skipped.
     pub fn allreduce_mean(&self, tensors: &[Tensor]) -> Result<(), LlmError> {
         let Some(pg) = &self.pg else { return Ok(()) };
+        let start = std::time::Instant::now();
         let _g = tch::no_grad_guard();
         let defined: Vec<Tensor> = tensors
             .iter()
@@ -257,7 +262,14 @@ impl Dist {
             let mean = flat / self.world as f64;
             scatter_back(&mean, bucket);
         }
+        self.allreduce_secs
+            .set(self.allreduce_secs.get() + start.elapsed().as_secs_f64());
         Ok(())
+    }
+
+    /// Seconds spent averaging gradients so far (flatten, all-reduce, copy back).
+    pub fn allreduce_secs(&self) -> f64 {
+        self.allreduce_secs.get()
     }
 
     /// The mean of a number over the ranks (the logged loss of a step).

@@ -415,6 +415,8 @@ pub fn pretrain_dist(
     let mut samples = Vec::new();
     let mut last_time = Instant::now();
     let mut tokens_at_last = state.tokens_seen;
+    // (step seconds, all-reduce seconds) of each step: the overhead data parallelism adds.
+    let mut step_times: Vec<(f64, f64)> = Vec::new();
     for epoch in state.epoch..t.epochs {
         let order = train_loader.order(epoch);
         let first_group = if epoch == state.epoch {
@@ -432,6 +434,8 @@ pub fn pretrain_dist(
                     .wrapping_add((dist.rank as u64).wrapping_mul(0x9E37_79B9)),
                 state.step,
             );
+            let step_start = Instant::now();
+            let comm_before = dist.allreduce_secs();
             opt.zero_grad();
             let mut step_loss = 0.0;
             for b in lo..hi {
@@ -461,6 +465,10 @@ pub fn pretrain_dist(
             let step_loss = dist.mean_f64(step_loss)?;
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
             opt.update(lr, fused)?;
+            step_times.push((
+                step_start.elapsed().as_secs_f64(),
+                dist.allreduce_secs() - comm_before,
+            ));
             state.step += 1;
             events.step(state.step, step_loss);
             state.lr = lr;
@@ -542,6 +550,18 @@ pub fn pretrain_dist(
         samples.push(text);
     }
 
+    if dist.world > 1 && step_times.len() > 1 {
+        // The first step warms up (allocations, gloo's first connections); leave it out.
+        let rest = &step_times[1..];
+        let n = rest.len() as f64;
+        let step_ms = rest.iter().map(|t| t.0).sum::<f64>() / n * 1e3;
+        let comm_ms = rest.iter().map(|t| t.1).sum::<f64>() / n * 1e3;
+        events.log(&format!(
+            "data parallel: the gradient all-reduce took {comm_ms:.1} ms of the {step_ms:.1} ms step ({:.1} %), mean of steps 2..{} on rank 0",
+            100.0 * comm_ms / step_ms.max(1e-9),
+            step_times.len()
+        ));
+    }
     if !main {
         return Ok(RunOutcome {
             run_dir: run_dir.into(),
