@@ -418,7 +418,7 @@ pub fn launch_local(
         if let Some((rank, status)) = failed {
             kill_all(&mut children);
             break Err(LlmError::Usage(format!(
-                "--nproc {nproc}: rank {rank} failed ({status}); stopped the other ranks (its error is above, prefixed [rank {rank}])"
+                "--nproc {nproc}: rank {rank} failed ({status}); stopped the other ranks (its output, if any, is above, prefixed [rank {rank}])"
             )));
         }
         if done.iter().all(|d| *d) {

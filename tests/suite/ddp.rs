@@ -170,7 +170,7 @@ fn wait_for_steps(out: &Path, lines: usize, ranks: &mut [Child]) -> Result<()> {
     Ok(())
 }
 
-/// Waits for rank 0 to exit (at most 60 s) and returns its stderr.
+/// Waits for a process (rank 0, or the launcher) to exit, at most 60 s, and returns its stderr.
 fn rank0_error(mut r0: Child, what: &str) -> Result<(Duration, String)> {
     let start = Instant::now();
     loop {
@@ -259,4 +259,47 @@ fn two_rank_runs_resume_with_two_ranks() -> Result<()> {
     let out = ok(pretrain(&file, &cut, &["--nproc", "2"])?, "resumed")?;
     assert!(out.contains("[rank 0] resuming from"), "{out}");
     assert_same_run(&cut, &full, 1e-6, "resumed vs uninterrupted (2 ranks)")
+}
+
+/// `--nproc 2`: when a rank dies (SIGKILL to rank 1), the launcher stops the other rank and
+/// exits non-zero naming the rank, within seconds.
+#[test]
+fn the_launcher_stops_the_other_ranks_when_one_dies() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny_run(dir.path(), 4)?;
+    let out = dir.path().join("run");
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .arg("pretrain")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out)
+        .args(["--device", "cpu", "--epochs", "50", "--nproc", "2"])
+        .env("LLMLAB_DATA_MIRROR", common::mirror())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_for_steps(&out, 2, std::slice::from_mut(&mut launcher))?;
+    // The launcher's children, in start order: rank 0, rank 1.
+    let pid = launcher.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
+    let ranks: Vec<&str> = children.split_whitespace().collect();
+    assert_eq!(ranks.len(), 2, "{children}");
+    assert!(Command::new("kill")
+        .args(["-KILL", ranks[1]])
+        .status()?
+        .success());
+    let (took, err) = rank0_error(launcher, "launcher")?;
+    eprintln!("launcher exited {took:.1?} later: {}", err.trim());
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(
+        err.contains("--nproc 2: rank 1 failed (signal: 9 (SIGKILL))")
+            && err.contains("stopped the other ranks"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{}", ranks[0])).exists(),
+        "rank 0 ({}) still runs",
+        ranks[0]
+    );
+    Ok(())
 }
