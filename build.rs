@@ -5,7 +5,8 @@
 //! * `libtorch_cuda.so` kept as a `DT_NEEDED` entry: the linker's `--as-needed` drops it because
 //!   no symbol of it is referenced directly, and libtorch then never registers its CUDA backend;
 //! * `src/shim/llmlab_shim.cpp`, the small C shim over what tch 0.24 does not bind (the fused
-//!   AdamW kernel, autocast with a dtype), compiled against the same libtorch with torch-sys's
+//!   AdamW kernel, autocast with a dtype), and `src/shim/llmlab_dist.cpp`, the c10d
+//!   binding (TCPStore, ProcessGroupGloo) for data-parallel training, compiled against the same libtorch with torch-sys's
 //!   own flags (C++17, the library's `_GLIBCXX_USE_CXX11_ABI`, warnings off).
 use std::path::Path;
 use std::process::Command;
@@ -13,6 +14,8 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/shim/llmlab_shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim/llmlab_dist.cpp");
+    println!("cargo:rerun-if-changed=src/shim/gloo_decl");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(lib) => lib,
@@ -79,7 +82,10 @@ fn build_shim(lib: &Path) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // The gloo names torch's ProcessGroupGloo.hpp mentions (the wheel ships no gloo headers).
+        .include("src/shim/gloo_decl")
         .file("src/shim/llmlab_shim.cpp")
+        .file("src/shim/llmlab_dist.cpp")
         .compile("llmlab_shim");
     // The shim's libtorch symbols live in torch_cpu and c10 (torch-sys links them too; naming
     // them after the static library keeps the link order right).

@@ -8,7 +8,7 @@
 /// Module paths (a top-level module, or `module::submodule` where one part of a module sits
 /// lower than the rest), from the bottom up.
 const LAYERS: &[&[&str]] = &[
-    // Foundation: errors, device and threads, signals, the C++ shim, plots, TensorBoard files,
+    // Foundation: errors, device and threads, signals, the C++ shim, data-parallel groups, plots, TensorBoard files,
     // text metrics, the data registry (downloads and the cache), the chat client of a teacher or
     // judge model behind an HTTP server.
     &[
@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
         "device",
         "signal",
         "shim",
+        "dist",
         "plot",
         "tensorboard",
         "metrics",

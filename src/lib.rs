@@ -22,6 +22,7 @@ pub mod classify;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod experiment;

@@ -3,6 +3,10 @@
 //! `torch.optim.AdamW(fused=True)`) and autocast with a chosen dtype per device type (tch's
 //! `tch::autocast` only toggles CUDA autocast with its default fp16).
 //!
+//! It also binds libtorch's distributed engine, c10d (`src/shim/llmlab_dist.cpp`, issue 19): a
+//! `TCPStore` rendezvous and a `ProcessGroupGloo` whose all-reduce, broadcast and barrier
+//! [`ProcessGroup`] wraps.
+//!
 //! The only `unsafe` of the crate besides `device::keep_freed_memory`: each block passes tch
 //! tensor handles (`*const C_tensor`, a `torch::Tensor*`) that outlive the call, and every shim
 //! function returns NULL or an error string that [`check`] copies and frees.
@@ -10,7 +14,7 @@
 
 use crate::device::Precision;
 use crate::error::LlmError;
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::marker::PhantomData;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -36,6 +40,29 @@ extern "C" {
     fn llmlab_autocast_increment_nesting(depth: *mut c_int) -> *mut c_char;
     fn llmlab_autocast_decrement_nesting(depth: *mut c_int) -> *mut c_char;
     fn llmlab_autocast_clear_cache() -> *mut c_char;
+    fn llmlab_dist_init_gloo(
+        addr: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        iface: *const c_char,
+        bind_host: *const c_char,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn llmlab_dist_free(group: *mut c_void);
+    fn llmlab_dist_allreduce_sum(
+        group: *mut c_void,
+        ts: *const *const C_tensor,
+        n: usize,
+    ) -> *mut c_char;
+    fn llmlab_dist_broadcast(
+        group: *mut c_void,
+        ts: *const *const C_tensor,
+        n: usize,
+        root: c_int,
+    ) -> *mut c_char;
+    fn llmlab_dist_barrier(group: *mut c_void) -> *mut c_char;
 }
 
 /// Turns a shim return value into a `Result`, freeing the error string.
@@ -246,5 +273,94 @@ pub fn with_autocast<T>(
             let _guard = AutocastGuard::new(device, k)?;
             Ok(f())
         }
+    }
+}
+
+/// Where a gloo process group binds its sockets on this machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlooBind {
+    /// A network interface (`GLOO_SOCKET_IFNAME`).
+    Interface(String),
+    /// An address or host name of this machine (e.g. `127.0.0.1` for local ranks).
+    Host(String),
+    /// The address the machine's host name resolves to (c10d's default).
+    Default,
+}
+
+/// One rank's membership of a c10d process group (`ProcessGroupGloo`, CPU tensors). Rank 0
+/// runs the `TCPStore` server at `addr:port`; every wait gives up after the timeout with an
+/// error instead of hanging (a dead peer usually shows up sooner, as a closed connection).
+pub struct ProcessGroup {
+    ptr: *mut c_void,
+}
+
+impl ProcessGroup {
+    pub fn gloo(
+        addr: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        timeout: std::time::Duration,
+        bind: &GlooBind,
+    ) -> Result<Self, LlmError> {
+        let c = |s: &str| {
+            CString::new(s).map_err(|_| LlmError::Usage(format!("{s:?} contains a NUL byte")))
+        };
+        let addr_c = c(addr)?;
+        let (iface, host) = match bind {
+            GlooBind::Interface(i) => (Some(c(i)?), None),
+            GlooBind::Host(h) => (None, Some(c(h)?)),
+            GlooBind::Default => (None, None),
+        };
+        let opt = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: the strings are NUL-terminated and outlive the call; `ptr` receives a group
+        // the shim allocated, which `Drop` frees exactly once.
+        let err = unsafe {
+            llmlab_dist_init_gloo(
+                addr_c.as_ptr(),
+                c_int::from(port),
+                rank as c_int,
+                world as c_int,
+                timeout.as_millis() as i64,
+                opt(&iface),
+                opt(&host),
+                &mut ptr,
+            )
+        };
+        check(err, "c10d rendezvous (TCPStore + ProcessGroupGloo)")?;
+        Ok(Self { ptr })
+    }
+
+    /// In-place sum of each tensor over the ranks (the collectives run concurrently).
+    pub fn allreduce_sum(&self, ts: &[&Tensor]) -> Result<(), LlmError> {
+        let p: Vec<_> = ts.iter().map(|t| t.as_ptr()).collect();
+        // SAFETY: `p` holds handles of live tensors for the whole call.
+        check(
+            unsafe { llmlab_dist_allreduce_sum(self.ptr, p.as_ptr(), p.len()) },
+            "c10d all-reduce",
+        )
+    }
+
+    /// In-place broadcast of each tensor from rank `root`.
+    pub fn broadcast(&self, ts: &[&Tensor], root: usize) -> Result<(), LlmError> {
+        let p: Vec<_> = ts.iter().map(|t| t.as_ptr()).collect();
+        // SAFETY: as in `allreduce_sum`.
+        check(
+            unsafe { llmlab_dist_broadcast(self.ptr, p.as_ptr(), p.len(), root as c_int) },
+            "c10d broadcast",
+        )
+    }
+
+    pub fn barrier(&self) -> Result<(), LlmError> {
+        // SAFETY: `self.ptr` is a live group.
+        check(unsafe { llmlab_dist_barrier(self.ptr) }, "c10d barrier")
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: the group was allocated by `llmlab_dist_init_gloo` and is freed once.
+        unsafe { llmlab_dist_free(self.ptr) }
     }
 }

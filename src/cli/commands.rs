@@ -606,6 +606,7 @@ fn pretrain_overrides(a: &PretrainArgs) -> Result<Vec<(&'static str, serde_yaml:
         ("train.precision", v(&a.precision)?),
         ("train.fused_adamw", v(&a.fused_adamw)?),
         ("train.threads", v(&a.compute.threads)?),
+        ("train.nproc", v(&a.nproc)?),
         ("seed", v(&a.seed)?),
         ("generate.prompt", v(&a.prompt)?),
         ("generate.max_new_tokens", v(&a.sample_tokens)?),
@@ -624,24 +625,65 @@ train: {epochs: 5, batch_size: 2, lr: 4.0e-4, weight_decay: 0.1, eval_freq: 5, e
 ";
 
 fn pretrain(a: PretrainArgs) -> Result<()> {
+    use crate::dist::{launch_local, timeout_from_env, Dist, DistEnv};
     let device = parse_device(&a.compute.device)?;
     let spec = pretrain_spec(&a)?;
     let run_dir = a
         .out
         .clone()
         .unwrap_or_else(|| Path::new("runs").join(&spec.name));
-    println!(
-        "run {} -> {} on {}",
-        spec.name,
-        run_dir.display(),
-        device_name(device)
-    );
+    let env = DistEnv::parse(&|k| std::env::var(k).ok())?;
+    let world = env.as_ref().map_or(spec.train.nproc, |e| e.world);
+    if world > 1 && device != tch::Device::Cpu {
+        return Err(LlmError::Usage(format!(
+            "data-parallel training on {} needs ProcessGroupNCCL, which llmlab does not bind yet; \
+             run the {world} ranks with --device cpu (gloo)",
+            device_name(device)
+        ))
+        .into());
+    }
+    if env.is_none() && spec.train.nproc > 1 {
+        // The launcher: this process only starts the ranks and watches them.
+        println!(
+            "run {} -> {}: starting {} ranks (gloo on the CPU)",
+            spec.name,
+            run_dir.display(),
+            spec.train.nproc
+        );
+        let exe = std::env::current_exe()?;
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        launch_local(&exe, &args, spec.train.nproc)?;
+        return Ok(());
+    }
+    let dist = match &env {
+        None => Dist::single(),
+        Some(e) => Dist::join(e, timeout_from_env()?)?,
+    };
+    let main = dist.is_main();
+    if main {
+        println!(
+            "run {} -> {} on {}",
+            spec.name,
+            run_dir.display(),
+            device_name(device)
+        );
+    }
     let t0 = Instant::now();
     crate::signal::install();
-    let out = crate::train::pretrain(&spec, &run_dir, device, a.restart, &mut |l: &str| {
-        println!("{l}")
-    })?;
-    if !out.already_finished {
+    // Rank 0 speaks for the group; the others only report errors.
+    let out = crate::train::pretrain_dist(
+        &spec,
+        &run_dir,
+        device,
+        a.restart,
+        &mut |l: &str| {
+            if main {
+                println!("{l}")
+            }
+        },
+        &dist,
+    )?;
+    if !out.already_finished && main {
         if let Some(last) = out.evals.last() {
             println!(
                 "done in {:.1} s: {} steps, train loss {:.3}, val loss {:.3} (perplexity {:.1})",

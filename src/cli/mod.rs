@@ -587,6 +587,11 @@ pub struct PretrainArgs {
     /// Delete the run folder's previous state and start over.
     #[arg(long)]
     pub restart: bool,
+    /// Data-parallel ranks on this machine (train.nproc; book appendix A, DDP with gloo on the
+    /// CPU): each trains on --batch-size windows of every global batch. Under torchrun or srun
+    /// (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS set) the environment gives the ranks.
+    #[arg(long)]
+    pub nproc: Option<usize>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }

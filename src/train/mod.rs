@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use run_dir::{RunDir, RunStatus};
 pub use spec::PretrainSpec;
-pub use trainer::{pretrain, EvalRecord, RunOutcome};
+pub use trainer::{pretrain, pretrain_dist, EvalRecord, RunOutcome};
 
 /// Book `calc_loss_batch`: mean cross-entropy of logits `(b, n, V)` against targets `(b, n)`.
 /// Under bf16 autocast the logits come out bf16; they are widened to f32 first so the loss

@@ -127,6 +127,17 @@ pub struct TrainSpec {
     /// may change it on resume.
     #[serde(default, skip_serializing_if = "FusedAdamW::is_auto")]
     pub fused_adamw: FusedAdamW,
+    /// Data-parallel processes on this machine (book appendix A, DDP; default 1): `llmlab
+    /// pretrain` starts this many ranks (gloo on the CPU), each taking `batch_size` windows of
+    /// every global batch of `nproc × batch_size`. Under `torchrun` or `srun` the world size
+    /// comes from the environment instead. Written to config.yaml only when not 1, so a run
+    /// resumes with the same number of ranks.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub nproc: usize,
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// `train.fused_adamw`: `auto | true | false`.
@@ -306,6 +317,7 @@ impl PretrainSpec {
             ("train.eval_freq", t.eval_freq),
             ("train.grad_accum_steps", t.grad_accum_steps),
             ("train.keep_checkpoints", t.keep_checkpoints),
+            ("train.nproc", t.nproc),
         ] {
             if v == 0 {
                 return Err(bad(key, "must be at least 1".into()));

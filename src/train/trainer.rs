@@ -9,6 +9,7 @@ use super::run_dir::RunDir;
 use super::spec::PretrainSpec;
 use super::{calc_loss_batch, calc_loss_loader};
 use crate::data::{BpeTokenizer, DataLoader, GptDataset, Registry};
+use crate::dist::Dist;
 use crate::error::{read_text, write_atomic, LlmError};
 use crate::generate::generate;
 use crate::models::GptConfig;
@@ -188,6 +189,31 @@ pub(crate) fn same_but_fused_adamw(before: &str, spec: &PretrainSpec) -> bool {
     &old == spec
 }
 
+/// A run folder trained with another `train.nproc` is refused with a message that says so (its
+/// global batch, hence its curve, depends on the number of ranks).
+fn refuse_other_nproc(run_dir: &Path, spec: &PretrainSpec, restart: bool) -> Result<()> {
+    let path = RunDir::at(run_dir).config_path();
+    if restart || !path.is_file() {
+        return Ok(());
+    }
+    let Ok(before) = serde_yaml::from_str::<PretrainSpec>(&read_text(&path)?) else {
+        return Ok(()); // RunDir::open reports the difference
+    };
+    if before.train.nproc == spec.train.nproc {
+        return Ok(());
+    }
+    Err(LlmError::Usage(format!(
+        "{} was trained with train.nproc {} (global batch {} × {}), this run asks for {}; resume it with --nproc {}, or pass --restart to start over",
+        run_dir.display(),
+        before.train.nproc,
+        before.train.nproc,
+        before.train.batch_size,
+        spec.train.nproc,
+        before.train.nproc
+    ))
+    .into())
+}
+
 /// Runs (or resumes, or reports as finished) a pretraining run in `run_dir`.
 pub fn pretrain(
     spec: &PretrainSpec,
@@ -196,16 +222,52 @@ pub fn pretrain(
     restart: bool,
     events: &mut dyn TrainEvents,
 ) -> Result<RunOutcome> {
+    pretrain_dist(spec, run_dir, device, restart, events, &Dist::single())
+}
+
+/// [`pretrain`] as one rank of a data-parallel group (book appendix A.9, DDP): every global
+/// batch of `world × batch_size` windows is the one a single process with that batch size
+/// would take, and rank r trains on its r-th slice (`DistributedSampler` semantics within the
+/// batch); gradients are averaged over the ranks before clipping, so the ranks keep equal
+/// weights and the run equals the single-process one with the larger batch. Rank 0 alone
+/// writes the run folder (config, checkpoints, metrics, samples, the model) and reports
+/// through `events`; every rank evaluates (the same numbers) so none waits on another.
+pub fn pretrain_dist(
+    spec: &PretrainSpec,
+    run_dir: &Path,
+    device: Device,
+    restart: bool,
+    events: &mut dyn TrainEvents,
+    dist: &Dist,
+) -> Result<RunOutcome> {
     spec.validate("pretrain spec")?;
+    if spec.train.nproc != 1 && spec.train.nproc != dist.world {
+        return Err(LlmError::Usage(format!(
+            "train.nproc is {} but this process is rank {} of {}; `llmlab pretrain` starts the ranks \
+             (or run it under torchrun/srun with train.nproc 1 or equal to the world size)",
+            spec.train.nproc, dist.rank, dist.world
+        ))
+        .into());
+    }
     crate::device::set_threads(spec.train.threads);
-    let run = RunDir::open(
-        run_dir,
-        &serde_yaml::to_string(spec)?,
-        restart,
-        &[SAMPLES],
-        Some(&|before: &str| same_but_fused_adamw(before, spec)),
-        "--out",
-    )?;
+    let main = dist.is_main();
+    // Rank 0 opens (or refuses) the run folder; the others wait, then read what it decided.
+    let run = if main {
+        refuse_other_nproc(run_dir, spec, restart)?;
+        let run = RunDir::open(
+            run_dir,
+            &serde_yaml::to_string(spec)?,
+            restart,
+            &[SAMPLES],
+            Some(&|before: &str| same_but_fused_adamw(before, spec)),
+            "--out",
+        )?;
+        dist.barrier()?;
+        run
+    } else {
+        dist.barrier()?;
+        RunDir::at(run_dir)
+    };
     if run.config_rewritten() {
         // train.fused_adamw picks an implementation of the same update, so a run may switch it
         // on resume; config.yaml records the setting in use from now on.
@@ -249,14 +311,15 @@ pub fn pretrain(
     let train_ds = GptDataset::new(&tok.encode(train_text)?, ctx, stride)?;
     let val_ds = GptDataset::new(&tok.encode(val_text)?, ctx, stride)?;
     let t = &spec.train;
-    let train_loader = DataLoader::new(train_ds, t.batch_size, true, true, spec.seed)?;
-    let val_loader = DataLoader::new(val_ds, t.batch_size, false, false, spec.seed)?;
+    // The global batch: rank r trains on rows r·B..(r+1)·B of each (B = train.batch_size).
+    let global_batch = t.batch_size * dist.world;
+    let train_loader = DataLoader::new(train_ds, global_batch, true, true, spec.seed)?;
+    let val_loader = DataLoader::new(val_ds, global_batch, false, false, spec.seed)?;
     let n_batches = train_loader.num_batches();
     if n_batches == 0 {
         return Err(LlmError::Usage(format!(
-            "the training split has {} windows of {ctx} tokens, fewer than one batch of {}; lower batch_size or context_length",
+            "the training split has {} windows of {ctx} tokens, fewer than one batch of {global_batch}; lower batch_size or context_length",
             train_loader.dataset.len(),
-            t.batch_size
         ))
         .into());
     }
@@ -293,12 +356,16 @@ pub fn pretrain(
     };
     let mut resumed_from_step = None;
     let mut evals = Vec::new();
+    // Every rank reads the same checkpoint (rank 0's files); the optimizer state is then equal
+    // on all ranks, and stays so since they apply the same averaged gradients.
     let restored =
         checkpoint::restore_newest(run_dir, &cfg, &vs, &mut opt, &mut |m| events.log(m))?;
     if let Some((dir, s)) = restored {
         state = s;
-        evals = truncate_metrics(&metrics_path, state.step)?;
-        truncate_jsonl(&samples_path, state.step)?;
+        if main {
+            evals = truncate_metrics(&metrics_path, state.step)?;
+            truncate_jsonl(&samples_path, state.step)?;
+        }
         resumed_from_step = Some(state.step);
         events.log(&format!(
             "resuming from {} (step {}, epoch {})",
@@ -306,9 +373,22 @@ pub fn pretrain(
             state.step,
             state.epoch + 1
         ));
-    } else {
+    } else if main {
         let _ = std::fs::remove_file(&metrics_path);
         let _ = std::fs::remove_file(&samples_path);
+    }
+    // DDP's constructor: every rank starts from rank 0's weights.
+    dist.broadcast(
+        &opt.params()
+            .iter()
+            .map(|(_, p)| p.shallow_clone())
+            .collect::<Vec<_>>(),
+    )?;
+    if dist.world > 1 {
+        events.log(&format!(
+            "data parallel: {} ranks (gloo), global batch {global_batch} = {} × {}",
+            dist.world, dist.world, t.batch_size
+        ));
     }
     events.resume_after(state.step);
 
@@ -335,6 +415,8 @@ pub fn pretrain(
     let mut samples = Vec::new();
     let mut last_time = Instant::now();
     let mut tokens_at_last = state.tokens_seen;
+    // (step seconds, all-reduce seconds) of each step: the overhead data parallelism adds.
+    let mut step_times: Vec<(f64, f64)> = Vec::new();
     for epoch in state.epoch..t.epochs {
         let order = train_loader.order(epoch);
         let first_group = if epoch == state.epoch {
@@ -346,19 +428,47 @@ pub fn pretrain(
             let lo = g * t.grad_accum_steps;
             let hi = (lo + t.grad_accum_steps).min(n_batches);
             let lr = t.schedule.lr(state.step, total_steps, t.lr);
-            seed_for_step(spec.seed, state.step);
+            // Rank 0 draws the single-process run's dropout masks; the others draw their own.
+            seed_for_step(
+                spec.seed
+                    .wrapping_add((dist.rank as u64).wrapping_mul(0x9E37_79B9)),
+                state.step,
+            );
+            let step_start = Instant::now();
+            let comm_before = dist.allreduce_secs();
             opt.zero_grad();
             let mut step_loss = 0.0;
             for b in lo..hi {
                 let (x, y) = train_loader.batch_in_order(&order, b, device);
+                state.tokens_seen += x.numel();
+                // (global_batch, n) -> this rank's (batch_size, n)
+                let (x, y) = if dist.world > 1 {
+                    let at = (dist.rank * t.batch_size) as i64;
+                    let b = t.batch_size as i64;
+                    (x.narrow(0, at, b), y.narrow(0, at, b))
+                } else {
+                    (x, y)
+                };
                 let loss = loss_at(&x, &y)?;
                 let loss_v = super::finite_loss(&loss, state.step, epoch)?;
                 step_loss += loss_v / (hi - lo) as f64;
                 (loss / (hi - lo) as f64).backward();
-                state.tokens_seen += x.numel();
             }
+            // DDP: the mean gradient over the ranks (= the gradient of the global batch's mean
+            // loss), then clipping sees the same norm on every rank.
+            dist.allreduce_mean(
+                &opt.params()
+                    .iter()
+                    .map(|(_, p)| p.grad())
+                    .collect::<Vec<_>>(),
+            )?;
+            let step_loss = dist.mean_f64(step_loss)?;
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
             opt.update(lr, fused)?;
+            step_times.push((
+                step_start.elapsed().as_secs_f64(),
+                dist.allreduce_secs() - comm_before,
+            ));
             state.step += 1;
             events.step(state.step, step_loss);
             state.lr = lr;
@@ -386,7 +496,9 @@ pub fn pretrain(
                     state.step - 1,
                     rec.tokens_per_sec
                 ));
-                append_line(&metrics_path, &serde_json::to_string(&rec)?)?;
+                if main {
+                    append_line(&metrics_path, &serde_json::to_string(&rec)?)?;
+                }
                 events.eval(&rec);
                 evals.push(rec);
             }
@@ -396,10 +508,10 @@ pub fn pretrain(
                 state.next_group = 0;
             }
             let stop = crate::signal::interrupted();
-            if (t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every))
+            let due = (t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every))
                 || epoch_done
-                || stop
-            {
+                || stop;
+            if due && main {
                 checkpoint::save(run_dir, &vs, &opt, &state, t.keep_checkpoints)?;
             }
             if stop {
@@ -409,6 +521,9 @@ pub fn pretrain(
                 }
                 .into());
             }
+        }
+        if !main {
+            continue;
         }
         // Book `generate_and_print_sample`, seeded so a resumed run prints the same text.
         let prompt: Vec<i64> = tok
@@ -435,6 +550,28 @@ pub fn pretrain(
         samples.push(text);
     }
 
+    if dist.world > 1 && step_times.len() > 1 {
+        // The first step warms up (allocations, gloo's first connections); leave it out.
+        let rest = &step_times[1..];
+        let n = rest.len() as f64;
+        let step_ms = rest.iter().map(|t| t.0).sum::<f64>() / n * 1e3;
+        let comm_ms = rest.iter().map(|t| t.1).sum::<f64>() / n * 1e3;
+        events.log(&format!(
+            "data parallel: the gradient all-reduce took {comm_ms:.1} ms of the {step_ms:.1} ms step ({:.1} %), mean of steps 2..{} on rank 0",
+            100.0 * comm_ms / step_ms.max(1e-9),
+            step_times.len()
+        ));
+    }
+    if !main {
+        return Ok(RunOutcome {
+            run_dir: run_dir.into(),
+            evals,
+            samples,
+            resumed_from_step,
+            already_finished: false,
+            total_steps,
+        });
+    }
     crate::resolve::source::save_model_folder(&vs, &cfg, run_dir)?;
     write_loss_plot(
         &evals,

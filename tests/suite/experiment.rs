@@ -123,7 +123,7 @@ fn validation_errors_name_file_line_key_and_choices() -> Result<()> {
             "typo",
             BASE.replace("  lr: 1.0e-3", "  lrr: 1.0e-3"),
             vec![],
-            format!("invalid config {d}/typo.yaml:10:3: train.lrr: unknown field `lrr`, expected one of `epochs`, `batch_size`, `lr`, `weight_decay`, `betas`, `eps`, `eval_freq`, `eval_iter`, `grad_accum_steps`, `max_grad_norm`, `schedule`, `checkpoint_every`, `keep_checkpoints`, `threads`, `precision`, `fused_adamw`"),
+            format!("invalid config {d}/typo.yaml:10:3: train.lrr: unknown field `lrr`, expected one of `epochs`, `batch_size`, `lr`, `weight_decay`, `betas`, `eps`, `eval_freq`, `eval_iter`, `grad_accum_steps`, `max_grad_norm`, `schedule`, `checkpoint_every`, `keep_checkpoints`, `threads`, `precision`, `fused_adamw`, `nproc`"),
         ),
         (
             "type",
@@ -141,7 +141,7 @@ fn validation_errors_name_file_line_key_and_choices() -> Result<()> {
             "sweepkey",
             format!("{BASE}sweep:\n  train.learning_rate: [0.1]\n"),
             vec![],
-            format!("invalid config {d}/sweepkey.yaml:14:3 (sweep, trial learning_rate-0.1): train.learning_rate: unknown field `learning_rate`, expected one of `epochs`, `batch_size`, `lr`, `weight_decay`, `betas`, `eps`, `eval_freq`, `eval_iter`, `grad_accum_steps`, `max_grad_norm`, `schedule`, `checkpoint_every`, `keep_checkpoints`, `threads`, `precision`, `fused_adamw`"),
+            format!("invalid config {d}/sweepkey.yaml:14:3 (sweep, trial learning_rate-0.1): train.learning_rate: unknown field `learning_rate`, expected one of `epochs`, `batch_size`, `lr`, `weight_decay`, `betas`, `eps`, `eval_freq`, `eval_iter`, `grad_accum_steps`, `max_grad_norm`, `schedule`, `checkpoint_every`, `keep_checkpoints`, `threads`, `precision`, `fused_adamw`, `nproc`"),
         ),
         (
             "zip",

@@ -23,6 +23,7 @@ mod classify;
 mod cli;
 mod cuda;
 mod data;
+mod ddp;
 mod dpo;
 mod eval;
 mod experiment;
