@@ -9,6 +9,7 @@
 //! | ch06 classification fine-tuning: spam data, new head, freezing strategies; appendix E LoRA | [`classify`], [`nn::lora`] |
 //! | ch07 instruction fine-tuning: instruction data, prompt styles, the padded collate with masking, responses; judge-free metrics and the judge model; preference data from a teacher model (ch07/04); their chat client | [`instruct`], [`eval`], [`remote`] |
 //! | evaluation: perplexity (Hugging Face's strided window), pairwise judging, Chatbot Arena leaderboards | [`eval`] |
+//! | serving: an OpenAI-compatible API over a continuous-batching engine, a web chat page | [`serve`] |
 //! | bonus: GPT → Llama (RMSNorm, RoPE, SwiGLU, GQA), GGUF and Hugging Face weights, SmolLM2, chat; weight-only 4-bit inference | [`models::llama`], [`weights::gguf`], [`weights::llama`], [`resolve`], [`chat`], [`request`], [`nn::quant`] |
 //!
 //! Benchmarks (tokens/s, MFU, weight bandwidth) in [`bench`]. Experiments: sweeps, trials and reports in [`experiment`]; TensorBoard event files (scalars,

@@ -54,32 +54,9 @@ fn spawn_with(file: &Path, runs: &Path, extra: &[&str]) -> Child {
         .expect("spawn llmlab")
 }
 
-/// metrics.jsonl without the wall-clock throughput.
-fn curve(trial: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(trial.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_sec");
-            v
-        })
-        .collect()
-}
-
-/// The step of a trial's latest checkpoint (0: none yet).
-fn checkpoint_step(trial: &Path) -> u64 {
-    std::fs::read_to_string(trial.join("checkpoints/latest"))
-        .unwrap_or_default()
-        .trim()
-        .trim_start_matches("step_")
-        .parse()
-        .unwrap_or(0)
-}
-
 /// The steps of a trial's evaluations so far.
 fn eval_steps(trial: &Path) -> Vec<u64> {
-    curve(trial)
+    common::curve(trial)
         .iter()
         .map(|m| m["step"].as_u64().unwrap())
         .collect()
@@ -94,7 +71,7 @@ fn wait_mid_trial(child: &mut Child, trial: &Path) -> Result<()> {
 fn wait_for(child: &mut Child, trial: &Path, done: impl Fn(u64, &[u64]) -> bool) -> Result<()> {
     let t0 = std::time::Instant::now();
     loop {
-        if done(checkpoint_step(trial), &eval_steps(trial)) {
+        if done(common::checkpoint_step(trial), &eval_steps(trial)) {
             return Ok(());
         }
         if let Some(s) = child.try_wait()? {
@@ -119,7 +96,7 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
     );
     let slugs = ["lr-0.001", "lr-0.0005"];
     for s in slugs {
-        assert!(curve(&full.join("tiny-sweep").join(s)).len() >= 4);
+        assert!(common::curve(&full.join("tiny-sweep").join(s)).len() >= 4);
     }
     let tb_full = check_tensorboard(&full.join("tiny-sweep"), &slugs)?;
     let summary = std::fs::read_to_string(full.join("tiny-sweep/summary.csv"))?;
@@ -185,7 +162,7 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
         "interrupted",
         "killed: no process runs it"
     );
-    let ckpt = checkpoint_step(&t2);
+    let ckpt = common::checkpoint_step(&t2);
     let killed: serde_json::Value = serde_json::from_str(&common::run_reference_uncached(
         "tb_read.py",
         &[cut.join("tiny-sweep").to_str().unwrap()],
@@ -213,8 +190,8 @@ fn interrupted_sweeps_resume_to_the_uninterrupted_metrics() -> Result<()> {
     assert!(err.contains("resuming from"), "{err}");
     for s in slugs {
         assert_eq!(
-            curve(&cut.join("tiny-sweep").join(s)),
-            curve(&full.join("tiny-sweep").join(s)),
+            common::curve(&cut.join("tiny-sweep").join(s)),
+            common::curve(&full.join("tiny-sweep").join(s)),
             "{s}: resumed metrics equal the uninterrupted ones"
         );
     }
@@ -306,7 +283,7 @@ fn check_tensorboard(exp_dir: &Path, slugs: &[&str]) -> Result<serde_json::Value
     let groups = tb["session_groups"]["session_groups"].as_array().unwrap();
     assert_eq!(groups.len(), slugs.len());
     for (slug, lr) in slugs.iter().zip([1.0e-3, 5.0e-4]) {
-        let metrics = curve(&exp_dir.join(slug));
+        let metrics = common::curve(&exp_dir.join(slug));
         let run = &tb["runs"][*slug];
         for (tag, points) in run["scalars"].as_object().unwrap() {
             let steps: Vec<u64> = points
@@ -410,7 +387,7 @@ fn curves(exp_dir: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
         .map(|p| {
             (
                 p.file_name().unwrap().to_str().unwrap().to_string(),
-                curve(&p),
+                common::curve(&p),
             )
         })
         .collect();

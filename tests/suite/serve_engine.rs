@@ -2,6 +2,7 @@
 //! request the tokens it gets alone (greedy equals `generate`, whatever else runs and whenever
 //! it joins), seeded sampling repeats, log-probabilities equal a forward pass, stop strings and
 //! limits end answers, the queue is bounded and a client that goes away frees its slot.
+use crate::common;
 use anyhow::{bail, Result};
 use llmlab::generate::GenerateSpec;
 use llmlab::resolve::{InferenceDtype, LoadedLm};
@@ -12,15 +13,6 @@ use llmlab::serve::engine::{
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 use tokio::sync::mpsc;
-
-/// A tiny Llama (GQA, RoPE) on SmolLM2's tokenizer, fresh weights (seeded by the loader).
-const TINY_LLAMA: &str = "family: llama\nvocab_size: 49152\ncontext_length: 96\nemb_dim: 64\nn_heads: 4\nn_kv_groups: 2\nn_layers: 2\nhidden_dim: 128\nrope_base: 10000.0\nrms_eps: 1.0e-5\ntie_weights: true\n";
-
-fn tiny_llama(dir: &std::path::Path) -> Result<String> {
-    let p = dir.join("tiny-llama.yaml");
-    std::fs::write(&p, TINY_LLAMA)?;
-    Ok(p.display().to_string())
-}
 
 fn config(model: &str, max_batch: usize, max_queue: usize) -> EngineConfig {
     EngineConfig {
@@ -138,11 +130,7 @@ const PROMPTS: [&str; 5] = [
 /// Greedy answers of `generate` (batch 1, its own KV cache) for each prompt.
 fn alone(model: &str, max_tokens: usize) -> Result<Vec<(Vec<i64>, String)>> {
     let lm = LoadedLm::load(model, Device::Cpu)?;
-    let spec = GenerateSpec {
-        max_new_tokens: max_tokens,
-        eos_id: None,
-        ..GenerateSpec::default()
-    };
+    let spec = common::greedy(max_tokens, true);
     PROMPTS
         .iter()
         .map(|p| {
@@ -158,7 +146,7 @@ fn alone(model: &str, max_tokens: usize) -> Result<Vec<(Vec<i64>, String)>> {
 #[test]
 fn continuous_batching_gives_every_request_its_answer_alone() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    for model in ["gpt-mini".to_string(), tiny_llama(dir.path())?] {
+    for model in ["gpt-mini".to_string(), common::tiny_llama_yaml(dir.path())?] {
         let n = 24;
         let want = alone(&model, n)?;
         let e = start(&model, 3, 8)?;
@@ -200,7 +188,7 @@ fn continuous_batching_gives_every_request_its_answer_alone() -> Result<()> {
 #[test]
 fn logprobs_equal_a_forward_pass() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = tiny_llama(dir.path())?;
+    let model = common::tiny_llama_yaml(dir.path())?;
     let e = start(&model, 4, 4)?;
     // Another request runs beside it.
     let other = submit(&e, Input::Text(PROMPTS[2].into()), greedy(20), None, false)?;
@@ -288,7 +276,7 @@ fn a_seeded_request_repeats_whatever_runs_beside_it() -> Result<()> {
 #[test]
 fn stops_limits_and_bad_prompts() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = tiny_llama(dir.path())?;
+    let model = common::tiny_llama_yaml(dir.path())?;
     let e = start(&model, 2, 2)?;
     let full = collect(submit(
         &e,
@@ -314,8 +302,8 @@ fn stops_limits_and_bad_prompts() -> Result<()> {
     let before = &full.text[..full.text.find(&stop).unwrap_or(0)];
     assert_eq!(stopped.text, before, "stop {stop:?}");
     assert!(stopped.completion_tokens < 30);
-    // The context (96) caps max_tokens: 90 prompt tokens leave room for 6.
-    let long = Input::Ids(vec![42; 90]);
+    // The context (128) caps max_tokens: 122 prompt tokens leave room for 6.
+    let long = Input::Ids(vec![42; 122]);
     let capped = collect(submit(&e, long, greedy(50), None, false)?);
     assert_eq!(
         (capped.finish, capped.completion_tokens),
@@ -323,7 +311,7 @@ fn stops_limits_and_bad_prompts() -> Result<()> {
     );
     let too_long = collect(submit(
         &e,
-        Input::Ids(vec![42; 96]),
+        Input::Ids(vec![42; 128]),
         greedy(5),
         None,
         false,
@@ -331,13 +319,13 @@ fn stops_limits_and_bad_prompts() -> Result<()> {
     assert_eq!(
         too_long.rejected,
         Some(JobError::PromptTooLong {
-            tokens: 96,
-            context: 96
+            tokens: 128,
+            context: 128
         })
     );
     let msg = too_long.rejected.map(|r| r.to_string()).unwrap_or_default();
     assert!(
-        msg.contains("96 tokens") && msg.contains("context is 96"),
+        msg.contains("128 tokens") && msg.contains("context is 128"),
         "{msg}"
     );
     let bad = collect(submit(

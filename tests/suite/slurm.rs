@@ -63,28 +63,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// metrics.jsonl without the wall-clock throughput.
-fn curve(trial: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(trial.join("metrics.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_sec");
-            v
-        })
-        .collect()
-}
-
-fn checkpoint_step(trial: &Path) -> u64 {
-    std::fs::read_to_string(trial.join("checkpoints/latest"))
-        .unwrap_or_default()
-        .trim()
-        .trim_start_matches("step_")
-        .parse()
-        .unwrap_or(0)
-}
-
 /// The one-node cluster is up (started by scripts/slurm-local.sh when it is not); `false`, with
 /// a loud line, when it cannot start.
 fn cluster(test: &str) -> bool {
@@ -242,10 +220,10 @@ fn an_array_gives_the_local_metrics_skips_finished_trials_and_resumes_a_cancelle
         "{script}"
     );
     for (i, s) in SLUGS.iter().enumerate() {
-        assert!(curve(&exp.join(s)).len() >= 5, "{s}");
+        assert!(common::curve(&exp.join(s)).len() >= 5, "{s}");
         assert_eq!(
-            curve(&exp.join(s)),
-            curve(&local.join("arr").join(s)),
+            common::curve(&exp.join(s)),
+            common::curve(&local.join("arr").join(s)),
             "{s}: the array's metrics equal the local run's"
         );
         let log = std::fs::read_to_string(exp.join(format!("slurm/{job}_{i}.out")))?;
@@ -273,7 +251,7 @@ fn an_array_gives_the_local_metrics_skips_finished_trials_and_resumes_a_cancelle
     let exp = cut.join("arr");
     let t = exp.join(SLUGS[0]);
     let wait0 = std::time::Instant::now();
-    while checkpoint_step(&t) == 0 {
+    while common::checkpoint_step(&t) == 0 {
         assert!(wait0.elapsed().as_secs() < 120, "no checkpoint in 120 s");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -308,7 +286,7 @@ fn an_array_gives_the_local_metrics_skips_finished_trials_and_resumes_a_cancelle
     let log = std::fs::read_to_string(exp.join(format!("slurm/{job}_0.out")))?;
     assert!(log.contains("interrupted at step"), "{log}");
     assert!(!t.join("status.json").exists(), "{log}");
-    assert!(checkpoint_step(&t) > 0);
+    assert!(common::checkpoint_step(&t) > 0);
     assert_eq!(report_status(&exp, SLUGS[0])?, "interrupted");
     assert_eq!(report_status(&exp, SLUGS[1])?, "not");
 
@@ -321,8 +299,8 @@ fn an_array_gives_the_local_metrics_skips_finished_trials_and_resumes_a_cancelle
     assert!(log.contains("resuming from"), "{log}");
     for s in SLUGS {
         assert_eq!(
-            curve(&exp.join(s)),
-            curve(&local.join("arr").join(s)),
+            common::curve(&exp.join(s)),
+            common::curve(&local.join("arr").join(s)),
             "{s}: resumed metrics equal the uninterrupted ones"
         );
     }

@@ -212,6 +212,32 @@ pub fn assert_same_metrics(a: &Path, b: &Path, keys: &[&str], what: &str) -> Res
     Ok(())
 }
 
+/// A trial's `metrics.jsonl` without the wall-clock throughput (what two runs of the same trial
+/// must agree on).
+pub fn curve(trial: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(trial.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("tokens_per_sec");
+            }
+            v
+        })
+        .collect()
+}
+
+/// The step of a trial's latest checkpoint (0: none yet).
+pub fn checkpoint_step(trial: &Path) -> u64 {
+    std::fs::read_to_string(trial.join("checkpoints/latest"))
+        .unwrap_or_default()
+        .trim()
+        .trim_start_matches("step_")
+        .parse()
+        .unwrap_or(0)
+}
+
 /// Requests a stop (as Ctrl-C does) after optimizer step `.0`; clears the request when dropped,
 /// so that a test that fails before clearing it does not stop the runs of the tests after it
 /// (they share this process).
