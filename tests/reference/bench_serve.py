@@ -91,7 +91,8 @@ def level(base, model, clients, per_client, max_tokens):
 
 
 def serve(cmd, base, what):
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # The servers' logs go nowhere: an unread pipe would fill and stop them.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(base, proc, what)
     return proc
 
