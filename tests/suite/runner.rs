@@ -39,15 +39,7 @@ fn spawn(file: &Path, runs: &Path) -> Child {
 }
 
 fn spawn_with(file: &Path, runs: &Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_llmlab"))
-        .args([
-            "run",
-            file.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-        ])
-        .args(extra)
-        .env("LLMLAB_DATA_MIRROR", common::mirror())
+    common::run_command(file, runs, extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

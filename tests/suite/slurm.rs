@@ -46,15 +46,7 @@ const SLUGS: [&str; 4] = [
 
 /// `llmlab run FILE --runs RUNS EXTRA...`, waited for.
 fn run(file: &Path, runs: &Path, extra: &[&str]) -> Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_llmlab"))
-        .args([
-            "run",
-            file.to_str().unwrap(),
-            "--runs",
-            runs.to_str().unwrap(),
-        ])
-        .args(extra)
-        .env("LLMLAB_DATA_MIRROR", common::mirror())
+    Ok(common::run_command(file, runs, extra)
         .stdin(Stdio::null())
         .output()?)
 }

@@ -212,6 +212,18 @@ pub fn assert_same_metrics(a: &Path, b: &Path, keys: &[&str], what: &str) -> Res
     Ok(())
 }
 
+/// `llmlab run FILE --runs RUNS EXTRA...` with the data mirror set, to spawn or wait for.
+pub fn run_command(file: &Path, runs: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_llmlab"));
+    c.arg("run")
+        .arg(file)
+        .arg("--runs")
+        .arg(runs)
+        .args(extra)
+        .env("LLMLAB_DATA_MIRROR", mirror());
+    c
+}
+
 /// A trial's `metrics.jsonl` without the wall-clock throughput (what two runs of the same trial
 /// must agree on).
 pub fn curve(trial: &Path) -> Vec<serde_json::Value> {
