@@ -556,6 +556,54 @@ impl<'a, M: CausalLm> Worker<'a, M> {
         }
     }
 
+    /// The prompt's tokens with their log-probabilities and the `n` best alternatives at each
+    /// position, from the prompt's logits `(len, vocab)`: computed on the tensor, so a long
+    /// prompt never copies `len × vocab` values to the CPU.
+    fn prompt_logprobs(&self, logits: &Tensor, prompt: &[i64], n: usize) -> Vec<TokenLogprob> {
+        let mut out = vec![TokenLogprob {
+            id: prompt[0],
+            token: self.token_text(prompt[0]),
+            logprob: None,
+            top: Vec::new(),
+        }];
+        let scored = prompt.len() as i64 - 1;
+        if scored == 0 {
+            return out;
+        }
+        // Position i predicts token i + 1.
+        let lsm = logits
+            .narrow(0, 0, scored)
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float); // (len - 1, vocab)
+        let next = Tensor::from_slice(&prompt[1..])
+            .to_device(lsm.device())
+            .unsqueeze(1);
+        let cpu = |t: Tensor| t.to_device(Device::Cpu).contiguous().view([-1]);
+        let chosen = Vec::<f32>::try_from(cpu(lsm.gather(1, &next, false))).unwrap_or_default();
+        let (top_v, top_i) = if n > 0 {
+            let (v, i) = lsm.topk(n as i64, -1, true, true); // (len - 1, n)
+            (
+                Vec::<f32>::try_from(cpu(v)).unwrap_or_default(),
+                Vec::<i64>::try_from(cpu(i)).unwrap_or_default(),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        for (k, &id) in prompt[1..].iter().enumerate() {
+            let top = (0..n)
+                .filter_map(|j| Some((*top_i.get(k * n + j)?, *top_v.get(k * n + j)?)))
+                .map(|(i, l)| (i, self.token_text(i), l))
+                .collect();
+            out.push(TokenLogprob {
+                id,
+                token: self.token_text(id),
+                logprob: chosen.get(k).copied(),
+                top,
+            });
+        }
+        out
+    }
+
     /// Runs a prompt alone into the next free row, then chooses its first token.
     fn admit(&mut self, r: Ready) {
         let Ready {
@@ -575,18 +623,9 @@ impl<'a, M: CausalLm> Worker<'a, M> {
                 .model
                 .forward_logits_cached(&idx, &mut own)
                 .select(0, 0); // (len, vocab)
-            let rows = to_rows(&logits, self.vocab);
-            let n = job.logprobs.unwrap_or(0);
-            let mut lps = vec![TokenLogprob {
-                id: prompt[0],
-                token: self.token_text(prompt[0]),
-                logprob: None,
-                top: Vec::new(),
-            }];
-            for (i, &id) in prompt.iter().enumerate().skip(1) {
-                lps.push(self.logprob(&rows[i - 1], id, n));
-            }
-            (rows.last().cloned().unwrap_or_default(), Some(lps))
+            let lps = self.prompt_logprobs(&logits, &prompt, job.logprobs.unwrap_or(0));
+            let last = to_rows(&logits.select(0, len - 1), self.vocab).remove(0);
+            (last, Some(lps))
         } else {
             let logits = self.model.forward_last_logits_cached(&idx, &mut own); // (1, vocab)
             (to_rows(&logits, self.vocab).remove(0), None)
