@@ -81,6 +81,7 @@ bench: setup build
 	$(PY) tests/reference/bench_mmlu.py --llmlab $(BIN) --threads 2
 	$(PY) tests/reference/bench_dpo.py --llmlab $(BIN) --threads 2
 	$(PY) tests/reference/bench_serve.py --llmlab $(BIN) --threads 2
+	$(PY) tests/reference/bench_llamacpp.py --llmlab $(BIN) --threads 2
 
 # Bench-only references, not part of `make setup`: llama.cpp's OpenAI server through
 # llama-cpp-python, compiled from its source package (several minutes on 2 cores).

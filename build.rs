@@ -6,7 +6,8 @@
 //!   no symbol of it is referenced directly, and libtorch then never registers its CUDA backend;
 //! * `src/shim/llmlab_shim.cpp`, the small C shim over what tch 0.24 does not bind (the fused
 //!   AdamW kernel, autocast with a dtype), and `src/shim/llmlab_dist.cpp`, the c10d
-//!   binding (TCPStore, ProcessGroupGloo) for data-parallel training, compiled against the same libtorch with torch-sys's
+//!   binding (TCPStore, ProcessGroupGloo) for data-parallel training, and `src/shim/llmlab_q4.cpp`,
+//!   the Q4_1/Q8_0 matrix products of quantized decoding, compiled against the same libtorch with torch-sys's
 //!   own flags (C++17, the library's `_GLIBCXX_USE_CXX11_ABI`, warnings off).
 use std::path::Path;
 use std::process::Command;
@@ -15,6 +16,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/shim/llmlab_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/llmlab_dist.cpp");
+    println!("cargo:rerun-if-changed=src/shim/llmlab_q4.cpp");
     println!("cargo:rerun-if-changed=src/shim/gloo_decl");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
@@ -82,14 +84,19 @@ fn build_shim(lib: &Path) {
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
         .flag("-DGLOG_USE_GLOG_EXPORT")
+        // ATen's `parallel_for` is inline OpenMP (`AT_PARALLEL_OPENMP`): without -fopenmp the
+        // shim's kernels would run on one thread. libgomp is libtorch's own (torch/lib, by rpath).
+        .flag("-fopenmp")
         // The gloo names torch's ProcessGroupGloo.hpp mentions (the wheel ships no gloo headers).
         .include("src/shim/gloo_decl")
         .file("src/shim/llmlab_shim.cpp")
         .file("src/shim/llmlab_dist.cpp")
+        .file("src/shim/llmlab_q4.cpp")
         .compile("llmlab_shim");
     // The shim's libtorch symbols live in torch_cpu and c10 (torch-sys links them too; naming
     // them after the static library keeps the link order right).
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=gomp");
 }

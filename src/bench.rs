@@ -7,7 +7,7 @@
 use crate::device::{device_name, seed_everything, Precision};
 use crate::error::LlmError;
 use crate::generate::GenerateSpec;
-use crate::models::{AnyModel, GptConfig, GptModel};
+use crate::models::{AnyModel, CausalLm, GptConfig, GptModel};
 use crate::nn::AttentionImpl;
 use crate::resolve::{InferenceDtype, LoadedLm};
 use crate::shim::with_autocast;
@@ -42,6 +42,12 @@ pub struct Decode {
     pub use_cache: bool,
     pub iters: usize,
     pub dtype: InferenceDtype,
+    /// After the timed runs, one more under libtorch's operator profiler, written here as a
+    /// chrome://tracing file.
+    pub profile: Option<std::path::PathBuf>,
+    /// Also decode this many copies of the prompt together (one batched step per token, as the
+    /// server's continuous batching runs them) and report their total tokens/s; 1: not.
+    pub batch: i64,
 }
 
 /// The FLOP/s MFU is a fraction of.
@@ -189,20 +195,22 @@ impl Utilisation {
 
 /// Bytes of weights one decoding step reads: every variable in its dtype, except that the
 /// embedding tables give one row each (a tied output head reads the token table whole), and a
-/// model with 4-bit blocks reads their codes and scales instead of the blocks' matrices.
+/// model with quantized blocks reads their codes and scales instead of the blocks' matrices (and a Q8_0
+/// output head its blocks instead of the token table).
 pub fn weight_bytes_per_token(vs: &VarStore, model: &AnyModel) -> f64 {
-    let int4 = match model {
-        AnyModel::Llama(m) => m.int4_bytes(),
-        AnyModel::Gpt(_) => 0,
+    let (int4, head_q8) = match model {
+        AnyModel::Llama(m) => (m.int4_bytes(), m.head_q8_bytes()),
+        AnyModel::Gpt(_) => (0, None),
     };
     let vars = vs.variables();
     let tied = !vars.contains_key("out_head.weight");
     let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as f64;
-    let mut total = int4 as f64;
+    let mut total = (int4 + head_q8.unwrap_or(0)) as f64;
     for (name, t) in &vars {
         let row = bytes(t) / t.size()[0].max(1) as f64;
         total += match name.as_str() {
-            "tok_emb.weight" if tied => bytes(t) + row,
+            "out_head.weight" if head_q8.is_some() => 0.0,
+            "tok_emb.weight" if tied && head_q8.is_none() => bytes(t) + row,
             "tok_emb.weight" | "pos_emb.weight" => row,
             n if int4 > 0 && n.starts_with("trf_blocks.") && t.dim() == 2 => 0.0,
             _ => bytes(t),
@@ -260,6 +268,11 @@ pub struct DecodeReport {
     pub weight_bytes_per_token: f64,
     /// Weights read per second while decoding: `weight_bytes_per_token · tokens_per_s`.
     pub gb_per_s: f64,
+    /// Sequences decoded together for `batch_tokens_per_s` (`--batch`).
+    pub batch: i64,
+    /// Total decode tokens/s of `batch` sequences decoded together (median), when `batch > 1`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_tokens_per_s: Option<f64>,
 }
 
 /// Median of timings (sorted in place).
@@ -439,6 +452,18 @@ pub fn decode(b: &Decode, device: Device, peak: Option<f64>) -> Result<DecodeRep
         prefill.push(b.prompt_tokens as f64 / g.prompt_seconds.max(1e-9));
     }
     let (tokens_per_s, prompt_tokens_per_s) = (median(&mut decode_rates), median(&mut prefill));
+    let batch_tokens_per_s = if b.batch > 1 {
+        let mut rates = (0..b.iters)
+            .map(|_| batched_decode(&lm.model, &prompt, b.batch, b.new_tokens))
+            .collect::<Vec<_>>();
+        Some(median(&mut rates))
+    } else {
+        None
+    };
+    if let Some(path) = &b.profile {
+        let _profile = crate::shim::OpProfile::start(path)?;
+        lm.generate_stream(&prompt, &spec, |_| true)?;
+    }
     let flops = FlopModel::of(&lm.vs, &lm.model);
     let peak = Peak::new(peak, device, b.dtype.kind().unwrap_or(Kind::BFloat16));
     // Decode step i (1-based) attends to the prompt and i new tokens.
@@ -465,7 +490,41 @@ pub fn decode(b: &Decode, device: Device, peak: Option<f64>) -> Result<DecodeRep
         prompt_mfu: prompt_util.mfu,
         weight_bytes_per_token: weight_bytes,
         gb_per_s: weight_bytes * tokens_per_s / 1e9,
+        batch: b.batch,
+        batch_tokens_per_s,
     })
+}
+
+/// Greedy decoding of `batch` copies of `prompt` together: one prompt pass over the batch, then
+/// `new_tokens - 1` batched steps (every row one token); returns the steps' total tokens/s.
+fn batched_decode(model: &AnyModel, prompt: &[i64], batch: i64, new_tokens: usize) -> f64 {
+    fn run<M: CausalLm>(m: &M, prompt: &[i64], batch: i64, new_tokens: usize) -> f64 {
+        let _g = tch::no_grad_guard();
+        let n = prompt.len() as i64;
+        let mut cache = m.new_cache(batch, n + new_tokens as i64);
+        let idx = Tensor::from_slice(prompt)
+            .view([1, n])
+            .expand([batch, n], false)
+            .contiguous()
+            .to_device(m.device());
+        let mut next = m
+            .forward_last_logits_cached(&idx, &mut cache)
+            .argmax(-1, false)
+            .view([batch, 1]);
+        let t0 = Instant::now();
+        for _ in 1..new_tokens {
+            next = m
+                .forward_last_logits_cached(&next, &mut cache)
+                .argmax(-1, false)
+                .view([batch, 1]);
+        }
+        let _ = next.int64_value(&[0, 0]); // waits for the device
+        (batch as f64 * new_tokens.saturating_sub(1) as f64) / t0.elapsed().as_secs_f64()
+    }
+    match model {
+        AnyModel::Gpt(m) => run(m, prompt, batch, new_tokens),
+        AnyModel::Llama(m) => run(m, prompt, batch, new_tokens),
+    }
 }
 
 impl Throughput {
@@ -508,7 +567,13 @@ impl DecodeReport {
             self.weight_bytes_per_token / 1e6,
             self.prompt_tokens_per_s,
             self.prompt_mfu * 100.0
-        )
+        ) + &self.batch_tokens_per_s.map_or(String::new(), |t| {
+            format!(
+                "\nbatch {}: {t:.1} tokens/s in all ({:.2}x batch 1)",
+                self.batch,
+                t / self.tokens_per_s
+            )
+        })
     }
 }
 

@@ -7,6 +7,10 @@
 //! `TCPStore` rendezvous and a `ProcessGroupGloo` whose all-reduce, broadcast and barrier
 //! [`ProcessGroup`] wraps.
 //!
+//! And it holds llmlab's own CPU kernels for GGUF-quantized weights (`src/shim/llmlab_q4.cpp`,
+//! issue 20): `y = x Wᵀ` with `W` in Q4_1 or Q8_0 blocks, and their dequantization
+//! ([`crate::nn::quant`] owns the layout and the dispatch).
+//!
 //! The only `unsafe` of the crate besides `device::keep_freed_memory`: each block passes tch
 //! tensor handles (`*const C_tensor`, a `torch::Tensor*`) that outlive the call, and every shim
 //! function returns NULL or an error string that [`check`] copies and frees.
@@ -63,6 +67,45 @@ extern "C" {
         root: c_int,
     ) -> *mut c_char;
     fn llmlab_dist_barrier(group: *mut c_void) -> *mut c_char;
+    fn llmlab_q_kernels_built() -> c_int;
+    fn llmlab_llama_q4_decode(
+        x: *mut C_tensor,
+        w: *const *const C_tensor,
+        k_cache: *mut C_tensor,
+        v_cache: *mut C_tensor,
+        pos: *const C_tensor,
+        cos: *const C_tensor,
+        sin: *const C_tensor,
+        n_heads: i64,
+        n_kv: i64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn llmlab_profile_start(path: *const c_char, out: *mut *mut c_void) -> *mut c_char;
+    fn llmlab_profile_stop(profile: *mut c_void) -> *mut c_char;
+    fn llmlab_q4_1_mm(
+        x: *const C_tensor,
+        qs: *const C_tensor,
+        d: *const C_tensor,
+        m: *const C_tensor,
+        y: *mut C_tensor,
+    ) -> *mut c_char;
+    fn llmlab_q8_0_mm(
+        x: *const C_tensor,
+        qs: *const C_tensor,
+        d: *const C_tensor,
+        y: *mut C_tensor,
+    ) -> *mut c_char;
+    fn llmlab_q4_1_dequant(
+        qs: *const C_tensor,
+        d: *const C_tensor,
+        m: *const C_tensor,
+        w: *mut C_tensor,
+    ) -> *mut c_char;
+    fn llmlab_q8_0_dequant(
+        qs: *const C_tensor,
+        d: *const C_tensor,
+        w: *mut C_tensor,
+    ) -> *mut c_char;
 }
 
 /// Turns a shim return value into a `Result`, freeing the error string.
@@ -363,4 +406,148 @@ impl Drop for ProcessGroup {
         // SAFETY: the group was allocated by `llmlab_dist_init_gloo` and is freed once.
         unsafe { llmlab_dist_free(self.ptr) }
     }
+}
+
+/// Whether this build has the AVX-512 Q4_1/Q8_0 kernels (an x86-64 build); whether the CPU can
+/// run them is [`crate::nn::quant::QuantKernel`]'s check.
+pub fn q_kernels_built() -> bool {
+    // SAFETY: takes and returns plain integers.
+    unsafe { llmlab_q_kernels_built() != 0 }
+}
+
+/// `y (b, n) = x (b, k) · Wᵀ`, `W` in Q4_1 blocks: `qs (n, k/2)` uint8, `d`, `m` `(n, k/32)` f16;
+/// `x` and `y` contiguous f32 on the CPU. The caller checks the CPU has AVX-512.
+pub fn q4_1_mm(
+    x: &Tensor,
+    qs: &Tensor,
+    d: &Tensor,
+    m: &Tensor,
+    y: &mut Tensor,
+) -> Result<(), LlmError> {
+    // SAFETY: the handles are borrowed from live tensors for the call; the shim checks their
+    // dtypes, shapes and contiguity before reading them and writes only into `y`.
+    let err = unsafe {
+        llmlab_q4_1_mm(
+            x.as_ptr(),
+            qs.as_ptr(),
+            d.as_ptr(),
+            m.as_ptr(),
+            y.as_mut_ptr(),
+        )
+    };
+    check(err, "q4_1 matmul")
+}
+
+/// `y (b, n) = x (b, k) · Wᵀ`, `W` in Q8_0 blocks: `qs (n, k)` int8, `d (n, k/32)` f16.
+pub fn q8_0_mm(x: &Tensor, qs: &Tensor, d: &Tensor, y: &mut Tensor) -> Result<(), LlmError> {
+    // SAFETY: as `q4_1_mm`.
+    let err = unsafe { llmlab_q8_0_mm(x.as_ptr(), qs.as_ptr(), d.as_ptr(), y.as_mut_ptr()) };
+    check(err, "q8_0 matmul")
+}
+
+/// `w (n, k)` f32 = the Q4_1 weight `(qs, d, m)`.
+pub fn q4_1_dequant(qs: &Tensor, d: &Tensor, m: &Tensor, w: &mut Tensor) -> Result<(), LlmError> {
+    // SAFETY: as `q4_1_mm`.
+    let err = unsafe { llmlab_q4_1_dequant(qs.as_ptr(), d.as_ptr(), m.as_ptr(), w.as_mut_ptr()) };
+    check(err, "q4_1 dequantize")
+}
+
+/// `w (n, k)` f32 = the Q8_0 weight `(qs, d)`.
+pub fn q8_0_dequant(qs: &Tensor, d: &Tensor, w: &mut Tensor) -> Result<(), LlmError> {
+    // SAFETY: as `q4_1_mm`.
+    let err = unsafe { llmlab_q8_0_dequant(qs.as_ptr(), d.as_ptr(), w.as_mut_ptr()) };
+    check(err, "q8_0 dequantize")
+}
+
+/// libtorch's operator profiler (the legacy `RecordProfile`): while it lives, every operator
+/// this thread dispatches is recorded with its CPU time; dropping it writes a chrome://tracing
+/// JSON file (`llmlab bench generate --profile`).
+pub struct OpProfile {
+    handle: *mut c_void,
+}
+
+impl OpProfile {
+    pub fn start(path: &std::path::Path) -> Result<Self, LlmError> {
+        let c = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| LlmError::Torch {
+            op: "profile",
+            message: format!("{}: a path with a NUL byte", path.display()),
+        })?;
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: `c` outlives the call; the shim writes a new RecordProfile's address.
+        check(
+            unsafe { llmlab_profile_start(c.as_ptr(), &mut handle) },
+            "profile",
+        )?;
+        Ok(Self { handle })
+    }
+}
+
+impl Drop for OpProfile {
+    fn drop(&mut self) {
+        // SAFETY: `handle` came from `llmlab_profile_start` and is freed exactly once here.
+        let err = unsafe { llmlab_profile_stop(self.handle) };
+        if let Err(e) = check(err, "profile") {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+/// A Llama block's Q4_1 decoding step (`llmlab_llama_q4_decode`): the tensors it reads.
+pub struct LlamaQ4Block<'a> {
+    /// `(emb,)` f32 each.
+    pub norm1: &'a Tensor,
+    pub norm2: &'a Tensor,
+    /// `(qs, d, m)` of the fused q/k/v, the output, the fused gate/up (gate rows first) and the
+    /// down projections.
+    pub qkv: [&'a Tensor; 3],
+    pub out: [&'a Tensor; 3],
+    pub gate_up: [&'a Tensor; 3],
+    pub down: [&'a Tensor; 3],
+}
+
+/// One fused decoding step of a Llama block with Q4_1 weights for `b` rows, each at its own
+/// position `pos (b,)` int64: `x (b, emb)` f32 is updated in place and each row's key and value
+/// are written into `k_cache`, `v_cache` `(rows >= b, n_kv, capacity, head_dim)` f32 at its
+/// position; `cos`, `sin` `(positions, head_dim)` f32 (see `src/shim/llmlab_q4.cpp`).
+#[allow(clippy::too_many_arguments)]
+pub fn llama_q4_decode(
+    x: &mut Tensor,
+    block: &LlamaQ4Block,
+    k_cache: &mut Tensor,
+    v_cache: &mut Tensor,
+    pos: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    n_heads: i64,
+    n_kv: i64,
+    eps: f64,
+) -> Result<(), LlmError> {
+    let mut w = vec![block.norm1.as_ptr(), block.norm2.as_ptr()];
+    for t in block
+        .qkv
+        .iter()
+        .chain(&block.out)
+        .chain(&block.gate_up)
+        .chain(&block.down)
+    {
+        w.push(t.as_ptr());
+    }
+    // SAFETY: every handle is borrowed from a live tensor for the call; the shim checks dtypes,
+    // shapes, contiguity and positions before touching data, and writes only into `x` and the
+    // two caches, which are borrowed mutably.
+    let err = unsafe {
+        llmlab_llama_q4_decode(
+            x.as_mut_ptr(),
+            w.as_ptr(),
+            k_cache.as_mut_ptr(),
+            v_cache.as_mut_ptr(),
+            pos.as_ptr(),
+            cos.as_ptr(),
+            sin.as_ptr(),
+            n_heads,
+            n_kv,
+            eps,
+        )
+    };
+    check(err, "llama q4 decode step")
 }

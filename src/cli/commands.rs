@@ -1150,6 +1150,8 @@ fn bench(a: BenchArgs) -> Result<()> {
             no_cache,
             iters,
             dtype,
+            profile,
+            batch,
             compute,
         } => {
             let b = bench::Decode {
@@ -1160,6 +1162,8 @@ fn bench(a: BenchArgs) -> Result<()> {
                 use_cache: !no_cache,
                 iters,
                 dtype,
+                profile,
+                batch,
             };
             let r = bench::decode(&b, device(&compute)?, a.peak_tflops)?;
             (serde_json::to_value(&r)?, r.text())

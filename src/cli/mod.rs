@@ -805,6 +805,14 @@ pub enum BenchWhat {
         /// the CPU: weight-only 4-bit, GGUF Q4_1's groups of 32, bf16 activations; fastest decode).
         #[arg(long, value_enum, default_value_t = InferenceDtype::F32)]
         dtype: InferenceDtype,
+        /// After the timed runs, profile one more with libtorch's operator profiler and write
+        /// it here (chrome://tracing JSON; scripts/op_profile.py sums it per operator).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Also decode this many copies of the prompt together and report their total tokens/s
+        /// (batched decoding, as `llmlab serve` runs concurrent requests).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+        batch: i64,
         #[command(flatten)]
         compute: ComputeArgs,
     },

@@ -8,8 +8,8 @@
 //! (gate, up, down), `trf_blocks.{i}.{norm1,norm2}.weight`, `final_norm.weight`, `out_head.weight`.
 //! [`crate::weights::llama`] maps GGUF and Hugging Face names onto them.
 use crate::error::LlmError;
-use crate::nn::attention::{causal_mask, KvCache, RowPositions};
-use crate::nn::quant::{int4_unsupported, Int4Linear};
+use crate::nn::attention::{causal_mask, decode_attention, KvCache, RowPositions};
+use crate::nn::quant::{int4_unsupported, Int4Linear, Q41Linear, Q80Linear, QuantKernel};
 use crate::nn::Linear;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -338,6 +338,8 @@ pub enum BlockWeights {
     Dense,
     /// 4-bit codes in groups of `group` inputs with a scale and a minimum ([`Int4Linear`]).
     Int4 { group: i64 },
+    /// GGUF's Q4_1 blocks run by llmlab's AVX-512 kernel ([`Q41Linear`]).
+    Q41,
 }
 
 /// A projection `x Wᵀ` as eval mode runs it: a dense weight `(out, in)` (the variable, or a fused
@@ -346,6 +348,7 @@ pub enum BlockWeights {
 pub enum Projection {
     Dense(Tensor),
     Int4(Int4Linear),
+    Q41(Q41Linear),
 }
 
 impl Projection {
@@ -353,6 +356,7 @@ impl Projection {
         match weights {
             BlockWeights::Dense => Self::Dense(w),
             BlockWeights::Int4 { group } => Self::Int4(Int4Linear::quantize(&w, group)),
+            BlockWeights::Q41 => Self::Q41(Q41Linear::quantize(&w)),
         }
     }
 
@@ -360,6 +364,16 @@ impl Projection {
         match self {
             Self::Dense(w) => x.linear::<Tensor>(w, None),
             Self::Int4(q) => q.forward(x),
+            Self::Q41(q) => q.forward(x),
+        }
+    }
+
+    /// Bytes of a quantized projection's codes and scales; 0 for a dense one.
+    fn quantized_bytes(&self) -> i64 {
+        match self {
+            Self::Dense(_) => 0,
+            Self::Int4(q) => q.num_bytes(),
+            Self::Q41(q) => q.num_bytes(),
         }
     }
 }
@@ -504,9 +518,7 @@ impl GroupedQueryAttention {
                 let (k_all, v_all) = c.append(&k, &v);
                 if n == 1 {
                     // One query at the end sees every cached key: no mask needed.
-                    Tensor::scaled_dot_product_attention::<Tensor>(
-                        &q, &k_all, &v_all, None, p, false, None, gqa,
-                    )
+                    decode_attention(&q, &k_all, &v_all, None)
                 } else {
                     let allowed = causal_mask(n, k_all.size()[2], x.device()).logical_not();
                     Tensor::scaled_dot_product_attention(
@@ -538,16 +550,7 @@ impl GroupedQueryAttention {
         let q = rope.apply_rows(&q, &rows.pos);
         let k = rope.apply_rows(&k, &rows.pos);
         let (k_all, v_all) = cache.write_rows(&k, &v, rows);
-        let ctx = Tensor::scaled_dot_product_attention(
-            &q,
-            &k_all,
-            &v_all,
-            Some(&rows.allowed),
-            0.0,
-            false,
-            None,
-            self.n_kv != self.n_heads,
-        );
+        let ctx = decode_attention(&q, &k_all, &v_all, Some(&rows.bias));
         self.merge_heads(&ctx, false)
     }
 }
@@ -652,6 +655,40 @@ impl LlamaBlock {
         x + h
     }
 
+    /// The tensors of llmlab's fused Q4_1 decoding step ([`crate::shim::llama_q4_decode`]):
+    /// `Some` when every projection runs [`Q41Linear`] and none has a LoRA adapter.
+    fn q4_step(&self) -> Option<crate::shim::LlamaQ4Block<'_>> {
+        fn blocks(p: &Option<Projection>) -> Option<[&Tensor; 3]> {
+            match p {
+                Some(Projection::Q41(q)) => Some(q.blocks()),
+                _ => None,
+            }
+        }
+        let (a, f) = (&self.att, &self.ff);
+        let adapted = [
+            &a.w_query,
+            &a.w_key,
+            &a.w_value,
+            &a.out_proj,
+            &f.fc1,
+            &f.fc2,
+            &f.fc3,
+        ]
+        .iter()
+        .any(|l| l.lora.is_some());
+        if adapted {
+            return None;
+        }
+        Some(crate::shim::LlamaQ4Block {
+            norm1: &self.norm1.weight,
+            norm2: &self.norm2.weight,
+            qkv: blocks(&a.qkv)?,
+            out: blocks(&a.out)?,
+            gate_up: blocks(&f.gate_up)?,
+            down: blocks(&f.down)?,
+        })
+    }
+
     /// One new token per row at the positions of `rows` (see [`GroupedQueryAttention::forward_rows`]).
     pub fn forward_rows(
         &self,
@@ -677,6 +714,9 @@ pub struct LlamaModel {
     pub final_norm: RmsNorm,
     /// `None` when tied to `tok_emb`.
     pub out_head: Option<Linear>,
+    /// The output head in Q8_0 blocks (`--dtype q4` with llmlab's kernels), which eval mode's
+    /// [`Self::logits`] uses instead of the dense one.
+    head_q8: Option<Q80Linear>,
     rope: Rope,
 }
 
@@ -720,6 +760,7 @@ impl LlamaModel {
             final_norm: RmsNorm::new(&(p / "final_norm"), cfg.emb_dim, cfg.rms_eps),
             out_head: (!cfg.tie_weights)
                 .then(|| plain_linear(p / "out_head", cfg.emb_dim, cfg.vocab_size)),
+            head_q8: None,
             rope: Rope::new(&cfg.inv_freq(rope_factors), cfg.context_length, p.device()),
         }
     }
@@ -736,6 +777,17 @@ impl LlamaModel {
         cache: Option<&mut LlamaCache>,
         train: bool,
     ) -> Tensor {
+        let cache = match cache {
+            Some(c) if !train && idx.size().get(1) == Some(&1) && self.q4_fused() => {
+                // One decoding step: every row at the cache's length.
+                let (b, len) = (idx.size()[0], c.len());
+                let pos = Tensor::full([b], len, (Kind::Int64, Device::Cpu));
+                let h = self.decode_q4_fused(idx, c, &pos);
+                c.layers.iter_mut().for_each(|l| l.advance(1));
+                return h;
+            }
+            other => other,
+        };
         let mut x = self.tok_emb.forward(idx).dropout(self.cfg.drop_rate, train);
         match cache {
             None => {
@@ -755,11 +807,51 @@ impl LlamaModel {
     /// Hidden states `(b, 1, emb)` of one new token per row `idx` `(b, 1)`, row `b` continuing
     /// its own sequence in row `b` of `cache` at position `rows.pos[b]` (continuous batching).
     pub fn hidden_rows(&self, idx: &Tensor, cache: &mut LlamaCache, rows: &RowPositions) -> Tensor {
+        if self.q4_fused() {
+            return self.decode_q4_fused(idx, cache, &rows.pos);
+        }
         let mut x = self.tok_emb.forward(idx);
         for (b, layer) in self.trf_blocks.iter().zip(cache.layers.iter_mut()) {
             x = b.forward_rows(&x, &self.rope, layer, rows);
         }
         self.final_norm.forward(&x)
+    }
+
+    /// Whether decoding steps run llmlab's fused Q4_1 block kernel ([`Self::decode_q4_fused`]):
+    /// `--dtype q4` with the avx512 kernel and no LoRA adapters.
+    pub fn q4_fused(&self) -> bool {
+        self.head_q8.is_some() && self.trf_blocks.iter().all(|b| b.q4_step().is_some())
+    }
+
+    /// Hidden states `(b, 1, emb)` of one new token per row `idx (b, 1)` at positions `pos (b,)`,
+    /// every block one call of the shim's fused Q4_1 step (norms, projections, RoPE, cache write,
+    /// attention, SwiGLU and residuals in one C++ function: [`crate::shim::llama_q4_decode`])
+    /// instead of ~70 libtorch operators. The caller counts the cached positions.
+    fn decode_q4_fused(&self, idx: &Tensor, cache: &mut LlamaCache, pos: &Tensor) -> Tensor {
+        let b = idx.size()[0];
+        let mut x = self
+            .tok_emb
+            .forward(&idx.view([b]))
+            .to_kind(Kind::Float)
+            .contiguous();
+        for (blk, layer) in self.trf_blocks.iter().zip(cache.layers.iter_mut()) {
+            let step = blk.q4_step().expect("q4_fused checked every block");
+            let (k, v) = layer.buffers();
+            crate::shim::llama_q4_decode(
+                &mut x,
+                &step,
+                k,
+                v,
+                pos,
+                &self.rope.cos,
+                &self.rope.sin,
+                self.cfg.n_heads,
+                self.cfg.n_kv_groups,
+                self.cfg.rms_eps,
+            )
+            .expect("the fused q4 step's tensors are the model's own (shapes checked by the shim)");
+        }
+        self.final_norm.forward(&x).view([b, 1, -1])
     }
 
     /// Sets the dropout rate (embeddings and every block).
@@ -781,6 +873,9 @@ impl LlamaModel {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        if let Some(h) = &self.head_q8 {
+            return h.forward(hidden);
+        }
         match &self.out_head {
             Some(h) => h.forward(hidden),
             None => hidden.matmul(&self.tok_emb.ws.tr()),
@@ -816,18 +911,33 @@ impl LlamaModel {
     /// of the fused ones, so training later still updates what inference reads; call it again
     /// after changing the dtype.
     pub fn prepare_for_inference(&mut self) {
+        self.head_q8 = None;
         self.prepare_blocks(BlockWeights::Dense);
     }
 
     /// Weight-only 4-bit inference (`--dtype q4`): every linear layer of every block (the fused
     /// q/k/v, `out_proj`, the fused gate/up, `fc3`) is quantised from its current values to 4-bit
     /// codes in groups of [`Q4_GROUP`](crate::nn::quant::Q4_GROUP) inputs with a scale and a
-    /// minimum ([`Int4Linear`]); then `vs` (the model's `VarStore`) is cast to bf16, so the
-    /// activations, the norms and the embedding/output head run in bf16. Call it while the
-    /// weights are still f32: on a Q4_1 GGUF file's weights the codes are the file's own
-    /// (llama.cpp running the file at its own precision, up to bf16 scales). Eval mode only: the
-    /// codes are a snapshot, training reads (and updates) the bf16 variables.
+    /// minimum. Call it while the weights are still f32: on a Q4_1 GGUF file's weights the codes
+    /// are the file's own. Eval mode only: the codes are a snapshot.
+    ///
+    /// Two kernels ([`QuantKernel::select`]):
+    /// * `avx512` (llmlab's, where the CPU has AVX-512): the blocks in GGUF's Q4_1 layout
+    ///   ([`Q41Linear`]) and the output head in Q8_0 ([`Q80Linear`], as GGUF files store
+    ///   `token_embd`), activations, norms and KV cache in f32: llama.cpp's arithmetic on the
+    ///   file's own blocks, without its 8-bit activations;
+    /// * `torch` (libtorch's int4 kernel, any CPU; the fallback): [`Int4Linear`], then `vs` is
+    ///   cast to bf16, so the activations, the norms and the embedding/output head run in bf16.
     pub fn prepare_for_inference_q4(&mut self, vs: &mut nn::VarStore) -> Result<(), LlmError> {
+        self.prepare_for_inference_q4_with(vs, QuantKernel::select()?)
+    }
+
+    /// [`Self::prepare_for_inference_q4`] with a chosen kernel (`avx512` must be available).
+    pub fn prepare_for_inference_q4_with(
+        &mut self,
+        vs: &mut nn::VarStore,
+        kernel: QuantKernel,
+    ) -> Result<(), LlmError> {
         let group = crate::nn::quant::Q4_GROUP;
         let inputs = [
             self.cfg.emb_dim,
@@ -842,9 +952,26 @@ impl LlamaModel {
                 "--dtype q4: {why}; use f32 or bf16"
             )));
         }
-        self.prepare_blocks(BlockWeights::Int4 { group });
-        vs.set_kind(Kind::BFloat16);
-        self.rope.set_kind(Kind::BFloat16);
+        match kernel {
+            QuantKernel::Avx512 => {
+                if !QuantKernel::avx512_available() {
+                    return Err(LlmError::Usage(
+                        "--dtype q4: the avx512 kernel was asked for on a CPU without AVX-512"
+                            .into(),
+                    ));
+                }
+                vs.set_kind(Kind::Float);
+                self.prepare_blocks(BlockWeights::Q41);
+                let head = self.out_head.as_ref().map_or(&self.tok_emb.ws, |h| &h.ws);
+                self.head_q8 = Some(Q80Linear::quantize(head));
+            }
+            QuantKernel::Torch => {
+                self.prepare_blocks(BlockWeights::Int4 { group });
+                self.head_q8 = None;
+                vs.set_kind(Kind::BFloat16);
+                self.rope.set_kind(Kind::BFloat16);
+            }
+        }
         Ok(())
     }
 
@@ -865,20 +992,23 @@ impl LlamaModel {
             .map(|p| match p {
                 Projection::Dense(_) => BlockWeights::Dense,
                 Projection::Int4(q) => BlockWeights::Int4 { group: q.group },
+                Projection::Q41(_) => BlockWeights::Q41,
             })
     }
 
-    /// Bytes of the blocks' 4-bit weights (codes and scales, [`Int4Linear::num_bytes`]) after
+    /// Bytes of the blocks' 4-bit weights (codes and scales) after
     /// [`Self::prepare_for_inference_q4`]; 0 while the blocks run dense weights.
     pub fn int4_bytes(&self) -> i64 {
         self.trf_blocks
             .iter()
             .flat_map(|b| [&b.att.qkv, &b.att.out, &b.ff.gate_up, &b.ff.down])
-            .map(|p| match p {
-                Some(Projection::Int4(q)) => q.num_bytes(),
-                _ => 0,
-            })
+            .map(|p| p.as_ref().map_or(0, Projection::quantized_bytes))
             .sum()
+    }
+
+    /// Bytes of the Q8_0 output head, when eval mode runs it (see [`Self::logits`]).
+    pub fn head_q8_bytes(&self) -> Option<i64> {
+        self.head_q8.as_ref().map(Q80Linear::num_bytes)
     }
 
     /// Number of positions the RoPE tables cover.

@@ -271,16 +271,7 @@ impl MultiHeadAttention {
     pub fn forward_rows(&self, x: &Tensor, cache: &mut KvCache, rows: &RowPositions) -> Tensor {
         let (q, k, v) = self.heads_qkv(x, false);
         let (k_all, v_all) = cache.write_rows(&k, &v, rows);
-        let ctx = Tensor::scaled_dot_product_attention(
-            &q,
-            &k_all,
-            &v_all,
-            Some(&rows.allowed),
-            0.0,
-            false,
-            None,
-            false,
-        );
+        let ctx = decode_attention(&q, &k_all, &v_all, Some(&rows.bias));
         self.merge_heads(&ctx, false)
     }
 
@@ -303,6 +294,8 @@ impl MultiHeadAttention {
             };
         }
         match self.imp {
+            // One query at the end (a decoding step) sees every key: no mask needed.
+            AttentionImpl::Sdpa if n_q == 1 && !train => decode_attention(q, k, v, None),
             AttentionImpl::Sdpa => {
                 if n_q == n_k {
                     Tensor::scaled_dot_product_attention::<Tensor>(
@@ -345,8 +338,9 @@ pub struct RowPositions {
     pub pos: Tensor,
     /// Keys the batch's attention spans: `max(pos) + 1`.
     pub n_keys: i64,
-    /// `(b, 1, 1, n_keys)`: key `j` is visible to row `b` when `j <= pos[b]`.
-    pub allowed: Tensor,
+    /// `(b, 1, 1, n_keys)` f32, added to the attention scores: 0 where key `j` is visible to row
+    /// `b` (`j <= pos[b]`), -inf elsewhere.
+    pub bias: Tensor,
 }
 
 impl RowPositions {
@@ -354,16 +348,44 @@ impl RowPositions {
         let b = pos.len() as i64;
         let n_keys = pos.iter().max().map_or(1, |&m| m + 1);
         let p = Tensor::from_slice(pos).to_device(device);
-        let allowed = Tensor::arange(n_keys, (Kind::Int64, device))
+        let hidden = Tensor::arange(n_keys, (Kind::Int64, device))
             .view([1, n_keys])
-            .le_tensor(&p.view([b, 1]))
+            .gt_tensor(&p.view([b, 1]))
             .view([b, 1, 1, n_keys]);
+        let bias = Tensor::zeros([b, 1, 1, n_keys], (Kind::Float, device))
+            .masked_fill(&hidden, f64::NEG_INFINITY);
         Self {
             pos: p,
             n_keys,
-            allowed,
+            bias,
         }
     }
+}
+
+/// Attention of one new query per row (a decoding step): `q (b, h, 1, hd)` over `k`, `v`
+/// `(b, kv, n_k, hd)`, where `kv` divides `h` (grouped-query attention: query head `i` reads
+/// key/value head `i / (h / kv)`, as `scaled_dot_product_attention(enable_gqa)`), plus an
+/// optional additive `bias` broadcasting to `(b, 1, 1, n_k)` (0 or -inf). Returns
+/// `(b, h, 1, hd)`.
+///
+/// Four operators (scale, matmul, softmax, matmul; the query heads of a group share one
+/// matmul against their key head) where libtorch's CPU `scaled_dot_product_attention` runs its
+/// flash-attention kernel, whose set-up costs about 0.3 ms a call at this shape: a third of a
+/// SmolLM2 token's time (issue 20's profile). Same arithmetic up to the order of the sums.
+pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let (b, h, n, hd) = q.size4().expect("4-d queries (b, h, 1, head_dim)");
+    assert_eq!(n, 1, "decode_attention takes one query per row");
+    let kv = k.size()[1];
+    let q = (q * (1.0 / (hd as f64).sqrt())).reshape([b, kv, h / kv, hd]);
+    let scores = q.matmul(&k.transpose(-2, -1)); // (b, kv, h / kv, n_k)
+    let scores = match bias {
+        Some(bias) => scores + bias.to_kind(q.kind()),
+        None => scores,
+    };
+    scores
+        .softmax(-1, q.kind())
+        .matmul(v)
+        .reshape([b, h, 1, hd])
 }
 
 /// Pre-allocated keys and values of one attention layer: `(b, num_heads, capacity, head_dim)`
@@ -494,6 +516,18 @@ impl KvCache {
         let _ = self.v.index_put_(&idx, &v.squeeze_dim(2), false);
         let view = |t: &Tensor| t.narrow(0, 0, b).narrow(2, 0, rows.n_keys);
         (view(&self.k), view(&self.v))
+    }
+
+    /// The key and value buffers `(rows, heads, capacity, head_dim)`, for a kernel that writes
+    /// them in place (then [`Self::advance`]).
+    pub(crate) fn buffers(&mut self) -> (&mut Tensor, &mut Tensor) {
+        (&mut self.k, &mut self.v)
+    }
+
+    /// Counts `n` more positions as cached (written through [`Self::buffers`]).
+    pub(crate) fn advance(&mut self, n: i64) {
+        assert!(self.len + n <= self.capacity(), "KV cache overflow");
+        self.len += n;
     }
 
     /// Writes `k`, `v` `(b, h, n, hd)` after the cached positions; returns views of all of them.

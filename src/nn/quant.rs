@@ -13,6 +13,7 @@
 //! `scale = d, zero = m + 8 d`. The kernel reads a quarter of bf16's bytes per weight (plus the
 //! table) and is fast only with bf16 activations (with f32 ones it is ~10x slower than an f32
 //! matmul on an AVX-512 EPYC), so [`Int4Linear::forward`] runs in bf16.
+use crate::error::LlmError;
 use tch::{Device, Kind, Tensor};
 
 /// Group size of GGUF's Q4_0/Q4_1 blocks, and what `--dtype q4` uses.
@@ -152,5 +153,218 @@ impl Int4Linear {
     /// Bytes the layer reads per matmul (codes plus the scale/zero table).
     pub fn num_bytes(&self) -> i64 {
         self.packed.numel() as i64 + 2 * self.scales_and_zeros.numel() as i64
+    }
+}
+
+/// Which kernel multiplies by quantized weights on the CPU ([`QuantKernel::select`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKernel {
+    /// libtorch's int4 kernel ([`Int4Linear`], bf16 activations): any CPU, and the reference.
+    Torch,
+    /// llmlab's AVX-512 Q4_1/Q8_0 kernels ([`Q41Linear`], [`Q80Linear`], f32 activations).
+    Avx512,
+}
+
+impl QuantKernel {
+    /// The variable that overrides the choice: `auto` (default), `torch` or `avx512`.
+    pub const ENV: &'static str = "LLMLAB_Q4_KERNEL";
+
+    /// Whether this CPU and build can run [`Self::Avx512`] (AVX-512 F/BW/VL/DQ, F16C, FMA).
+    pub fn avx512_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::shim::q_kernels_built()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("f16c")
+                && std::arch::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// [`Self::Avx512`] where the CPU has it, else [`Self::Torch`]; `LLMLAB_Q4_KERNEL` overrides
+    /// (asking for `avx512` on a CPU without it is an error, as is an unknown value).
+    pub fn select() -> Result<Self, LlmError> {
+        let value = std::env::var(Self::ENV).unwrap_or_default();
+        match value.as_str() {
+            "" | "auto" => Ok(if Self::avx512_available() {
+                Self::Avx512
+            } else {
+                Self::Torch
+            }),
+            "torch" => Ok(Self::Torch),
+            "avx512" if Self::avx512_available() => Ok(Self::Avx512),
+            "avx512" => Err(LlmError::Usage(format!(
+                "{}=avx512: this CPU (or build) lacks AVX-512 F/BW/VL/DQ; use auto or torch",
+                Self::ENV
+            ))),
+            other => Err(LlmError::Usage(format!(
+                "{}={other:?}: expected auto, torch or avx512",
+                Self::ENV
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Torch => "torch",
+            Self::Avx512 => "avx512",
+        }
+    }
+}
+
+/// Above this many activation rows (a prompt, not decoding) a quantized layer dequantizes its
+/// weight and runs libtorch's f32 GEMM, which beats the row kernels from there on.
+pub const GEMM_ROWS: i64 = 64;
+
+/// Codes of GGUF's 32-weight blocks (see the module doc: llama.cpp's Q4_1 and Q8_0).
+const QK: i64 = 32;
+
+/// `x (..., in)` as contiguous f32 rows `(rows, in)`, and the output shape `(..., out)`.
+fn rows_of(x: &Tensor, in_dim: i64, out_dim: i64) -> (Tensor, Vec<i64>) {
+    let mut shape = x.size();
+    if let Some(last) = shape.last_mut() {
+        *last = out_dim;
+    }
+    let x2 = x.to_kind(Kind::Float).reshape([-1, in_dim]).contiguous();
+    (x2, shape)
+}
+
+/// `y = x Wᵀ` with `W (out, in)` in GGUF's Q4_1 blocks as llama.cpp stores them (4-bit codes,
+/// f16 scale and minimum per 32 inputs), run by llmlab's AVX-512 kernel in f32; no bias.
+#[derive(Debug)]
+pub struct Q41Linear {
+    /// `(out, in / 2)` uint8: byte j of a block holds weight j (low nibble) and j + 16 (high).
+    qs: Tensor,
+    /// `(out, in / 32)` f16 scale `d` and minimum `m`: `w = q d + m`.
+    d: Tensor,
+    m: Tensor,
+    pub in_dim: i64,
+    pub out_dim: i64,
+}
+
+impl Q41Linear {
+    /// Quantises `w (out, in)` (`in` a multiple of 32) with [`quantize_q4`] in groups of 32;
+    /// on weights dequantized from a Q4_1 file the blocks are the file's own.
+    pub fn quantize(w: &Tensor) -> Self {
+        let (n, k) = w.size2().expect("a 2-d weight (out, in)");
+        let _g = tch::no_grad_guard();
+        let (q, d, m) = quantize_q4(&w.to_device(Device::Cpu), QK);
+        let q = q.view([n, k / QK, 2, 16]);
+        let qs = (q.select(2, 0) + q.select(2, 1) * 16)
+            .to_kind(Kind::Uint8)
+            .reshape([n, k / 2]);
+        Self {
+            qs,
+            d: d.to_kind(Kind::Half).contiguous(),
+            m: m.to_kind(Kind::Half).contiguous(),
+            in_dim: k,
+            out_dim: n,
+        }
+    }
+
+    /// The weight the blocks stand for, `(out, in)` f32.
+    pub fn dequantize(&self) -> Tensor {
+        let mut w = Tensor::empty([self.out_dim, self.in_dim], (Kind::Float, Device::Cpu));
+        crate::shim::q4_1_dequant(&self.qs, &self.d, &self.m, &mut w)
+            .expect("Q41Linear's own blocks have the shapes the kernel checks");
+        w
+    }
+
+    /// `x (..., in)` → `(..., out)` in f32.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (x2, shape) = rows_of(x, self.in_dim, self.out_dim);
+        let rows = x2.size()[0];
+        if rows > GEMM_ROWS {
+            return x2.matmul(&self.dequantize().tr()).reshape(shape);
+        }
+        let mut y = Tensor::empty([rows, self.out_dim], (Kind::Float, Device::Cpu));
+        crate::shim::q4_1_mm(&x2, &self.qs, &self.d, &self.m, &mut y)
+            .expect("Q41Linear's own blocks have the shapes the kernel checks");
+        y.reshape(shape)
+    }
+
+    /// Bytes the layer reads per product (codes, scales and minima).
+    pub fn num_bytes(&self) -> i64 {
+        (self.qs.numel() + 2 * self.d.numel() + 2 * self.m.numel()) as i64
+    }
+
+    /// The blocks `(qs, d, m)`, for the shim's fused kernels.
+    pub(crate) fn blocks(&self) -> [&Tensor; 3] {
+        [&self.qs, &self.d, &self.m]
+    }
+}
+
+/// `y = x Wᵀ` with `W (out, in)` in GGUF's Q8_0 blocks (int8 codes and an f16 scale per 32
+/// inputs, `w = q d`, `d = max|w| / 127`), run by llmlab's AVX-512 kernel in f32: the tied
+/// output head of a quantized model, as GGUF files store `token_embd`.
+#[derive(Debug)]
+pub struct Q80Linear {
+    /// `(out, in)` int8.
+    qs: Tensor,
+    /// `(out, in / 32)` f16.
+    d: Tensor,
+    pub in_dim: i64,
+    pub out_dim: i64,
+}
+
+impl Q80Linear {
+    /// Quantises `w (out, in)` (`in` a multiple of 32) in blocks of 32 (llama.cpp's
+    /// `quantize_row_q8_0_ref`); on weights dequantized from a Q8_0 file the blocks are the file's.
+    pub fn quantize(w: &Tensor) -> Self {
+        let (n, k) = w.size2().expect("a 2-d weight (out, in)");
+        assert!(k % QK == 0, "in = {k} is not a multiple of 32");
+        let _g = tch::no_grad_guard();
+        let g = w
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .reshape([n, k / QK, QK]);
+        let d = g.abs().amax(-1, true) / 127.0;
+        // The codes are taken against the scale as stored (f16), as llama.cpp's reference does
+        // with its f32 `id = 1/d` before storing `d` in f16.
+        let d = d.to_kind(Kind::Half).to_kind(Kind::Float);
+        let safe = d.where_scalarother(&d.gt(0.0), 1.0);
+        let qs = (&g / safe)
+            .round()
+            .clamp(-127.0, 127.0)
+            .to_kind(Kind::Int8)
+            .reshape([n, k]);
+        Self {
+            qs,
+            d: d.squeeze_dim(-1).to_kind(Kind::Half).contiguous(),
+            in_dim: k,
+            out_dim: n,
+        }
+    }
+
+    /// The weight the blocks stand for, `(out, in)` f32.
+    pub fn dequantize(&self) -> Tensor {
+        let mut w = Tensor::empty([self.out_dim, self.in_dim], (Kind::Float, Device::Cpu));
+        crate::shim::q8_0_dequant(&self.qs, &self.d, &mut w)
+            .expect("Q80Linear's own blocks have the shapes the kernel checks");
+        w
+    }
+
+    /// `x (..., in)` → `(..., out)` in f32.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (x2, shape) = rows_of(x, self.in_dim, self.out_dim);
+        let rows = x2.size()[0];
+        if rows > GEMM_ROWS {
+            return x2.matmul(&self.dequantize().tr()).reshape(shape);
+        }
+        let mut y = Tensor::empty([rows, self.out_dim], (Kind::Float, Device::Cpu));
+        crate::shim::q8_0_mm(&x2, &self.qs, &self.d, &mut y)
+            .expect("Q80Linear's own blocks have the shapes the kernel checks");
+        y.reshape(shape)
+    }
+
+    /// Bytes the layer reads per product (codes and scales).
+    pub fn num_bytes(&self) -> i64 {
+        (self.qs.numel() + 2 * self.d.numel()) as i64
     }
 }

@@ -136,3 +136,21 @@ char *llmlab_autocast_decrement_nesting(int *depth) {
 char *llmlab_autocast_clear_cache() { LLMLAB_PROTECT({ at::autocast::clear_cache(); }) }
 
 }  // extern "C"
+
+// libtorch's legacy operator profiler writing a chrome://tracing file (`bench generate
+// --profile`): every dispatched operator with its CPU time, nested ones included.
+#include <torch/csrc/autograd/profiler_legacy.h>
+
+extern "C" {
+char *llmlab_profile_start(const char *path, void **out) {
+  LLMLAB_PROTECT({
+    *out = new torch::autograd::profiler::RecordProfile(std::string(path));
+  })
+}
+
+char *llmlab_profile_stop(void *profile) {
+  LLMLAB_PROTECT({
+    delete static_cast<torch::autograd::profiler::RecordProfile *>(profile);
+  })
+}
+}

@@ -7,7 +7,10 @@ use crate::common;
 
 use anyhow::Result;
 use llmlab::error::LlmError;
-use llmlab::nn::quant::{dequantize_q4, int4_unsupported, quantize_q4, Int4Linear, Q4_GROUP};
+use llmlab::nn::quant::{
+    dequantize_q4, int4_unsupported, quantize_q4, Int4Linear, Q41Linear, Q80Linear, QuantKernel,
+    GEMM_ROWS, Q4_GROUP,
+};
 use llmlab::weights::gguf::{GgmlType, GgufFile, Value};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -215,6 +218,121 @@ fn int4_reproduces_smollm2_q4_1_blocks() -> Result<()> {
         let rel = rel_max_diff(&lin.forward(&x), &want);
         eprintln!("{name}: int4 matmul vs f32 matmul, max abs diff / max |y| = {rel:.2e}");
         assert!(rel < INT4_REL_TOL, "{name}: {rel:e}");
+    }
+    Ok(())
+}
+
+/// llmlab's own kernels compute in f32: they equal the f32 matmul with the dequantized weight
+/// up to the order of the sums (measured about 1e-7 of the largest output).
+const KERNEL_REL_TOL: f64 = 1e-5;
+
+/// Activation rows the kernel tests use: one (decoding), 2..8 and 13 (the kernel's groups of
+/// up to eight rows and a remainder), a 3-d batch, and more than [`GEMM_ROWS`] (dequantize, then
+/// libtorch's GEMM).
+fn kernel_shapes(k: i64) -> Vec<Vec<i64>> {
+    vec![
+        vec![1, k],
+        vec![2, k],
+        vec![5, k],
+        vec![8, k],
+        vec![13, k],
+        vec![2, 3, k],
+        vec![GEMM_ROWS + 3, k],
+    ]
+}
+
+/// The AVX-512 Q4_1 and Q8_0 kernels on a random matrix (a constant block, an offset block):
+/// their dequantization is `quantize_q4`'s (scales and minima rounded to f16, as GGUF stores
+/// them) and Q8_0's `q·d`, and `forward` equals `x @ dequant(W)ᵀ` in f32 within
+/// [`KERNEL_REL_TOL`] for every row count. Skipped (with a note) on a CPU without AVX-512,
+/// where `QuantKernel::select` gives `torch`.
+#[test]
+fn q4_1_and_q8_0_kernels_match_dequantized_matmul() -> Result<()> {
+    if !QuantKernel::avx512_available() {
+        eprintln!("skipped: this CPU has no AVX-512 (the torch kernel is the fallback)");
+        assert_eq!(QuantKernel::select()?, QuantKernel::Torch);
+        return Ok(());
+    }
+    tch::manual_seed(0);
+    let (n, k) = (100, 256);
+    let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+    let _ = w.narrow(0, 3, 1).narrow(1, 0, 32).fill_(0.25);
+    let _ = w.narrow(0, 4, 1).narrow(1, 32, 32).g_add_scalar_(1.0);
+    let q4 = Q41Linear::quantize(&w);
+    let q8 = Q80Linear::quantize(&w);
+    assert_eq!((q4.in_dim, q4.out_dim, q8.in_dim, q8.out_dim), (k, n, k, n));
+    let (q, d, m) = quantize_q4(&w, Q4_GROUP);
+    let f16 = |t: &Tensor| t.to_kind(Kind::Half).to_kind(Kind::Float);
+    let want_q4 = dequantize_q4(&q, &f16(&d), &f16(&m), Q4_GROUP);
+    common::assert_close(&q4.dequantize(), &want_q4, 1e-6, 0.0, "Q4_1 dequantization")?;
+    assert_eq!(q4.dequantize().double_value(&[3, 5]), 0.25_f32 as f64);
+    // Q8_0 keeps every weight within half a step d/2 = max|w| / 254 of its block, plus what
+    // storing d in f16 moves up to 127 codes (127 · 2^-12 of d: under 7 % of d/2).
+    let step = w.view([n, k / 32, 32]).abs().amax(-1, true) / 254.0 * 1.07 + 1e-7;
+    let err = (q8.dequantize() - &w).abs().view([n, k / 32, 32]);
+    assert!(
+        bool::try_from(err.le_tensor(&step).all())?,
+        "Q8_0 within half a step"
+    );
+    for shape in kernel_shapes(k) {
+        let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+        for (name, y, deq) in [
+            ("Q4_1", q4.forward(&x), q4.dequantize()),
+            ("Q8_0", q8.forward(&x), q8.dequantize()),
+        ] {
+            assert_eq!(y.kind(), Kind::Float);
+            let want = x.matmul(&deq.tr());
+            assert_eq!(y.size(), want.size());
+            let rel = rel_max_diff(&y, &want);
+            eprintln!("{name} kernel {shape:?}: max abs diff / max |y| = {rel:.2e}");
+            assert!(rel < KERNEL_REL_TOL, "{name} {shape:?}: {rel:e}");
+        }
+    }
+    Ok(())
+}
+
+/// On SmolLM2's own tensors the kernels hold the file's blocks: the Q4_1 projections and the
+/// Q8_0 token table quantised from their f32 dequantization dequantize back to exactly those
+/// values, and the products equal the f32 matmul with the file's weights within
+/// [`KERNEL_REL_TOL`].
+#[test]
+fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
+    if !QuantKernel::avx512_available() {
+        eprintln!("skipped: this CPU has no AVX-512");
+        return Ok(());
+    }
+    let g = GgufFile::open(&smollm2())?;
+    tch::manual_seed(2);
+    for name in [
+        "blk.0.attn_q.weight",
+        "blk.29.ffn_down.weight",
+        "token_embd.weight",
+    ] {
+        let info = g.tensor_info(name).unwrap();
+        let w = g.tensor_f32(name)?;
+        let (_, k) = w.size2()?;
+        let (deq, y, want) = {
+            let x = Tensor::randn([3, k], (Kind::Float, Device::Cpu));
+            let want = x.matmul(&w.tr());
+            if info.ggml_type == GgmlType::Q8_0 {
+                let l = Q80Linear::quantize(&w);
+                (l.dequantize(), l.forward(&x), want)
+            } else {
+                assert_eq!(info.ggml_type, GgmlType::Q4_1, "{name}");
+                let l = Q41Linear::quantize(&w);
+                (l.dequantize(), l.forward(&x), want)
+            }
+        };
+        assert!(
+            deq.equal(&w),
+            "{name}: the blocks do not give the file's weights back"
+        );
+        let rel = rel_max_diff(&y, &want);
+        eprintln!(
+            "{name} ({:?}): kernel vs f32 matmul {rel:.2e}",
+            info.ggml_type
+        );
+        assert!(rel < KERNEL_REL_TOL, "{name}: {rel:e}");
     }
     Ok(())
 }

@@ -8,7 +8,8 @@ use llmlab::chat::{ChatTemplate, Message};
 use llmlab::generate::{generate, GenerateSpec};
 use llmlab::models::llama::BlockWeights;
 use llmlab::models::LlamaConfig;
-use llmlab::resolve::{smollm2_gguf, AnyModel, InferenceDtype, LoadedLm};
+use llmlab::nn::quant::QuantKernel;
+use llmlab::resolve::{smollm2_gguf, AnyModel, LoadedLm};
 use llmlab::weights::llama::load_hf;
 use tch::{Device, Kind, Tensor};
 
@@ -145,7 +146,8 @@ fn smollm2_matches_transformers() -> Result<()> {
     Ok(())
 }
 
-/// `--dtype q4` (4-bit block weights, bf16 elsewhere) against the f32 model on SmolLM2:
+/// `--dtype q4` with libtorch's int4 kernel (4-bit block weights, bf16 elsewhere; the fallback
+/// on CPUs without AVX-512) against the f32 model on SmolLM2:
 /// last-position logits of the parity prompts and a chat prompt within [`Q4_LOGIT_TOL`]
 /// (measured 0.28–0.62; transformers' own bf16 model differs from its f32 one by 0.29–0.74 on
 /// the same prompts); the same top-1 token unless f32's top two are a near-tie (then q4 picks
@@ -158,7 +160,10 @@ fn smollm2_q4_is_close_to_f32() -> Result<()> {
     let gguf = smollm2_gguf()?;
     let f32_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
     let mut q4_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
-    q4_lm.set_dtype(InferenceDtype::Q4)?;
+    let AnyModel::Llama(m) = &mut q4_lm.model else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    m.prepare_for_inference_q4_with(&mut q4_lm.vs, QuantKernel::Torch)?;
     let (AnyModel::Llama(f32_m), AnyModel::Llama(q4_m)) = (&f32_lm.model, &q4_lm.model) else {
         panic!("SmolLM2 is a Llama model")
     };
@@ -266,6 +271,112 @@ fn smollm2_q4_is_close_to_f32() -> Result<()> {
     );
     Ok(())
 }
+
+/// `--dtype q4` with llmlab's AVX-512 kernels (the default where the CPU has them): the file's
+/// own Q4_1 blocks and Q8_0 head in f32 arithmetic, so SmolLM2's logits equal the f32 model's
+/// (whose weights are the same blocks dequantized) up to the order of the sums: last-position
+/// logits of every prompt within [`KERNEL_LOGIT_TOL`] of f32 (prompts longer than `GEMM_ROWS`
+/// take the dequantize-and-GEMM path), and greedy 32-token continuations (decoded by the fused
+/// block step) equal f32's token for token except after a recorded near-tie. The kernel choice
+/// follows `LLMLAB_Q4_KERNEL` (`torch` forces the fallback; an unknown value is a usage error).
+#[test]
+fn smollm2_q4_avx512_kernels_equal_f32() -> Result<()> {
+    if !QuantKernel::avx512_available() {
+        eprintln!(
+            "skipped: this CPU has no AVX-512 (smollm2_q4_is_close_to_f32 tests the fallback)"
+        );
+        return Ok(());
+    }
+    let gguf = smollm2_gguf()?;
+    let f32_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
+    let mut q4_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
+    let AnyModel::Llama(m) = &mut q4_lm.model else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    m.prepare_for_inference_q4_with(&mut q4_lm.vs, QuantKernel::Avx512)?;
+    let (AnyModel::Llama(f32_m), AnyModel::Llama(q4_m)) = (&f32_lm.model, &q4_lm.model) else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    assert_eq!(q4_m.block_weights(), Some(BlockWeights::Q41));
+    assert!(q4_m.q4_fused());
+    assert_eq!(q4_m.tok_emb.ws.kind(), Kind::Float);
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(12);
+    let prompts = [
+        "Hello, my name is",
+        "The capital of France is",
+        "def fibonacci(n):\n    if n < 2:\n        return n\n",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        long.as_str(),
+    ];
+    let mut same_total = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = f32_lm.encode_prompt(p)?;
+        let x = Tensor::from_slice(&ids).view([1, -1]);
+        let want = f32_lm.forward_logits(&x).select(1, -1).squeeze();
+        let got = q4_lm.forward_logits(&x).select(1, -1).squeeze();
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        eprintln!(
+            "prompt {i} ({} tokens): avx512 q4 vs f32 logits max abs diff {diff:.2e}",
+            ids.len()
+        );
+        assert!(diff < KERNEL_LOGIT_TOL, "prompt {i}: {diff}");
+        let spec = greedy(32, true);
+        let a = generate(f32_m, &ids, &spec)?.ids;
+        let b = generate(q4_m, &ids, &spec)?.ids;
+        let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        if same < a.len() {
+            // Only a near-tie may differ: f32's margin between its pick and q4's at that step.
+            let prefix: Vec<i64> = ids.iter().chain(&a[..same]).copied().collect();
+            let l = f32_lm
+                .forward_logits(&Tensor::from_slice(&prefix).view([1, -1]))
+                .select(1, -1)
+                .squeeze();
+            let gap = l.double_value(&[a[same]]) - l.double_value(&[b[same]]);
+            eprintln!("prompt {i}: greedy differs at token {same}, f32 margin {gap:.2e}");
+            assert!(gap < 1e-3, "prompt {i}: not a near-tie ({gap})");
+        }
+        same_total += same;
+    }
+    eprintln!("greedy agreement {same_total}/{}", 32 * prompts.len());
+    // The override, through the CLI: torch runs the fallback, a bad value is a usage error.
+    for (value, code) in [("torch", 0), ("avx512", 0), ("fast", 2)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmlab"))
+            .args([
+                "generate",
+                "--model",
+                "smollm2-135m-instruct",
+                "--dtype",
+                "q4",
+            ])
+            .args([
+                "--prompt",
+                "The capital of France is",
+                "--max-new-tokens",
+                "6",
+            ])
+            .args(["--temperature", "0"])
+            .env(QuantKernel::ENV, value)
+            .env("LLMLAB_DATA_MIRROR", common::mirror())
+            .output()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(code), "{value}: {stderr}");
+        if code == 0 {
+            assert!(stdout.contains("Paris"), "{value}: {stdout}");
+        } else {
+            assert!(
+                stderr.contains("LLMLAB_Q4_KERNEL") && stderr.contains("torch"),
+                "{stderr}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// f32 sums in another order: measured 2.9e-5 to 4.4e-5 on SmolLM2's logits (|logits| up to ~37).
+const KERNEL_LOGIT_TOL: f64 = 2e-3;
 
 /// Bound on q4's last-position logit differences from f32 (SmolLM2's logits reach ~37).
 const Q4_LOGIT_TOL: f64 = 1.25;

@@ -1,0 +1,516 @@
+// llmlab's CPU kernels for GGUF-quantized weights (issue 20): the matrix products
+// `y = x · Wᵀ` of decoding with `W` held in ggml's Q4_1 and Q8_0 blocks, as llama.cpp holds them,
+// for the few activation rows decoding has (one per sequence), where libtorch has no fast kernel
+// (its int4 CPU kernel costs several times the bandwidth bound at batch 1 and has no 8-bit form).
+//
+// Blocks (ggml's `block_q4_1` / `block_q8_0`, split into arrays so each is one contiguous
+// tensor): a weight row of `k` inputs is `k / 32` blocks of 32 consecutive weights.
+//   Q4_1: `qs (n, k/2)` uint8, byte j of a block holding weight j (low nibble) and weight j + 16
+//         (high nibble); `d`, `m` `(n, k/32)` f16; weight = q·d + m.
+//   Q8_0: `qs (n, k)` int8; `d (n, k/32)` f16; weight = q·d.
+// The products are computed in f32 (activations f32, weights expanded to f32 in registers, FMA),
+// so they equal `x · dequant(W)ᵀ` up to the order of the sums: no activation quantization, unlike
+// llama.cpp's Q8_1 dot products.
+//
+// The AVX-512 functions carry their own target attribute: the library builds for any x86-64 and
+// the Rust side calls them only after checking the CPU (`is_x86_feature_detected!`), keeping
+// libtorch's int4 path as the fallback. Dequantization (for prompts, where a GEMM on the
+// dequantized weight wins) is plain C++.
+//
+// Conventions as llmlab_shim.cpp: tensor handles are `torch::Tensor*`; NULL or a malloc'd error.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <algorithm>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+char *q_error(const char *msg) {
+  char *s = static_cast<char *>(std::malloc(std::strlen(msg) + 1));
+  if (s != nullptr) std::strcpy(s, msg);
+  return s;
+}
+
+#define LLMLAB_Q_PROTECT(...)                    \
+  try {                                          \
+    __VA_ARGS__                                  \
+    return nullptr;                              \
+  } catch (const std::exception &e) {            \
+    return q_error(e.what());                    \
+  } catch (...) {                                \
+    return q_error("unknown C++ exception");     \
+  }
+
+constexpr int64_t QK = 32;  // weights per block
+
+void expect(bool ok, const std::string &what) {
+  if (!ok) throw std::invalid_argument("llmlab q4 kernel: " + what);
+}
+
+void expect_tensor(const at::Tensor &t, at::ScalarType kind, int64_t rows, int64_t cols,
+                   const std::string &name) {
+  expect(t.device().is_cpu(), std::string(name) + " is not on the CPU");
+  expect(t.scalar_type() == kind, std::string(name) + " has dtype " +
+                                      std::string(c10::toString(t.scalar_type())) + ", expected " +
+                                      std::string(c10::toString(kind)));
+  expect(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols,
+         std::string(name) + " has shape " + c10::str(t.sizes()) + ", expected [" +
+             std::to_string(rows) + ", " + std::to_string(cols) + "]");
+  expect(t.is_contiguous(), std::string(name) + " is not contiguous");
+}
+
+// The shapes every product checks: x (b, k) f32, y (b, n) f32, scales (n, k/32) f16.
+struct Shapes {
+  int64_t b, n, k, nb;
+};
+
+Shapes check_common(const at::Tensor &x, const at::Tensor &d, const at::Tensor &y, int64_t n) {
+  expect(x.dim() == 2, "x must be 2-d (rows, in), got " + c10::str(x.sizes()));
+  const int64_t b = x.size(0), k = x.size(1);
+  expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+  expect_tensor(x, at::kFloat, b, k, "x");
+  expect_tensor(d, at::kHalf, n, k / QK, "d");
+  expect_tensor(y, at::kFloat, b, n, "y");
+  return {b, n, k, k / QK};
+}
+
+inline float half_bits_to_float(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// Output rows per task of the thread pool: enough work to pay for a hand-off.
+constexpr int64_t GRAIN = 16;
+
+#if defined(__x86_64__)
+#define LLMLAB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
+
+// One weight row (`nb` blocks) against R activation rows (stride `ldx`): y[r * ldy] = x_r · w.
+// Two accumulators per activation row (the two halves of a block) keep the FMA chains short;
+// with one activation row, two blocks per step give four.
+template <int R>
+LLMLAB_AVX512 inline void q41_row(const float *x, int64_t ldx, const uint8_t *qs,
+                                  const uint16_t *d, const uint16_t *m, int64_t nb, float *y,
+                                  int64_t ldy) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  constexpr int U = R == 1 ? 2 : 1;  // blocks per step
+  __m512 acc[R][2 * U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < 2 * U; ++u) acc[r][u] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + U <= nb; b += U) {
+    for (int u = 0; u < U; ++u) {
+      const int64_t bb = b + u;
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + bb * 16));
+      const __m128i lo = _mm_and_si128(bytes, low);
+      const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+      const __m512 dv = _mm512_set1_ps(_cvtsh_ss(d[bb]));
+      const __m512 mv = _mm512_set1_ps(_cvtsh_ss(m[bb]));
+      const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, mv);
+      const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv);
+      for (int r = 0; r < R; ++r) {
+        const float *xr = x + r * ldx + bb * QK;
+        acc[r][2 * u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][2 * u]);
+        acc[r][2 * u + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][2 * u + 1]);
+      }
+    }
+  }
+  for (; b < nb; ++b) {  // an odd last block when U = 2
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + b * 16));
+    const __m128i lo = _mm_and_si128(bytes, low);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+    const __m512 dv = _mm512_set1_ps(_cvtsh_ss(d[b]));
+    const __m512 mv = _mm512_set1_ps(_cvtsh_ss(m[b]));
+    const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, mv);
+    const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv);
+    for (int r = 0; r < R; ++r) {
+      const float *xr = x + r * ldx + b * QK;
+      acc[r][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 s = _mm512_add_ps(acc[r][0], acc[r][1]);
+    for (int u = 1; u < U; ++u)
+      s = _mm512_add_ps(s, _mm512_add_ps(acc[r][2 * u], acc[r][2 * u + 1]));
+    y[r * ldy] = _mm512_reduce_add_ps(s);
+  }
+}
+
+// Q8_0: weight = q·d; one block of R activation rows into accumulator u.
+template <int R, int U>
+LLMLAB_AVX512 inline void q80_block(const float *x, int64_t ldx, const int8_t *qs,
+                                    const uint16_t *d, int64_t bb, __m512 (&acc)[R][U], int u) {
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + bb * QK));
+  const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + bb * QK + 16));
+  const __m512 dv = _mm512_set1_ps(_cvtsh_ss(d[bb]));
+  const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(a)), dv);
+  const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c)), dv);
+  for (int r = 0; r < R; ++r) {
+    const float *xr = x + r * ldx + bb * QK;
+    acc[r][u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[r][u]);
+    acc[r][u] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc[r][u]);
+  }
+}
+
+template <int R>
+LLMLAB_AVX512 inline void q80_row(const float *x, int64_t ldx, const int8_t *qs,
+                                  const uint16_t *d, int64_t nb, float *y, int64_t ldy) {
+  constexpr int U = R == 1 ? 2 : 1;  // blocks per step (independent accumulators)
+  __m512 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+  int64_t b = 0;
+  for (; b + U <= nb; b += U)
+    for (int u = 0; u < U; ++u) q80_block<R, U>(x, ldx, qs, d, b + u, acc, u);
+  for (; b < nb; ++b) q80_block<R, U>(x, ldx, qs, d, b, acc, 0);
+  for (int r = 0; r < R; ++r) {
+    __m512 s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[r][u]);
+    y[r * ldy] = _mm512_reduce_add_ps(s);
+  }
+}
+
+// Blocks [begin, end) of a Q4_1 weight, dequantized into w (32 floats a block).
+LLMLAB_AVX512 void q41_dequant_blocks(const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                                      int64_t begin, int64_t end, float *w) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  for (int64_t i = begin; i < end; ++i) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + i * 16));
+    const __m512 dv = _mm512_set1_ps(_cvtsh_ss(d[i]));
+    const __m512 mv = _mm512_set1_ps(_cvtsh_ss(m[i]));
+    const __m128i lo = _mm_and_si128(bytes, low);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+    _mm512_storeu_ps(w + i * QK,
+                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), dv, mv));
+    _mm512_storeu_ps(w + i * QK + 16,
+                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), dv, mv));
+  }
+}
+
+// Calls f(j, r, R) for weight rows j in [begin, end) and groups of R <= 8 activation rows
+// starting at r (R a std::integral_constant): activation rows in chunks of 32, so a prompt's
+// chunk stays in L2 while every weight row passes over it, and within a chunk eight at a time
+// (one weight row, at most 768 bytes here, stays in L1 while its groups reread it).
+template <int R>
+using Rows = std::integral_constant<int, R>;
+
+template <typename F>
+inline void for_row_groups(int64_t b, int64_t begin, int64_t end, F &&f) {
+  constexpr int64_t CHUNK = 32;
+  for (int64_t r0 = 0; r0 < b; r0 += CHUNK) {
+    const int64_t r1 = std::min(b, r0 + CHUNK);
+    for (int64_t j = begin; j < end; ++j) {
+      int64_t r = r0;
+      for (; r + 8 <= r1; r += 8) f(j, r, Rows<8>{});
+      switch (r1 - r) {
+        case 7: f(j, r, Rows<7>{}); break;
+        case 6: f(j, r, Rows<6>{}); break;
+        case 5: f(j, r, Rows<5>{}); break;
+        case 4: f(j, r, Rows<4>{}); break;
+        case 3: f(j, r, Rows<3>{}); break;
+        case 2: f(j, r, Rows<2>{}); break;
+        case 1: f(j, r, Rows<1>{}); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// A Q4_1 weight's blocks as raw pointers (shapes checked by the caller).
+struct Q41 {
+  const uint8_t *qs;
+  const uint16_t *d, *m;
+  int64_t n;
+  Q41(const at::Tensor &qs_, const at::Tensor &d_, const at::Tensor &m_, int64_t n_)
+      : qs(qs_.data_ptr<uint8_t>()),
+        d(reinterpret_cast<const uint16_t *>(d_.data_ptr<at::Half>())),
+        m(reinterpret_cast<const uint16_t *>(m_.data_ptr<at::Half>())),
+        n(n_) {}
+};
+
+// y (rows, w.n) = x (rows, k) · Wᵀ, output rows split over the thread pool.
+void q41_mm(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp) {
+  const int64_t nb = k / QK, n = w.n;
+  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+    for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
+      q41_row<decltype(R)::value>(xp + r * k, k, w.qs + j * (k / 2), w.d + j * nb,
+                                  w.m + j * nb, nb, yp + r * n + j, n);
+    });
+  });
+}
+
+// out (rows, d) = x · rsqrt(mean(x²) + eps) · w, as libtorch's rms_norm in f32.
+void rms_norm_rows(const float *x, int64_t rows, int64_t d, const float *w, double eps,
+                   float *out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * d;
+    float ss = 0.f;
+    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = xr[i] * inv * w[i];
+  }
+}
+
+// Rotates one head `v (hd)` in place (Hugging Face's rotate-half layout): the first half
+// becomes x1·cos - x2·sin, the second x2·cos + x1·sin.
+void rope_head(float *v, int64_t hd, const float *cos, const float *sin) {
+  const int64_t h2 = hd / 2;
+  for (int64_t i = 0; i < h2; ++i) {
+    const float a = v[i], b = v[i + h2];
+    v[i] = a * cos[i] - b * sin[i];
+    v[i + h2] = b * cos[i + h2] + a * sin[i + h2];
+  }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this build has the AVX-512 kernels (an x86-64 build); the CPU check is the caller's.
+int llmlab_q_kernels_built() {
+#if defined(__x86_64__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// y (b, n) = x (b, k) · Wᵀ with W in Q4_1 blocks: qs (n, k/2) uint8, d and m (n, k/32) f16.
+char *llmlab_q4_1_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
+                     const at::Tensor *m_, at::Tensor *y_) {
+  LLMLAB_Q_PROTECT({
+#if defined(__x86_64__)
+    const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &m = *m_, &y = *y_;
+    expect(qs.dim() == 2, "qs must be 2-d (out, in / 2)");
+    const int64_t n = qs.size(0);
+    const Shapes s = check_common(x, d, y, n);
+    expect_tensor(qs, at::kByte, n, s.k / 2, "qs");
+    expect_tensor(m, at::kHalf, n, s.nb, "m");
+    q41_mm(x.data_ptr<float>(), s.b, s.k, Q41{qs, d, m, n}, y.data_ptr<float>());
+#else
+    throw std::runtime_error("llmlab q4 kernel: built without the x86-64 AVX-512 kernels");
+#endif
+  })
+}
+
+// y (b, n) = x (b, k) · Wᵀ with W in Q8_0 blocks: qs (n, k) int8, d (n, k/32) f16.
+char *llmlab_q8_0_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
+                     at::Tensor *y_) {
+  LLMLAB_Q_PROTECT({
+#if defined(__x86_64__)
+    const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &y = *y_;
+    expect(qs.dim() == 2, "qs must be 2-d (out, in)");
+    const int64_t n = qs.size(0);
+    const Shapes s = check_common(x, d, y, n);
+    expect_tensor(qs, at::kChar, n, s.k, "qs");
+    const float *xp = x.data_ptr<float>();
+    const int8_t *qp = qs.data_ptr<int8_t>();
+    const uint16_t *dp = reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>());
+    float *yp = y.data_ptr<float>();
+    const int64_t k = s.k, nb = s.nb, rows = s.b;
+    at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+      for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
+        q80_row<decltype(R)::value>(xp + r * k, k, qp + j * k, dp + j * nb, nb,
+                                    yp + r * n + j, n);
+      });
+    });
+#else
+    throw std::runtime_error("llmlab q8 kernel: built without the x86-64 AVX-512 kernels");
+#endif
+  })
+}
+
+// w (n, k) f32 = the Q4_1 weight (qs, d, m), for prompts' GEMMs. Plain C++.
+char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at::Tensor *m_,
+                          at::Tensor *w_) {
+  LLMLAB_Q_PROTECT({
+    const at::Tensor &qs = *qs_, &d = *d_, &m = *m_, &w = *w_;
+    expect(w.dim() == 2, "w must be 2-d (out, in)");
+    const int64_t n = w.size(0), k = w.size(1), nb = k / QK;
+    expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+    expect_tensor(w, at::kFloat, n, k, "w");
+    expect_tensor(qs, at::kByte, n, k / 2, "qs");
+    expect_tensor(d, at::kHalf, n, nb, "d");
+    expect_tensor(m, at::kHalf, n, nb, "m");
+    const uint8_t *qp = qs.data_ptr<uint8_t>();
+    const uint16_t *dp = reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>());
+    const uint16_t *mp = reinterpret_cast<const uint16_t *>(m.data_ptr<at::Half>());
+    float *wp = w.data_ptr<float>();
+    at::parallel_for(0, n * nb, 256, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+      q41_dequant_blocks(qp, dp, mp, begin, end, wp);
+#else
+      for (int64_t i = begin; i < end; ++i) {
+        const float dd = half_bits_to_float(dp[i]), mm = half_bits_to_float(mp[i]);
+        const uint8_t *q = qp + i * 16;
+        float *out = wp + i * QK;
+        for (int j = 0; j < 16; ++j) {
+          out[j] = static_cast<float>(q[j] & 0x0F) * dd + mm;
+          out[j + 16] = static_cast<float>(q[j] >> 4) * dd + mm;
+        }
+      }
+#endif
+    });
+  })
+}
+
+// w (n, k) f32 = the Q8_0 weight (qs, d).
+char *llmlab_q8_0_dequant(const at::Tensor *qs_, const at::Tensor *d_, at::Tensor *w_) {
+  LLMLAB_Q_PROTECT({
+    const at::Tensor &qs = *qs_, &d = *d_, &w = *w_;
+    expect(w.dim() == 2, "w must be 2-d (out, in)");
+    const int64_t n = w.size(0), k = w.size(1), nb = k / QK;
+    expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+    expect_tensor(w, at::kFloat, n, k, "w");
+    expect_tensor(qs, at::kChar, n, k, "qs");
+    expect_tensor(d, at::kHalf, n, nb, "d");
+    const int8_t *qp = qs.data_ptr<int8_t>();
+    const uint16_t *dp = reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>());
+    float *wp = w.data_ptr<float>();
+    at::parallel_for(0, n * nb, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float dd = half_bits_to_float(dp[i]);
+        for (int j = 0; j < QK; ++j) wp[i * QK + j] = static_cast<float>(qp[i * QK + j]) * dd;
+      }
+    });
+  })
+}
+
+// One decoding step of a Llama block with Q4_1 weights, for `b` rows each continuing its own
+// sequence (llmlab's `LlamaBlock::forward_rows` and the single-sequence decode step, fused):
+//   h = rms_norm(x, norm1); q, k, v = h · W_qkvᵀ; RoPE on q and k at each row's position;
+//   k, v written into the caches at (row, head, pos); each query head attends over its row's
+//   keys 0..=pos with its key/value head (grouped-query); x += ctx · W_outᵀ;
+//   h = rms_norm(x, norm2); g, u = h · W_gate_upᵀ; x += (silu(g) · u) · W_downᵀ.
+// `x (b, d)` f32 is updated in place; `w` holds 14 handles: norm1, norm2 (d) f32, then (qs, d,
+// m) of W_qkv, W_out, W_gate_up (gate rows first) and W_down; the caches are `(rows >= b, kv,
+// capacity, hd)` f32; `pos (b)` int64 (each < capacity); `cos`, `sin` `(positions, hd)` f32.
+char *llmlab_llama_q4_decode(at::Tensor *x_, const at::Tensor *const *w, at::Tensor *kc_,
+                             at::Tensor *vc_, const at::Tensor *pos_, const at::Tensor *cos_,
+                             const at::Tensor *sin_, int64_t n_heads, int64_t n_kv,
+                             double eps) {
+  LLMLAB_Q_PROTECT({
+#if defined(__x86_64__)
+    at::Tensor &x = *x_, &kc = *kc_, &vc = *vc_;
+    const at::Tensor &pos = *pos_, &cos = *cos_, &sin = *sin_;
+    expect(x.dim() == 2, "x must be 2-d (rows, emb)");
+    const int64_t b = x.size(0), d = x.size(1);
+    expect_tensor(x, at::kFloat, b, d, "x");
+    expect(kc.dim() == 4 && kc.sizes() == vc.sizes(), "the caches must be 4-d and alike");
+    const int64_t cap = kc.size(2), hd = kc.size(3);
+    expect(kc.size(0) >= b && kc.size(1) == n_kv && n_kv > 0 && n_heads % n_kv == 0,
+           "cache shape " + c10::str(kc.sizes()) + " does not fit " + std::to_string(b) +
+               " rows of " + std::to_string(n_kv) + " key/value heads");
+    expect(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
+               kc.is_contiguous() && vc.is_contiguous(),
+           "the caches must be contiguous f32");
+    expect(pos.dim() == 1 && pos.size(0) == b && pos.scalar_type() == at::kLong &&
+               pos.is_contiguous(),
+           "pos must be (rows,) int64");
+    expect_tensor(cos, at::kFloat, cos.size(0), hd, "cos");
+    expect_tensor(sin, at::kFloat, cos.size(0), hd, "sin");
+    const int64_t dq = n_heads * hd, dkv = n_kv * hd, nqkv = dq + 2 * dkv;
+    for (int i = 0; i < 2; ++i)
+      expect(w[i]->dim() == 1 && w[i]->size(0) == d && w[i]->scalar_type() == at::kFloat &&
+                 w[i]->is_contiguous() && w[i]->device().is_cpu(),
+             std::string(i == 0 ? "norm1" : "norm2") + " must be a contiguous (emb,) f32 tensor");
+    auto q41 = [&](int i, int64_t n, int64_t k, const char *name) {
+      expect_tensor(*w[i], at::kByte, n, k / 2, std::string(name) + " qs");
+      expect_tensor(*w[i + 1], at::kHalf, n, k / QK, std::string(name) + " d");
+      expect_tensor(*w[i + 2], at::kHalf, n, k / QK, std::string(name) + " m");
+      return Q41(*w[i], *w[i + 1], *w[i + 2], n);
+    };
+    expect(w[8]->dim() == 2 && w[8]->size(0) % 2 == 0, "gate_up must have an even row count");
+    const int64_t hidden = w[8]->size(0) / 2;
+    const Q41 wqkv = q41(2, nqkv, d, "qkv"), wout = q41(5, d, dq, "out"),
+              wgu = q41(8, 2 * hidden, d, "gate_up"), wdown = q41(11, d, hidden, "down");
+    const int64_t *p = pos.data_ptr<int64_t>();
+    for (int64_t r = 0; r < b; ++r)
+      expect(p[r] >= 0 && p[r] < cap && p[r] < cos.size(0),
+             "position " + std::to_string(p[r]) + " outside the cache (" + std::to_string(cap) +
+                 ") or the RoPE tables");
+    float *xp = x.data_ptr<float>();
+    const float *n1 = w[0]->data_ptr<float>(), *n2 = w[1]->data_ptr<float>();
+    float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    const int64_t kv_row = n_kv * cap * hd;  // floats per cache row
+
+    std::vector<float> h(b * std::max(d, hidden)), qkv(b * nqkv), ctx(b * dq), gu(b * 2 * hidden),
+        y(b * d);
+    // Attention.
+    rms_norm_rows(xp, b, d, n1, eps, h.data());
+    q41_mm(h.data(), b, d, wqkv, qkv.data());
+    for (int64_t r = 0; r < b; ++r) {
+      float *row = qkv.data() + r * nqkv;
+      const float *c = cp + p[r] * hd, *s = sp + p[r] * hd;
+      for (int64_t i = 0; i < n_heads + n_kv; ++i) rope_head(row + i * hd, hd, c, s);
+      for (int64_t j = 0; j < n_kv; ++j) {
+        const int64_t at_pos = r * kv_row + (j * cap + p[r]) * hd;
+        std::memcpy(kp + at_pos, row + dq + j * hd, hd * sizeof(float));
+        std::memcpy(vp + at_pos, row + dq + dkv + j * hd, hd * sizeof(float));
+      }
+    }
+    const int64_t group = n_heads / n_kv;
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+    at::parallel_for(0, b * n_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r = t / n_heads, i = t % n_heads, j = i / group, n_keys = p[r] + 1;
+        const float *q = qkv.data() + r * nqkv + i * hd;
+        const float *keys = kp + r * kv_row + j * cap * hd;
+        const float *vals = vp + r * kv_row + j * cap * hd;
+        scores.resize(n_keys);
+        float mx = -INFINITY;
+        for (int64_t t2 = 0; t2 < n_keys; ++t2) {
+          float dot = 0.f;
+          for (int64_t e = 0; e < hd; ++e) dot += q[e] * keys[t2 * hd + e];
+          scores[t2] = dot * scale;
+          mx = std::max(mx, scores[t2]);
+        }
+        float sum = 0.f;
+        for (int64_t t2 = 0; t2 < n_keys; ++t2) {
+          scores[t2] = std::exp(scores[t2] - mx);
+          sum += scores[t2];
+        }
+        float *out = ctx.data() + r * dq + i * hd;
+        std::fill(out, out + hd, 0.f);
+        for (int64_t t2 = 0; t2 < n_keys; ++t2) {
+          const float pr = scores[t2] / sum;
+          for (int64_t e = 0; e < hd; ++e) out[e] += pr * vals[t2 * hd + e];
+        }
+      }
+    });
+    q41_mm(ctx.data(), b, dq, wout, y.data());
+    for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
+    // Feed-forward.
+    rms_norm_rows(xp, b, d, n2, eps, h.data());
+    q41_mm(h.data(), b, d, wgu, gu.data());
+    for (int64_t r = 0; r < b; ++r) {
+      float *g = gu.data() + r * 2 * hidden, *act = h.data() + r * hidden;
+      for (int64_t i = 0; i < hidden; ++i)
+        act[i] = g[i] / (1.f + std::exp(-g[i])) * g[hidden + i];
+    }
+    q41_mm(h.data(), b, hidden, wdown, y.data());
+    for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
+#else
+    throw std::runtime_error("llmlab q4 kernel: built without the x86-64 AVX-512 kernels");
+#endif
+  })
+}
+
+}  // extern "C"

