@@ -68,9 +68,11 @@ extern "C" {
     ) -> *mut c_char;
     fn llmlab_dist_barrier(group: *mut c_void) -> *mut c_char;
     fn llmlab_q_kernels_built() -> c_int;
-    fn llmlab_llama_q4_decode(
+    fn llmlab_f32_mm(x: *const C_tensor, w: *const C_tensor, y: *mut C_tensor) -> *mut c_char;
+    fn llmlab_llama_decode(
         x: *mut C_tensor,
         w: *const *const C_tensor,
+        dense: c_int,
         k_cache: *mut C_tensor,
         v_cache: *mut C_tensor,
         pos: *const C_tensor,
@@ -492,27 +494,42 @@ impl Drop for OpProfile {
     }
 }
 
-/// A Llama block's Q4_1 decoding step (`llmlab_llama_q4_decode`): the tensors it reads.
-pub struct LlamaQ4Block<'a> {
+/// A projection of the fused decoding step: Q4_1 blocks `(qs, d, m)` or a dense f32 `(out, in)`.
+#[derive(Clone, Copy)]
+pub enum DecodeWeight<'a> {
+    Q41([&'a Tensor; 3]),
+    Dense(&'a Tensor),
+}
+
+/// A Llama block's decoding step (`llmlab_llama_decode`): the tensors it reads. The four
+/// projections are all Q4_1 or all dense f32.
+pub struct LlamaDecodeBlock<'a> {
     /// `(emb,)` f32 each.
     pub norm1: &'a Tensor,
     pub norm2: &'a Tensor,
-    /// `(qs, d, m)` of the fused q/k/v, the output, the fused gate/up (gate rows first) and the
-    /// down projections.
-    pub qkv: [&'a Tensor; 3],
-    pub out: [&'a Tensor; 3],
-    pub gate_up: [&'a Tensor; 3],
-    pub down: [&'a Tensor; 3],
+    /// The fused q/k/v, the output, the fused gate/up (gate rows first) and the down projections.
+    pub qkv: DecodeWeight<'a>,
+    pub out: DecodeWeight<'a>,
+    pub gate_up: DecodeWeight<'a>,
+    pub down: DecodeWeight<'a>,
 }
 
-/// One fused decoding step of a Llama block with Q4_1 weights for `b` rows, each at its own
+/// `y (b, n) = x (b, k) · Wᵀ` with a dense f32 `W (n, k)` (`k` a multiple of 16) by llmlab's
+/// AVX-512 kernel: decoding's output head. The caller checks the CPU has AVX-512.
+pub fn f32_mm(x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<(), LlmError> {
+    // SAFETY: as `q4_1_mm`.
+    let err = unsafe { llmlab_f32_mm(x.as_ptr(), w.as_ptr(), y.as_mut_ptr()) };
+    check(err, "f32 matmul")
+}
+
+/// One fused decoding step of a Llama block (Q4_1 or dense f32 weights) for `b` rows, each at its own
 /// position `pos (b,)` int64: `x (b, emb)` f32 is updated in place and each row's key and value
 /// are written into `k_cache`, `v_cache` `(rows >= b, n_kv, capacity, head_dim)` f32 at its
 /// position; `cos`, `sin` `(positions, head_dim)` f32 (see `src/shim/llmlab_q4.cpp`).
 #[allow(clippy::too_many_arguments)]
-pub fn llama_q4_decode(
+pub fn llama_decode(
     x: &mut Tensor,
-    block: &LlamaQ4Block,
+    block: &LlamaDecodeBlock,
     k_cache: &mut Tensor,
     v_cache: &mut Tensor,
     pos: &Tensor,
@@ -523,22 +540,24 @@ pub fn llama_q4_decode(
     eps: f64,
 ) -> Result<(), LlmError> {
     let mut w = vec![block.norm1.as_ptr(), block.norm2.as_ptr()];
-    for t in block
-        .qkv
-        .iter()
-        .chain(&block.out)
-        .chain(&block.gate_up)
-        .chain(&block.down)
-    {
-        w.push(t.as_ptr());
+    let mut dense = 0;
+    for p in [block.qkv, block.out, block.gate_up, block.down] {
+        match p {
+            DecodeWeight::Q41(t) => w.extend(t.map(Tensor::as_ptr)),
+            DecodeWeight::Dense(t) => {
+                dense = 1;
+                w.extend([t.as_ptr(), t.as_ptr(), t.as_ptr()]);
+            }
+        }
     }
     // SAFETY: every handle is borrowed from a live tensor for the call; the shim checks dtypes,
     // shapes, contiguity and positions before touching data, and writes only into `x` and the
     // two caches, which are borrowed mutably.
     let err = unsafe {
-        llmlab_llama_q4_decode(
+        llmlab_llama_decode(
             x.as_mut_ptr(),
             w.as_ptr(),
+            dense,
             k_cache.as_mut_ptr(),
             v_cache.as_mut_ptr(),
             pos.as_ptr(),
@@ -549,5 +568,5 @@ pub fn llama_q4_decode(
             eps,
         )
     };
-    check(err, "llama q4 decode step")
+    check(err, "llama decode step")
 }

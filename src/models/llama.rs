@@ -11,6 +11,7 @@ use crate::error::LlmError;
 use crate::nn::attention::{causal_mask, decode_attention, KvCache, RowPositions};
 use crate::nn::quant::{int4_unsupported, Int4Linear, Q41Linear, Q80Linear, QuantKernel};
 use crate::nn::Linear;
+use crate::shim::{DecodeWeight, LlamaDecodeBlock};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -655,12 +656,18 @@ impl LlamaBlock {
         x + h
     }
 
-    /// The tensors of llmlab's fused Q4_1 decoding step ([`crate::shim::llama_q4_decode`]):
-    /// `Some` when every projection runs [`Q41Linear`] and none has a LoRA adapter.
-    fn q4_step(&self) -> Option<crate::shim::LlamaQ4Block<'_>> {
-        fn blocks(p: &Option<Projection>) -> Option<[&Tensor; 3]> {
+    /// The tensors of llmlab's fused decoding step ([`crate::shim::llama_decode`]): `Some`
+    /// when every projection runs [`Q41Linear`] or every one is a dense f32 CPU matrix, the
+    /// norms are f32, and no layer has a LoRA adapter.
+    fn decode_step(&self) -> Option<LlamaDecodeBlock<'_>> {
+        fn weight(p: &Option<Projection>) -> Option<DecodeWeight<'_>> {
             match p {
-                Some(Projection::Q41(q)) => Some(q.blocks()),
+                Some(Projection::Q41(q)) => Some(DecodeWeight::Q41(q.blocks())),
+                Some(Projection::Dense(w))
+                    if w.kind() == Kind::Float && w.device() == Device::Cpu =>
+                {
+                    Some(DecodeWeight::Dense(w))
+                }
                 _ => None,
             }
         }
@@ -676,17 +683,23 @@ impl LlamaBlock {
         ]
         .iter()
         .any(|l| l.lora.is_some());
-        if adapted {
+        let f32_norms = [&self.norm1.weight, &self.norm2.weight]
+            .iter()
+            .all(|w| w.kind() == Kind::Float);
+        if adapted || !f32_norms {
             return None;
         }
-        Some(crate::shim::LlamaQ4Block {
+        let step = LlamaDecodeBlock {
             norm1: &self.norm1.weight,
             norm2: &self.norm2.weight,
-            qkv: blocks(&a.qkv)?,
-            out: blocks(&a.out)?,
-            gate_up: blocks(&f.gate_up)?,
-            down: blocks(&f.down)?,
-        })
+            qkv: weight(&a.qkv)?,
+            out: weight(&a.out)?,
+            gate_up: weight(&f.gate_up)?,
+            down: weight(&f.down)?,
+        };
+        let dense = |w: DecodeWeight| matches!(w, DecodeWeight::Dense(_));
+        let kinds = [step.qkv, step.out, step.gate_up, step.down].map(dense);
+        kinds.iter().all(|&d| d == kinds[0]).then_some(step)
     }
 
     /// One new token per row at the positions of `rows` (see [`GroupedQueryAttention::forward_rows`]).
@@ -717,6 +730,9 @@ pub struct LlamaModel {
     /// The output head in Q8_0 blocks (`--dtype q4` with llmlab's kernels), which eval mode's
     /// [`Self::logits`] uses instead of the dense one.
     head_q8: Option<Q80Linear>,
+    /// Decoding runs llmlab's AVX-512 kernels (the fused block step, the head's kernel): set by
+    /// `prepare_for_inference*` when [`QuantKernel::select`] gives `avx512`.
+    decode_kernels: bool,
     rope: Rope,
 }
 
@@ -761,6 +777,7 @@ impl LlamaModel {
             out_head: (!cfg.tie_weights)
                 .then(|| plain_linear(p / "out_head", cfg.emb_dim, cfg.vocab_size)),
             head_q8: None,
+            decode_kernels: false,
             rope: Rope::new(&cfg.inv_freq(rope_factors), cfg.context_length, p.device()),
         }
     }
@@ -778,11 +795,11 @@ impl LlamaModel {
         train: bool,
     ) -> Tensor {
         let cache = match cache {
-            Some(c) if !train && idx.size().get(1) == Some(&1) && self.q4_fused() => {
+            Some(c) if !train && idx.size().get(1) == Some(&1) && self.fused_decode() => {
                 // One decoding step: every row at the cache's length.
                 let (b, len) = (idx.size()[0], c.len());
                 let pos = Tensor::full([b], len, (Kind::Int64, Device::Cpu));
-                let h = self.decode_q4_fused(idx, c, &pos);
+                let h = self.decode_fused(idx, c, &pos);
                 c.layers.iter_mut().for_each(|l| l.advance(1));
                 return h;
             }
@@ -807,8 +824,8 @@ impl LlamaModel {
     /// Hidden states `(b, 1, emb)` of one new token per row `idx` `(b, 1)`, row `b` continuing
     /// its own sequence in row `b` of `cache` at position `rows.pos[b]` (continuous batching).
     pub fn hidden_rows(&self, idx: &Tensor, cache: &mut LlamaCache, rows: &RowPositions) -> Tensor {
-        if self.q4_fused() {
-            return self.decode_q4_fused(idx, cache, &rows.pos);
+        if self.fused_decode() {
+            return self.decode_fused(idx, cache, &rows.pos);
         }
         let mut x = self.tok_emb.forward(idx);
         for (b, layer) in self.trf_blocks.iter().zip(cache.layers.iter_mut()) {
@@ -817,17 +834,21 @@ impl LlamaModel {
         self.final_norm.forward(&x)
     }
 
-    /// Whether decoding steps run llmlab's fused Q4_1 block kernel ([`Self::decode_q4_fused`]):
-    /// `--dtype q4` with the avx512 kernel and no LoRA adapters.
-    pub fn q4_fused(&self) -> bool {
-        self.head_q8.is_some() && self.trf_blocks.iter().all(|b| b.q4_step().is_some())
+    /// Whether decoding steps run llmlab's fused block kernel ([`Self::decode_fused`]): the
+    /// avx512 kernels chosen at `prepare_for_inference*`, f32 activations on the CPU (`--dtype
+    /// q4`, or f32), and no LoRA adapters.
+    pub fn fused_decode(&self) -> bool {
+        self.decode_kernels
+            && self.tok_emb.ws.kind() == Kind::Float
+            && self.device() == Device::Cpu
+            && self.trf_blocks.iter().all(|b| b.decode_step().is_some())
     }
 
     /// Hidden states `(b, 1, emb)` of one new token per row `idx (b, 1)` at positions `pos (b,)`,
-    /// every block one call of the shim's fused Q4_1 step (norms, projections, RoPE, cache write,
-    /// attention, SwiGLU and residuals in one C++ function: [`crate::shim::llama_q4_decode`])
+    /// every block one call of the shim's fused step (Q4_1 or f32 weights) (norms, projections, RoPE, cache write,
+    /// attention, SwiGLU and residuals in one C++ function: [`crate::shim::llama_decode`])
     /// instead of ~70 libtorch operators. The caller counts the cached positions.
-    fn decode_q4_fused(&self, idx: &Tensor, cache: &mut LlamaCache, pos: &Tensor) -> Tensor {
+    fn decode_fused(&self, idx: &Tensor, cache: &mut LlamaCache, pos: &Tensor) -> Tensor {
         let b = idx.size()[0];
         let mut x = self
             .tok_emb
@@ -835,9 +856,9 @@ impl LlamaModel {
             .to_kind(Kind::Float)
             .contiguous();
         for (blk, layer) in self.trf_blocks.iter().zip(cache.layers.iter_mut()) {
-            let step = blk.q4_step().expect("q4_fused checked every block");
+            let step = blk.decode_step().expect("fused_decode checked every block");
             let (k, v) = layer.buffers();
-            crate::shim::llama_q4_decode(
+            crate::shim::llama_decode(
                 &mut x,
                 &step,
                 k,
@@ -876,6 +897,12 @@ impl LlamaModel {
         if let Some(h) = &self.head_q8 {
             return h.forward(hidden);
         }
+        let w = self.out_head.as_ref().map_or(&self.tok_emb.ws, |h| &h.ws);
+        if self.decode_kernels && !hidden.requires_grad() && w.kind() == Kind::Float {
+            if let Some(y) = crate::nn::quant::f32_decode_matmul(hidden, w) {
+                return y;
+            }
+        }
         match &self.out_head {
             Some(h) => h.forward(hidden),
             None => hidden.matmul(&self.tok_emb.ws.tr()),
@@ -912,6 +939,7 @@ impl LlamaModel {
     /// after changing the dtype.
     pub fn prepare_for_inference(&mut self) {
         self.head_q8 = None;
+        self.decode_kernels = matches!(QuantKernel::select(), Ok(QuantKernel::Avx512));
         self.prepare_blocks(BlockWeights::Dense);
     }
 
@@ -964,10 +992,12 @@ impl LlamaModel {
                 self.prepare_blocks(BlockWeights::Q41);
                 let head = self.out_head.as_ref().map_or(&self.tok_emb.ws, |h| &h.ws);
                 self.head_q8 = Some(Q80Linear::quantize(head));
+                self.decode_kernels = true;
             }
             QuantKernel::Torch => {
                 self.prepare_blocks(BlockWeights::Int4 { group });
                 self.head_q8 = None;
+                self.decode_kernels = false;
                 vs.set_kind(Kind::BFloat16);
                 self.rope.set_kind(Kind::BFloat16);
             }

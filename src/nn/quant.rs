@@ -225,14 +225,27 @@ pub const GEMM_ROWS: i64 = 64;
 /// Codes of GGUF's 32-weight blocks (see the module doc: llama.cpp's Q4_1 and Q8_0).
 const QK: i64 = 32;
 
-/// `x (..., in)` as contiguous f32 rows `(rows, in)`, and the output shape `(..., out)`.
-fn rows_of(x: &Tensor, in_dim: i64, out_dim: i64) -> (Tensor, Vec<i64>) {
+/// `x (..., in)` → `(..., out)` in f32 through a layer llmlab's kernels run: up to
+/// [`GEMM_ROWS`] rows (decoding) by its `kernel` (`x (rows, in)` contiguous f32 into `y (rows, out)`), more (a
+/// prompt) by libtorch's GEMM on its `dequantize`d weight.
+fn kernel_forward(
+    x: &Tensor,
+    (in_dim, out_dim): (i64, i64),
+    dequantize: impl FnOnce() -> Tensor,
+    kernel: impl FnOnce(&Tensor, &mut Tensor) -> Result<(), LlmError>,
+) -> Tensor {
     let mut shape = x.size();
     if let Some(last) = shape.last_mut() {
         *last = out_dim;
     }
     let x2 = x.to_kind(Kind::Float).reshape([-1, in_dim]).contiguous();
-    (x2, shape)
+    let rows = x2.size()[0];
+    if rows > GEMM_ROWS {
+        return x2.matmul(&dequantize().tr()).reshape(shape);
+    }
+    let mut y = Tensor::empty([rows, out_dim], (Kind::Float, Device::Cpu));
+    kernel(&x2, &mut y).expect("a layer's own weights have the shapes the kernel checks");
+    y.reshape(shape)
 }
 
 /// `y = x Wᵀ` with `W (out, in)` in GGUF's Q4_1 blocks as llama.cpp stores them (4-bit codes,
@@ -278,15 +291,12 @@ impl Q41Linear {
 
     /// `x (..., in)` → `(..., out)` in f32.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (x2, shape) = rows_of(x, self.in_dim, self.out_dim);
-        let rows = x2.size()[0];
-        if rows > GEMM_ROWS {
-            return x2.matmul(&self.dequantize().tr()).reshape(shape);
-        }
-        let mut y = Tensor::empty([rows, self.out_dim], (Kind::Float, Device::Cpu));
-        crate::shim::q4_1_mm(&x2, &self.qs, &self.d, &self.m, &mut y)
-            .expect("Q41Linear's own blocks have the shapes the kernel checks");
-        y.reshape(shape)
+        kernel_forward(
+            x,
+            (self.in_dim, self.out_dim),
+            || self.dequantize(),
+            |x, y| crate::shim::q4_1_mm(x, &self.qs, &self.d, &self.m, y),
+        )
     }
 
     /// Bytes the layer reads per product (codes, scales and minima).
@@ -352,19 +362,42 @@ impl Q80Linear {
 
     /// `x (..., in)` → `(..., out)` in f32.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let (x2, shape) = rows_of(x, self.in_dim, self.out_dim);
-        let rows = x2.size()[0];
-        if rows > GEMM_ROWS {
-            return x2.matmul(&self.dequantize().tr()).reshape(shape);
-        }
-        let mut y = Tensor::empty([rows, self.out_dim], (Kind::Float, Device::Cpu));
-        crate::shim::q8_0_mm(&x2, &self.qs, &self.d, &mut y)
-            .expect("Q80Linear's own blocks have the shapes the kernel checks");
-        y.reshape(shape)
+        kernel_forward(
+            x,
+            (self.in_dim, self.out_dim),
+            || self.dequantize(),
+            |x, y| crate::shim::q8_0_mm(x, &self.qs, &self.d, y),
+        )
     }
 
     /// Bytes the layer reads per product (codes and scales).
     pub fn num_bytes(&self) -> i64 {
         (self.qs.numel() + 2 * self.d.numel()) as i64
     }
+}
+
+/// `x (..., in) · Wᵀ` for a dense f32 `W (out, in)` by llmlab's AVX-512 kernel when it applies
+/// (at most [`GEMM_ROWS`] rows, f32 CPU tensors, `in` a multiple of 16, AVX-512): decoding's
+/// output head, where libtorch's matrix-vector product reads the 113 MB SmolLM2 head at about
+/// 10 GB/s. `None` when it does not apply (use libtorch). No autograd: inference only.
+pub fn f32_decode_matmul(x: &Tensor, w: &Tensor) -> Option<Tensor> {
+    let (n, k) = w.size2().ok()?;
+    let rows = x.numel() as i64 / k.max(1);
+    let applies = rows <= GEMM_ROWS
+        && k % 16 == 0
+        && x.kind() == Kind::Float
+        && w.kind() == Kind::Float
+        && x.device() == Device::Cpu
+        && w.device() == Device::Cpu
+        && w.is_contiguous()
+        && QuantKernel::avx512_available();
+    if !applies {
+        return None;
+    }
+    Some(kernel_forward(
+        x,
+        (k, n),
+        || w.shallow_clone(),
+        |x, y| crate::shim::f32_mm(x, w, y),
+    ))
 }

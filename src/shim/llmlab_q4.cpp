@@ -235,12 +235,11 @@ struct Q41 {
   const uint8_t *qs;
   const uint16_t *d, *m;
   int64_t n;
-  Q41(const at::Tensor &qs_, const at::Tensor &d_, const at::Tensor &m_, int64_t n_)
-      : qs(qs_.data_ptr<uint8_t>()),
-        d(reinterpret_cast<const uint16_t *>(d_.data_ptr<at::Half>())),
-        m(reinterpret_cast<const uint16_t *>(m_.data_ptr<at::Half>())),
-        n(n_) {}
 };
+
+const uint16_t *half_bits(const at::Tensor &t) {
+  return reinterpret_cast<const uint16_t *>(t.data_ptr<at::Half>());
+}
 
 // y (rows, w.n) = x (rows, k) · Wᵀ, output rows split over the thread pool.
 void q41_mm(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp) {
@@ -253,6 +252,70 @@ void q41_mm(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp) {
   });
 }
 
+// y (rows, n) = x (rows, k) · Wᵀ with W in Q8_0 blocks (qs (n, k), d (n, k/32)).
+void q80_mm(const float *xp, int64_t rows, int64_t k, const int8_t *qs, const uint16_t *d,
+            int64_t n, float *yp) {
+  const int64_t nb = k / QK;
+  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+    for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
+      q80_row<decltype(R)::value>(xp + r * k, k, qs + j * k, d + j * nb, nb, yp + r * n + j, n);
+    });
+  });
+}
+
+// One f32 weight row (`k` floats, k a multiple of 16) against R activation rows.
+template <int R>
+LLMLAB_AVX512 inline void f32_row(const float *x, int64_t ldx, const float *w, int64_t k, float *y,
+                                  int64_t ldy) {
+  constexpr int U = R == 1 ? 2 : 1;  // independent accumulators per activation row
+  __m512 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 * U <= k; i += 16 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m512 wv = _mm512_loadu_ps(w + i + 16 * u);
+      for (int r = 0; r < R; ++r)
+        acc[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * ldx + i + 16 * u), acc[r][u]);
+    }
+  for (; i < k; i += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + i);
+    for (int r = 0; r < R; ++r)
+      acc[r][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + r * ldx + i), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m512 s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[r][u]);
+    y[r * ldy] = _mm512_reduce_add_ps(s);
+  }
+}
+
+// y (rows, n) = x (rows, k) · Wᵀ with a dense f32 W (n, k), k a multiple of 16.
+void f32_mm(const float *xp, int64_t rows, int64_t k, const float *w, int64_t n, float *yp) {
+  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+    for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
+      f32_row<decltype(R)::value>(xp + r * k, k, w + j * k, k, yp + r * n + j, n);
+    });
+  });
+}
+
+// A projection of the fused decode step: Q4_1 blocks or a dense f32 matrix (n rows).
+struct Mat {
+  bool dense = false;
+  const float *f = nullptr;
+  const uint8_t *qs = nullptr;
+  const uint16_t *d = nullptr, *m = nullptr;
+  int64_t n = 0;
+};
+
+void mat_mm(const float *x, int64_t rows, int64_t k, const Mat &w, float *y) {
+  if (w.dense) {
+    f32_mm(x, rows, k, w.f, w.n, y);
+  } else {
+    q41_mm(x, rows, k, Q41{w.qs, w.d, w.m, w.n}, y);
+  }
+}
+
 // out (rows, d) = x · rsqrt(mean(x²) + eps) · w, as libtorch's rms_norm in f32.
 void rms_norm_rows(const float *x, int64_t rows, int64_t d, const float *w, double eps,
                    float *out) {
@@ -263,6 +326,26 @@ void rms_norm_rows(const float *x, int64_t rows, int64_t d, const float *w, doub
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
     for (int64_t i = 0; i < d; ++i) out[r * d + i] = xr[i] * inv * w[i];
   }
+}
+
+// a · b over n floats, and y += alpha · x: the attention's inner loops (the compiler does not
+// vectorize a float sum without reassociating it).
+LLMLAB_AVX512 float dot_f32(const float *a, const float *b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+LLMLAB_AVX512 void axpy_f32(float alpha, const float *x, float *y, int64_t n) {
+  const __m512 av = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
 // Rotates one head `v (hd)` in place (Hugging Face's rotate-half layout): the first half
@@ -301,7 +384,8 @@ char *llmlab_q4_1_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tens
     const Shapes s = check_common(x, d, y, n);
     expect_tensor(qs, at::kByte, n, s.k / 2, "qs");
     expect_tensor(m, at::kHalf, n, s.nb, "m");
-    q41_mm(x.data_ptr<float>(), s.b, s.k, Q41{qs, d, m, n}, y.data_ptr<float>());
+    q41_mm(x.data_ptr<float>(), s.b, s.k, Q41{qs.data_ptr<uint8_t>(), half_bits(d), half_bits(m), n},
+           y.data_ptr<float>());
 #else
     throw std::runtime_error("llmlab q4 kernel: built without the x86-64 AVX-512 kernels");
 #endif
@@ -318,19 +402,28 @@ char *llmlab_q8_0_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tens
     const int64_t n = qs.size(0);
     const Shapes s = check_common(x, d, y, n);
     expect_tensor(qs, at::kChar, n, s.k, "qs");
-    const float *xp = x.data_ptr<float>();
-    const int8_t *qp = qs.data_ptr<int8_t>();
-    const uint16_t *dp = reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>());
-    float *yp = y.data_ptr<float>();
-    const int64_t k = s.k, nb = s.nb, rows = s.b;
-    at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-      for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
-        q80_row<decltype(R)::value>(xp + r * k, k, qp + j * k, dp + j * nb, nb,
-                                    yp + r * n + j, n);
-      });
-    });
+    q80_mm(x.data_ptr<float>(), s.b, s.k, qs.data_ptr<int8_t>(),
+           reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>()), n, y.data_ptr<float>());
 #else
     throw std::runtime_error("llmlab q8 kernel: built without the x86-64 AVX-512 kernels");
+#endif
+  })
+}
+
+// y (b, n) = x (b, k) · Wᵀ with a dense f32 W (n, k), k a multiple of 16 (decoding's head).
+char *llmlab_f32_mm(const at::Tensor *x_, const at::Tensor *w_, at::Tensor *y_) {
+  LLMLAB_Q_PROTECT({
+#if defined(__x86_64__)
+    const at::Tensor &x = *x_, &w = *w_, &y = *y_;
+    expect(x.dim() == 2 && w.dim() == 2, "x and w must be 2-d");
+    const int64_t b = x.size(0), k = x.size(1), n = w.size(0);
+    expect(k % 16 == 0, "in = " + std::to_string(k) + " is not a multiple of 16");
+    expect_tensor(x, at::kFloat, b, k, "x");
+    expect_tensor(w, at::kFloat, n, k, "w");
+    expect_tensor(y, at::kFloat, b, n, "y");
+    f32_mm(x.data_ptr<float>(), b, k, w.data_ptr<float>(), n, y.data_ptr<float>());
+#else
+    throw std::runtime_error("llmlab f32 kernel: built without the x86-64 AVX-512 kernels");
 #endif
   })
 }
@@ -391,19 +484,20 @@ char *llmlab_q8_0_dequant(const at::Tensor *qs_, const at::Tensor *d_, at::Tenso
   })
 }
 
-// One decoding step of a Llama block with Q4_1 weights, for `b` rows each continuing its own
+// One decoding step of a Llama block (Q4_1 or dense f32 weights), for `b` rows each continuing its own
 // sequence (llmlab's `LlamaBlock::forward_rows` and the single-sequence decode step, fused):
 //   h = rms_norm(x, norm1); q, k, v = h · W_qkvᵀ; RoPE on q and k at each row's position;
 //   k, v written into the caches at (row, head, pos); each query head attends over its row's
 //   keys 0..=pos with its key/value head (grouped-query); x += ctx · W_outᵀ;
 //   h = rms_norm(x, norm2); g, u = h · W_gate_upᵀ; x += (silu(g) · u) · W_downᵀ.
 // `x (b, d)` f32 is updated in place; `w` holds 14 handles: norm1, norm2 (d) f32, then (qs, d,
-// m) of W_qkv, W_out, W_gate_up (gate rows first) and W_down; the caches are `(rows >= b, kv,
+// m) of W_qkv, W_out, W_gate_up (gate rows first) and W_down, or with `dense` each projection's
+// f32 matrix followed by two unused handles; the caches are `(rows >= b, kv,
 // capacity, hd)` f32; `pos (b)` int64 (each < capacity); `cos`, `sin` `(positions, hd)` f32.
-char *llmlab_llama_q4_decode(at::Tensor *x_, const at::Tensor *const *w, at::Tensor *kc_,
-                             at::Tensor *vc_, const at::Tensor *pos_, const at::Tensor *cos_,
-                             const at::Tensor *sin_, int64_t n_heads, int64_t n_kv,
-                             double eps) {
+char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int dense,
+                          at::Tensor *kc_, at::Tensor *vc_, const at::Tensor *pos_,
+                          const at::Tensor *cos_, const at::Tensor *sin_, int64_t n_heads,
+                          int64_t n_kv, double eps) {
   LLMLAB_Q_PROTECT({
 #if defined(__x86_64__)
     at::Tensor &x = *x_, &kc = *kc_, &vc = *vc_;
@@ -429,16 +523,29 @@ char *llmlab_llama_q4_decode(at::Tensor *x_, const at::Tensor *const *w, at::Ten
       expect(w[i]->dim() == 1 && w[i]->size(0) == d && w[i]->scalar_type() == at::kFloat &&
                  w[i]->is_contiguous() && w[i]->device().is_cpu(),
              std::string(i == 0 ? "norm1" : "norm2") + " must be a contiguous (emb,) f32 tensor");
-    auto q41 = [&](int i, int64_t n, int64_t k, const char *name) {
-      expect_tensor(*w[i], at::kByte, n, k / 2, std::string(name) + " qs");
-      expect_tensor(*w[i + 1], at::kHalf, n, k / QK, std::string(name) + " d");
-      expect_tensor(*w[i + 2], at::kHalf, n, k / QK, std::string(name) + " m");
-      return Q41(*w[i], *w[i + 1], *w[i + 2], n);
+    auto mat = [&](int i, int64_t n, int64_t k, const char *name) {
+      Mat out;
+      out.n = n;
+      out.dense = dense != 0;
+      if (out.dense) {
+        expect(k % 16 == 0, std::string(name) + ": in = " + std::to_string(k) +
+                                " is not a multiple of 16");
+        expect_tensor(*w[i], at::kFloat, n, k, name);
+        out.f = w[i]->data_ptr<float>();
+      } else {
+        expect_tensor(*w[i], at::kByte, n, k / 2, std::string(name) + " qs");
+        expect_tensor(*w[i + 1], at::kHalf, n, k / QK, std::string(name) + " d");
+        expect_tensor(*w[i + 2], at::kHalf, n, k / QK, std::string(name) + " m");
+        out.qs = w[i]->data_ptr<uint8_t>();
+        out.d = half_bits(*w[i + 1]);
+        out.m = half_bits(*w[i + 2]);
+      }
+      return out;
     };
     expect(w[8]->dim() == 2 && w[8]->size(0) % 2 == 0, "gate_up must have an even row count");
     const int64_t hidden = w[8]->size(0) / 2;
-    const Q41 wqkv = q41(2, nqkv, d, "qkv"), wout = q41(5, d, dq, "out"),
-              wgu = q41(8, 2 * hidden, d, "gate_up"), wdown = q41(11, d, hidden, "down");
+    const Mat wqkv = mat(2, nqkv, d, "qkv"), wout = mat(5, d, dq, "out"),
+              wgu = mat(8, 2 * hidden, d, "gate_up"), wdown = mat(11, d, hidden, "down");
     const int64_t *p = pos.data_ptr<int64_t>();
     for (int64_t r = 0; r < b; ++r)
       expect(p[r] >= 0 && p[r] < cap && p[r] < cos.size(0),
@@ -454,7 +561,7 @@ char *llmlab_llama_q4_decode(at::Tensor *x_, const at::Tensor *const *w, at::Ten
         y(b * d);
     // Attention.
     rms_norm_rows(xp, b, d, n1, eps, h.data());
-    q41_mm(h.data(), b, d, wqkv, qkv.data());
+    mat_mm(h.data(), b, d, wqkv, qkv.data());
     for (int64_t r = 0; r < b; ++r) {
       float *row = qkv.data() + r * nqkv;
       const float *c = cp + p[r] * hd, *s = sp + p[r] * hd;
@@ -477,9 +584,7 @@ char *llmlab_llama_q4_decode(at::Tensor *x_, const at::Tensor *const *w, at::Ten
         scores.resize(n_keys);
         float mx = -INFINITY;
         for (int64_t t2 = 0; t2 < n_keys; ++t2) {
-          float dot = 0.f;
-          for (int64_t e = 0; e < hd; ++e) dot += q[e] * keys[t2 * hd + e];
-          scores[t2] = dot * scale;
+          scores[t2] = dot_f32(q, keys + t2 * hd, hd) * scale;
           mx = std::max(mx, scores[t2]);
         }
         float sum = 0.f;
@@ -489,23 +594,21 @@ char *llmlab_llama_q4_decode(at::Tensor *x_, const at::Tensor *const *w, at::Ten
         }
         float *out = ctx.data() + r * dq + i * hd;
         std::fill(out, out + hd, 0.f);
-        for (int64_t t2 = 0; t2 < n_keys; ++t2) {
-          const float pr = scores[t2] / sum;
-          for (int64_t e = 0; e < hd; ++e) out[e] += pr * vals[t2 * hd + e];
-        }
+        for (int64_t t2 = 0; t2 < n_keys; ++t2) axpy_f32(scores[t2] / sum, vals + t2 * hd, out, hd);
       }
     });
-    q41_mm(ctx.data(), b, dq, wout, y.data());
+    mat_mm(ctx.data(), b, dq, wout, y.data());
     for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
     // Feed-forward.
     rms_norm_rows(xp, b, d, n2, eps, h.data());
-    q41_mm(h.data(), b, d, wgu, gu.data());
-    for (int64_t r = 0; r < b; ++r) {
-      float *g = gu.data() + r * 2 * hidden, *act = h.data() + r * hidden;
-      for (int64_t i = 0; i < hidden; ++i)
-        act[i] = g[i] / (1.f + std::exp(-g[i])) * g[hidden + i];
-    }
-    q41_mm(h.data(), b, hidden, wdown, y.data());
+    mat_mm(h.data(), b, d, wgu, gu.data());
+    at::parallel_for(0, b * hidden, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const float *g = gu.data() + (t / hidden) * 2 * hidden + t % hidden;
+        h[t] = g[0] / (1.f + std::exp(-g[0])) * g[hidden];
+      }
+    });
+    mat_mm(h.data(), b, hidden, wdown, y.data());
     for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
 #else
     throw std::runtime_error("llmlab q4 kernel: built without the x86-64 AVX-512 kernels");

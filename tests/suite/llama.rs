@@ -9,7 +9,7 @@ use llmlab::generate::{generate, GenerateSpec};
 use llmlab::models::llama::BlockWeights;
 use llmlab::models::LlamaConfig;
 use llmlab::nn::quant::QuantKernel;
-use llmlab::resolve::{smollm2_gguf, AnyModel, LoadedLm};
+use llmlab::resolve::{smollm2_gguf, AnyModel, InferenceDtype, LoadedLm};
 use llmlab::weights::llama::load_hf;
 use tch::{Device, Kind, Tensor};
 
@@ -277,7 +277,9 @@ fn smollm2_q4_is_close_to_f32() -> Result<()> {
 /// (whose weights are the same blocks dequantized) up to the order of the sums: last-position
 /// logits of every prompt within [`KERNEL_LOGIT_TOL`] of f32 (prompts longer than `GEMM_ROWS`
 /// take the dequantize-and-GEMM path), and greedy 32-token continuations (decoded by the fused
-/// block step) equal f32's token for token except after a recorded near-tie. The kernel choice
+/// block step) equal f32's token for token except after a recorded near-tie; f32 set up for
+/// inference (the fused step on dense f32 weights, the head by llmlab's f32 kernel) decodes
+/// exactly the tokens of f32 run by libtorch's operators. The kernel choice
 /// follows `LLMLAB_Q4_KERNEL` (`torch` forces the fallback; an unknown value is a usage error).
 #[test]
 fn smollm2_q4_avx512_kernels_equal_f32() -> Result<()> {
@@ -298,7 +300,14 @@ fn smollm2_q4_avx512_kernels_equal_f32() -> Result<()> {
         panic!("SmolLM2 is a Llama model")
     };
     assert_eq!(q4_m.block_weights(), Some(BlockWeights::Q41));
-    assert!(q4_m.q4_fused());
+    assert!(q4_m.fused_decode());
+    // f32 set up for inference decodes with the same fused step on its dense weights.
+    let mut f32_fused = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
+    f32_fused.set_dtype(InferenceDtype::F32)?;
+    let AnyModel::Llama(f32_fused) = &f32_fused.model else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    assert!(f32_fused.fused_decode() && !f32_m.fused_decode());
     assert_eq!(q4_m.tok_emb.ws.kind(), Kind::Float);
     let long = "The quick brown fox jumps over the lazy dog. ".repeat(12);
     let prompts = [
@@ -323,6 +332,11 @@ fn smollm2_q4_avx512_kernels_equal_f32() -> Result<()> {
         let spec = greedy(32, true);
         let a = generate(f32_m, &ids, &spec)?.ids;
         let b = generate(q4_m, &ids, &spec)?.ids;
+        let fused = generate(f32_fused, &ids, &spec)?.ids;
+        assert_eq!(
+            fused, a,
+            "prompt {i}: f32 with the fused step vs libtorch's operators"
+        );
         let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
         if same < a.len() {
             // Only a near-tie may differ: f32's margin between its pick and q4's at that step.
