@@ -402,8 +402,8 @@ char *llmlab_q8_0_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tens
     const int64_t n = qs.size(0);
     const Shapes s = check_common(x, d, y, n);
     expect_tensor(qs, at::kChar, n, s.k, "qs");
-    q80_mm(x.data_ptr<float>(), s.b, s.k, qs.data_ptr<int8_t>(),
-           reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>()), n, y.data_ptr<float>());
+    q80_mm(x.data_ptr<float>(), s.b, s.k, qs.data_ptr<int8_t>(), half_bits(d), n,
+           y.data_ptr<float>());
 #else
     throw std::runtime_error("llmlab q8 kernel: built without the x86-64 AVX-512 kernels");
 #endif
