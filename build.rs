@@ -17,6 +17,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/llmlab_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/llmlab_dist.cpp");
     println!("cargo:rerun-if-changed=src/shim/llmlab_q4.cpp");
+    println!("cargo:rerun-if-changed=src/shim/llmlab_protect.h");
     println!("cargo:rerun-if-changed=src/shim/gloo_decl");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {

