@@ -72,7 +72,7 @@ extern "C" {
     fn llmlab_llama_decode(
         x: *mut C_tensor,
         w: *const *const C_tensor,
-        dense: c_int,
+        layout: c_int,
         k_cache: *mut C_tensor,
         v_cache: *mut C_tensor,
         pos: *const C_tensor,
@@ -106,6 +106,31 @@ extern "C" {
     fn llmlab_q8_0_dequant(
         qs: *const C_tensor,
         d: *const C_tensor,
+        w: *mut C_tensor,
+    ) -> *mut c_char;
+    fn llmlab_x16_pack(
+        bits: c_int,
+        qs: *const C_tensor,
+        d: *const C_tensor,
+        m: *const C_tensor,
+        qs16: *mut C_tensor,
+        d16: *mut C_tensor,
+        m16: *mut C_tensor,
+    ) -> *mut c_char;
+    fn llmlab_x16_mm(
+        bits: c_int,
+        act_bits: c_int,
+        x: *const C_tensor,
+        qs16: *const C_tensor,
+        d16: *const C_tensor,
+        m16: *const C_tensor,
+        y: *mut C_tensor,
+    ) -> *mut c_char;
+    fn llmlab_x16_dequant(
+        bits: c_int,
+        qs16: *const C_tensor,
+        d16: *const C_tensor,
+        m16: *const C_tensor,
         w: *mut C_tensor,
     ) -> *mut c_char;
 }
@@ -461,6 +486,80 @@ pub fn q8_0_dequant(qs: &Tensor, d: &Tensor, w: &mut Tensor) -> Result<(), LlmEr
     check(err, "q8_0 dequantize")
 }
 
+/// Blocks in the shim's interleaved "x16" layout (16 weight rows side by side, for 8-bit
+/// activations and AVX-512 VNNI; see `src/shim/llmlab_q4.cpp`): `bits` 4 from Q4_1 (`qs16
+/// (n/16, k/32·256)` uint8, `d16`, `m16 (n/16, k/32·16)` f16) or 8 from Q8_0 (`qs16 (n/16,
+/// k/32·512)`, `d16`; no `m16`), multiplied by activations quantized to `act_bits` (8 or 16).
+pub struct X16<'a> {
+    pub bits: i32,
+    pub act_bits: i32,
+    pub qs16: &'a Tensor,
+    pub d16: &'a Tensor,
+    pub m16: Option<&'a Tensor>,
+}
+
+impl X16<'_> {
+    fn m16_ptr(&self) -> *const C_tensor {
+        self.m16.map_or(std::ptr::null(), Tensor::as_ptr)
+    }
+}
+
+/// Fills x16 tensors (allocated with their shapes; `bits` 4 or 8) from GGUF-layout blocks: Q4_1
+/// `(qs (n, k/2) uint8, d, Some(m))` into `(qs16, d16, Some(m16))`, or Q8_0 `(qs (n, k) int8, d,
+/// None)` into `(qs16, d16, None)`.
+pub fn x16_pack(
+    bits: i32,
+    (qs, d, m): (&Tensor, &Tensor, Option<&Tensor>),
+    (qs16, d16, m16): (&mut Tensor, &mut Tensor, Option<&mut Tensor>),
+) -> Result<(), LlmError> {
+    // SAFETY: as `q4_1_mm`; the shim writes only into the x16 tensors, which it checks first.
+    let err = unsafe {
+        llmlab_x16_pack(
+            bits,
+            qs.as_ptr(),
+            d.as_ptr(),
+            m.map_or(std::ptr::null(), Tensor::as_ptr),
+            qs16.as_mut_ptr(),
+            d16.as_mut_ptr(),
+            m16.map_or(std::ptr::null_mut(), |t| t.as_mut_ptr()),
+        )
+    };
+    check(err, "x16 repack")
+}
+
+/// `y (b, n) = x (b, k) · Wᵀ`, `W` in an x16 layout, the activations quantized to `w.act_bits`
+/// per block of 32. The caller checks the CPU has AVX-512 VNNI.
+pub fn x16_mm(x: &Tensor, w: &X16, y: &mut Tensor) -> Result<(), LlmError> {
+    // SAFETY: as `q4_1_mm`.
+    let err = unsafe {
+        llmlab_x16_mm(
+            w.bits,
+            w.act_bits,
+            x.as_ptr(),
+            w.qs16.as_ptr(),
+            w.d16.as_ptr(),
+            w.m16_ptr(),
+            y.as_mut_ptr(),
+        )
+    };
+    check(err, "x16 matmul")
+}
+
+/// `w (n, k)` f32 = the weight an x16 layout holds.
+pub fn x16_dequant(x16: &X16, w: &mut Tensor) -> Result<(), LlmError> {
+    // SAFETY: as `q4_1_mm`.
+    let err = unsafe {
+        llmlab_x16_dequant(
+            x16.bits,
+            x16.qs16.as_ptr(),
+            x16.d16.as_ptr(),
+            x16.m16_ptr(),
+            w.as_mut_ptr(),
+        )
+    };
+    check(err, "x16 dequantize")
+}
+
 /// libtorch's operator profiler (the legacy `RecordProfile`): while it lives, every operator
 /// this thread dispatches is recorded with its CPU time; dropping it writes a chrome://tracing
 /// JSON file (`llmlab bench generate --profile`).
@@ -499,15 +598,41 @@ impl Drop for OpProfile {
     }
 }
 
-/// A projection of the fused decoding step: Q4_1 blocks `(qs, d, m)` or a dense f32 `(out, in)`.
+/// A projection of the fused decoding step: Q4_1 blocks `(qs, d, m)`, a dense f32 `(out, in)`,
+/// or Q4_1x16 blocks `(qs16, d16, m16)` with activations of `act_bits` (16 or 8).
 #[derive(Clone, Copy)]
 pub enum DecodeWeight<'a> {
     Q41([&'a Tensor; 3]),
     Dense(&'a Tensor),
+    Q41x16 {
+        blocks: [&'a Tensor; 3],
+        act_bits: i32,
+    },
+}
+
+impl DecodeWeight<'_> {
+    /// The shim's `layout` code (0 Q4_1, 1 dense f32, 2 and 3 Q4_1x16 with 16- and 8-bit
+    /// activations).
+    pub fn layout(&self) -> i32 {
+        self.handles().0
+    }
+
+    /// The shim's `layout` code, and the three handles it reads.
+    fn handles(&self) -> (c_int, [*const C_tensor; 3]) {
+        match self {
+            Self::Q41(t) => (0, t.map(Tensor::as_ptr)),
+            Self::Dense(t) => (1, [t.as_ptr(); 3]),
+            Self::Q41x16 { blocks, act_bits } => (
+                if *act_bits == 8 { 3 } else { 2 },
+                blocks.map(Tensor::as_ptr),
+            ),
+        }
+    }
 }
 
 /// A Llama block's decoding step (`llmlab_llama_decode`): the tensors it reads. The four
-/// projections are all Q4_1 or all dense f32.
+/// projections share one layout (all Q4_1, all dense f32 or all Q4_1x16 with the same
+/// activation bits).
 pub struct LlamaDecodeBlock<'a> {
     /// `(emb,)` f32 each.
     pub norm1: &'a Tensor,
@@ -545,15 +670,15 @@ pub fn llama_decode(
     eps: f64,
 ) -> Result<(), LlmError> {
     let mut w = vec![block.norm1.as_ptr(), block.norm2.as_ptr()];
-    let mut dense = 0;
+    let layout = block.qkv.handles().0;
     for p in [block.qkv, block.out, block.gate_up, block.down] {
-        match p {
-            DecodeWeight::Q41(t) => w.extend(t.map(Tensor::as_ptr)),
-            DecodeWeight::Dense(t) => {
-                dense = 1;
-                w.extend([t.as_ptr(), t.as_ptr(), t.as_ptr()]);
-            }
+        let (l, handles) = p.handles();
+        if l != layout {
+            return Err(LlmError::Usage(
+                "llama decode step: the four projections must share one layout".into(),
+            ));
         }
+        w.extend(handles);
     }
     // SAFETY: every handle is borrowed from a live tensor for the call; the shim checks dtypes,
     // shapes, contiguity and positions before touching data, and writes only into `x` and the
@@ -562,7 +687,7 @@ pub fn llama_decode(
         llmlab_llama_decode(
             x.as_mut_ptr(),
             w.as_ptr(),
-            dense,
+            layout,
             k_cache.as_mut_ptr(),
             v_cache.as_mut_ptr(),
             pos.as_ptr(),

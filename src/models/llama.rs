@@ -339,8 +339,10 @@ pub enum BlockWeights {
     Dense,
     /// 4-bit codes in groups of `group` inputs with a scale and a minimum ([`Int4Linear`]).
     Int4 { group: i64 },
-    /// GGUF's Q4_1 blocks run by llmlab's AVX-512 kernel ([`Q41Linear`]).
-    Q41,
+    /// GGUF's Q4_1 blocks run by llmlab's AVX-512 kernels ([`Q41Linear`]) with activations of
+    /// `act_bits`: 32 (f32, the `avx512` kernel), or 16 or 8 with the blocks interleaved
+    /// ([`Q41Linear::interleaved`], the `vnni` and `vnni8` kernels).
+    Q41 { act_bits: u8 },
 }
 
 /// A projection `x Wᵀ` as eval mode runs it: a dense weight `(out, in)` (the variable, or a fused
@@ -357,7 +359,10 @@ impl Projection {
         match weights {
             BlockWeights::Dense => Self::Dense(w),
             BlockWeights::Int4 { group } => Self::Int4(Int4Linear::quantize(&w, group)),
-            BlockWeights::Q41 => Self::Q41(Q41Linear::quantize(&w)),
+            BlockWeights::Q41 { act_bits: 32 } => Self::Q41(Q41Linear::quantize(&w)),
+            BlockWeights::Q41 { act_bits } => {
+                Self::Q41(Q41Linear::quantize(&w).interleaved(act_bits))
+            }
         }
     }
 
@@ -662,7 +667,7 @@ impl LlamaBlock {
     fn decode_step(&self) -> Option<LlamaDecodeBlock<'_>> {
         fn weight(p: &Option<Projection>) -> Option<DecodeWeight<'_>> {
             match p {
-                Some(Projection::Q41(q)) => Some(DecodeWeight::Q41(q.blocks())),
+                Some(Projection::Q41(q)) => Some(q.decode_weight()),
                 Some(Projection::Dense(w))
                     if w.kind() == Kind::Float && w.device() == Device::Cpu =>
                 {
@@ -697,8 +702,7 @@ impl LlamaBlock {
             gate_up: weight(&f.gate_up)?,
             down: weight(&f.down)?,
         };
-        let dense = |w: DecodeWeight| matches!(w, DecodeWeight::Dense(_));
-        let kinds = [step.qkv, step.out, step.gate_up, step.down].map(dense);
+        let kinds = [step.qkv, step.out, step.gate_up, step.down].map(|w| w.layout());
         kinds.iter().all(|&d| d == kinds[0]).then_some(step)
     }
 
@@ -939,7 +943,10 @@ impl LlamaModel {
     /// after changing the dtype.
     pub fn prepare_for_inference(&mut self) {
         self.head_q8 = None;
-        self.decode_kernels = matches!(QuantKernel::select(), Ok(QuantKernel::Avx512));
+        self.decode_kernels = matches!(
+            QuantKernel::select(),
+            Ok(QuantKernel::Avx512 | QuantKernel::Vnni | QuantKernel::Vnni8)
+        );
         self.prepare_blocks(BlockWeights::Dense);
     }
 
@@ -949,18 +956,20 @@ impl LlamaModel {
     /// minimum. Call it while the weights are still f32: on a Q4_1 GGUF file's weights the codes
     /// are the file's own. Eval mode only: the codes are a snapshot.
     ///
-    /// Two kernels ([`QuantKernel::select`]):
-    /// * `avx512` (llmlab's, where the CPU has AVX-512): the blocks in GGUF's Q4_1 layout
-    ///   ([`Q41Linear`]) and the output head in Q8_0 ([`Q80Linear`], as GGUF files store
-    ///   `token_embd`), activations, norms and KV cache in f32: llama.cpp's arithmetic on the
-    ///   file's own blocks, without its 8-bit activations;
+    /// The kernels ([`QuantKernel::select`]):
+    /// * `vnni` (llmlab's, the default where the CPU has AVX-512 VNNI): the file's Q4_1 blocks
+    ///   and a Q8_0 output head ([`Q80Linear`], as GGUF files store `token_embd`), interleaved 16
+    ///   rows at a time and multiplied by 15-bit integer activations; norms, attention and KV
+    ///   cache in f32. `vnni8`: the same with 8-bit activations, llama.cpp's arithmetic;
+    /// * `avx512` (where the CPU has AVX-512 without VNNI): the same blocks in GGUF's layout
+    ///   ([`Q41Linear`]) multiplied by f32 activations, exact;
     /// * `torch` (libtorch's int4 kernel, any CPU; the fallback): [`Int4Linear`], then `vs` is
     ///   cast to bf16, so the activations, the norms and the embedding/output head run in bf16.
     pub fn prepare_for_inference_q4(&mut self, vs: &mut nn::VarStore) -> Result<(), LlmError> {
         self.prepare_for_inference_q4_with(vs, QuantKernel::select()?)
     }
 
-    /// [`Self::prepare_for_inference_q4`] with a chosen kernel (`avx512` must be available).
+    /// [`Self::prepare_for_inference_q4`] with a chosen kernel (which must be available).
     pub fn prepare_for_inference_q4_with(
         &mut self,
         vs: &mut nn::VarStore,
@@ -981,17 +990,23 @@ impl LlamaModel {
             )));
         }
         match kernel {
-            QuantKernel::Avx512 => {
-                if !QuantKernel::avx512_available() {
-                    return Err(LlmError::Usage(
-                        "--dtype q4: the avx512 kernel was asked for on a CPU without AVX-512"
-                            .into(),
-                    ));
+            QuantKernel::Avx512 | QuantKernel::Vnni | QuantKernel::Vnni8 => {
+                if !kernel.available() {
+                    return Err(LlmError::Usage(format!(
+                        "--dtype q4: the {} kernel was asked for on a CPU without it",
+                        kernel.name()
+                    )));
                 }
+                let act_bits = kernel.act_bits().unwrap_or(32);
                 vs.set_kind(Kind::Float);
-                self.prepare_blocks(BlockWeights::Q41);
+                self.prepare_blocks(BlockWeights::Q41 { act_bits });
                 let head = self.out_head.as_ref().map_or(&self.tok_emb.ws, |h| &h.ws);
-                self.head_q8 = Some(Q80Linear::quantize(head));
+                let head = Q80Linear::quantize(head);
+                self.head_q8 = Some(if act_bits < 32 {
+                    head.interleaved(act_bits)
+                } else {
+                    head
+                });
                 self.decode_kernels = true;
             }
             QuantKernel::Torch => {
@@ -1022,7 +1037,9 @@ impl LlamaModel {
             .map(|p| match p {
                 Projection::Dense(_) => BlockWeights::Dense,
                 Projection::Int4(q) => BlockWeights::Int4 { group: q.group },
-                Projection::Q41(_) => BlockWeights::Q41,
+                Projection::Q41(q) => BlockWeights::Q41 {
+                    act_bits: q.act_bits(),
+                },
             })
     }
 

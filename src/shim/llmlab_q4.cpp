@@ -78,6 +78,10 @@ inline float half_bits_to_float(uint16_t h) {
   return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
 }
 
+const uint16_t *half_bits(const at::Tensor &t) {
+  return reinterpret_cast<const uint16_t *>(t.data_ptr<at::Half>());
+}
+
 // Output rows per task of the thread pool: enough work to pay for a hand-off.
 constexpr int64_t GRAIN = 16;
 
@@ -223,10 +227,6 @@ struct Q41 {
   int64_t n;
 };
 
-const uint16_t *half_bits(const at::Tensor &t) {
-  return reinterpret_cast<const uint16_t *>(t.data_ptr<at::Half>());
-}
-
 // y (rows, w.n) = x (rows, k) · Wᵀ, output rows split over the thread pool.
 void q41_mm(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp) {
   const int64_t nb = k / QK, n = w.n;
@@ -285,9 +285,170 @@ void f32_mm(const float *xp, int64_t rows, int64_t k, const float *w, int64_t n,
   });
 }
 
+// ---- Interleaved blocks and 8-bit activations (AVX-512 VNNI; llama.cpp's arithmetic) ----
+//
+// The "x16" layouts hold 16 weight rows side by side, so that one `vpdpbusd` multiplies four
+// consecutive weights of each of 16 rows by the same four activation bytes and the 16 sums land
+// in the 16 lanes of the output: no horizontal sums, and one instruction does 64 products.
+//   Q4_1x16: `qs (n/16, nb·256)` uint8: for group g and block b, 4 vectors of 64 bytes; vector
+//            t, lane j holds GGUF's bytes 4t..4t+3 of row 16g+j's block b (so its low nibbles are
+//            weights 4t..4t+3 and its high nibbles weights 16+4t..16+4t+3);
+//            `d`, `m (n/16, nb·16)` f16: lane j of block b is row 16g+j's scale and minimum.
+//   Q8_0x16: `qs (n/16, nb·512)` uint8: 8 vectors of 64 bytes, vector t lane j holding row
+//            16g+j's codes 4t..4t+3 plus 128 (vpdpbusd multiplies unsigned by signed bytes);
+//            `d (n/16, nb·16)` f16. Its weight is (u - 128)·d: a Q4_1-like minimum of -128·d.
+// The activations are quantized per row and block of 32, with `A` bits:
+//   A = 8, llama.cpp's Q8_1: `da = max|x| / 127`, `qa = round(x / da)` (to nearest even);
+//   A = 16: `da = max|x| / 16383` and `qa = 128·hi + lo` with `hi = qa >> 7` (-128..127) and
+//   `lo = qa & 127`, both bytes, so one block costs two `vpdpbusd` passes (the first shifted left
+//   by 7 in the int32 lanes, exactly) and the activations keep 15 bits: the error of a product is
+//   about 1e-4 relative to its inputs' sizes, near f32's, where 8 bits cost about 1e-2.
+// With `sa = da · Σ qa` the product is x · w ≈ Σ_b (d_b · da_b · Σ_i u_i qa_i + m_b · sa_b).
+// The f32-activation kernels above stay the exact path (LLMLAB_Q4_KERNEL=avx512).
+#define LLMLAB_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+
+// Rows of `x (rows, k)` quantized per block of 32 (see above).
+struct QAct {
+  std::vector<int8_t> hi, lo;  // (rows, k); `lo` only for 16 bits
+  std::vector<float> d, s;     // (rows, k / 32)
+};
+
+template <int A>
+LLMLAB_VNNI void quantize_act(const float *x, int64_t rows, int64_t k, QAct &a) {
+  constexpr float LEVELS = A == 8 ? 127.f : 16383.f;
+  const int64_t nb = k / QK;
+  a.hi.resize(rows * k);
+  if (A == 16) a.lo.resize(rows * k);
+  a.d.resize(rows * nb);
+  a.s.resize(rows * nb);
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t i = 0; i < rows * nb; ++i) {
+    const __m512 x0 = _mm512_loadu_ps(x + i * QK), x1 = _mm512_loadu_ps(x + i * QK + 16);
+    const float amax = _mm512_reduce_max_ps(
+        _mm512_max_ps(_mm512_and_ps(x0, sign), _mm512_and_ps(x1, sign)));
+    const float id = amax > 0.f ? LEVELS / amax : 0.f;
+    __m512i q[2];
+    q[0] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x0, _mm512_set1_ps(id)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[1] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x1, _mm512_set1_ps(id)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (int h = 0; h < 2; ++h) {
+      __m128i *hi = reinterpret_cast<__m128i *>(a.hi.data() + i * QK + 16 * h);
+      if constexpr (A == 8) {
+        _mm_storeu_si128(hi, _mm512_cvtsepi32_epi8(q[h]));
+      } else {
+        _mm_storeu_si128(hi, _mm512_cvtsepi32_epi8(_mm512_srai_epi32(q[h], 7)));
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(a.lo.data() + i * QK + 16 * h),
+                         _mm512_cvtsepi32_epi8(_mm512_and_si512(q[h], _mm512_set1_epi32(127))));
+      }
+    }
+    a.d[i] = amax / LEVELS;
+    a.s[i] = a.d[i] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])));
+  }
+}
+
+// One group of 16 weight rows (BITS 4: Q4_1x16, 8: Q8_0x16) against R activation rows of A
+// bits: y[r * ldy + j] for j < 16. `qs`, `d`, `m` point at the group's first block.
+template <int BITS, int A, int R>
+LLMLAB_VNNI inline void x16_group(const QAct &a, int64_t r0, int64_t k, const uint8_t *qs,
+                                  const uint16_t *d, const uint16_t *m, float *y, int64_t ldy) {
+  const int64_t nb = k / QK;
+  constexpr int64_t BLOCK_BYTES = BITS == 4 ? 256 : 512;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t *blk = qs + b * BLOCK_BYTES;
+    __m512i w[8];
+    if constexpr (BITS == 4) {
+      for (int t = 0; t < 4; ++t) {
+        const __m512i v = _mm512_loadu_si512(blk + 64 * t);
+        w[t] = _mm512_and_si512(v, low);
+        w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+    } else {
+      for (int t = 0; t < 8; ++t) w[t] = _mm512_loadu_si512(blk + 64 * t);
+    }
+    const __m512 dv =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(d + b * 16)));
+    const __m512 mv =
+        BITS == 4
+            ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(m + b * 16)))
+            : _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));
+    // The R rows' sums side by side (R independent dependency chains), 4 bytes of each row's
+    // block broadcast to the 16 lanes per step.
+    __m512i sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_si512();
+    const int64_t at = r0 * k + b * QK;  // row r's block starts at at + r * k
+    for (int t = 0; t < 8; ++t)
+      for (int r = 0; r < R; ++r)
+        sum[r] = _mm512_dpbusd_epi32(
+            sum[r], w[t],
+            _mm512_set1_epi32(*reinterpret_cast<const int32_t *>(a.hi.data() + at + r * k + 4 * t)));
+    if constexpr (A == 16) {
+      for (int r = 0; r < R; ++r) sum[r] = _mm512_slli_epi32(sum[r], 7);
+      for (int t = 0; t < 8; ++t)
+        for (int r = 0; r < R; ++r)
+          sum[r] = _mm512_dpbusd_epi32(
+              sum[r], w[t],
+              _mm512_set1_epi32(
+                  *reinterpret_cast<const int32_t *>(a.lo.data() + at + r * k + 4 * t)));
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * nb + b;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]),
+                               _mm512_mul_ps(dv, _mm512_set1_ps(a.d[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.s[i]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, acc[r]);
+}
+
+// y (rows, n) = x (rows, k) · Wᵀ with W in an x16 layout (BITS 4 or 8; n a multiple of 16) and
+// A-bit activations.
+template <int BITS, int A>
+void x16_mm(const float *xp, int64_t rows, int64_t k, const uint8_t *qs, const uint16_t *d,
+            const uint16_t *m, int64_t n, float *yp) {
+  const int64_t nb = k / QK, groups = n / 16;
+  const int64_t block_bytes = BITS == 4 ? 256 : 512;
+  QAct a;
+  quantize_act<A>(xp, rows, k, a);
+  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t *q = qs + g * nb * block_bytes;
+      const uint16_t *dg = d + g * nb * 16, *mg = m ? m + g * nb * 16 : nullptr;
+      float *yg = yp + g * 16;
+      int64_t r = 0;
+      for (; r + 8 <= rows; r += 8) x16_group<BITS, A, 8>(a, r, k, q, dg, mg, yg + r * n, n);
+      switch (rows - r) {
+        case 7: x16_group<BITS, A, 7>(a, r, k, q, dg, mg, yg + r * n, n); break;
+        case 6: x16_group<BITS, A, 6>(a, r, k, q, dg, mg, yg + r * n, n); break;
+        case 5: x16_group<BITS, A, 5>(a, r, k, q, dg, mg, yg + r * n, n); break;
+        case 4: x16_group<BITS, A, 4>(a, r, k, q, dg, mg, yg + r * n, n); break;
+        case 3: x16_group<BITS, A, 3>(a, r, k, q, dg, mg, yg + r * n, n); break;
+        case 2: x16_group<BITS, A, 2>(a, r, k, q, dg, mg, yg + r * n, n); break;
+        case 1: x16_group<BITS, A, 1>(a, r, k, q, dg, mg, yg + r * n, n); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// x16_mm with the activation bits chosen at run time (8 or 16).
+template <int BITS>
+void x16_mm_act(int act_bits, const float *xp, int64_t rows, int64_t k, const uint8_t *qs,
+                const uint16_t *d, const uint16_t *m, int64_t n, float *yp) {
+  if (act_bits == 8)
+    x16_mm<BITS, 8>(xp, rows, k, qs, d, m, n, yp);
+  else
+    x16_mm<BITS, 16>(xp, rows, k, qs, d, m, n, yp);
+}
+
 // A projection of the fused decode step: Q4_1 blocks or a dense f32 matrix (n rows).
 struct Mat {
   bool dense = false;
+  int x16_act = 0;  // Q4_1x16 blocks with activations of 8 or 16 bits; 0: not x16
   const float *f = nullptr;
   const uint8_t *qs = nullptr;
   const uint16_t *d = nullptr, *m = nullptr;
@@ -297,6 +458,8 @@ struct Mat {
 void mat_mm(const float *x, int64_t rows, int64_t k, const Mat &w, float *y) {
   if (w.dense) {
     f32_mm(x, rows, k, w.f, w.n, y);
+  } else if (w.x16_act) {
+    x16_mm_act<4>(w.x16_act, x, rows, k, w.qs, w.d, w.m, w.n, y);
   } else {
     q41_mm(x, rows, k, Q41{w.qs, w.d, w.m, w.n}, y);
   }
@@ -427,8 +590,7 @@ char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at:
     expect_tensor(d, at::kHalf, n, nb, "d");
     expect_tensor(m, at::kHalf, n, nb, "m");
     const uint8_t *qp = qs.data_ptr<uint8_t>();
-    const uint16_t *dp = reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>());
-    const uint16_t *mp = reinterpret_cast<const uint16_t *>(m.data_ptr<at::Half>());
+    const uint16_t *dp = half_bits(d), *mp = half_bits(m);
     float *wp = w.data_ptr<float>();
     at::parallel_for(0, n * nb, 256, [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__)
@@ -459,7 +621,7 @@ char *llmlab_q8_0_dequant(const at::Tensor *qs_, const at::Tensor *d_, at::Tenso
     expect_tensor(qs, at::kChar, n, k, "qs");
     expect_tensor(d, at::kHalf, n, nb, "d");
     const int8_t *qp = qs.data_ptr<int8_t>();
-    const uint16_t *dp = reinterpret_cast<const uint16_t *>(d.data_ptr<at::Half>());
+    const uint16_t *dp = half_bits(d);
     float *wp = w.data_ptr<float>();
     at::parallel_for(0, n * nb, 256, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
@@ -470,17 +632,147 @@ char *llmlab_q8_0_dequant(const at::Tensor *qs_, const at::Tensor *d_, at::Tenso
   })
 }
 
+}  // extern "C"
+
+// The x16 layouts (see `x16_group`): `bits` 4 (Q4_1x16: qs, d, m) or 8 (Q8_0x16: qs, d; m NULL).
+// Shapes: qs16 (n/16, nb·256 or nb·512) uint8, d16 and m16 (n/16, nb·16) f16.
+namespace {
+struct X16 {
+  int64_t n, nb, block_bytes;
+};
+
+X16 check_x16(int bits, const at::Tensor &qs16, const at::Tensor &d16, const at::Tensor *m16,
+              int64_t n, int64_t k) {
+  expect(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
+  expect(n % 16 == 0, "out = " + std::to_string(n) + " is not a multiple of 16");
+  expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+  const int64_t nb = k / QK, block_bytes = bits == 4 ? 256 : 512;
+  expect_tensor(qs16, at::kByte, n / 16, nb * block_bytes, "qs16");
+  expect_tensor(d16, at::kHalf, n / 16, nb * 16, "d16");
+  expect((bits == 4) == (m16 != nullptr), "m16 is given exactly for 4 bits");
+  if (m16) expect_tensor(*m16, at::kHalf, n / 16, nb * 16, "m16");
+  return {n, nb, block_bytes};
+}
+}  // namespace
+
+extern "C" {
+
+// Repacks GGUF-layout blocks into the x16 layout: bits 4 from Q4_1 (qs (n, k/2) uint8, d, m
+// (n, k/32) f16), bits 8 from Q8_0 (qs (n, k) int8, d; m NULL). n is a multiple of 16.
+char *llmlab_x16_pack(int bits, const at::Tensor *qs_, const at::Tensor *d_, const at::Tensor *m_,
+                      at::Tensor *qs16_, at::Tensor *d16_, at::Tensor *m16_) {
+  LLMLAB_PROTECT({
+    const at::Tensor &qs = *qs_, &d = *d_;
+    expect(qs.dim() == 2, "qs must be 2-d");
+    const int64_t n = qs.size(0), k = qs.size(1) * (bits == 4 ? 2 : 1);
+    const X16 x = check_x16(bits, *qs16_, *d16_, m16_, n, k);
+    expect_tensor(qs, bits == 4 ? at::kByte : at::kChar, n, bits == 4 ? k / 2 : k, "qs");
+    expect_tensor(d, at::kHalf, n, x.nb, "d");
+    expect((m_ != nullptr) == (m16_ != nullptr), "m and m16 go together");
+    if (m_) expect_tensor(*m_, at::kHalf, n, x.nb, "m");
+    const uint8_t *src = static_cast<const uint8_t *>(qs.data_ptr());
+    uint8_t *dst = qs16_->data_ptr<uint8_t>();
+    const uint16_t *dp = half_bits(d), *mp = m_ ? half_bits(*m_) : nullptr;
+    uint16_t *d16 = reinterpret_cast<uint16_t *>(d16_->data_ptr<at::Half>());
+    uint16_t *m16 = m16_ ? reinterpret_cast<uint16_t *>(m16_->data_ptr<at::Half>()) : nullptr;
+    const int64_t row_bytes = bits == 4 ? k / 2 : k, blk = bits == 4 ? 16 : 32;
+    const uint8_t offset = bits == 4 ? 0 : 128;
+    for (int64_t g = 0; g < n / 16; ++g)
+      for (int64_t b = 0; b < x.nb; ++b) {
+        uint8_t *out = dst + (g * x.nb + b) * x.block_bytes;
+        for (int64_t t = 0; t < blk / 4; ++t)
+          for (int64_t j = 0; j < 16; ++j)
+            for (int64_t i = 0; i < 4; ++i)
+              out[t * 64 + j * 4 + i] =
+                  static_cast<uint8_t>(src[(16 * g + j) * row_bytes + b * blk + 4 * t + i] + offset);
+        for (int64_t j = 0; j < 16; ++j) {
+          d16[(g * x.nb + b) * 16 + j] = dp[(16 * g + j) * x.nb + b];
+          if (m16) m16[(g * x.nb + b) * 16 + j] = mp[(16 * g + j) * x.nb + b];
+        }
+      }
+  })
+}
+
+// y (b, n) = x (b, k) · Wᵀ with W in an x16 layout, the activations quantized to `act_bits`
+// (8 or 16) per block of 32. Needs AVX-512 VNNI (the caller's check).
+char *llmlab_x16_mm(int bits, int act_bits, const at::Tensor *x_, const at::Tensor *qs16_,
+                    const at::Tensor *d16_, const at::Tensor *m16_, at::Tensor *y_) {
+  LLMLAB_PROTECT({
+#if defined(__x86_64__)
+    const at::Tensor &x = *x_, &y = *y_;
+    expect(x.dim() == 2 && y.dim() == 2, "x and y must be 2-d");
+    expect(act_bits == 8 || act_bits == 16,
+           "act_bits must be 8 or 16, got " + std::to_string(act_bits));
+    const int64_t b = x.size(0), k = x.size(1), n = y.size(1);
+    check_x16(bits, *qs16_, *d16_, m16_, n, k);
+    expect_tensor(x, at::kFloat, b, k, "x");
+    expect_tensor(y, at::kFloat, b, n, "y");
+    const uint8_t *qs = qs16_->data_ptr<uint8_t>();
+    const uint16_t *d = half_bits(*d16_), *m = m16_ ? half_bits(*m16_) : nullptr;
+    if (bits == 4)
+      x16_mm_act<4>(act_bits, x.data_ptr<float>(), b, k, qs, d, m, n, y.data_ptr<float>());
+    else
+      x16_mm_act<8>(act_bits, x.data_ptr<float>(), b, k, qs, d, m, n, y.data_ptr<float>());
+#else
+    throw std::runtime_error("llmlab x16 kernel: built without the x86-64 AVX-512 kernels");
+#endif
+  })
+}
+
+// w (n, k) f32 = the weight an x16 layout holds (exactly the GGUF blocks' values).
+char *llmlab_x16_dequant(int bits, const at::Tensor *qs16_, const at::Tensor *d16_,
+                         const at::Tensor *m16_, at::Tensor *w_) {
+  LLMLAB_PROTECT({
+    const at::Tensor &w = *w_;
+    expect(w.dim() == 2, "w must be 2-d (out, in)");
+    const int64_t n = w.size(0), k = w.size(1);
+    const X16 x = check_x16(bits, *qs16_, *d16_, m16_, n, k);
+    expect_tensor(w, at::kFloat, n, k, "w");
+    const uint8_t *qs = qs16_->data_ptr<uint8_t>();
+    const uint16_t *d = half_bits(*d16_), *m = m16_ ? half_bits(*m16_) : nullptr;
+    float *wp = w.data_ptr<float>();
+    at::parallel_for(0, n / 16, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g)
+        for (int64_t b = 0; b < x.nb; ++b) {
+          const uint8_t *blk = qs + (g * x.nb + b) * x.block_bytes;
+          for (int64_t j = 0; j < 16; ++j) {
+            const float dd = half_bits_to_float(d[(g * x.nb + b) * 16 + j]);
+            float *out = wp + (16 * g + j) * k + b * QK;
+            if (bits == 4) {
+              const float mm = half_bits_to_float(m[(g * x.nb + b) * 16 + j]);
+              for (int64_t e = 0; e < 16; ++e) {
+                const uint8_t byte = blk[(e / 4) * 64 + j * 4 + e % 4];
+                out[e] = static_cast<float>(byte & 0x0F) * dd + mm;
+                out[e + 16] = static_cast<float>(byte >> 4) * dd + mm;
+              }
+            } else {
+              for (int64_t e = 0; e < QK; ++e)
+                out[e] = static_cast<float>(static_cast<int>(blk[(e / 4) * 64 + j * 4 + e % 4]) -
+                                            128) *
+                         dd;
+            }
+          }
+        }
+    });
+  })
+}
+
+}  // extern "C"
+
+extern "C" {
+
 // One decoding step of a Llama block (Q4_1 or dense f32 weights), for `b` rows each continuing its own
 // sequence (llmlab's `LlamaBlock::forward_rows` and the single-sequence decode step, fused):
 //   h = rms_norm(x, norm1); q, k, v = h · W_qkvᵀ; RoPE on q and k at each row's position;
 //   k, v written into the caches at (row, head, pos); each query head attends over its row's
 //   keys 0..=pos with its key/value head (grouped-query); x += ctx · W_outᵀ;
 //   h = rms_norm(x, norm2); g, u = h · W_gate_upᵀ; x += (silu(g) · u) · W_downᵀ.
-// `x (b, d)` f32 is updated in place; `w` holds 14 handles: norm1, norm2 (d) f32, then (qs, d,
-// m) of W_qkv, W_out, W_gate_up (gate rows first) and W_down, or with `dense` each projection's
-// f32 matrix followed by two unused handles; the caches are `(rows >= b, kv,
-// capacity, hd)` f32; `pos (b)` int64 (each < capacity); `cos`, `sin` `(positions, hd)` f32.
-char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int dense,
+// `x (b, d)` f32 is updated in place; `w` holds 14 handles: norm1, norm2 (d) f32, then for
+// W_qkv, W_out, W_gate_up (gate rows first) and W_down three handles each, by `layout`:
+// 0 the Q4_1 blocks (qs, d, m); 1 the dense f32 matrix and two unused handles; 2 and 3 the
+// Q4_1x16 blocks (qs16, d16, m16) with 16- and 8-bit activations. The caches are `(rows >= b, kv, capacity, hd)`
+// f32; `pos (b)` int64 (each < capacity); `cos`, `sin` `(positions, hd)` f32.
+char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout,
                           at::Tensor *kc_, at::Tensor *vc_, const at::Tensor *pos_,
                           const at::Tensor *cos_, const at::Tensor *sin_, int64_t n_heads,
                           int64_t n_kv, double eps) {
@@ -488,6 +780,7 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int dense,
 #if defined(__x86_64__)
     at::Tensor &x = *x_, &kc = *kc_, &vc = *vc_;
     const at::Tensor &pos = *pos_, &cos = *cos_, &sin = *sin_;
+    expect(layout >= 0 && layout <= 3, "layout must be 0..3, got " + std::to_string(layout));
     expect(x.dim() == 2, "x must be 2-d (rows, emb)");
     const int64_t b = x.size(0), d = x.size(1);
     expect_tensor(x, at::kFloat, b, d, "x");
@@ -512,8 +805,14 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int dense,
     auto mat = [&](int i, int64_t n, int64_t k, const char *name) {
       Mat out;
       out.n = n;
-      out.dense = dense != 0;
-      if (out.dense) {
+      out.dense = layout == 1;
+      out.x16_act = layout == 2 ? 16 : layout == 3 ? 8 : 0;
+      if (out.x16_act) {
+        check_x16(4, *w[i], *w[i + 1], w[i + 2], n, k);
+        out.qs = w[i]->data_ptr<uint8_t>();
+        out.d = half_bits(*w[i + 1]);
+        out.m = half_bits(*w[i + 2]);
+      } else if (out.dense) {
         expect(k % 16 == 0, std::string(name) + ": in = " + std::to_string(k) +
                                 " is not a multiple of 16");
         expect_tensor(*w[i], at::kFloat, n, k, name);
@@ -528,8 +827,10 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int dense,
       }
       return out;
     };
-    expect(w[8]->dim() == 2 && w[8]->size(0) % 2 == 0, "gate_up must have an even row count");
-    const int64_t hidden = w[8]->size(0) / 2;
+    expect(w[8]->dim() == 2, "gate_up must be 2-d");
+    const int64_t gu_rows = w[8]->size(0) * (layout >= 2 ? 16 : 1);  // x16: groups of 16 rows
+    expect(gu_rows % 2 == 0, "gate_up must have an even row count");
+    const int64_t hidden = gu_rows / 2;
     const Mat wqkv = mat(2, nqkv, d, "qkv"), wout = mat(5, d, dq, "out"),
               wgu = mat(8, 2 * hidden, d, "gate_up"), wdown = mat(11, d, hidden, "down");
     const int64_t *p = pos.data_ptr<int64_t>();

@@ -16,7 +16,9 @@ decoding (bytes of weights per token over `--bandwidth` GB/s, measured by `--ban
 as the speed of a large memory copy).
 
     python tests/reference/bench_llamacpp.py [--llmlab target/release/llmlab] [--threads 2]
-        [--rounds 3] [--dtypes q4,f32] [--out FILE]
+        [--rounds 3] [--dtypes q4,q4:vnni8,q4:avx512,f32] [--out FILE]
+
+A dtype `q4:KERNEL` runs `--dtype q4` with `LLMLAB_Q4_KERNEL=KERNEL` (vnni, vnni8, avx512, torch).
 """
 import argparse
 import json
@@ -80,10 +82,13 @@ def run_json(cmd, env=None):
 
 
 def llmlab(a, dtype):
+    # "q4:vnni8": --dtype q4 with LLMLAB_Q4_KERNEL=vnni8 (the CPU's default kernel otherwise).
+    dtype, _, kernel = dtype.partition(":")
+    env = os.environ | ({"LLMLAB_Q4_KERNEL": kernel} if kernel else {})
     base = [a.llmlab, "bench", "generate", "--model", "smollm2-135m-instruct", "--dtype", dtype,
             "--threads", str(a.threads), "--device", "cpu", "--iters", "2", "--format", "json"]
-    tg = run_json(base + ["--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--batch", str(BATCH)])
-    pp = run_json(base + ["--prompt-tokens", str(PP), "--new-tokens", "2"])
+    tg = run_json(base + ["--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--batch", str(BATCH)], env)
+    pp = run_json(base + ["--prompt-tokens", str(PP), "--new-tokens", "2"], env)
     return {"tg": tg["tokens_per_s"], "pp": pp["prompt_tokens_per_s"], "batch": tg["batch_tokens_per_s"],
             "bytes": tg["weight_bytes_per_token"]}
 
@@ -106,7 +111,7 @@ def main():
     ap.add_argument("--llmlab", default=os.path.join(ROOT, "target", "release", "llmlab"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dtypes", default="q4,f32")
+    ap.add_argument("--dtypes", default="q4,q4:vnni8,q4:avx512,f32")
     ap.add_argument("--out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()

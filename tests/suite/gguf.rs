@@ -291,16 +291,119 @@ fn q4_1_and_q8_0_kernels_match_dequantized_matmul() -> Result<()> {
     Ok(())
 }
 
+/// What the x16 (VNNI) kernels compute, in f64: the activations quantized as they quantize them
+/// (per row and block of 32 to `act_bits` 8 or 16: `da = max|x| / L` with L = 127 or 16383,
+/// codes rounded to nearest even) and multiplied by the dequantized weight `deq (n, k)`.
+fn quantized_activation_product(x: &Tensor, deq: &Tensor, act_bits: u8) -> Tensor {
+    let levels = if act_bits == 8 { 127f32 } else { 16383f32 };
+    let k = deq.size()[1];
+    let xb = x.reshape([-1, k / 32, 32]);
+    let amax = xb.abs().amax(-1, true);
+    let id = (Tensor::from(levels) / &amax).nan_to_num(0.0, 0.0, 0.0);
+    let q = (&xb * id).round();
+    let xq = (q * (amax / f64::from(levels)))
+        .reshape([-1, k])
+        .to_kind(Kind::Double);
+    let mut shape = x.size();
+    *shape.last_mut().unwrap() = deq.size()[0];
+    xq.matmul(&deq.to_kind(Kind::Double).tr()).reshape(shape)
+}
+
+/// A layer's `forward`.
+type Forward<'a> = dyn Fn(&Tensor) -> Tensor + 'a;
+
+/// Bound on the quantized activations' error relative to the exact product's largest value.
+fn act_rel_tol(act_bits: u8) -> f64 {
+    if act_bits == 8 {
+        2e-2
+    } else {
+        2e-4
+    }
+}
+
+/// The interleaved blocks of the `vnni` and `vnni8` kernels (16 rows side by side, 16- or 8-bit
+/// activations): repacking is lossless (the dequantized weights are equal bit for bit to the
+/// GGUF layout's), a layer whose `out` is not a multiple of 16 keeps the GGUF layout, and for
+/// every decoding row count the products equal the quantized-activation arithmetic computed by
+/// libtorch in f64 ([`quantized_activation_product`]) within [`KERNEL_REL_TOL`]; prompts (more
+/// than `GEMM_ROWS` rows) run the exact f32 GEMM. Against the exact f32 product the quantized
+/// activations cost at most [`act_rel_tol`].
+#[test]
+fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
+    if !QuantKernel::vnni_available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return Ok(());
+    }
+    tch::manual_seed(1);
+    let (n, k) = (112, 256);
+    let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
+    let _ = w.narrow(0, 3, 1).narrow(1, 0, 32).fill_(0.25);
+    assert_eq!(
+        Q41Linear::quantize(&w.narrow(0, 0, 100))
+            .interleaved(16)
+            .act_bits(),
+        32
+    );
+    for act_bits in [16, 8] {
+        let q4 = Q41Linear::quantize(&w).interleaved(act_bits);
+        let q8 = Q80Linear::quantize(&w).interleaved(act_bits);
+        assert_eq!(q4.act_bits(), act_bits);
+        let layers: [(&str, Tensor, Tensor, &Forward); 2] = [
+            (
+                "Q4_1",
+                Q41Linear::quantize(&w).dequantize(),
+                q4.dequantize(),
+                &|x| q4.forward(x),
+            ),
+            (
+                "Q8_0",
+                Q80Linear::quantize(&w).dequantize(),
+                q8.dequantize(),
+                &|x| q8.forward(x),
+            ),
+        ];
+        for (name, gguf_deq, deq, forward) in &layers {
+            assert!(deq.equal(gguf_deq), "{name}: repacking changed the weights");
+            for shape in kernel_shapes(k) {
+                let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+                let _ = x.narrow(-1, 32, 32).zero_(); // an all-zero activation block
+                let y = forward(&x);
+                let exact = x.matmul(&deq.tr());
+                let rows = x.numel() as i64 / k;
+                let vs_exact = rel_max_diff(&y, &exact);
+                if rows > GEMM_ROWS {
+                    assert!(vs_exact < KERNEL_REL_TOL, "{name} {shape:?}: {vs_exact:e}");
+                    continue;
+                }
+                let want = quantized_activation_product(&x, deq, act_bits).to_kind(Kind::Float);
+                let rel = rel_max_diff(&y, &want);
+                eprintln!(
+                    "{name} x16, {act_bits}-bit activations, {shape:?}: vs the reference {rel:.2e}, vs exact f32 {vs_exact:.2e}"
+                );
+                assert!(rel < KERNEL_REL_TOL, "{name} {shape:?}: {rel:e}");
+                assert!(
+                    vs_exact < act_rel_tol(act_bits),
+                    "{name} {shape:?}: {vs_exact:e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// On SmolLM2's own tensors the kernels hold the file's blocks: the Q4_1 projections and the
 /// Q8_0 token table quantised from their f32 dequantization dequantize back to exactly those
 /// values, and the products equal the f32 matmul with the file's weights within
-/// [`KERNEL_REL_TOL`].
+/// [`KERNEL_REL_TOL`]; where VNNI runs, the interleaved blocks hold the same values and their
+/// products equal the quantized-activation arithmetic within [`KERNEL_REL_TOL`] (and f32's
+/// within [`act_rel_tol`]).
 #[test]
 fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
     if !QuantKernel::avx512_available() {
         eprintln!("skipped: this CPU has no AVX-512");
         return Ok(());
     }
+    let vnni = QuantKernel::vnni_available();
     let g = GgufFile::open(&smollm2())?;
     tch::manual_seed(2);
     for name in [
@@ -311,28 +414,50 @@ fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
         let info = g.tensor_info(name).unwrap();
         let w = g.tensor_f32(name)?;
         let (_, k) = w.size2()?;
-        let (deq, y, want) = {
-            let x = Tensor::randn([3, k], (Kind::Float, Device::Cpu));
-            let want = x.matmul(&w.tr());
-            if info.ggml_type == GgmlType::Q8_0 {
-                let l = Q80Linear::quantize(&w);
-                (l.dequantize(), l.forward(&x), want)
-            } else {
-                assert_eq!(info.ggml_type, GgmlType::Q4_1, "{name}");
-                let l = Q41Linear::quantize(&w);
-                (l.dequantize(), l.forward(&x), want)
+        let x = Tensor::randn([3, k], (Kind::Float, Device::Cpu));
+        let want = x.matmul(&w.tr());
+        // (dequantized, product) of the GGUF layout, and of the x16 layouts where VNNI runs.
+        let mut x16 = Vec::new();
+        let gguf = if info.ggml_type == GgmlType::Q8_0 {
+            let l = Q80Linear::quantize(&w);
+            for bits in [16, 8].into_iter().filter(|_| vnni) {
+                let l = Q80Linear::quantize(&w).interleaved(bits);
+                x16.push((bits, l.dequantize(), l.forward(&x)));
             }
+            (l.dequantize(), l.forward(&x))
+        } else {
+            assert_eq!(info.ggml_type, GgmlType::Q4_1, "{name}");
+            let l = Q41Linear::quantize(&w);
+            for bits in [16, 8].into_iter().filter(|_| vnni) {
+                let l = Q41Linear::quantize(&w).interleaved(bits);
+                x16.push((bits, l.dequantize(), l.forward(&x)));
+            }
+            (l.dequantize(), l.forward(&x))
         };
         assert!(
-            deq.equal(&w),
+            gguf.0.equal(&w),
             "{name}: the blocks do not give the file's weights back"
         );
-        let rel = rel_max_diff(&y, &want);
+        let rel = rel_max_diff(&gguf.1, &want);
         eprintln!(
             "{name} ({:?}): kernel vs f32 matmul {rel:.2e}",
             info.ggml_type
         );
         assert!(rel < KERNEL_REL_TOL, "{name}: {rel:e}");
+        for (bits, deq16, y16) in x16 {
+            assert!(deq16.equal(&w), "{name}: the interleaved blocks differ");
+            let reference = quantized_activation_product(&x, &w, bits).to_kind(Kind::Float);
+            let rel = rel_max_diff(&y16, &reference);
+            let vs_exact = rel_max_diff(&y16, &want);
+            eprintln!(
+                "{name}: x16 kernel, {bits}-bit activations, vs the reference {rel:.2e}, vs f32 {vs_exact:.2e}"
+            );
+            assert!(rel < KERNEL_REL_TOL, "{name} x16/{bits}: {rel:e}");
+            assert!(
+                vs_exact < act_rel_tol(bits),
+                "{name} x16/{bits}: {vs_exact:e}"
+            );
+        }
     }
     Ok(())
 }

@@ -157,18 +157,53 @@ fn smollm2_matches_transformers() -> Result<()> {
 /// top-1 of a no-cache forward or within the tolerance of it. GPT models refuse q4.
 #[test]
 fn smollm2_q4_is_close_to_f32() -> Result<()> {
+    q4_is_close_to_f32(
+        QuantKernel::Torch,
+        BlockWeights::Int4 { group: 32 },
+        Kind::BFloat16,
+        Q4_MIN_AGREE,
+    )?;
+
+    // GPT models have no 4-bit path: a usage error (exit code 2), naming the remedy.
+    let (code, _, err) = common::llmlab(&[
+        "generate",
+        "--model",
+        "gpt-mini",
+        "--prompt",
+        "Hi",
+        "--dtype",
+        "q4",
+        "--max-new-tokens",
+        "2",
+    ])?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("Llama-family") && err.contains("bf16"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// The body of [`smollm2_q4_is_close_to_f32`] for one kernel, which sets the blocks up as
+/// `weights` and runs the embedding in `emb_kind`.
+fn q4_is_close_to_f32(
+    kernel: QuantKernel,
+    weights: BlockWeights,
+    emb_kind: Kind,
+    min_agree: usize,
+) -> Result<()> {
     let gguf = smollm2_gguf()?;
     let f32_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
     let mut q4_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
     let AnyModel::Llama(m) = &mut q4_lm.model else {
         panic!("SmolLM2 is a Llama model")
     };
-    m.prepare_for_inference_q4_with(&mut q4_lm.vs, QuantKernel::Torch)?;
+    m.prepare_for_inference_q4_with(&mut q4_lm.vs, kernel)?;
     let (AnyModel::Llama(f32_m), AnyModel::Llama(q4_m)) = (&f32_lm.model, &q4_lm.model) else {
         panic!("SmolLM2 is a Llama model")
     };
-    assert_eq!(q4_m.block_weights(), Some(BlockWeights::Int4 { group: 32 }));
-    assert_eq!(q4_m.tok_emb.ws.kind(), Kind::BFloat16);
+    assert_eq!(q4_m.block_weights(), Some(weights));
+    assert_eq!(q4_m.tok_emb.ws.kind(), emb_kind);
     assert_eq!(f32_m.block_weights(), None);
     let chat = f32_lm.chat.clone().unwrap().render(
         &[Message::new("user", "What is the capital of France?")],
@@ -239,9 +274,12 @@ fn smollm2_q4_is_close_to_f32() -> Result<()> {
             "prompt {i}: cached pick {gap} below the top-1"
         );
     }
-    eprintln!("q4 vs f32: worst logit diff {worst:.3}, greedy agreement {agree:?}");
+    eprintln!(
+        "q4 ({}) vs f32: worst logit diff {worst:.3}, greedy agreement {agree:?}",
+        kernel.name()
+    );
     let total: usize = agree.iter().sum();
-    assert!(total >= Q4_MIN_AGREE, "greedy agreement {agree:?}");
+    assert!(total >= min_agree, "greedy agreement {agree:?}");
     let text = q4_lm.decode(
         &generate(
             q4_m,
@@ -251,28 +289,29 @@ fn smollm2_q4_is_close_to_f32() -> Result<()> {
         .ids,
     )?;
     assert!(text.contains("Paris"), "{text}");
-
-    // GPT models have no 4-bit path: a usage error (exit code 2), naming the remedy.
-    let (code, _, err) = common::llmlab(&[
-        "generate",
-        "--model",
-        "gpt-mini",
-        "--prompt",
-        "Hi",
-        "--dtype",
-        "q4",
-        "--max-new-tokens",
-        "2",
-    ])?;
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("Llama-family") && err.contains("bf16"),
-        "{err}"
-    );
     Ok(())
 }
 
-/// `--dtype q4` with llmlab's AVX-512 kernels (the default where the CPU has them): the file's
+/// `--dtype q4` with the `vnni8` kernel: the file's Q4_1 blocks interleaved and multiplied by
+/// 8-bit activations, as llama.cpp multiplies them (its Q8_1). The logit bound of libtorch's int4
+/// kernel with bf16 activations ([`Q4_LOGIT_TOL`]; measured 0.62–0.99) and top-1 equal except
+/// at near-ties, but the greedy continuations part from f32's sooner (measured 43 of 192 tokens
+/// in common prefixes against bf16's 108): at least [`VNNI8_MIN_AGREE`].
+#[test]
+fn smollm2_q4_vnni8_is_close_to_f32() -> Result<()> {
+    if !QuantKernel::vnni_available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return Ok(());
+    }
+    q4_is_close_to_f32(
+        QuantKernel::Vnni8,
+        BlockWeights::Q41 { act_bits: 8 },
+        Kind::Float,
+        VNNI8_MIN_AGREE,
+    )
+}
+
+/// `--dtype q4` with llmlab's `avx512` kernels (the default on AVX-512 CPUs without VNNI): the file's
 /// own Q4_1 blocks and Q8_0 head in f32 arithmetic, so SmolLM2's logits equal the f32 model's
 /// (whose weights are the same blocks dequantized) up to the order of the sums: last-position
 /// logits of every prompt within [`KERNEL_LOGIT_TOL`] of f32 (prompts longer than `GEMM_ROWS`
@@ -289,71 +328,13 @@ fn smollm2_q4_avx512_kernels_equal_f32() -> Result<()> {
         );
         return Ok(());
     }
-    let gguf = smollm2_gguf()?;
-    let f32_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
-    let mut q4_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
-    let AnyModel::Llama(m) = &mut q4_lm.model else {
-        panic!("SmolLM2 is a Llama model")
-    };
-    m.prepare_for_inference_q4_with(&mut q4_lm.vs, QuantKernel::Avx512)?;
-    let (AnyModel::Llama(f32_m), AnyModel::Llama(q4_m)) = (&f32_lm.model, &q4_lm.model) else {
-        panic!("SmolLM2 is a Llama model")
-    };
-    assert_eq!(q4_m.block_weights(), Some(BlockWeights::Q41));
-    assert!(q4_m.fused_decode());
-    // f32 set up for inference decodes with the same fused step on its dense weights.
-    let mut f32_fused = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
-    f32_fused.set_dtype(InferenceDtype::F32)?;
-    let AnyModel::Llama(f32_fused) = &f32_fused.model else {
-        panic!("SmolLM2 is a Llama model")
-    };
-    assert!(f32_fused.fused_decode() && !f32_m.fused_decode());
-    assert_eq!(q4_m.tok_emb.ws.kind(), Kind::Float);
-    let long = "The quick brown fox jumps over the lazy dog. ".repeat(12);
-    let prompts = [
-        "Hello, my name is",
-        "The capital of France is",
-        "def fibonacci(n):\n    if n < 2:\n        return n\n",
-        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-        long.as_str(),
-    ];
-    let mut same_total = 0;
-    for (i, p) in prompts.iter().enumerate() {
-        let ids = f32_lm.encode_prompt(p)?;
-        let x = Tensor::from_slice(&ids).view([1, -1]);
-        let want = f32_lm.forward_logits(&x).select(1, -1).squeeze();
-        let got = q4_lm.forward_logits(&x).select(1, -1).squeeze();
-        let diff = (&got - &want).abs().max().double_value(&[]);
-        eprintln!(
-            "prompt {i} ({} tokens): avx512 q4 vs f32 logits max abs diff {diff:.2e}",
-            ids.len()
-        );
-        assert!(diff < KERNEL_LOGIT_TOL, "prompt {i}: {diff}");
-        let spec = greedy(32, true);
-        let a = generate(f32_m, &ids, &spec)?.ids;
-        let b = generate(q4_m, &ids, &spec)?.ids;
-        let fused = generate(f32_fused, &ids, &spec)?.ids;
-        assert_eq!(
-            fused, a,
-            "prompt {i}: f32 with the fused step vs libtorch's operators"
-        );
-        let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-        if same < a.len() {
-            // Only a near-tie may differ: f32's margin between its pick and q4's at that step.
-            let prefix: Vec<i64> = ids.iter().chain(&a[..same]).copied().collect();
-            let l = f32_lm
-                .forward_logits(&Tensor::from_slice(&prefix).view([1, -1]))
-                .select(1, -1)
-                .squeeze();
-            let gap = l.double_value(&[a[same]]) - l.double_value(&[b[same]]);
-            eprintln!("prompt {i}: greedy differs at token {same}, f32 margin {gap:.2e}");
-            assert!(gap < 1e-3, "prompt {i}: not a near-tie ({gap})");
-        }
-        same_total += same;
-    }
-    eprintln!("greedy agreement {same_total}/{}", 32 * prompts.len());
+    q4_kernels_equal_f32(QuantKernel::Avx512, KERNEL_LOGIT_TOL, 1e-3)?;
     // The override, through the CLI: torch runs the fallback, a bad value is a usage error.
-    for (value, code) in [("torch", 0), ("avx512", 0), ("fast", 2)] {
+    let mut overrides = vec![("torch", 0), ("avx512", 0), ("fast", 2)];
+    if QuantKernel::vnni_available() {
+        overrides.extend([("vnni", 0), ("vnni8", 0)]);
+    }
+    for (value, code) in overrides {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmlab"))
             .args([
                 "generate",
@@ -389,6 +370,106 @@ fn smollm2_q4_avx512_kernels_equal_f32() -> Result<()> {
     Ok(())
 }
 
+/// `--dtype q4` with the `vnni` kernel (the default where the CPU has AVX-512 VNNI): the file's
+/// blocks interleaved and multiplied by 15-bit integer activations. Nearly f32's arithmetic:
+/// logits within [`VNNI_LOGIT_TOL`] of f32's, greedy continuations equal except at near-ties
+/// (f32 margin under [`VNNI_NEAR_TIE`]).
+#[test]
+fn smollm2_q4_vnni_kernel_is_near_f32() -> Result<()> {
+    if !QuantKernel::vnni_available() {
+        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+        return Ok(());
+    }
+    q4_kernels_equal_f32(QuantKernel::Vnni, VNNI_LOGIT_TOL, VNNI_NEAR_TIE)
+}
+
+/// 15-bit activations: measured 5.3e-3 to 1.1e-2 on SmolLM2's logits (|logits| up to ~37;
+/// prompts of more than `GEMM_ROWS` tokens take the exact dequantize-and-GEMM path), greedy
+/// agreement 160/160.
+const VNNI_LOGIT_TOL: f64 = 0.05;
+/// f32 margins below this are near-ties the 15-bit activations may swap.
+const VNNI_NEAR_TIE: f64 = 0.02;
+
+/// The body of [`smollm2_q4_avx512_kernels_equal_f32`] for `kernel`: last-position logits
+/// within `logit_tol` of f32's, greedy continuations equal except where f32's margin between
+/// the two picks is under `tie_tol`.
+fn q4_kernels_equal_f32(kernel: QuantKernel, logit_tol: f64, tie_tol: f64) -> Result<()> {
+    let gguf = smollm2_gguf()?;
+    let f32_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
+    let mut q4_lm = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
+    let AnyModel::Llama(m) = &mut q4_lm.model else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    m.prepare_for_inference_q4_with(&mut q4_lm.vs, kernel)?;
+    let (AnyModel::Llama(f32_m), AnyModel::Llama(q4_m)) = (&f32_lm.model, &q4_lm.model) else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    assert_eq!(
+        q4_m.block_weights(),
+        Some(BlockWeights::Q41 {
+            act_bits: kernel.act_bits().unwrap()
+        })
+    );
+    assert!(q4_m.fused_decode());
+    // f32 set up for inference decodes with the same fused step on its dense weights.
+    let mut f32_fused = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
+    f32_fused.set_dtype(InferenceDtype::F32)?;
+    let AnyModel::Llama(f32_fused) = &f32_fused.model else {
+        panic!("SmolLM2 is a Llama model")
+    };
+    assert!(f32_fused.fused_decode() && !f32_m.fused_decode());
+    assert_eq!(q4_m.tok_emb.ws.kind(), Kind::Float);
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(12);
+    let prompts = [
+        "Hello, my name is",
+        "The capital of France is",
+        "def fibonacci(n):\n    if n < 2:\n        return n\n",
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+        long.as_str(),
+    ];
+    let mut same_total = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = f32_lm.encode_prompt(p)?;
+        let x = Tensor::from_slice(&ids).view([1, -1]);
+        let want = f32_lm.forward_logits(&x).select(1, -1).squeeze();
+        let got = q4_lm.forward_logits(&x).select(1, -1).squeeze();
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        eprintln!(
+            "prompt {i} ({} tokens): {} q4 vs f32 logits max abs diff {diff:.2e}",
+            ids.len(),
+            kernel.name()
+        );
+        assert!(diff < logit_tol, "prompt {i}: {diff}");
+        let spec = greedy(32, true);
+        let a = generate(f32_m, &ids, &spec)?.ids;
+        let b = generate(q4_m, &ids, &spec)?.ids;
+        let fused = generate(f32_fused, &ids, &spec)?.ids;
+        assert_eq!(
+            fused, a,
+            "prompt {i}: f32 with the fused step vs libtorch's operators"
+        );
+        let same = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        if same < a.len() {
+            // Only a near-tie may differ: f32's margin between its pick and q4's at that step.
+            let prefix: Vec<i64> = ids.iter().chain(&a[..same]).copied().collect();
+            let l = f32_lm
+                .forward_logits(&Tensor::from_slice(&prefix).view([1, -1]))
+                .select(1, -1)
+                .squeeze();
+            let gap = l.double_value(&[a[same]]) - l.double_value(&[b[same]]);
+            eprintln!("prompt {i}: greedy differs at token {same}, f32 margin {gap:.2e}");
+            assert!(gap < tie_tol, "prompt {i}: not a near-tie ({gap})");
+        }
+        same_total += same;
+    }
+    eprintln!(
+        "{}: greedy agreement {same_total}/{}",
+        kernel.name(),
+        32 * prompts.len()
+    );
+    Ok(())
+}
+
 /// f32 sums in another order: measured 2.9e-5 to 4.4e-5 on SmolLM2's logits (|logits| up to ~37).
 const KERNEL_LOGIT_TOL: f64 = 2e-3;
 
@@ -398,6 +479,8 @@ const Q4_LOGIT_TOL: f64 = 1.25;
 const Q4_NEAR_TIE: f64 = 0.25;
 /// Greedy tokens (of 6 x 32) that q4 must produce as f32 does before their first difference.
 const Q4_MIN_AGREE: usize = 64;
+/// The same for 8-bit activations (`vnni8`).
+const VNNI8_MIN_AGREE: usize = 32;
 
 /// Tiny random LlamaForCausalLM folders (GQA 8 query / 2 KV heads): sharded with Llama 3.1 RoPE
 /// scaling and an untied head; single-file bf16 with a tied head. Logits max abs diff < 1e-4,

@@ -382,9 +382,10 @@ fn shipped_experiments_validate() -> Result<()> {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "yaml") {
             let exp = llmlab::experiment::Experiment::load(&p, &[])?;
-            // continue_shakespeare.yaml starts from pretrain_verdict's run folder: its files
-            // exist only after that run.
-            let reads_a_run = std::fs::read_to_string(&p)?.contains("init_from: runs/");
+            // continue_shakespeare.yaml and dpo_after_instruct.yaml start from another
+            // experiment's run folder: its files exist only after that run.
+            let text = std::fs::read_to_string(&p)?;
+            let reads_a_run = text.contains("init_from: runs/") || text.contains("run: runs/");
             let trials = llmlab::experiment::prepare::prepare_with(&exp, !reads_a_run)?;
             assert!(!trials.is_empty(), "{}", p.display());
         }
