@@ -299,6 +299,23 @@ fn kernel_forward(
     y.reshape(shape)
 }
 
+/// Whether a layer whose activations have `from` bits (32: GGUF's layout) and `out` rows is
+/// interleaved for `to`-bit activations (8 or 16): only from GGUF's layout, `out` a multiple of 16.
+fn can_interleave(from: u8, to: u8, out: i64) -> bool {
+    assert!(to == 8 || to == 16, "act_bits {to}: 8 or 16");
+    from == 32 && out % 16 == 0
+}
+
+/// Uninitialised x16 tensors for an `(out, in)` weight: the codes `(out / 16, in / 32 ·
+/// block_bytes)` uint8 and a per-lane f16 table `(out / 16, in / 32 · 16)`.
+fn x16_empty(out: i64, inputs: i64, block_bytes: i64) -> (Tensor, Tensor) {
+    let (g, nb) = (out / 16, inputs / QK);
+    (
+        Tensor::empty([g, nb * block_bytes], (Kind::Uint8, Device::Cpu)),
+        Tensor::empty([g, nb * 16], (Kind::Half, Device::Cpu)),
+    )
+}
+
 /// `y = x Wᵀ` with `W (out, in)` in GGUF's Q4_1 blocks as llama.cpp stores them (4-bit codes,
 /// f16 scale and minimum per 32 inputs), run by llmlab's AVX-512 kernel in f32; no bias.
 #[derive(Debug)]
@@ -343,18 +360,11 @@ impl Q41Linear {
     /// [`QuantKernel::Vnni8`]; the caller checks the CPU). The weight is unchanged (the
     /// repacking is lossless); a layer whose `out` is not a multiple of 16 stays as it is.
     pub fn interleaved(self, act_bits: u8) -> Self {
-        assert!(
-            act_bits == 8 || act_bits == 16,
-            "act_bits {act_bits}: 8 or 16"
-        );
-        if self.act_bits != 32 || self.out_dim % 16 != 0 {
+        if !can_interleave(self.act_bits, act_bits, self.out_dim) {
             return self;
         }
-        let (g, nb) = (self.out_dim / 16, self.in_dim / QK);
-        let opts = (Kind::Uint8, Device::Cpu);
-        let mut qs16 = Tensor::empty([g, nb * 256], opts);
-        let mut d16 = Tensor::empty([g, nb * 16], (Kind::Half, Device::Cpu));
-        let mut m16 = Tensor::empty([g, nb * 16], (Kind::Half, Device::Cpu));
+        let (mut qs16, mut d16) = x16_empty(self.out_dim, self.in_dim, 256);
+        let mut m16 = d16.empty_like();
         crate::shim::x16_pack(
             4,
             (&self.qs, &self.d, Some(&self.m)),
@@ -481,16 +491,10 @@ impl Q80Linear {
 
     /// The blocks interleaved for `act_bits` activations, as [`Q41Linear::interleaved`].
     pub fn interleaved(self, act_bits: u8) -> Self {
-        assert!(
-            act_bits == 8 || act_bits == 16,
-            "act_bits {act_bits}: 8 or 16"
-        );
-        if self.act_bits != 32 || self.out_dim % 16 != 0 {
+        if !can_interleave(self.act_bits, act_bits, self.out_dim) {
             return self;
         }
-        let (g, nb) = (self.out_dim / 16, self.in_dim / QK);
-        let mut qs16 = Tensor::empty([g, nb * 512], (Kind::Uint8, Device::Cpu));
-        let mut d16 = Tensor::empty([g, nb * 16], (Kind::Half, Device::Cpu));
+        let (mut qs16, mut d16) = x16_empty(self.out_dim, self.in_dim, 512);
         crate::shim::x16_pack(8, (&self.qs, &self.d, None), (&mut qs16, &mut d16, None))
             .expect("Q80Linear's own blocks have the shapes the repacking checks");
         Self {
