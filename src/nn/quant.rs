@@ -212,31 +212,36 @@ impl QuantKernel {
     /// unknown value).
     pub fn select() -> Result<Self, LlmError> {
         let value = std::env::var(Self::ENV).unwrap_or_default();
-        let unavailable = |what: &str| {
-            Err(LlmError::Usage(format!(
-                "{}={value}: this CPU (or build) lacks {what}; use auto or torch",
-                Self::ENV
-            )))
+        let kernel = match value.as_str() {
+            "" | "auto" => {
+                return Ok([Self::Vnni, Self::Avx512]
+                    .into_iter()
+                    .find(|k| k.available())
+                    .unwrap_or(Self::Torch))
+            }
+            "torch" => Self::Torch,
+            "avx512" => Self::Avx512,
+            "vnni" => Self::Vnni,
+            "vnni8" => Self::Vnni8,
+            other => {
+                return Err(LlmError::Usage(format!(
+                    "{}={other:?}: expected auto, torch, avx512, vnni or vnni8",
+                    Self::ENV
+                )))
+            }
         };
-        match value.as_str() {
-            "" | "auto" => Ok(if Self::vnni_available() {
-                Self::Vnni
-            } else if Self::avx512_available() {
-                Self::Avx512
-            } else {
-                Self::Torch
-            }),
-            "torch" => Ok(Self::Torch),
-            "avx512" if Self::avx512_available() => Ok(Self::Avx512),
-            "avx512" => unavailable("AVX-512 F/BW/VL/DQ"),
-            "vnni" if Self::vnni_available() => Ok(Self::Vnni),
-            "vnni8" if Self::vnni_available() => Ok(Self::Vnni8),
-            "vnni" | "vnni8" => unavailable("AVX-512 VNNI"),
-            other => Err(LlmError::Usage(format!(
-                "{}={other:?}: expected auto, torch, avx512, vnni or vnni8",
-                Self::ENV
-            ))),
+        if kernel.available() {
+            return Ok(kernel);
         }
+        let lacks = if kernel == Self::Avx512 {
+            "AVX-512 F/BW/VL/DQ"
+        } else {
+            "AVX-512 VNNI"
+        };
+        Err(LlmError::Usage(format!(
+            "{}={value}: this CPU (or build) lacks {lacks}; use auto or torch",
+            Self::ENV
+        )))
     }
 
     /// Whether this kernel can run here (see [`Self::select`]).
