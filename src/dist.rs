@@ -152,6 +152,18 @@ impl DistEnv {
     }
 }
 
+/// A group of more than one rank trains on the CPU (gloo); NCCL is not bound yet.
+pub fn check_device(world: usize, device: tch::Device) -> Result<(), LlmError> {
+    if world > 1 && device != tch::Device::Cpu {
+        return Err(LlmError::Usage(format!(
+            "data-parallel training on {} needs ProcessGroupNCCL, which llmlab does not bind yet; \
+             run the {world} ranks with --device cpu (gloo)",
+            crate::device::device_name(device)
+        )));
+    }
+    Ok(())
+}
+
 /// `LLMLAB_DIST_TIMEOUT` (seconds) or the default.
 pub fn timeout_from_env() -> Result<Duration, LlmError> {
     let get = |k: &str| std::env::var(k).ok();
@@ -281,6 +293,12 @@ impl Dist {
         Ok(t.double_value(&[0]) / self.world as f64)
     }
 
+    /// Whether any rank says `yes` (Ctrl-C reaches the ranks at different moments: they must
+    /// stop after the same step, or one waits for the others' gradients until the timeout).
+    pub fn any(&self, yes: bool) -> Result<bool, LlmError> {
+        Ok(self.mean_f64(if yes { 1.0 } else { 0.0 })? > 0.0)
+    }
+
     pub fn barrier(&self) -> Result<(), LlmError> {
         let Some(pg) = &self.pg else { return Ok(()) };
         pg.barrier().map_err(|e| self.context("a barrier", e))
@@ -351,93 +369,134 @@ fn prefix_lines(
     })
 }
 
+/// Processes started as ranks of one group on this machine (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+/// `LOCAL_WORLD_SIZE`, `MASTER_ADDR=127.0.0.1`, `MASTER_PORT`), each output line prefixed with
+/// `[rank r]`, each in a process group of its own: Ctrl-C reaches them once, passed on by this
+/// process ([`crate::signal::add_child`]), and the ranks agree on the step to stop at
+/// ([`Dist::any`]). Dropped with ranks still running, it kills them.
+pub struct Ranks {
+    /// (rank, process, whether it has exited)
+    children: Vec<(usize, Child, bool)>,
+    pipes: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Ranks {
+    /// Starts `command(rank)` as each of `ranks` of a group of `world` whose store rank 0 serves
+    /// at 127.0.0.1:`port`.
+    pub fn spawn(
+        command: &dyn Fn(usize) -> Command,
+        ranks: std::ops::Range<usize>,
+        world: usize,
+        port: u16,
+    ) -> Result<Self, LlmError> {
+        let mut this = Self {
+            children: Vec::new(),
+            pipes: Vec::new(),
+        };
+        for rank in ranks {
+            let mut cmd = command(rank);
+            cmd.env("RANK", rank.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("LOCAL_WORLD_SIZE", world.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            crate::signal::detach(&mut cmd);
+            let mut child = cmd.spawn().map_err(|e| {
+                LlmError::Usage(format!(
+                    "{world} ranks: could not start rank {rank} ({:?}): {e}",
+                    cmd.get_program()
+                ))
+            })?;
+            crate::signal::add_child(child.id());
+            if let Some(o) = child.stdout.take() {
+                this.pipes.push(prefix_lines(o, rank, false));
+            }
+            if let Some(e) = child.stderr.take() {
+                this.pipes.push(prefix_lines(e, rank, true));
+            }
+            this.children.push((rank, child, false));
+        }
+        Ok(this)
+    }
+
+    /// Polls the ranks: `Err` names the first that ended with an error; `Ok(true)` once all
+    /// have ended well.
+    pub fn poll(&mut self) -> Result<bool, LlmError> {
+        for (rank, c, done) in self.children.iter_mut().filter(|c| !c.2) {
+            let failed = match crate::signal::try_wait_child(c) {
+                Ok(None) => continue,
+                Ok(Some(status)) if status.success() => {
+                    *done = true;
+                    continue;
+                }
+                Ok(Some(status)) => status.to_string(),
+                Err(e) => e.to_string(),
+            };
+            *done = true;
+            return Err(LlmError::Usage(format!(
+                "rank {rank} failed ({failed}); its output, if any, is above, prefixed [rank {rank}]"
+            )));
+        }
+        Ok(self.children.iter().all(|c| c.2))
+    }
+
+    /// Waits for every rank to end; the first failure is the error (the others are killed
+    /// when this is dropped). After Ctrl-C every rank is waited for: rank 0 may still be saving
+    /// the step they stopped at while another has already exited.
+    pub fn wait(mut self) -> Result<(), LlmError> {
+        let mut first = None;
+        loop {
+            match self.poll() {
+                Ok(true) => return first.map_or(Ok(()), Err),
+                Ok(false) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) if crate::signal::interrupted() => {
+                    first.get_or_insert(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for (_, c, _) in self.children.iter_mut() {
+            if matches!(crate::signal::try_wait_child(c), Ok(None)) {
+                let _ = c.kill();
+                let _ = c.wait();
+                let _ = crate::signal::try_wait_child(c);
+            }
+        }
+        for p in self.pipes.drain(..) {
+            let _ = p.join();
+        }
+    }
+}
+
 /// `--nproc N`: runs `program args` N times on this machine as ranks 0..N of one group
-/// (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR=127.0.0.1`, a free
-/// `MASTER_PORT`), prefixing each output line with `[rank r]`. When a rank exits with an error
-/// the others are killed and the error names it.
+/// ([`Ranks`]). When a rank exits with an error the others are killed and the error names it.
 pub fn launch_local(
     program: &std::path::Path,
     args: &[std::ffi::OsString],
     nproc: usize,
 ) -> Result<(), LlmError> {
     let port = free_port()?;
-    let mut children: Vec<Child> = Vec::with_capacity(nproc);
-    let mut pipes = Vec::new();
-    for rank in 0..nproc {
-        let spawned = Command::new(program)
-            .args(args)
-            .env("RANK", rank.to_string())
-            .env("WORLD_SIZE", nproc.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .env("LOCAL_WORLD_SIZE", nproc.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
-        let mut child = match spawned {
-            Ok(c) => c,
-            Err(e) => {
-                kill_all(&mut children);
-                return Err(LlmError::Usage(format!(
-                    "--nproc {nproc}: could not start rank {rank} ({}): {e}",
-                    program.display()
-                )));
-            }
-        };
-        if let Some(o) = child.stdout.take() {
-            pipes.push(prefix_lines(o, rank, false));
-        }
-        if let Some(e) = child.stderr.take() {
-            pipes.push(prefix_lines(e, rank, true));
-        }
-        children.push(child);
-    }
-    let mut done = vec![false; nproc];
-    let result = loop {
-        let mut failed = None;
-        for (rank, c) in children.iter_mut().enumerate() {
-            if done[rank] {
-                continue;
-            }
-            match c.try_wait() {
-                Ok(Some(status)) => {
-                    done[rank] = true;
-                    if !status.success() {
-                        failed = Some((rank, status.to_string()));
-                        break;
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    failed = Some((rank, e.to_string()));
-                    break;
-                }
-            }
-        }
-        if let Some((rank, status)) = failed {
-            kill_all(&mut children);
-            break Err(LlmError::Usage(format!(
-                "--nproc {nproc}: rank {rank} failed ({status}); stopped the other ranks (its output, if any, is above, prefixed [rank {rank}])"
-            )));
-        }
-        if done.iter().all(|d| *d) {
-            break Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let command = |_| {
+        let mut c = Command::new(program);
+        c.args(args);
+        c
     };
-    for p in pipes {
-        let _ = p.join();
-    }
-    result
-}
-
-fn kill_all(children: &mut [Child]) {
-    for c in children.iter_mut() {
-        if matches!(c.try_wait(), Ok(None)) {
-            let _ = c.kill();
-        }
-        let _ = c.wait();
+    crate::signal::install();
+    let result = Ranks::spawn(&command, 0..nproc, nproc, port)?.wait();
+    match result {
+        // Ctrl-C: every rank stopped at the same step after rank 0 saved it.
+        Err(_) if crate::signal::interrupted() => Err(LlmError::Usage(format!(
+            "--nproc {nproc}: interrupted; rank 0 saved a checkpoint at the step the ranks stopped at; run the same command again to resume"
+        ))),
+        r => r.map_err(|e| LlmError::Usage(format!("--nproc {nproc}: {e}; stopped the other ranks"))),
     }
 }
 

@@ -95,6 +95,36 @@ fn sigint(pid: u32) {
     let _ = pid;
 }
 
+/// Starts `cmd` in a process group of its own (the terminal's Ctrl-C reaches only this
+/// process, which passes it on once through [`add_child`]) and, on Linux, with a SIGINT when
+/// this process dies, so no child is left running unattended.
+#[allow(unsafe_code)]
+pub fn detach(cmd: &mut std::process::Command) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: the closure runs in the forked child before exec and calls only
+            // async-signal-safe functions (prctl, getppid); it allocates nothing.
+            let parent = std::process::id() as libc::pid_t;
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent died before the prctl: no signal will come.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+        }
+    }
+}
+
 /// Whether process `pid` is alive (Linux: `/proc/<pid>` exists; elsewhere assumed alive).
 pub fn process_alive(pid: u32) -> bool {
     !std::path::Path::new("/proc/self").exists()

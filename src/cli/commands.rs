@@ -40,6 +40,7 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn run_experiment(a: RunArgs) -> Result<()> {
     use crate::experiment::{jobs, prepare, report, runner, status, value_text, Experiment};
+    use anyhow::Context as _;
     if a.jobs == 0 {
         return Err(LlmError::Usage(
             "--jobs 0: give the number of trials to run at once, at least 1".into(),
@@ -90,6 +91,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         threads: a.compute.threads,
         restart: a.restart,
         only_trial: only_trial.clone(),
+        trial_command: Some(trial_command(&a)?),
     };
     crate::signal::install();
     crate::finetune::set_checkpoint_minutes(a.checkpoint_minutes);
@@ -122,41 +124,50 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         return run_on_slurm(&a, &exp, &plain, &dir, &slurm);
     }
     let results = if a.jobs > 1 {
-        // The running binary itself, even when `cargo build` has replaced the file since the
-        // sweep started (Linux: /proc/self/exe still names the running program).
-        let exe = match std::path::Path::new("/proc/self/exe") {
-            p if p.exists() => p.to_path_buf(),
-            _ => std::env::current_exe().map_err(|source| LlmError::Io {
-                path: "current executable".into(),
-                source,
-            })?,
-        };
-        // The same run (file, overrides, folders, device) for one trial, on its share of threads.
-        let command = |slug: &str, threads: usize| {
-            let mut c = std::process::Command::new(&exe);
-            c.arg("run").arg(&a.file);
-            for s in &a.sets {
-                c.arg("--set").arg(s);
-            }
-            c.arg("--runs").arg(&a.runs);
-            c.args(["--device", &a.compute.device]);
-            c.args(["--threads", &threads.to_string(), "--trial", slug]);
-            c.args(["--checkpoint-minutes", &a.checkpoint_minutes.to_string()]);
-            if a.restart {
-                c.arg("--restart");
-            }
-            c
-        };
         let launch = jobs::Launch {
             jobs: a.jobs,
             gpus: jobs::visible_gpus(&a.compute.device),
-            command: &command,
+            command: opts
+                .trial_command
+                .as_deref()
+                .context("the trial command is set")?,
         };
         jobs::run_parallel(&exp, &trials, &opts, &launch)?
     } else {
         runner::run(&exp, &trials, &opts)?
     };
     finish_sweep(&dir, &results)
+}
+
+/// The same run (file, overrides, folders, device) for one trial, on its share of threads: the
+/// processes of `--jobs` and the other ranks of a `train.nproc` trial.
+fn trial_command(a: &RunArgs) -> Result<Box<crate::experiment::task::TrialCommand>> {
+    // The running binary itself, even when `cargo build` has replaced the file since the
+    // sweep started (Linux: /proc/self/exe still names the running program).
+    let exe = match std::path::Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => std::env::current_exe().map_err(|source| LlmError::Io {
+            path: "current executable".into(),
+            source,
+        })?,
+    };
+    let (file, sets, runs) = (a.file.clone(), a.sets.clone(), a.runs.clone());
+    let (device, minutes, restart) = (a.compute.device.clone(), a.checkpoint_minutes, a.restart);
+    Ok(Box::new(move |slug: &str, threads: usize| {
+        let mut c = std::process::Command::new(&exe);
+        c.arg("run").arg(&file);
+        for s in &sets {
+            c.arg("--set").arg(s);
+        }
+        c.arg("--runs").arg(&runs);
+        c.args(["--device", &device]);
+        c.args(["--threads", &threads.to_string(), "--trial", slug]);
+        c.args(["--checkpoint-minutes", &minutes.to_string()]);
+        if restart {
+            c.arg("--restart");
+        }
+        c
+    }))
 }
 
 /// The Slurm options of `llmlab run`, checked: `None` for a local run (and then no Slurm flag
@@ -634,14 +645,7 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         .unwrap_or_else(|| Path::new("runs").join(&spec.name));
     let env = DistEnv::parse(&|k| std::env::var(k).ok())?;
     let world = env.as_ref().map_or(spec.train.nproc, |e| e.world);
-    if world > 1 && device != tch::Device::Cpu {
-        return Err(LlmError::Usage(format!(
-            "data-parallel training on {} needs ProcessGroupNCCL, which llmlab does not bind yet; \
-             run the {world} ranks with --device cpu (gloo)",
-            device_name(device)
-        ))
-        .into());
-    }
+    crate::dist::check_device(world, device)?;
     if env.is_none() && spec.train.nproc > 1 {
         // The launcher: this process only starts the ranks and watches them.
         println!(

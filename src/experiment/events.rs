@@ -13,6 +13,7 @@ pub(crate) struct Progress {
     multi: indicatif::MultiProgress,
     pub(crate) sweep: indicatif::ProgressBar,
     pub(crate) trial: Option<indicatif::ProgressBar>,
+    quiet: bool,
 }
 
 impl Progress {
@@ -29,10 +30,27 @@ impl Progress {
             multi,
             sweep,
             trial: None,
+            quiet: false,
+        }
+    }
+
+    /// Shows nothing and logs nothing (the other ranks of a data-parallel trial).
+    pub(crate) fn hidden() -> Self {
+        let multi =
+            indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden());
+        let sweep = multi.add(indicatif::ProgressBar::hidden());
+        Self {
+            multi,
+            sweep,
+            trial: None,
+            quiet: true,
         }
     }
 
     pub(crate) fn log(&self, msg: &str) {
+        if self.quiet {
+            return;
+        }
         if self.multi.is_hidden() {
             eprintln!("{msg}");
         } else {
@@ -183,6 +201,17 @@ impl<'a> TrialEvents<'a> {
             label,
             slug: trial.slug.clone(),
             tb,
+        }
+    }
+
+    /// Events that go nowhere: no event files, no lines (the other ranks of a data-parallel
+    /// trial, which train and record nothing).
+    pub(crate) fn quiet(progress: &'a mut Progress, trial: &Trial) -> Self {
+        Self {
+            progress,
+            label: trial.slug.clone(),
+            slug: trial.slug.clone(),
+            tb: None,
         }
     }
 

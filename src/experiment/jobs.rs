@@ -273,39 +273,12 @@ fn spawn_trial(
     cmd.stdin(std::process::Stdio::null())
         .stdout(log.try_clone().map_err(io)?)
         .stderr(log);
-    detach(&mut cmd);
+    crate::signal::detach(&mut cmd);
     let child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start the trial's process ({e})"))?;
     crate::signal::add_child(child.id());
     Ok(child)
-}
-
-#[allow(unsafe_code)]
-fn detach(cmd: &mut std::process::Command) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        #[cfg(target_os = "linux")]
-        {
-            // SAFETY: the closure runs in the forked child before exec and calls only
-            // async-signal-safe functions (prctl, getppid); it allocates nothing.
-            let parent = std::process::id() as libc::pid_t;
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent died before the prctl: no signal will come.
-                    if libc::getppid() != parent {
-                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                    }
-                    Ok(())
-                });
-            }
-        }
-    }
 }
 
 /// A finished trial's final metrics as a log line reads them: `val_loss 1.2345, step 12`.

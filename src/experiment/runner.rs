@@ -3,7 +3,7 @@
 //! failed one is run again, and a trial that fails is recorded with its error while the sweep
 //! goes on. Each trial runs through its task ([`super::task`]); `--jobs N` is [`super::jobs`].
 use super::events::{self, Progress, TrialEvents};
-use super::task::{self, TaskSpec, TrialRun};
+use super::task::{self, TaskSpec, TrialCommand, TrialRun};
 use super::{status, Experiment, Trial};
 use crate::error::LlmError;
 use crate::tensorboard::SessionStatus;
@@ -33,6 +33,8 @@ pub struct RunOptions {
     /// Run only this trial (by slug): one process of a `--jobs` sweep. The experiment's own
     /// records (its TensorBoard hparams, the report) are the parent's.
     pub only_trial: Option<String>,
+    /// How to run one trial in a process of its own (see [`TrialCommand`]).
+    pub trial_command: Option<Box<TrialCommand>>,
 }
 
 /// `runs/<experiment>/`, created.
@@ -103,6 +105,22 @@ pub fn run(
     trials: &[(Trial, TaskSpec)],
     opts: &RunOptions,
 ) -> Result<Vec<TrialResult>> {
+    if let Some(env) = crate::dist::DistEnv::parse(&|k| std::env::var(k).ok())? {
+        let task = task::find(exp)?;
+        if !task.data_parallel() {
+            return Err(LlmError::Usage(format!(
+                "this process is rank {} of {} ({}), but task: {} trains in one process (data-parallel ranks are for task: pretrain)",
+                env.rank,
+                env.world,
+                env.source,
+                task.name()
+            ))
+            .into());
+        }
+        if env.rank > 0 {
+            return run_rank(exp, trials, opts, &env);
+        }
+    }
     let mut progress = Progress::new(trials.len());
     if opts.only_trial.is_none() {
         if let Err(e) = events::write_tb_experiment(exp, &opts.runs_root.join(&exp.name)) {
@@ -158,7 +176,10 @@ fn run_with(
         let (outcome, tb) = {
             let mut run = TrialRun {
                 dir: &dir,
+                slug: &trial.slug,
                 device: opts.device,
+                threads: opts.threads,
+                command: opts.trial_command.as_deref(),
                 restart: opts.restart || rerun_failed,
                 events: TrialEvents::open(&mut *progress, label.clone(), trial, &dir),
             };
@@ -195,6 +216,56 @@ fn run_with(
         });
     }
     Ok(results)
+}
+
+/// A rank other than 0 of a data-parallel trial (`RANK`/`WORLD_SIZE` or Slurm's variables; the
+/// trial's rank 0 starts the others with `--trial`, or torchrun/srun start them all): it trains
+/// its share of every batch and records nothing. Rank 0 holds the trial's folder, status,
+/// TensorBoard events and evaluations.
+fn run_rank(
+    exp: &Experiment,
+    trials: &[(Trial, TaskSpec)],
+    opts: &RunOptions,
+    env: &crate::dist::DistEnv,
+) -> Result<Vec<TrialResult>> {
+    let Some(slug) = &opts.only_trial else {
+        return Err(LlmError::Usage(format!(
+            "this process is rank {} of {} ({}): a rank other than 0 runs one trial, name it with --trial",
+            env.rank, env.world, env.source
+        ))
+        .into());
+    };
+    let root = experiment_dir(exp, opts)?;
+    let shared = task::find(exp)?.plan(&root, trials);
+    let Some(i) = trials.iter().position(|(t, _)| t.slug == *slug) else {
+        return Ok(Vec::new());
+    };
+    let (trial, spec) = &trials[i];
+    let dir = root.join(&trial.slug);
+    if !opts.restart && status::is_done(&dir, &exp.evaluate) {
+        return Ok(vec![TrialResult {
+            slug: trial.slug.clone(),
+            dir,
+            outcome: Outcome::Skipped,
+        }]);
+    }
+    crate::device::set_threads(opts.threads);
+    let mut progress = Progress::hidden();
+    let mut run = TrialRun {
+        dir: &dir,
+        slug: &trial.slug,
+        device: opts.device,
+        threads: opts.threads,
+        command: None,
+        restart: opts.restart,
+        events: TrialEvents::quiet(&mut progress, trial),
+    };
+    spec.task().run(spec, &*shared[i], &mut run)?;
+    Ok(vec![TrialResult {
+        slug: trial.slug.clone(),
+        dir,
+        outcome: Outcome::Finished,
+    }])
 }
 
 /// Runs the experiment's `evaluate:` block on the model a finished trial holds (unless its

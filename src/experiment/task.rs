@@ -42,6 +42,9 @@ pub trait Task: Sync + 'static {
     const METRICS: &'static [&'static str];
     /// The columns `llmlab report` shows of a trial's last `metrics.jsonl` record.
     const SUMMARY: Summary;
+    /// Whether a trial can run as the ranks of a data-parallel group (`train.nproc`, torchrun,
+    /// `srun`); the others refuse a group.
+    const DATA_PARALLEL: bool = false;
 
     /// Range checks; messages start with the key (the caller adds where it is written).
     fn validate(&self, spec: &Self::Spec) -> Result<(), LlmError>;
@@ -70,11 +73,23 @@ pub struct Summary {
     pub columns: &'static [&'static str],
 }
 
+/// The command line that runs one trial of the experiment, and nothing else, in a process of its
+/// own on `threads` threads (`llmlab run FILE --trial SLUG --threads K` with the run's overrides,
+/// folders and device): the processes of `--jobs`, and the other ranks of a `train.nproc` trial.
+pub type TrialCommand = dyn Fn(&str, usize) -> std::process::Command + Send + Sync;
+
 /// One trial as a task runs it.
 pub struct TrialRun<'a> {
     /// The trial's folder (`runs/<experiment>/<trial>/`).
     pub dir: &'a Path,
+    /// The trial's folder name.
+    pub slug: &'a str,
     pub device: tch::Device,
+    /// `--threads` (the trial's share of them under `--jobs`); `None`: all cores.
+    pub threads: Option<usize>,
+    /// How to start this trial in other processes (the ranks of a data-parallel trial); `None`
+    /// where the caller cannot.
+    pub command: Option<&'a TrialCommand>,
     /// Start over: `--restart`, or the trial failed before.
     pub restart: bool,
     /// Log lines, progress bars and TensorBoard events.
@@ -86,6 +101,7 @@ pub trait DynTask: Sync {
     fn name(&self) -> &'static str;
     fn metric_tags(&self) -> &'static [&'static str];
     fn summary(&self) -> Summary;
+    fn data_parallel(&self) -> bool;
     /// Parses and validates a trial (and, with `check_files`, checks its inputs); errors name the
     /// file, line and key.
     fn prepare(
@@ -115,6 +131,9 @@ impl<T: Task> DynTask for T {
     }
     fn summary(&self) -> Summary {
         T::SUMMARY
+    }
+    fn data_parallel(&self) -> bool {
+        T::DATA_PARALLEL
     }
     fn prepare(
         &'static self,

@@ -128,7 +128,8 @@ pub struct TrainSpec {
     #[serde(default, skip_serializing_if = "FusedAdamW::is_auto")]
     pub fused_adamw: FusedAdamW,
     /// Data-parallel processes on this machine (book appendix A, DDP; default 1): `llmlab
-    /// pretrain` starts this many ranks (gloo on the CPU), each taking `batch_size` windows of
+    /// pretrain` (or an `llmlab run` trial's process, as rank 0) starts this many ranks (gloo on
+    /// the CPU), each taking `batch_size` windows of
     /// every global batch of `nproc × batch_size`. Under `torchrun` or `srun` the world size
     /// comes from the environment instead. Written to config.yaml only when not 1, so a run
     /// resumes with the same number of ranks.

@@ -507,7 +507,7 @@ pub fn pretrain_dist(
                 state.epoch = epoch + 1;
                 state.next_group = 0;
             }
-            let stop = crate::signal::interrupted();
+            let stop = dist.any(crate::signal::interrupted())?;
             let due = (t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every))
                 || epoch_done
                 || stop;

@@ -303,3 +303,77 @@ fn the_launcher_stops_the_other_ranks_when_one_dies() -> Result<()> {
     );
     Ok(())
 }
+
+/// `llmlab run` with `train.nproc: 2`: the trial's process is rank 0 and starts rank 1 itself
+/// (the same trial, `--trial`). A Ctrl-C mid-run stops both ranks after the same step (rank 0
+/// saves it), running the file again resumes, and the trial ends with the curve and weights of
+/// one process with batch 2B; rank 1 prints and records nothing, rank 0 writes the trial's
+/// TensorBoard events.
+#[test]
+fn llmlab_run_trains_a_train_nproc_trial_as_its_ranks_and_resumes_after_ctrl_c() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let one = dir.path().join("one");
+    ok(
+        pretrain(&tiny_run(dir.path(), 8)?, &one, &["--epochs", "3"])?,
+        "1 process",
+    )?;
+    let yaml = std::fs::read_to_string(tiny_run(dir.path(), 4)?)?
+        .replace("name: tiny-ddp\n", "name: tiny-ddp-run\ntask: pretrain\n")
+        .replace("  epochs: 1\n", "  epochs: 3\n")
+        .replace("  threads: 1\n", "  nproc: 2\n");
+    let file = dir.path().join("run.yaml");
+    std::fs::write(&file, yaml)?;
+    let runs = dir.path().join("runs");
+    let trial = runs.join("tiny-ddp-run/base");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_llmlab"))
+            .arg("run")
+            .arg(&file)
+            .arg("--runs")
+            .arg(&runs)
+            .args(["--device", "cpu", "--threads", "2"])
+            .env("LLMLAB_DATA_MIRROR", common::mirror())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    let mut first = run()?;
+    wait_for_steps(&trial, 3, std::slice::from_mut(&mut first))?;
+    assert!(Command::new("kill")
+        .args(["-INT", &first.id().to_string()])
+        .status()?
+        .success());
+    let out = first.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let steps = common::metric_lines(&trial)?.len();
+    assert!(
+        steps < 15,
+        "stopped early, after {steps} of 15 steps: {err}"
+    );
+    assert!(
+        err.contains("data parallel: started ranks 1..2 of this trial (gloo, 1 thread(s) a rank)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("timed out") && !err.contains("failed"),
+        "{err}"
+    );
+
+    let out = run()?.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+    assert!(!err.contains("[rank 1]"), "rank 1 stays quiet: {err}");
+    let events = std::fs::read_dir(&trial)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("events.out"))
+        .count();
+    assert!(events >= 1, "rank 0 writes the trial's event files");
+    assert_same_run(
+        &trial,
+        &one,
+        1e-5,
+        "llmlab run, 2 ranks × 4, resumed vs 1 × 8",
+    )
+}
