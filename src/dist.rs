@@ -14,7 +14,7 @@
 //! Every wait gives up after a timeout (`LLMLAB_DIST_TIMEOUT`, seconds, default 60), so a rank
 //! that dies makes the others exit with an error instead of hanging.
 use crate::error::LlmError;
-use crate::shim::{GlooBind, ProcessGroup};
+use crate::shim::{GlooBind, GradReducer, ProcessGroup};
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -274,6 +274,34 @@ impl Dist {
             let mean = flat / self.world as f64;
             scatter_back(&mean, bucket);
         }
+        self.allreduce_secs
+            .set(self.allreduce_secs.get() + start.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// DDP's overlap of the gradient all-reduce with backward ([`ProcessGroup::reducer`]):
+    /// buckets of about [`BUCKET_BYTES`] in reverse parameter order, the order backward
+    /// produces the gradients. `None` for one process, or with `LLMLAB_DDP_OVERLAP=0` (then
+    /// [`Dist::allreduce_mean`] after backward, to compare).
+    pub fn overlap_reducer(&self, params: &[Tensor]) -> Result<Option<GradReducer<'_>>, LlmError> {
+        let Some(pg) = &self.pg else { return Ok(None) };
+        if std::env::var("LLMLAB_DDP_OVERLAP").is_ok_and(|v| v == "0") {
+            return Ok(None);
+        }
+        let reversed: Vec<Tensor> = params.iter().rev().map(|t| t.shallow_clone()).collect();
+        pg.reducer(&buckets(&reversed), self.world)
+            .map(Some)
+            .map_err(|e| self.context("setting up the gradient reducer", e))
+    }
+
+    /// Ends a step's overlapped all-reduce ([`GradReducer::finish`]): every gradient is its
+    /// mean over the ranks. The time spent here, the communication backward did not hide,
+    /// counts in [`Dist::allreduce_secs`].
+    pub fn finish_reduce(&self, reducer: &GradReducer) -> Result<(), LlmError> {
+        let start = std::time::Instant::now();
+        reducer
+            .finish()
+            .map_err(|e| self.context("the gradient all-reduce", e))?;
         self.allreduce_secs
             .set(self.allreduce_secs.get() + start.elapsed().as_secs_f64());
         Ok(())

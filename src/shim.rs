@@ -67,6 +67,18 @@ extern "C" {
         root: c_int,
     ) -> *mut c_char;
     fn llmlab_dist_barrier(group: *mut c_void) -> *mut c_char;
+    fn llmlab_dist_reducer_new(
+        group: *mut c_void,
+        params: *const *const C_tensor,
+        n: usize,
+        sizes: *const usize,
+        nb: usize,
+        world: c_int,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn llmlab_dist_reducer_arm(handle: *mut c_void);
+    fn llmlab_dist_reducer_finish(handle: *mut c_void) -> *mut c_char;
+    fn llmlab_dist_reducer_free(handle: *mut c_void);
     fn llmlab_q_kernels_built() -> c_int;
     fn llmlab_f32_mm(x: *const C_tensor, w: *const C_tensor, y: *mut C_tensor) -> *mut c_char;
     fn llmlab_llama_decode(
@@ -432,6 +444,72 @@ impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: the group was allocated by `llmlab_dist_init_gloo` and is freed once.
         unsafe { llmlab_dist_free(self.ptr) }
+    }
+}
+
+impl ProcessGroup {
+    /// DDP's reducer over `buckets` of parameters (leaves that require grad), listed in the
+    /// order backward reaches them: once [`GradReducer::arm`]ed, each bucket's all-reduce starts
+    /// on gloo's threads as soon as backward has accumulated the last of its gradients, while
+    /// backward goes on. The parameters carry its autograd hooks until it is dropped.
+    pub fn reducer(
+        &self,
+        buckets: &[Vec<Tensor>],
+        world: usize,
+    ) -> Result<GradReducer<'_>, LlmError> {
+        let p: Vec<_> = buckets.iter().flatten().map(|t| t.as_ptr()).collect();
+        let sizes: Vec<usize> = buckets.iter().map(Vec::len).collect();
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `p` holds handles of live tensors (the reducer keeps its own references) and
+        // `sizes` adds up to `p.len()` (the shim checks); `ptr` receives a reducer that `Drop`
+        // frees once, before the group it points to (the borrow of `self`).
+        let err = unsafe {
+            llmlab_dist_reducer_new(
+                self.ptr,
+                p.as_ptr(),
+                p.len(),
+                sizes.as_ptr(),
+                sizes.len(),
+                world as c_int,
+                &mut ptr,
+            )
+        };
+        check(err, "c10d gradient reducer")?;
+        Ok(GradReducer {
+            ptr,
+            _group: std::marker::PhantomData,
+        })
+    }
+}
+
+/// See [`ProcessGroup::reducer`].
+pub struct GradReducer<'a> {
+    ptr: *mut c_void,
+    _group: std::marker::PhantomData<&'a ProcessGroup>,
+}
+
+impl GradReducer<'_> {
+    /// The next backward is the step's last: reduce its gradients as they become ready.
+    pub fn arm(&self) {
+        // SAFETY: `self.ptr` is a live reducer.
+        unsafe { llmlab_dist_reducer_arm(self.ptr) }
+    }
+
+    /// After that backward: starts the buckets still waiting (parameters without a gradient),
+    /// waits for every all-reduce and writes each gradient's mean over the ranks back.
+    pub fn finish(&self) -> Result<(), LlmError> {
+        // SAFETY: `self.ptr` is a live reducer.
+        check(
+            unsafe { llmlab_dist_reducer_finish(self.ptr) },
+            "c10d all-reduce",
+        )
+    }
+}
+
+impl Drop for GradReducer<'_> {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `llmlab_dist_reducer_new`, freed once; removes the hooks.
+        unsafe { llmlab_dist_reducer_free(self.ptr) }
     }
 }
 

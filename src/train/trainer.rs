@@ -411,6 +411,13 @@ pub fn pretrain_dist(
         })
     };
 
+    // DDP: the gradient all-reduce starts during the step's last backward.
+    let trainable: Vec<tch::Tensor> = opt
+        .params()
+        .iter()
+        .map(|(_, p)| p.shallow_clone())
+        .collect();
+    let reducer = dist.overlap_reducer(&trainable)?;
     events.start(state.step, total_steps);
     let mut samples = Vec::new();
     let mut last_time = Instant::now();
@@ -452,16 +459,19 @@ pub fn pretrain_dist(
                 let loss = loss_at(&x, &y)?;
                 let loss_v = super::finite_loss(&loss, state.step, epoch)?;
                 step_loss += loss_v / (hi - lo) as f64;
+                if let (Some(r), true) = (&reducer, b + 1 == hi) {
+                    r.arm();
+                }
                 (loss / (hi - lo) as f64).backward();
             }
             // DDP: the mean gradient over the ranks (= the gradient of the global batch's mean
             // loss), then clipping sees the same norm on every rank.
-            dist.allreduce_mean(
-                &opt.params()
-                    .iter()
-                    .map(|(_, p)| p.grad())
-                    .collect::<Vec<_>>(),
-            )?;
+            match &reducer {
+                Some(r) => dist.finish_reduce(r)?,
+                None => {
+                    dist.allreduce_mean(&trainable.iter().map(|p| p.grad()).collect::<Vec<_>>())?
+                }
+            }
             let step_loss = dist.mean_f64(step_loss)?;
             let grad_norm = opt.clip_grad_norm(t.max_grad_norm);
             opt.update(lr, fused)?;

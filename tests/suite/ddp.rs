@@ -127,7 +127,46 @@ fn two_ranks_of_batch_b_train_as_one_process_of_batch_2b() -> Result<()> {
     assert!(!out.contains("[rank 1] Ep"), "rank 1 stays quiet: {out}");
     let steps = common::metric_lines(&one)?.len();
     assert!(steps >= 5, "{steps} steps");
-    assert_same_run(&two, &one, 1e-5, "2 ranks × 4 vs 1 × 8")
+    assert_same_run(&two, &one, 1e-5, "2 ranks × 4 vs 1 × 8")?;
+
+    // The all-reduce overlaps the step's last backward only: with 2 micro-batches of 2 a rank,
+    // a reduction after the first would average a partial gradient.
+    let (accum, one_accum) = (dir.path().join("accum"), dir.path().join("one-accum"));
+    ok(
+        pretrain(
+            &tiny_run(dir.path(), 2)?,
+            &accum,
+            &["--nproc", "2", "--grad-accum-steps", "2"],
+        )?,
+        "2 ranks × 2 × 2 micro-batches",
+    )?;
+    ok(
+        pretrain(
+            &tiny_run(dir.path(), 4)?,
+            &one_accum,
+            &["--grad-accum-steps", "2"],
+        )?,
+        "1 × 4 × 2 micro-batches",
+    )?;
+    assert_same_run(&accum, &one_accum, 1e-5, "2 ranks × 2 × 2 vs 1 × 4 × 2")?;
+    // Without the overlap (LLMLAB_DDP_OVERLAP=0: one all-reduce after backward), the same
+    // numbers bit for bit: the sums are the same additions.
+    let after = dir.path().join("after");
+    let out = Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .arg("pretrain")
+        .arg(tiny_run(dir.path(), 4)?)
+        .arg("--out")
+        .arg(&after)
+        .args(["--device", "cpu", "--nproc", "2"])
+        .env("LLMLAB_DATA_MIRROR", common::mirror())
+        .env("LLMLAB_DDP_OVERLAP", "0")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_run(&after, &two, 0.0, "after backward vs overlapped")
 }
 
 /// Starts rank `rank` of 2 directly (torchrun-style variables), its stderr piped.

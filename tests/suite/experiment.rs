@@ -203,3 +203,18 @@ fn validation_errors_name_file_line_key_and_choices() -> Result<()> {
     }
     Ok(())
 }
+
+/// `model: {run: …}` naming a run folder that is not there (DPO after an instruct run that has
+/// not run yet) is an error naming the key, its line and the folder, before anything runs.
+#[test]
+fn a_missing_run_folder_to_start_from_is_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let yaml = "name: after\ntask: dpo\nmodel:\n  run: runs/instruct/none\ndata:\n  dataset: preference-data\n";
+    let (code, err) = common::llmlab_run(dir.path(), &dir.path().join("runs"), "after", yaml)?;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("after.yaml:4:3: model.run: runs/instruct/none does not exist (relative to"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -38,9 +38,27 @@ fn check_finetune_inputs(spec: &impl FinetuneInputs, exp: &Experiment, t: &Trial
             message: format!("data.dataset: {e}"),
         })?;
     }
+    // `model: {run: …}` is another name for model.name.
+    let key = if exp.base.get("model").and_then(|m| m.get("run")).is_some() {
+        "model.run"
+    } else {
+        "model.name"
+    };
+    let origin = exp.origin_of(key, t);
+    // A path (a run folder to continue from, a file) that is not there: say so, not "unknown".
+    if model.contains('/') && !model.contains(':') && !Path::new(model).exists() {
+        return Err(LlmError::Config {
+            origin,
+            message: format!(
+                "{key}: {model} does not exist (relative to {}); a run folder is there once the experiment that writes it has run",
+                std::env::current_dir().map_or_else(|_| ".".into(), |d| d.display().to_string())
+            ),
+        }
+        .into());
+    }
     crate::resolve::LmSpec::parse(model).map_err(|e| LlmError::Config {
-        origin: exp.origin_of("model.name", t),
-        message: format!("model.name: {e:#}"),
+        origin,
+        message: format!("{key}: {e:#}"),
     })?;
     Ok(())
 }
