@@ -6,9 +6,9 @@
 //!   does: `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` (torchrun, or [`launch_local`]),
 //!   else Slurm's `SLURM_PROCID`/`SLURM_NTASKS` with the first host of the allocation as master.
 //! * [`Dist::broadcast`] copies rank 0's initial weights to every rank (DDP's constructor does).
-//! * [`Dist::allreduce_mean`] averages the gradients after backward in ~25 MB buckets (DDP's
-//!   `bucket_cap_mb`), all buckets in flight at once. Unlike DDP it starts after backward ends:
-//!   tch exposes no per-parameter autograd hook to overlap communication with backward.
+//! * [`Dist::overlap_reducer`] averages the gradients in ~25 MB buckets (DDP's `bucket_cap_mb`)
+//!   while backward runs, as DDP's reducer does (post-accumulate-grad hooks in the shim);
+//!   [`Dist::allreduce_mean`] does it after backward (`LLMLAB_DDP_OVERLAP=0`).
 //! * [`launch_local`] is `--nproc N`: N copies of the command line with those variables set.
 //!
 //! Every wait gives up after a timeout (`LLMLAB_DIST_TIMEOUT`, seconds, default 60), so a rank
