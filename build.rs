@@ -8,7 +8,9 @@
 //!   AdamW kernel, autocast with a dtype), and `src/shim/llmlab_dist.cpp`, the c10d
 //!   binding (TCPStore, ProcessGroupGloo) for data-parallel training, and `src/shim/llmlab_q4.cpp`,
 //!   the Q4_1/Q8_0 matrix products of quantized decoding, compiled against the same libtorch with torch-sys's
-//!   own flags (C++17, the library's `_GLIBCXX_USE_CXX11_ABI`, warnings off).
+//!   own flags (C++17, the library's `_GLIBCXX_USE_CXX11_ABI`, warnings off);
+//! * `src/shim/llmlab_nccl.cpp`, ProcessGroupNCCL, with `LLMLAB_WITH_NCCL` when the venv holds
+//!   the CUDA runtime and NCCL headers ([`nccl_includes`]), else a stub that says so.
 use std::path::Path;
 use std::process::Command;
 
@@ -17,6 +19,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/shim/llmlab_shim.cpp");
     println!("cargo:rerun-if-changed=src/shim/llmlab_dist.cpp");
     println!("cargo:rerun-if-changed=src/shim/llmlab_q4.cpp");
+    println!("cargo:rerun-if-changed=src/shim/llmlab_nccl.cpp");
+    println!("cargo:rerun-if-changed=src/shim/llmlab_dist.h");
     println!("cargo:rerun-if-changed=src/shim/llmlab_protect.h");
     println!("cargo:rerun-if-changed=src/shim/gloo_decl");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -75,7 +79,8 @@ fn build_shim(lib: &Path) {
             lib.display()
         );
     }
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
@@ -84,7 +89,21 @@ fn build_shim(lib: &Path) {
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag("-DGLOG_USE_GLOG_EXPORT");
+    let mut nccl = build.clone();
+    match nccl_includes(lib) {
+        Some(dirs) => {
+            for d in dirs {
+                nccl.include(d);
+            }
+            nccl.define("LLMLAB_WITH_NCCL", "1");
+            println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        }
+        None => println!(
+            "cargo:warning=no NCCL/CUDA runtime headers in the venv: data-parallel ranks on CUDA are not built (make setup installs them)"
+        ),
+    }
+    build
         // ATen's `parallel_for` is inline OpenMP (`AT_PARALLEL_OPENMP`): without -fopenmp the
         // shim's kernels would run on one thread. libgomp is libtorch's own (torch/lib, by rpath).
         .flag("-fopenmp")
@@ -94,10 +113,30 @@ fn build_shim(lib: &Path) {
         .file("src/shim/llmlab_dist.cpp")
         .file("src/shim/llmlab_q4.cpp")
         .compile("llmlab_shim");
+    // After the shim, which calls it (static libraries link in order).
+    nccl.file("src/shim/llmlab_nccl.cpp").compile("llmlab_nccl");
     // The shim's libtorch symbols live in torch_cpu and c10 (torch-sys links them too; naming
     // them after the static library keeps the link order right).
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-link-lib=dylib=gomp");
+}
+
+/// The include folders ProcessGroupNCCL.hpp needs, from the venv's nvidia packages beside torch
+/// (`site-packages/nvidia/`): CUDA's runtime headers (nvidia-cuda-runtime, with nvidia-cuda-crt's
+/// `crt/` and nvidia-cuda-cccl's `nv/target`) and `nccl.h` (nvidia-nccl-cu13); `None` unless all
+/// are there and libtorch is a CUDA build.
+fn nccl_includes(lib: &Path) -> Option<Vec<std::path::PathBuf>> {
+    let nvidia = lib.join("../../nvidia");
+    let cuda = nvidia.join("cu13/include");
+    let nccl = nvidia.join("nccl/include");
+    let needed = [
+        lib.join("libtorch_cuda.so"),
+        cuda.join("cuda_runtime_api.h"),
+        cuda.join("crt/host_config.h"),
+        cuda.join("nv/target"),
+        nccl.join("nccl.h"),
+    ];
+    needed.iter().all(|p| p.exists()).then(|| vec![cuda, nccl])
 }

@@ -1,9 +1,9 @@
 //! Data-parallel training across processes (book appendix A.9, `DistributedDataParallel`), on
 //! libtorch's own distributed engine, c10d, through the C++ shim ([`crate::shim::ProcessGroup`]:
-//! a `TCPStore` rendezvous and `ProcessGroupGloo`).
+//! a `TCPStore` rendezvous, `ProcessGroupGloo` on the CPU, `ProcessGroupNCCL` on CUDA GPUs).
 //!
-//! * [`Dist::from_env`] joins a group the way `torch.distributed.init_process_group("env://")`
-//!   does: `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` (torchrun, or [`launch_local`]),
+//! * [`DistEnv::parse`] and [`Dist::join`] join a group the way
+//!   `torch.distributed.init_process_group("env://")` does: `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` (torchrun, or [`launch_local`]),
 //!   else Slurm's `SLURM_PROCID`/`SLURM_NTASKS` with the first host of the allocation as master.
 //! * [`Dist::broadcast`] copies rank 0's initial weights to every rank (DDP's constructor does).
 //! * [`Dist::overlap_reducer`] averages the gradients in ~25 MB buckets (DDP's `bucket_cap_mb`)
@@ -31,6 +31,8 @@ pub const DEFAULT_TIMEOUT_S: u64 = 60;
 pub struct Dist {
     pub rank: usize,
     pub world: usize,
+    /// Where the group's tensors live (the CPU for gloo, this rank's GPU for NCCL).
+    device: tch::Device,
     pg: Option<ProcessGroup>,
     /// Wall-clock seconds spent in [`Dist::allreduce_mean`] so far (the overhead DDP adds).
     allreduce_secs: std::cell::Cell<f64>,
@@ -152,16 +154,43 @@ impl DistEnv {
     }
 }
 
-/// A group of more than one rank trains on the CPU (gloo); NCCL is not bound yet.
+/// A group of more than one rank trains on the CPU (gloo) or on CUDA GPUs (NCCL, when this
+/// build has it: [`crate::shim::nccl_built`]).
 pub fn check_device(world: usize, device: tch::Device) -> Result<(), LlmError> {
-    if world > 1 && device != tch::Device::Cpu {
-        return Err(LlmError::Usage(format!(
-            "data-parallel training on {} needs ProcessGroupNCCL, which llmlab does not bind yet; \
-             run the {world} ranks with --device cpu (gloo)",
-            crate::device::device_name(device)
-        )));
+    if world <= 1 || device == tch::Device::Cpu || (device.is_cuda() && crate::shim::nccl_built()) {
+        return Ok(());
     }
-    Ok(())
+    Err(LlmError::Usage(if device.is_cuda() {
+        format!(
+            "data-parallel training on {} needs ProcessGroupNCCL, and this llmlab was built without \
+             NCCL's headers (make setup installs them; then cargo build again); or run the {world} \
+             ranks with --device cpu (gloo)",
+            crate::device::device_name(device)
+        )
+    } else {
+        format!(
+            "data-parallel training runs on the CPU (gloo) or CUDA GPUs (NCCL), not on {}",
+            crate::device::device_name(device)
+        )
+    }))
+}
+
+/// The device a rank of `env` trains on: with CUDA, its GPU on this machine is its local rank
+/// (`LOCAL_RANK` from torchrun or `--nproc`, `SLURM_LOCALID` under srun, else its rank) modulo the
+/// GPUs libtorch sees (CUDA_VISIBLE_DEVICES picks them); other devices as given.
+pub fn rank_device(device: tch::Device, env: Option<&DistEnv>) -> tch::Device {
+    let Some(env) = env else { return device };
+    if !device.is_cuda() {
+        return device;
+    }
+    let get = |k: &str| std::env::var(k).ok();
+    let local = parse_var::<usize>(&get, "LOCAL_RANK")
+        .ok()
+        .flatten()
+        .or_else(|| parse_var::<usize>(&get, "SLURM_LOCALID").ok().flatten())
+        .unwrap_or(env.rank);
+    let n = tch::Cuda::device_count().max(1) as usize;
+    tch::Device::Cuda(local % n)
 }
 
 /// `LLMLAB_DIST_TIMEOUT` (seconds) or the default.
@@ -177,21 +206,15 @@ impl Dist {
         Self {
             rank: 0,
             world: 1,
+            device: tch::Device::Cpu,
             pg: None,
             allreduce_secs: Default::default(),
         }
     }
 
-    /// Joins the group the environment describes ([`DistEnv::parse`]), or [`Dist::single`].
-    pub fn from_env() -> Result<Self, LlmError> {
-        match DistEnv::parse(&|k| std::env::var(k).ok())? {
-            None => Ok(Self::single()),
-            Some(env) => Self::join(&env, timeout_from_env()?),
-        }
-    }
-
-    /// Joins a gloo group: rank 0 serves the store at `master_addr:master_port`.
-    pub fn join(env: &DistEnv, timeout: Duration) -> Result<Self, LlmError> {
+    /// Joins a group: rank 0 serves the store at `master_addr:master_port`; gloo for tensors on
+    /// the CPU, NCCL for tensors on `device` when it is a CUDA GPU ([`rank_device`]).
+    pub fn join(env: &DistEnv, timeout: Duration, device: tch::Device) -> Result<Self, LlmError> {
         let bind = match std::env::var("GLOO_SOCKET_IFNAME") {
             Ok(i) if !i.is_empty() => GlooBind::Interface(i),
             _ if env.master_addr == "localhost" || env.master_addr.starts_with("127.") => {
@@ -199,14 +222,12 @@ impl Dist {
             }
             _ => GlooBind::Default,
         };
-        let pg = ProcessGroup::gloo(
-            &env.master_addr,
-            env.master_port,
-            env.rank,
-            env.world,
-            timeout,
-            &bind,
-        )
+        let (addr, port) = (&env.master_addr, env.master_port);
+        let pg = if device.is_cuda() {
+            ProcessGroup::nccl(addr, port, env.rank, env.world, timeout)
+        } else {
+            ProcessGroup::gloo(addr, port, env.rank, env.world, timeout, &bind)
+        }
         .map_err(|e| {
             LlmError::Usage(format!(
                 "rank {} of {} could not join the group at {}:{} ({}; timeout {} s, LLMLAB_DIST_TIMEOUT): {e}",
@@ -221,6 +242,7 @@ impl Dist {
         Ok(Self {
             rank: env.rank,
             world: env.world,
+            device,
             pg: Some(pg),
             allreduce_secs: Default::default(),
         })
@@ -315,7 +337,7 @@ impl Dist {
     /// The mean of a number over the ranks (the logged loss of a step).
     pub fn mean_f64(&self, x: f64) -> Result<f64, LlmError> {
         let Some(pg) = &self.pg else { return Ok(x) };
-        let t = Tensor::from_slice(&[x]);
+        let t = Tensor::from_slice(&[x]).to_device(self.device);
         pg.allreduce_sum(&[&t])
             .map_err(|e| self.context("the loss all-reduce", e))?;
         Ok(t.double_value(&[0]) / self.world as f64)
@@ -539,6 +561,35 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn groups_train_on_the_cpu_or_on_cuda_with_nccl() {
+        assert!(
+            check_device(1, tch::Device::Mps).is_ok(),
+            "one process trains anywhere"
+        );
+        assert!(check_device(2, tch::Device::Cpu).is_ok());
+        let cuda = check_device(2, tch::Device::Cuda(0));
+        assert_eq!(cuda.is_ok(), crate::shim::nccl_built(), "{cuda:?}");
+        let mps = check_device(2, tch::Device::Mps).map_err(|e| e.to_string());
+        assert!(
+            mps.as_ref()
+                .is_err_and(|e| e.contains("the CPU (gloo) or CUDA GPUs (NCCL), not on")),
+            "{mps:?}"
+        );
+        let one = DistEnv {
+            rank: 1,
+            world: 2,
+            master_addr: "h".into(),
+            master_port: 1,
+            source: "test",
+        };
+        assert_eq!(rank_device(tch::Device::Cpu, Some(&one)), tch::Device::Cpu);
+        assert_eq!(
+            rank_device(tch::Device::Cuda(0), None),
+            tch::Device::Cuda(0)
+        );
     }
 
     #[test]

@@ -54,6 +54,15 @@ extern "C" {
         bind_host: *const c_char,
         out: *mut *mut c_void,
     ) -> *mut c_char;
+    fn llmlab_dist_init_nccl(
+        addr: *const c_char,
+        port: c_int,
+        rank: c_int,
+        world: c_int,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    fn llmlab_nccl_built() -> c_int;
     fn llmlab_dist_free(group: *mut c_void);
     fn llmlab_dist_allreduce_sum(
         group: *mut c_void,
@@ -414,6 +423,32 @@ impl ProcessGroup {
         Ok(Self { ptr })
     }
 
+    /// The same group over NCCL, for CUDA tensors (see [`nccl_built`]).
+    pub fn nccl(
+        addr: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        timeout: std::time::Duration,
+    ) -> Result<Self, LlmError> {
+        let addr_c = CString::new(addr)
+            .map_err(|_| LlmError::Usage(format!("{addr:?} contains a NUL byte")))?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: as in `gloo`.
+        let err = unsafe {
+            llmlab_dist_init_nccl(
+                addr_c.as_ptr(),
+                c_int::from(port),
+                rank as c_int,
+                world as c_int,
+                timeout.as_millis() as i64,
+                &mut ptr,
+            )
+        };
+        check(err, "c10d rendezvous (TCPStore + ProcessGroupNCCL)")?;
+        Ok(Self { ptr })
+    }
+
     /// In-place sum of each tensor over the ranks (the collectives run concurrently).
     pub fn allreduce_sum(&self, ts: &[&Tensor]) -> Result<(), LlmError> {
         let p: Vec<_> = ts.iter().map(|t| t.as_ptr()).collect();
@@ -511,6 +546,12 @@ impl Drop for GradReducer<'_> {
         // SAFETY: allocated by `llmlab_dist_reducer_new`, freed once; removes the hooks.
         unsafe { llmlab_dist_reducer_free(self.ptr) }
     }
+}
+
+/// Whether this build has ProcessGroupNCCL (build.rs found the CUDA runtime and NCCL headers).
+pub fn nccl_built() -> bool {
+    // SAFETY: a constant query.
+    unsafe { llmlab_nccl_built() != 0 }
 }
 
 /// Whether this build has the AVX-512 Q4_1/Q8_0 kernels (an x86-64 build); whether the CPU can

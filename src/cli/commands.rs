@@ -649,19 +649,25 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
     if env.is_none() && spec.train.nproc > 1 {
         // The launcher: this process only starts the ranks and watches them.
         println!(
-            "run {} -> {}: starting {} ranks (gloo on the CPU)",
+            "run {} -> {}: starting {} ranks ({})",
             spec.name,
             run_dir.display(),
-            spec.train.nproc
+            spec.train.nproc,
+            if device.is_cuda() {
+                "NCCL, a GPU each"
+            } else {
+                "gloo on the CPU"
+            }
         );
         let exe = std::env::current_exe()?;
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
         launch_local(&exe, &args, spec.train.nproc)?;
         return Ok(());
     }
+    let device = crate::dist::rank_device(device, env.as_ref());
     let dist = match &env {
         None => Dist::single(),
-        Some(e) => Dist::join(e, timeout_from_env()?)?,
+        Some(e) => Dist::join(e, timeout_from_env()?, device)?,
     };
     let main = dist.is_main();
     if main {

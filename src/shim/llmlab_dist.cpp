@@ -6,7 +6,8 @@
 // backtrace: a user reads them).
 //
 // The gloo headers are not in the torch wheel; src/shim/gloo_decl/ declares the names
-// ProcessGroupGloo.hpp mentions (see its README). ProcessGroupNCCL is not bound yet.
+// ProcessGroupGloo.hpp mentions (see its README). ProcessGroupNCCL (CUDA tensors) is created in
+// llmlab_nccl.cpp; every collective below goes through the Backend interface either way.
 #define USE_C10D_GLOO 1
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <exception>
 
+#include "llmlab_dist.h"
 #include "llmlab_protect.h"
 #include <memory>
 #include <mutex>
@@ -132,6 +134,18 @@ struct ReducerHandle {
 
 extern "C" {
 
+// The rendezvous: rank 0 serves a TCPStore at `addr:port`, the others connect to it.
+static c10::intrusive_ptr<c10d::Store> make_store(const char *addr, int port, int rank, int world,
+                                                  std::chrono::milliseconds timeout) {
+  c10d::TCPStoreOptions so;
+  so.port = static_cast<std::uint16_t>(port);
+  so.isServer = rank == 0;
+  so.numWorkers = world;
+  so.waitWorkers = true;
+  so.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(std::string(addr), so);
+}
+
 // Joins the group `rank` of `world` whose rank 0 listens on `addr:port` (rank 0 starts the
 // TCPStore server there). `iface`: a network interface for gloo (GLOO_SOCKET_IFNAME), or NULL:
 // then `bind_host` (an address of this machine) or, when NULL too, the host name's address.
@@ -140,13 +154,7 @@ char *llmlab_dist_init_gloo(const char *addr, int port, int rank, int world, int
                             const char *iface, const char *bind_host, void **out) {
   LLMLAB_PROTECT({
     auto timeout = std::chrono::milliseconds(timeout_ms);
-    c10d::TCPStoreOptions so;
-    so.port = static_cast<std::uint16_t>(port);
-    so.isServer = rank == 0;
-    so.numWorkers = world;
-    so.waitWorkers = true;
-    so.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(addr), so);
+    auto store = make_store(addr, port, rank, world, timeout);
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     if (iface != nullptr) {
       opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
@@ -156,6 +164,17 @@ char *llmlab_dist_init_gloo(const char *addr, int port, int rank, int world, int
       opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, opts);
+    *out = new Group{store, pg};
+  })
+}
+
+// The same group over NCCL (CUDA tensors; rank r uses the GPU its tensors are on).
+char *llmlab_dist_init_nccl(const char *addr, int port, int rank, int world, int64_t timeout_ms,
+                            void **out) {
+  LLMLAB_PROTECT({
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = make_store(addr, port, rank, world, timeout);
+    auto pg = llmlab::nccl_backend(store, rank, world, timeout);
     *out = new Group{store, pg};
   })
 }

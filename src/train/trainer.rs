@@ -386,8 +386,11 @@ pub fn pretrain_dist(
     )?;
     if dist.world > 1 {
         events.log(&format!(
-            "data parallel: {} ranks (gloo), global batch {global_batch} = {} × {}",
-            dist.world, dist.world, t.batch_size
+            "data parallel: {} ranks ({}), global batch {global_batch} = {} × {}",
+            dist.world,
+            if device.is_cuda() { "NCCL" } else { "gloo" },
+            dist.world,
+            t.batch_size
         ));
     }
     events.resume_after(state.step);

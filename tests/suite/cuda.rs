@@ -192,3 +192,57 @@ fn cuda_pretrain_bf16_fused_runs() -> Result<()> {
     );
     Ok(())
 }
+
+/// The NCCL path of data-parallel training (issue 19) as a group of one on one GPU: the
+/// rendezvous, a broadcast, the loss all-reduce and the overlapping gradient reducer run on
+/// CUDA tensors, and with one rank every gradient stays what backward gave (the mean of one).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_nccl_group_of_one_reduces_gradients() -> Result<()> {
+    use llmlab::dist::{free_port, Dist, DistEnv};
+    let dev = cuda();
+    assert!(llmlab::shim::nccl_built(), "this build has no NCCL");
+    let env = DistEnv {
+        rank: 0,
+        world: 1,
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port()?,
+        source: "test",
+    };
+    let dist = Dist::join(&env, std::time::Duration::from_secs(30), dev)?;
+    assert!((dist.mean_f64(3.25)? - 3.25).abs() < 1e-12);
+    tch::manual_seed(0);
+    let cfg = GptConfig {
+        drop_rate: 0.0,
+        ..common::tiny_gpt()
+    };
+    let vs = VarStore::new(dev);
+    let model = GptModel::new(&vs.root(), &cfg);
+    let params: Vec<Tensor> = vs.trainable_variables();
+    let before: Vec<Tensor> = params.iter().map(|p| p.copy()).collect();
+    dist.broadcast(&params)?;
+    for (p, b) in params.iter().zip(&before) {
+        assert!(p.equal(b), "a broadcast from the only rank changes nothing");
+    }
+    let x = Tensor::randint(cfg.vocab_size, [2, 16], (Kind::Int64, dev));
+    let loss = |m: &GptModel| {
+        m.forward_t(&x, false)
+            .pow_tensor_scalar(2)
+            .mean(Kind::Float)
+    };
+    loss(&model).backward();
+    let plain: Vec<Tensor> = params.iter().map(|p| p.grad().copy()).collect();
+    for p in &params {
+        let _ = p.grad().zero_();
+    }
+    let reducer = dist
+        .overlap_reducer(&params)?
+        .expect("a group has a reducer");
+    reducer.arm();
+    loss(&model).backward();
+    dist.finish_reduce(&reducer)?;
+    for (p, g) in params.iter().zip(&plain) {
+        common::assert_close(&p.grad(), g, 1e-6, 1e-6, "reduced gradient")?;
+    }
+    Ok(())
+}

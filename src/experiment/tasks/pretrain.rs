@@ -69,7 +69,8 @@ impl Task for Pretrain {
         let world = env.as_ref().map_or(spec.train.nproc, |e| e.world);
         crate::dist::check_device(world, run.device)?;
         if let Some(env) = env {
-            let dist = Dist::join(&env, crate::dist::timeout_from_env()?)?;
+            run.device = crate::dist::rank_device(run.device, Some(&env));
+            let dist = Dist::join(&env, crate::dist::timeout_from_env()?, run.device)?;
             return train_rank(spec, run, &dist);
         }
         if world == 1 {
@@ -98,7 +99,8 @@ impl Task for Pretrain {
         let mut ranks =
             crate::dist::Ranks::spawn(&|_| command(run.slug, threads), 1..world, world, port)?;
         run.events.log(&format!(
-            "data parallel: started ranks 1..{world} of this trial (gloo, {threads} thread(s) a rank)"
+            "data parallel: started ranks 1..{world} of this trial ({}, {threads} thread(s) a rank)",
+            if run.device.is_cuda() { "NCCL" } else { "gloo" }
         ));
         let env = DistEnv {
             rank: 0,
@@ -107,7 +109,8 @@ impl Task for Pretrain {
             master_port: port,
             source: "train.nproc",
         };
-        let trained = Dist::join(&env, crate::dist::timeout_from_env()?)
+        run.device = crate::dist::rank_device(run.device, Some(&env));
+        let trained = Dist::join(&env, crate::dist::timeout_from_env()?, run.device)
             .map_err(anyhow::Error::from)
             .and_then(|dist| train_rank(spec, run, &dist));
         match trained {
