@@ -97,7 +97,16 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     crate::finetune::set_checkpoint_minutes(a.checkpoint_minutes);
     if let Some(slug) = &only_trial {
         // One trial (of a `--jobs` sweep, a Slurm array, or by hand): the run that started the
-        // sweep writes the experiment's records.
+        // sweep writes the experiment's records; a trial run by hand first writes the list of
+        // trials `llmlab report` reads, if nothing has yet.
+        if !dir.join("experiment.json").is_file() {
+            std::fs::create_dir_all(&dir).map_err(|source| LlmError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
+            report::write_record(&dir, &report::record(&exp, &plain))?;
+        }
         let results = runner::run(&exp, &trials, &opts)?;
         if let Some(r) = results
             .iter()

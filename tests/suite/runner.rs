@@ -571,3 +571,35 @@ fn changed_settings_of_finished_trials_are_an_error() -> Result<()> {
     assert_eq!(code, 0, "{err}");
     Ok(())
 }
+
+/// A trial run by hand (`--trial`) before any run of the whole file records the sweep's trials,
+/// so `llmlab report` shows it beside the trials that have not run.
+#[test]
+fn a_trial_run_alone_can_be_reported() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("sweep.yaml");
+    std::fs::write(&file, SWEEP.replace("  epochs: 2\n", "  epochs: 1\n"))?;
+    let runs = dir.path().join("runs");
+    let out = spawn_with(&file, &runs, &["--threads", "1", "--trial", "1"]).wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exp = runs.join("tiny-sweep");
+    let (code, report, err) = common::llmlab(&["report", exp.to_str().unwrap_or_default()])?;
+    assert_eq!(code, 0, "{err}");
+    let line = |slug: &str| {
+        report
+            .lines()
+            .find(|l| l.starts_with(slug))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("lr-0.0005").contains("finished"), "{report}");
+    assert!(
+        !line("lr-0.001").is_empty() && !line("lr-0.001").contains("finished"),
+        "{report}"
+    );
+    Ok(())
+}
