@@ -95,17 +95,22 @@ fn run_experiment(a: RunArgs) -> Result<()> {
     };
     crate::signal::install();
     crate::finetune::set_checkpoint_minutes(a.checkpoint_minutes);
+    // `runs/<experiment>/experiment.json`: the trials, in order (`--trial INDEX`, the report).
+    let record_trials = || -> Result<Vec<crate::experiment::Trial>> {
+        std::fs::create_dir_all(&dir).map_err(|source| LlmError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
+        report::write_record(&dir, &report::record(&exp, &plain))?;
+        Ok(plain)
+    };
     if let Some(slug) = &only_trial {
         // One trial (of a `--jobs` sweep, a Slurm array, or by hand): the run that started the
         // sweep writes the experiment's records; a trial run by hand first writes the list of
         // trials `llmlab report` reads, if nothing has yet.
         if !dir.join("experiment.json").is_file() {
-            std::fs::create_dir_all(&dir).map_err(|source| LlmError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-            let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
-            report::write_record(&dir, &report::record(&exp, &plain))?;
+            record_trials()?;
         }
         let results = runner::run(&exp, &trials, &opts)?;
         if let Some(r) = results
@@ -123,12 +128,7 @@ fn run_experiment(a: RunArgs) -> Result<()> {
         }
         return Ok(());
     }
-    std::fs::create_dir_all(&dir).map_err(|source| LlmError::Io {
-        path: dir.clone(),
-        source,
-    })?;
-    let plain: Vec<_> = trials.iter().map(|(t, _)| t.clone()).collect();
-    report::write_record(&dir, &report::record(&exp, &plain))?;
+    let plain = record_trials()?;
     if let Some(slurm) = slurm {
         return run_on_slurm(&a, &exp, &plain, &dir, &slurm);
     }
