@@ -79,6 +79,17 @@ pub fn set_threads(threads: Option<usize>) {
     }
 }
 
+/// The threads each of `jobs` processes gets: an equal share of `threads` (default: the
+/// machine's available parallelism), at least 1.
+pub fn threads_per_job(threads: Option<usize>, jobs: usize) -> usize {
+    let total = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(usize::from)
+            .unwrap_or(1)
+    });
+    (total / jobs.max(1)).max(1)
+}
+
 /// Keeps freed heap memory in the process instead of returning it to the OS (glibc:
 /// no mmap-backed allocations, a 2 GiB trim threshold). libtorch frees and re-allocates
 /// large activation buffers every training step; with glibc's defaults each one is a fresh

@@ -215,17 +215,17 @@ impl Dist {
     /// Joins a group: rank 0 serves the store at `master_addr:master_port`; gloo for tensors on
     /// the CPU, NCCL for tensors on `device` when it is a CUDA GPU ([`rank_device`]).
     pub fn join(env: &DistEnv, timeout: Duration, device: tch::Device) -> Result<Self, LlmError> {
-        let bind = match std::env::var("GLOO_SOCKET_IFNAME") {
-            Ok(i) if !i.is_empty() => GlooBind::Interface(i),
-            _ if env.master_addr == "localhost" || env.master_addr.starts_with("127.") => {
-                GlooBind::Host("127.0.0.1".into())
-            }
-            _ => GlooBind::Default,
-        };
         let (addr, port) = (&env.master_addr, env.master_port);
         let pg = if device.is_cuda() {
             ProcessGroup::nccl(addr, port, env.rank, env.world, timeout)
         } else {
+            let bind = match std::env::var("GLOO_SOCKET_IFNAME") {
+                Ok(i) if !i.is_empty() => GlooBind::Interface(i),
+                _ if addr == "localhost" || addr.starts_with("127.") => {
+                    GlooBind::Host("127.0.0.1".into())
+                }
+                _ => GlooBind::Default,
+            };
             ProcessGroup::gloo(addr, port, env.rank, env.world, timeout, &bind)
         }
         .map_err(|e| {

@@ -22,17 +22,6 @@ pub struct Launch<'a> {
     pub command: &'a dyn Fn(&str, usize) -> std::process::Command,
 }
 
-/// The threads each of `jobs` processes gets: an equal share of `threads` (default: the
-/// machine's available parallelism), at least 1.
-pub fn threads_per_job(threads: Option<usize>, jobs: usize) -> usize {
-    let total = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(usize::from)
-            .unwrap_or(1)
-    });
-    (total / jobs.max(1)).max(1)
-}
-
 /// The GPUs a `--jobs` sweep hands out one per process: with `--device auto|cuda` on a machine
 /// where libtorch sees several CUDA devices, their `CUDA_VISIBLE_DEVICES` names (the entries of
 /// an inherited `CUDA_VISIBLE_DEVICES`, else `0..n`); otherwise none (a single GPU is shared, an
@@ -84,7 +73,7 @@ pub fn run_parallel(
         progress.log(&format!("TensorBoard: {e:#}"));
     }
     let jobs = launch.jobs.max(1);
-    let threads = threads_per_job(opts.threads, jobs);
+    let threads = crate::device::threads_per_job(opts.threads, jobs);
     let n = trials.len();
     let label = |i: usize| format!("[{}/{n}] {}", i + 1, trials[i].0.slug);
     let mut results: Vec<Option<TrialResult>> = vec![None; n];

@@ -93,7 +93,7 @@ impl Task for Pretrain {
         let threads = spec
             .train
             .threads
-            .unwrap_or_else(|| super::super::jobs::threads_per_job(run.threads, world));
+            .unwrap_or_else(|| crate::device::threads_per_job(run.threads, world));
         crate::device::set_threads(Some(threads));
         let port = crate::dist::free_port()?;
         let mut ranks =
