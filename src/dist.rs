@@ -14,7 +14,7 @@
 //! Every wait gives up after a timeout (`LLMLAB_DIST_TIMEOUT`, seconds, default 60), so a rank
 //! that dies makes the others exit with an error instead of hanging.
 use crate::error::LlmError;
-use crate::shim::{GlooBind, GradReducer, ProcessGroup};
+use crate::shim::{Backend, GlooBind, GradReducer, ProcessGroup};
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -216,18 +216,18 @@ impl Dist {
     /// the CPU, NCCL for tensors on `device` when it is a CUDA GPU ([`rank_device`]).
     pub fn join(env: &DistEnv, timeout: Duration, device: tch::Device) -> Result<Self, LlmError> {
         let (addr, port) = (&env.master_addr, env.master_port);
-        let pg = if device.is_cuda() {
-            ProcessGroup::nccl(addr, port, env.rank, env.world, timeout)
+        let backend = if device.is_cuda() {
+            Backend::Nccl
         } else {
-            let bind = match std::env::var("GLOO_SOCKET_IFNAME") {
+            Backend::Gloo(match std::env::var("GLOO_SOCKET_IFNAME") {
                 Ok(i) if !i.is_empty() => GlooBind::Interface(i),
                 _ if addr == "localhost" || addr.starts_with("127.") => {
                     GlooBind::Host("127.0.0.1".into())
                 }
                 _ => GlooBind::Default,
-            };
-            ProcessGroup::gloo(addr, port, env.rank, env.world, timeout, &bind)
-        }
+            })
+        };
+        let pg = ProcessGroup::join(&backend, addr, port, env.rank, env.world, timeout)
         .map_err(|e| {
             LlmError::Usage(format!(
                 "rank {} of {} could not join the group at {}:{} ({}; timeout {} s, LLMLAB_DIST_TIMEOUT): {e}",
@@ -540,14 +540,9 @@ pub fn launch_local(
         c
     };
     crate::signal::install();
-    let result = Ranks::spawn(&command, 0..nproc, nproc, port)?.wait();
-    match result {
-        // Ctrl-C: every rank stopped at the same step after rank 0 saved it.
-        Err(_) if crate::signal::interrupted() => Err(LlmError::Usage(format!(
-            "--nproc {nproc}: interrupted; rank 0 saved a checkpoint at the step the ranks stopped at; run the same command again to resume"
-        ))),
-        r => r.map_err(|e| LlmError::Usage(format!("--nproc {nproc}: {e}; stopped the other ranks"))),
-    }
+    Ranks::spawn(&command, 0..nproc, nproc, port)?
+        .wait()
+        .map_err(|e| LlmError::Usage(format!("--nproc {nproc}: {e}; stopped the other ranks")))
 }
 
 #[cfg(test)]

@@ -385,67 +385,63 @@ pub struct ProcessGroup {
     ptr: *mut c_void,
 }
 
+/// The collective engine of a [`ProcessGroup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// `ProcessGroupGloo`, CPU tensors, its sockets bound as given.
+    Gloo(GlooBind),
+    /// `ProcessGroupNCCL`, CUDA tensors (see [`nccl_built`]).
+    Nccl,
+}
+
 impl ProcessGroup {
-    pub fn gloo(
+    pub fn join(
+        backend: &Backend,
         addr: &str,
         port: u16,
         rank: usize,
         world: usize,
         timeout: std::time::Duration,
-        bind: &GlooBind,
     ) -> Result<Self, LlmError> {
         let c = |s: &str| {
             CString::new(s).map_err(|_| LlmError::Usage(format!("{s:?} contains a NUL byte")))
         };
         let addr_c = c(addr)?;
-        let (iface, host) = match bind {
-            GlooBind::Interface(i) => (Some(c(i)?), None),
-            GlooBind::Host(h) => (None, Some(c(h)?)),
-            GlooBind::Default => (None, None),
-        };
-        let opt = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let (port, rank, world) = (c_int::from(port), rank as c_int, world as c_int);
+        let timeout_ms = timeout.as_millis() as i64;
         let mut ptr: *mut c_void = std::ptr::null_mut();
         // SAFETY: the strings are NUL-terminated and outlive the call; `ptr` receives a group
         // the shim allocated, which `Drop` frees exactly once.
-        let err = unsafe {
-            llmlab_dist_init_gloo(
-                addr_c.as_ptr(),
-                c_int::from(port),
-                rank as c_int,
-                world as c_int,
-                timeout.as_millis() as i64,
-                opt(&iface),
-                opt(&host),
-                &mut ptr,
-            )
+        let (err, what) = match backend {
+            Backend::Gloo(bind) => {
+                let (iface, host) = match bind {
+                    GlooBind::Interface(i) => (Some(c(i)?), None),
+                    GlooBind::Host(h) => (None, Some(c(h)?)),
+                    GlooBind::Default => (None, None),
+                };
+                let opt = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+                let err = unsafe {
+                    llmlab_dist_init_gloo(
+                        addr_c.as_ptr(),
+                        port,
+                        rank,
+                        world,
+                        timeout_ms,
+                        opt(&iface),
+                        opt(&host),
+                        &mut ptr,
+                    )
+                };
+                (err, "c10d rendezvous (TCPStore + ProcessGroupGloo)")
+            }
+            Backend::Nccl => {
+                let err = unsafe {
+                    llmlab_dist_init_nccl(addr_c.as_ptr(), port, rank, world, timeout_ms, &mut ptr)
+                };
+                (err, "c10d rendezvous (TCPStore + ProcessGroupNCCL)")
+            }
         };
-        check(err, "c10d rendezvous (TCPStore + ProcessGroupGloo)")?;
-        Ok(Self { ptr })
-    }
-
-    /// The same group over NCCL, for CUDA tensors (see [`nccl_built`]).
-    pub fn nccl(
-        addr: &str,
-        port: u16,
-        rank: usize,
-        world: usize,
-        timeout: std::time::Duration,
-    ) -> Result<Self, LlmError> {
-        let addr_c = CString::new(addr)
-            .map_err(|_| LlmError::Usage(format!("{addr:?} contains a NUL byte")))?;
-        let mut ptr: *mut c_void = std::ptr::null_mut();
-        // SAFETY: as in `gloo`.
-        let err = unsafe {
-            llmlab_dist_init_nccl(
-                addr_c.as_ptr(),
-                c_int::from(port),
-                rank as c_int,
-                world as c_int,
-                timeout.as_millis() as i64,
-                &mut ptr,
-            )
-        };
-        check(err, "c10d rendezvous (TCPStore + ProcessGroupNCCL)")?;
+        check(err, what)?;
         Ok(Self { ptr })
     }
 

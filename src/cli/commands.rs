@@ -670,8 +670,21 @@ fn pretrain(a: PretrainArgs) -> Result<()> {
         );
         let exe = std::env::current_exe()?;
         let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-        launch_local(&exe, &args, spec.train.nproc)?;
-        return Ok(());
+        return match launch_local(&exe, &args, spec.train.nproc) {
+            // Ctrl-C: every rank stopped at the same step and rank 0 saved it; exit as a
+            // one-process run does (130, the step and where its state is).
+            Err(_) if crate::signal::interrupted() => {
+                match crate::train::checkpoint::latest_step(&run_dir)? {
+                    Some(step) => Err(LlmError::Interrupted { step, dir: run_dir }.into()),
+                    None => Err(LlmError::Usage(format!(
+                        "--nproc {}: interrupted before the first checkpoint",
+                        spec.train.nproc
+                    ))
+                    .into()),
+                }
+            }
+            r => r.map_err(Into::into),
+        };
     }
     let device = crate::dist::rank_device(device, env.as_ref());
     let dist = match &env {

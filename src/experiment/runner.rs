@@ -3,7 +3,7 @@
 //! failed one is run again, and a trial that fails is recorded with its error while the sweep
 //! goes on. Each trial runs through its task ([`super::task`]); `--jobs N` is [`super::jobs`].
 use super::events::{self, Progress, TrialEvents};
-use super::task::{self, TaskSpec, TrialCommand, TrialRun};
+use super::task::{self, DynTask, TaskSpec, TrialCommand, TrialRun};
 use super::{status, Experiment, Trial};
 use crate::error::LlmError;
 use crate::tensorboard::SessionStatus;
@@ -105,8 +105,8 @@ pub fn run(
     trials: &[(Trial, TaskSpec)],
     opts: &RunOptions,
 ) -> Result<Vec<TrialResult>> {
+    let task = task::find(exp)?;
     if let Some(env) = crate::dist::DistEnv::parse(&|k| std::env::var(k).ok())? {
-        let task = task::find(exp)?;
         if !task.data_parallel() {
             return Err(LlmError::Usage(format!(
                 "this process is rank {} of {} ({}), but task: {} trains in one process (data-parallel ranks are for task: pretrain)",
@@ -118,7 +118,7 @@ pub fn run(
             .into());
         }
         if env.rank > 0 {
-            return run_rank(exp, trials, opts, &env);
+            return run_rank(exp, task, trials, opts, &env);
         }
     }
     let mut progress = Progress::new(trials.len());
@@ -127,7 +127,7 @@ pub fn run(
             progress.log(&format!("TensorBoard: {e:#}"));
         }
     }
-    let results = run_with(exp, trials, opts, &mut progress);
+    let results = run_with(exp, task, trials, opts, &mut progress);
     if let Some(b) = progress.trial.take() {
         b.finish_and_clear();
     }
@@ -137,13 +137,14 @@ pub fn run(
 
 fn run_with(
     exp: &Experiment,
+    task: &dyn DynTask,
     trials: &[(Trial, TaskSpec)],
     opts: &RunOptions,
     progress: &mut Progress,
 ) -> Result<Vec<TrialResult>> {
     let root = experiment_dir(exp, opts)?;
     let mut results = Vec::new();
-    let shared = task::find(exp)?.plan(&root, trials);
+    let shared = task.plan(&root, trials);
     for (i, (trial, spec)) in trials.iter().enumerate() {
         if opts.only_trial.as_ref().is_some_and(|s| *s != trial.slug) {
             continue;
@@ -224,6 +225,7 @@ fn run_with(
 /// TensorBoard events and evaluations.
 fn run_rank(
     exp: &Experiment,
+    task: &dyn DynTask,
     trials: &[(Trial, TaskSpec)],
     opts: &RunOptions,
     env: &crate::dist::DistEnv,
@@ -236,7 +238,7 @@ fn run_rank(
         .into());
     };
     let root = experiment_dir(exp, opts)?;
-    let shared = task::find(exp)?.plan(&root, trials);
+    let shared = task.plan(&root, trials);
     let Some(i) = trials.iter().position(|(t, _)| t.slug == *slug) else {
         return Ok(Vec::new());
     };

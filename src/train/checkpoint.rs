@@ -123,14 +123,27 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(dir))
 }
 
+/// The optimizer steps of a run's newest checkpoint, if it has one.
+pub fn latest_step(run: &Path) -> Result<Option<usize>> {
+    latest(run)?
+        .map(|dir| Ok(parse_state(&dir.join(STATE_FILE))?.step))
+        .transpose()
+}
+
+fn parse_state(path: &Path) -> Result<TrainState> {
+    let text = crate::error::read_text(path)?;
+    Ok(
+        serde_json::from_str(&text).map_err(|e| LlmError::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("unreadable state ({e})"),
+        })?,
+    )
+}
+
 /// Reads a checkpoint's state and checks it against the run's model config.
 pub fn read_state(dir: &Path, expected: &GptConfig) -> Result<TrainState> {
     let path = dir.join(STATE_FILE);
-    let text = crate::error::read_text(&path)?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| LlmError::Checkpoint {
-        path: path.clone(),
-        message: format!("unreadable state ({e})"),
-    })?;
+    let state = parse_state(&path)?;
     if !READS_FORMATS.contains(&state.format_version) {
         return Err(LlmError::Checkpoint {
             path,

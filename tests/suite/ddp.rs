@@ -343,6 +343,45 @@ fn the_launcher_stops_the_other_ranks_when_one_dies() -> Result<()> {
     Ok(())
 }
 
+/// `--nproc 2` and Ctrl-C (SIGINT to the launcher, which passes it on): both ranks stop after
+/// the same step, rank 0 saves it, and the launcher exits 130 naming the step and the run folder,
+/// as a one-process run does.
+#[test]
+fn an_interrupted_launcher_exits_130_naming_the_saved_step() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = tiny_run(dir.path(), 4)?;
+    let out = dir.path().join("run");
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_llmlab"))
+        .arg("pretrain")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out)
+        .args(["--device", "cpu", "--epochs", "50", "--nproc", "2"])
+        .env("LLMLAB_DATA_MIRROR", common::mirror())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_for_steps(&out, 2, std::slice::from_mut(&mut launcher))?;
+    assert!(Command::new("kill")
+        .args(["-INT", &launcher.id().to_string()])
+        .status()?
+        .success());
+    let done = launcher.wait_with_output()?;
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{err}");
+    let saved = std::fs::read_to_string(out.join("checkpoints/latest"))?;
+    let step: usize = saved.trim().trim_start_matches("step_").parse()?;
+    assert!(step >= 2, "{saved}");
+    assert!(
+        err.contains(&format!(
+            "interrupted at step {step}; the state is saved in {}",
+            out.display()
+        )),
+        "{err}"
+    );
+    Ok(())
+}
+
 /// `llmlab run` with `train.nproc: 2`: the trial's process is rank 0 and starts rank 1 itself
 /// (the same trial, `--trial`). A Ctrl-C mid-run stops both ranks after the same step (rank 0
 /// saves it), running the file again resumes, and the trial ends with the curve and weights of
