@@ -34,6 +34,7 @@
 #include <string>
 #include <type_traits>
 #include <algorithm>
+#include <atomic>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -43,20 +44,23 @@ namespace {
 
 constexpr int64_t QK = 32;  // weights per block
 
-void expect(bool ok, const std::string &what) {
-  if (!ok) throw std::invalid_argument("llmlab q4 kernel: " + what);
-}
+// Throws when `ok` is false; the message is only built then (the decode step checks its
+// tensors 30 times a token).
+#define EXPECT(ok, what)                                                                 \
+  do {                                                                                   \
+    if (!(ok)) throw std::invalid_argument(std::string("llmlab q4 kernel: ") + (what)); \
+  } while (0)
 
 void expect_tensor(const at::Tensor &t, at::ScalarType kind, int64_t rows, int64_t cols,
                    const std::string &name) {
-  expect(t.device().is_cpu(), std::string(name) + " is not on the CPU");
-  expect(t.scalar_type() == kind, std::string(name) + " has dtype " +
+  EXPECT(t.device().is_cpu(), std::string(name) + " is not on the CPU");
+  EXPECT(t.scalar_type() == kind, std::string(name) + " has dtype " +
                                       std::string(c10::toString(t.scalar_type())) + ", expected " +
                                       std::string(c10::toString(kind)));
-  expect(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols,
+  EXPECT(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols,
          std::string(name) + " has shape " + c10::str(t.sizes()) + ", expected [" +
              std::to_string(rows) + ", " + std::to_string(cols) + "]");
-  expect(t.is_contiguous(), std::string(name) + " is not contiguous");
+  EXPECT(t.is_contiguous(), std::string(name) + " is not contiguous");
 }
 
 // The shapes every product checks: x (b, k) f32, y (b, n) f32, scales (n, k/32) f16.
@@ -65,9 +69,9 @@ struct Shapes {
 };
 
 Shapes check_common(const at::Tensor &x, const at::Tensor &d, const at::Tensor &y, int64_t n) {
-  expect(x.dim() == 2, "x must be 2-d (rows, in), got " + c10::str(x.sizes()));
+  EXPECT(x.dim() == 2, "x must be 2-d (rows, in), got " + c10::str(x.sizes()));
   const int64_t b = x.size(0), k = x.size(1);
-  expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+  EXPECT(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
   expect_tensor(x, at::kFloat, b, k, "x");
   expect_tensor(d, at::kHalf, n, k / QK, "d");
   expect_tensor(y, at::kFloat, b, n, "y");
@@ -84,6 +88,26 @@ const uint16_t *half_bits(const at::Tensor &t) {
 
 // Output rows per task of the thread pool: enough work to pay for a hand-off.
 constexpr int64_t GRAIN = 16;
+
+// f(begin, end) over [0, n) in chunks of `chunk` that the pool's threads take in turn as they
+// finish (an atomic counter), not in one static share each: on this VM one thread is often
+// slower than the other, and a static split left the faster one waiting a third of the time.
+// Each index is computed by one thread with the same arithmetic, so results do not depend on
+// the schedule.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, const F &f) {
+  const int64_t chunks = (n + chunk - 1) / chunk,
+                threads = std::min<int64_t>(at::get_num_threads(), chunks);
+  if (threads <= 1) {
+    if (n > 0) f(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
+      f(c * chunk, std::min(n, (c + 1) * chunk));
+  });
+}
 
 #if defined(__x86_64__)
 #define LLMLAB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
@@ -412,9 +436,13 @@ void x16_mm(const float *xp, int64_t rows, int64_t k, const uint8_t *qs, const u
             const uint16_t *m, int64_t n, float *yp) {
   const int64_t nb = k / QK, groups = n / 16;
   const int64_t block_bytes = BITS == 4 ? 256 : 512;
-  QAct a;
+  // Kept between calls (quantize_act only grows it). A local reference, so that the workers
+  // of parallel_for read this thread's instance, not their own.
+  static thread_local QAct kept;
+  QAct &a = kept;
   quantize_act<A>(xp, rows, k, a);
-  at::parallel_for(0, groups, 4, [&](int64_t begin, int64_t end) {
+  // Chunks of 64 rows for a step's few activation rows, 16 for a prompt's many.
+  parallel_chunks(groups, rows > 8 ? 1 : 4, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t *q = qs + g * nb * block_bytes;
       const uint16_t *dg = d + g * nb * 16, *mg = m ? m + g * nb * 16 : nullptr;
@@ -466,14 +494,20 @@ void mat_mm(const float *x, int64_t rows, int64_t k, const Mat &w, float *y) {
 }
 
 // out (rows, d) = x · rsqrt(mean(x²) + eps) · w, as libtorch's rms_norm in f32.
-void rms_norm_rows(const float *x, int64_t rows, int64_t d, const float *w, double eps,
-                   float *out) {
+LLMLAB_AVX512 void rms_norm_rows(const float *x, int64_t rows, int64_t d, const float *w,
+                                 double eps, float *out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * d;
-    float ss = 0.f;
-    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + i);
+      acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (; i < d; ++i) ss += xr[i] * xr[i];
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
-    for (int64_t i = 0; i < d; ++i) out[r * d + i] = xr[i] * inv * w[i];
+    for (i = 0; i < d; ++i) out[r * d + i] = xr[i] * inv * w[i];
   }
 }
 
@@ -507,6 +541,126 @@ void rope_head(float *v, int64_t hd, const float *cos, const float *sin) {
     v[i + h2] = b * cos[i + h2] + a * sin[i + h2];
   }
 }
+
+// ---- Attention of one new token over the cache (the decode step's) ----
+//
+// e^x (Cephes' expf: 2^n · e^r with r = x − n·ln 2 in two parts and a degree-6 polynomial;
+// within 2 ulp of libm's expf; 0 below -87.3, inf above 88.7).
+LLMLAB_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y =
+      _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// x[i] = e^(x[i] − max x) over n floats; returns their sum.
+LLMLAB_AVX512 float softmax_numerators(float *x, int64_t n) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, x + i));
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), m));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    sum = _mm512_mask_add_ps(sum, k, sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// NQ query heads `q (NQ, 16·C)` that share one key/value head attend over its `n` cached
+// keys and values `(n, 16·C)`: out (NQ, 16·C) = softmax(q·kᵀ·scale) · v. Every key and value
+// is loaded once for the NQ heads, the heads' queries and outputs stay in registers, and the
+// exponentials are vectorized. `sc` holds NQ·n floats.
+template <int C, int NQ>
+LLMLAB_AVX512 void attend(const float *q, const float *keys, const float *vals, int64_t n,
+                          float scale, float *out, float *sc) {
+  constexpr int64_t HD = 16 * C;
+  __m512 qv[NQ][C];
+  for (int h = 0; h < NQ; ++h)
+    for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * HD + 16 * c);
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 kv[C];
+    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_ps(keys + t * HD + 16 * c);
+    for (int h = 0; h < NQ; ++h) {
+      __m512 acc = _mm512_mul_ps(qv[h][0], kv[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[h][c], kv[c], acc);
+      sc[h * n + t] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  float inv[NQ];
+  for (int h = 0; h < NQ; ++h) inv[h] = 1.f / softmax_numerators(sc + h * n, n);
+  __m512 acc[NQ][C];
+  for (int h = 0; h < NQ; ++h)
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(vals + t * HD + 16 * c);
+    for (int h = 0; h < NQ; ++h) {
+      const __m512 p = _mm512_set1_ps(sc[h * n + t]);
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(p, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < NQ; ++h)
+    for (int c = 0; c < C; ++c)
+      _mm512_storeu_ps(out + h * HD + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+}
+
+// `nq` heads with `attend`, at most 4 at a time (2 for head size 128: the registers).
+template <int C>
+void attend_heads(const float *q, int64_t nq, const float *keys, const float *vals, int64_t n,
+                  float scale, float *out, float *sc) {
+  constexpr int64_t HD = 16 * C, MAXQ = C >= 8 ? 2 : 4;
+  for (int64_t h = 0; h < nq; h += MAXQ) {
+    const float *qh = q + h * HD;
+    float *oh = out + h * HD;
+    switch (std::min(MAXQ, nq - h)) {
+      case 1: attend<C, 1>(qh, keys, vals, n, scale, oh, sc); break;
+      case 2: attend<C, 2>(qh, keys, vals, n, scale, oh, sc); break;
+      case 3: attend<C, 3>(qh, keys, vals, n, scale, oh, sc); break;
+      default: attend<C, 4>(qh, keys, vals, n, scale, oh, sc); break;
+    }
+  }
+}
+
+// out = silu(g) · u = g / (1 + e^-g) · u over n floats.
+LLMLAB_AVX512 void silu_mul(const float *g, const float *u, int64_t n, float *out) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+    _mm512_mask_storeu_ps(
+        out + i, k,
+        _mm512_mul_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                      _mm512_maskz_loadu_ps(k, u + i)));
+  }
+}
+
+// Whether `attend_heads` has a kernel for head size `hd` (16, 32, 64 or 128).
+bool attend_fits(int64_t hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 128; }
+
+void attend_any(int64_t hd, const float *q, int64_t nq, const float *keys, const float *vals,
+                int64_t n, float scale, float *out, float *sc) {
+  switch (hd) {
+    case 16: attend_heads<1>(q, nq, keys, vals, n, scale, out, sc); break;
+    case 32: attend_heads<2>(q, nq, keys, vals, n, scale, out, sc); break;
+    case 64: attend_heads<4>(q, nq, keys, vals, n, scale, out, sc); break;
+    default: attend_heads<8>(q, nq, keys, vals, n, scale, out, sc); break;
+  }
+}
 #endif
 
 }  // namespace
@@ -528,7 +682,7 @@ char *llmlab_q4_1_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tens
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
     const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &m = *m_, &y = *y_;
-    expect(qs.dim() == 2, "qs must be 2-d (out, in / 2)");
+    EXPECT(qs.dim() == 2, "qs must be 2-d (out, in / 2)");
     const int64_t n = qs.size(0);
     const Shapes s = check_common(x, d, y, n);
     expect_tensor(qs, at::kByte, n, s.k / 2, "qs");
@@ -547,7 +701,7 @@ char *llmlab_q8_0_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tens
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
     const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &y = *y_;
-    expect(qs.dim() == 2, "qs must be 2-d (out, in)");
+    EXPECT(qs.dim() == 2, "qs must be 2-d (out, in)");
     const int64_t n = qs.size(0);
     const Shapes s = check_common(x, d, y, n);
     expect_tensor(qs, at::kChar, n, s.k, "qs");
@@ -564,9 +718,9 @@ char *llmlab_f32_mm(const at::Tensor *x_, const at::Tensor *w_, at::Tensor *y_) 
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
     const at::Tensor &x = *x_, &w = *w_, &y = *y_;
-    expect(x.dim() == 2 && w.dim() == 2, "x and w must be 2-d");
+    EXPECT(x.dim() == 2 && w.dim() == 2, "x and w must be 2-d");
     const int64_t b = x.size(0), k = x.size(1), n = w.size(0);
-    expect(k % 16 == 0, "in = " + std::to_string(k) + " is not a multiple of 16");
+    EXPECT(k % 16 == 0, "in = " + std::to_string(k) + " is not a multiple of 16");
     expect_tensor(x, at::kFloat, b, k, "x");
     expect_tensor(w, at::kFloat, n, k, "w");
     expect_tensor(y, at::kFloat, b, n, "y");
@@ -582,9 +736,9 @@ char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at:
                           at::Tensor *w_) {
   LLMLAB_PROTECT({
     const at::Tensor &qs = *qs_, &d = *d_, &m = *m_, &w = *w_;
-    expect(w.dim() == 2, "w must be 2-d (out, in)");
+    EXPECT(w.dim() == 2, "w must be 2-d (out, in)");
     const int64_t n = w.size(0), k = w.size(1), nb = k / QK;
-    expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+    EXPECT(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
     expect_tensor(w, at::kFloat, n, k, "w");
     expect_tensor(qs, at::kByte, n, k / 2, "qs");
     expect_tensor(d, at::kHalf, n, nb, "d");
@@ -614,9 +768,9 @@ char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at:
 char *llmlab_q8_0_dequant(const at::Tensor *qs_, const at::Tensor *d_, at::Tensor *w_) {
   LLMLAB_PROTECT({
     const at::Tensor &qs = *qs_, &d = *d_, &w = *w_;
-    expect(w.dim() == 2, "w must be 2-d (out, in)");
+    EXPECT(w.dim() == 2, "w must be 2-d (out, in)");
     const int64_t n = w.size(0), k = w.size(1), nb = k / QK;
-    expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+    EXPECT(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
     expect_tensor(w, at::kFloat, n, k, "w");
     expect_tensor(qs, at::kChar, n, k, "qs");
     expect_tensor(d, at::kHalf, n, nb, "d");
@@ -643,13 +797,13 @@ struct X16 {
 
 X16 check_x16(int bits, const at::Tensor &qs16, const at::Tensor &d16, const at::Tensor *m16,
               int64_t n, int64_t k) {
-  expect(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
-  expect(n % 16 == 0, "out = " + std::to_string(n) + " is not a multiple of 16");
-  expect(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
+  EXPECT(bits == 4 || bits == 8, "bits must be 4 or 8, got " + std::to_string(bits));
+  EXPECT(n % 16 == 0, "out = " + std::to_string(n) + " is not a multiple of 16");
+  EXPECT(k % QK == 0, "in = " + std::to_string(k) + " is not a multiple of 32");
   const int64_t nb = k / QK, block_bytes = bits == 4 ? 256 : 512;
   expect_tensor(qs16, at::kByte, n / 16, nb * block_bytes, "qs16");
   expect_tensor(d16, at::kHalf, n / 16, nb * 16, "d16");
-  expect((bits == 4) == (m16 != nullptr), "m16 is given exactly for 4 bits");
+  EXPECT((bits == 4) == (m16 != nullptr), "m16 is given exactly for 4 bits");
   if (m16) expect_tensor(*m16, at::kHalf, n / 16, nb * 16, "m16");
   return {n, nb, block_bytes};
 }
@@ -663,12 +817,12 @@ char *llmlab_x16_pack(int bits, const at::Tensor *qs_, const at::Tensor *d_, con
                       at::Tensor *qs16_, at::Tensor *d16_, at::Tensor *m16_) {
   LLMLAB_PROTECT({
     const at::Tensor &qs = *qs_, &d = *d_;
-    expect(qs.dim() == 2, "qs must be 2-d");
+    EXPECT(qs.dim() == 2, "qs must be 2-d");
     const int64_t n = qs.size(0), k = qs.size(1) * (bits == 4 ? 2 : 1);
     const X16 x = check_x16(bits, *qs16_, *d16_, m16_, n, k);
     expect_tensor(qs, bits == 4 ? at::kByte : at::kChar, n, bits == 4 ? k / 2 : k, "qs");
     expect_tensor(d, at::kHalf, n, x.nb, "d");
-    expect((m_ != nullptr) == (m16_ != nullptr), "m and m16 go together");
+    EXPECT((m_ != nullptr) == (m16_ != nullptr), "m and m16 go together");
     if (m_) expect_tensor(*m_, at::kHalf, n, x.nb, "m");
     const uint8_t *src = static_cast<const uint8_t *>(qs.data_ptr());
     uint8_t *dst = qs16_->data_ptr<uint8_t>();
@@ -700,8 +854,8 @@ char *llmlab_x16_mm(int bits, int act_bits, const at::Tensor *x_, const at::Tens
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
     const at::Tensor &x = *x_, &y = *y_;
-    expect(x.dim() == 2 && y.dim() == 2, "x and y must be 2-d");
-    expect(act_bits == 8 || act_bits == 16,
+    EXPECT(x.dim() == 2 && y.dim() == 2, "x and y must be 2-d");
+    EXPECT(act_bits == 8 || act_bits == 16,
            "act_bits must be 8 or 16, got " + std::to_string(act_bits));
     const int64_t b = x.size(0), k = x.size(1), n = y.size(1);
     check_x16(bits, *qs16_, *d16_, m16_, n, k);
@@ -724,7 +878,7 @@ char *llmlab_x16_dequant(int bits, const at::Tensor *qs16_, const at::Tensor *d1
                          const at::Tensor *m16_, at::Tensor *w_) {
   LLMLAB_PROTECT({
     const at::Tensor &w = *w_;
-    expect(w.dim() == 2, "w must be 2-d (out, in)");
+    EXPECT(w.dim() == 2, "w must be 2-d (out, in)");
     const int64_t n = w.size(0), k = w.size(1);
     const X16 x = check_x16(bits, *qs16_, *d16_, m16_, n, k);
     expect_tensor(w, at::kFloat, n, k, "w");
@@ -780,26 +934,26 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
 #if defined(__x86_64__)
     at::Tensor &x = *x_, &kc = *kc_, &vc = *vc_;
     const at::Tensor &pos = *pos_, &cos = *cos_, &sin = *sin_;
-    expect(layout >= 0 && layout <= 3, "layout must be 0..3, got " + std::to_string(layout));
-    expect(x.dim() == 2, "x must be 2-d (rows, emb)");
+    EXPECT(layout >= 0 && layout <= 3, "layout must be 0..3, got " + std::to_string(layout));
+    EXPECT(x.dim() == 2, "x must be 2-d (rows, emb)");
     const int64_t b = x.size(0), d = x.size(1);
     expect_tensor(x, at::kFloat, b, d, "x");
-    expect(kc.dim() == 4 && kc.sizes() == vc.sizes(), "the caches must be 4-d and alike");
+    EXPECT(kc.dim() == 4 && kc.sizes() == vc.sizes(), "the caches must be 4-d and alike");
     const int64_t cap = kc.size(2), hd = kc.size(3);
-    expect(kc.size(0) >= b && kc.size(1) == n_kv && n_kv > 0 && n_heads % n_kv == 0,
+    EXPECT(kc.size(0) >= b && kc.size(1) == n_kv && n_kv > 0 && n_heads % n_kv == 0,
            "cache shape " + c10::str(kc.sizes()) + " does not fit " + std::to_string(b) +
                " rows of " + std::to_string(n_kv) + " key/value heads");
-    expect(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
+    EXPECT(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
                kc.is_contiguous() && vc.is_contiguous(),
            "the caches must be contiguous f32");
-    expect(pos.dim() == 1 && pos.size(0) == b && pos.scalar_type() == at::kLong &&
+    EXPECT(pos.dim() == 1 && pos.size(0) == b && pos.scalar_type() == at::kLong &&
                pos.is_contiguous(),
            "pos must be (rows,) int64");
     expect_tensor(cos, at::kFloat, cos.size(0), hd, "cos");
     expect_tensor(sin, at::kFloat, cos.size(0), hd, "sin");
     const int64_t dq = n_heads * hd, dkv = n_kv * hd, nqkv = dq + 2 * dkv;
     for (int i = 0; i < 2; ++i)
-      expect(w[i]->dim() == 1 && w[i]->size(0) == d && w[i]->scalar_type() == at::kFloat &&
+      EXPECT(w[i]->dim() == 1 && w[i]->size(0) == d && w[i]->scalar_type() == at::kFloat &&
                  w[i]->is_contiguous() && w[i]->device().is_cpu(),
              std::string(i == 0 ? "norm1" : "norm2") + " must be a contiguous (emb,) f32 tensor");
     auto mat = [&](int i, int64_t n, int64_t k, const char *name) {
@@ -813,7 +967,7 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
         out.d = half_bits(*w[i + 1]);
         out.m = half_bits(*w[i + 2]);
       } else if (out.dense) {
-        expect(k % 16 == 0, std::string(name) + ": in = " + std::to_string(k) +
+        EXPECT(k % 16 == 0, std::string(name) + ": in = " + std::to_string(k) +
                                 " is not a multiple of 16");
         expect_tensor(*w[i], at::kFloat, n, k, name);
         out.f = w[i]->data_ptr<float>();
@@ -827,15 +981,15 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
       }
       return out;
     };
-    expect(w[8]->dim() == 2, "gate_up must be 2-d");
+    EXPECT(w[8]->dim() == 2, "gate_up must be 2-d");
     const int64_t gu_rows = w[8]->size(0) * (layout >= 2 ? 16 : 1);  // x16: groups of 16 rows
-    expect(gu_rows % 2 == 0, "gate_up must have an even row count");
+    EXPECT(gu_rows % 2 == 0, "gate_up must have an even row count");
     const int64_t hidden = gu_rows / 2;
     const Mat wqkv = mat(2, nqkv, d, "qkv"), wout = mat(5, d, dq, "out"),
               wgu = mat(8, 2 * hidden, d, "gate_up"), wdown = mat(11, d, hidden, "down");
     const int64_t *p = pos.data_ptr<int64_t>();
     for (int64_t r = 0; r < b; ++r)
-      expect(p[r] >= 0 && p[r] < cap && p[r] < cos.size(0),
+      EXPECT(p[r] >= 0 && p[r] < cap && p[r] < cos.size(0),
              "position " + std::to_string(p[r]) + " outside the cache (" + std::to_string(cap) +
                  ") or the RoPE tables");
     float *xp = x.data_ptr<float>();
@@ -844,8 +998,19 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     const int64_t kv_row = n_kv * cap * hd;  // floats per cache row
 
-    std::vector<float> h(b * std::max(d, hidden)), qkv(b * nqkv), ctx(b * dq), gu(b * 2 * hidden),
-        y(b * d);
+    // The step's buffers, kept between calls (a step runs 30 times a token: allocating them
+    // each time cost page faults and zero-filling).
+    struct Scratch {
+      std::vector<float> h, qkv, ctx, gu, y;
+    };
+    static thread_local Scratch scratch;
+    auto buf = [](std::vector<float> &v, int64_t n) -> std::vector<float> & {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+      return v;
+    };
+    std::vector<float> &h = buf(scratch.h, b * std::max(d, hidden)),
+                       &qkv = buf(scratch.qkv, b * nqkv), &ctx = buf(scratch.ctx, b * dq),
+                       &gu = buf(scratch.gu, b * 2 * hidden), &y = buf(scratch.y, b * d);
     // Attention.
     rms_norm_rows(xp, b, d, n1, eps, h.data());
     mat_mm(h.data(), b, d, wqkv, qkv.data());
@@ -861,39 +1026,58 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
     }
     const int64_t group = n_heads / n_kv;
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-    at::parallel_for(0, b * n_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t r = t / n_heads, i = t % n_heads, j = i / group, n_keys = p[r] + 1;
-        const float *q = qkv.data() + r * nqkv + i * hd;
-        const float *keys = kp + r * kv_row + j * cap * hd;
-        const float *vals = vp + r * kv_row + j * cap * hd;
-        scores.resize(n_keys);
-        float mx = -INFINITY;
-        for (int64_t t2 = 0; t2 < n_keys; ++t2) {
-          scores[t2] = dot_f32(q, keys + t2 * hd, hd) * scale;
-          mx = std::max(mx, scores[t2]);
+    if (attend_fits(hd)) {
+      // A task per row and key/value head with its query heads together (each key read once
+      // for the group); per query head when that leaves too few tasks for the threads (batch 1).
+      const int64_t per_task =
+          b * n_kv >= 4 * static_cast<int64_t>(at::get_num_threads()) ? group : 1;
+      const int64_t tasks_per_kv = group / per_task;
+      parallel_chunks(b * n_kv * tasks_per_kv, 1, [&](int64_t begin, int64_t end) {
+        static thread_local std::vector<float> sc;  // this thread's scores, kept
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r = t / (n_kv * tasks_per_kv), j = t / tasks_per_kv % n_kv,
+                        i = j * group + t % tasks_per_kv * per_task, n_keys = p[r] + 1;
+          sc.resize(per_task * n_keys);
+          attend_any(hd, qkv.data() + r * nqkv + i * hd, per_task, kp + r * kv_row + j * cap * hd,
+                     vp + r * kv_row + j * cap * hd, n_keys, scale, ctx.data() + r * dq + i * hd,
+                     sc.data());
         }
-        float sum = 0.f;
-        for (int64_t t2 = 0; t2 < n_keys; ++t2) {
-          scores[t2] = std::exp(scores[t2] - mx);
-          sum += scores[t2];
+      });
+    } else {
+      at::parallel_for(0, b * n_heads, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores;
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r = t / n_heads, i = t % n_heads, j = i / group, n_keys = p[r] + 1;
+          const float *q = qkv.data() + r * nqkv + i * hd;
+          const float *keys = kp + r * kv_row + j * cap * hd;
+          const float *vals = vp + r * kv_row + j * cap * hd;
+          scores.resize(n_keys);
+          float mx = -INFINITY;
+          for (int64_t t2 = 0; t2 < n_keys; ++t2) {
+            scores[t2] = dot_f32(q, keys + t2 * hd, hd) * scale;
+            mx = std::max(mx, scores[t2]);
+          }
+          float sum = 0.f;
+          for (int64_t t2 = 0; t2 < n_keys; ++t2) {
+            scores[t2] = std::exp(scores[t2] - mx);
+            sum += scores[t2];
+          }
+          float *out = ctx.data() + r * dq + i * hd;
+          std::fill(out, out + hd, 0.f);
+          for (int64_t t2 = 0; t2 < n_keys; ++t2)
+            axpy_f32(scores[t2] / sum, vals + t2 * hd, out, hd);
         }
-        float *out = ctx.data() + r * dq + i * hd;
-        std::fill(out, out + hd, 0.f);
-        for (int64_t t2 = 0; t2 < n_keys; ++t2) axpy_f32(scores[t2] / sum, vals + t2 * hd, out, hd);
-      }
-    });
+      });
+    }
     mat_mm(ctx.data(), b, dq, wout, y.data());
     for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
     // Feed-forward.
     rms_norm_rows(xp, b, d, n2, eps, h.data());
     mat_mm(h.data(), b, d, wgu, gu.data());
-    at::parallel_for(0, b * hidden, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const float *g = gu.data() + (t / hidden) * 2 * hidden + t % hidden;
-        h[t] = g[0] / (1.f + std::exp(-g[0])) * g[hidden];
-      }
+    parallel_chunks(b, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        silu_mul(gu.data() + r * 2 * hidden, gu.data() + r * 2 * hidden + hidden, hidden,
+                 h.data() + r * hidden);
     });
     mat_mm(h.data(), b, hidden, wdown, y.data());
     for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
