@@ -581,6 +581,25 @@ LLMLAB_AVX512 float softmax_numerators(float *x, int64_t n) {
   return _mm512_reduce_add_ps(sum);
 }
 
+// The lane sums of 16 vectors as one: lane i = Σ v[i] (45 instructions, against ~9 for each
+// horizontal sum alone).
+LLMLAB_AVX512 inline __m512 sum16(const __m512 *v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit lane l: v2i and v2i+1's two partial sums each
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // lane l: v4i..v4i+3 summed over lane l's four floats
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // lanes (0+1, 2+3) of b2i, then of b2i+1
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // NQ query heads `q (NQ, 16·C)` that share one key/value head attend over its `n` cached
 // keys and values `(n, 16·C)`: out (NQ, 16·C) = softmax(q·kᵀ·scale) · v. Every key and value
 // is loaded once for the NQ heads, the heads' queries and outputs stay in registers, and the
@@ -592,13 +611,23 @@ LLMLAB_AVX512 void attend(const float *q, const float *keys, const float *vals, 
   __m512 qv[NQ][C];
   for (int h = 0; h < NQ; ++h)
     for (int c = 0; c < C; ++c) qv[h][c] = _mm512_loadu_ps(q + h * HD + 16 * c);
-  for (int64_t t = 0; t < n; ++t) {
-    __m512 kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_ps(keys + t * HD + 16 * c);
+  // Scores 16 keys at a time: 16 lane-wise products per head, then one transposing sum.
+  for (int64_t t0 = 0; t0 < n; t0 += 16) {
+    const int64_t m = std::min<int64_t>(16, n - t0);
     for (int h = 0; h < NQ; ++h) {
-      __m512 acc = _mm512_mul_ps(qv[h][0], kv[0]);
-      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[h][c], kv[c], acc);
-      sc[h * n + t] = _mm512_reduce_add_ps(acc) * scale;
+      __m512 acc[16];
+      for (int u = 0; u < 16; ++u) {
+        if (u >= m) {
+          acc[u] = _mm512_setzero_ps();
+          continue;
+        }
+        const float *key = keys + (t0 + u) * HD;
+        acc[u] = _mm512_mul_ps(qv[h][0], _mm512_loadu_ps(key));
+        for (int c = 1; c < C; ++c)
+          acc[u] = _mm512_fmadd_ps(qv[h][c], _mm512_loadu_ps(key + 16 * c), acc[u]);
+      }
+      _mm512_mask_storeu_ps(sc + h * n + t0, static_cast<__mmask16>((1u << m) - 1),
+                            _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
     }
   }
   float inv[NQ];
