@@ -745,11 +745,10 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
                     "{what}, {step}: max abs diff {diff:.2e} (logits up to {scale:.1})"
                 );
             };
-            let mut next = plain
-                .forward_last_logits_cached(&prompt, &mut cp)
-                .argmax(-1, false)
-                .view([b, 1]);
-            fused.forward_last_logits_cached(&prompt, &mut cf);
+            let x = plain.forward_last_logits_cached(&prompt, &mut cp);
+            let y = fused.forward_last_logits_cached(&prompt, &mut cf);
+            close(&x, &y, "prompt");
+            let mut next = x.argmax(-1, false).view([b, 1]);
             for step in 0..3 {
                 let x = plain.forward_last_logits_cached(&next, &mut cp);
                 let y = fused.forward_last_logits_cached(&next, &mut cf);
