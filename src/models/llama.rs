@@ -722,6 +722,28 @@ impl LlamaBlock {
     }
 }
 
+/// `LLMLAB_KV_CACHE`: `f32` (the default) or `f16`, the dtype llmlab's q4 kernels keep the KV
+/// cache in (llama.cpp's default is f16); f16 needs a head size the attention kernel has.
+fn kv_cache_half(head_dim: i64) -> Result<bool, LlmError> {
+    match std::env::var("LLMLAB_KV_CACHE").as_deref() {
+        Err(_) | Ok("" | "f32") => Ok(false),
+        Ok("f16") => kv_head_dim_fits(head_dim),
+        Ok(other) => Err(LlmError::Usage(format!(
+            "LLMLAB_KV_CACHE={other:?}: expected f32 or f16"
+        ))),
+    }
+}
+
+fn kv_head_dim_fits(head_dim: i64) -> Result<bool, LlmError> {
+    if [16, 32, 64, 128].contains(&head_dim) {
+        Ok(true)
+    } else {
+        Err(LlmError::Usage(format!(
+            "an f16 KV cache: the attention kernel reads f16 caches for head sizes 16, 32, 64 and 128, this model's is {head_dim} (LLMLAB_KV_CACHE)"
+        )))
+    }
+}
+
 /// A Llama-family decoder.
 #[derive(Debug)]
 pub struct LlamaModel {
@@ -737,6 +759,10 @@ pub struct LlamaModel {
     /// Decoding runs llmlab's AVX-512 kernels (the fused block step, the head's kernel): set by
     /// `prepare_for_inference*` when [`QuantKernel::select`] gives `avx512`.
     decode_kernels: bool,
+    /// Decoding caches keys and values in f16 (`LLMLAB_KV_CACHE=f16` with llmlab's q4 kernels):
+    /// half the bytes each step reads, which at long contexts or large batches outweigh the
+    /// weights.
+    kv_half: bool,
     rope: Rope,
 }
 
@@ -782,6 +808,7 @@ impl LlamaModel {
                 .then(|| plain_linear(p / "out_head", cfg.emb_dim, cfg.vocab_size)),
             head_q8: None,
             decode_kernels: false,
+            kv_half: false,
             rope: Rope::new(&cfg.inv_freq(rope_factors), cfg.context_length, p.device()),
         }
     }
@@ -879,6 +906,19 @@ impl LlamaModel {
         self.final_norm.forward(&x).view([b, 1, -1])
     }
 
+    /// Keeps decoding's KV cache in f16 (`true`) or in the activations' dtype; f16 needs the
+    /// fused decoding step ([`Self::fused_decode`]) and a head size of 16, 32, 64 or 128. Caches
+    /// made before keep their dtype. `prepare_for_inference_q4` sets it from `LLMLAB_KV_CACHE`.
+    pub fn set_kv_cache_half(&mut self, half: bool) -> Result<(), LlmError> {
+        if half && !self.fused_decode() {
+            return Err(LlmError::Usage(
+                "an f16 KV cache needs llmlab's fused decoding step (--dtype q4 or f32 on an AVX-512 CPU)".into(),
+            ));
+        }
+        self.kv_half = half && kv_head_dim_fits(self.cfg.head_dim())?;
+        Ok(())
+    }
+
     /// Sets the dropout rate (embeddings and every block).
     pub fn set_drop_rate(&mut self, p: f64) {
         self.cfg.drop_rate = p;
@@ -919,7 +959,11 @@ impl LlamaModel {
 
     /// An empty cache for `batch` sequences of up to `capacity` tokens (at most the context).
     pub fn new_cache(&self, batch: i64, capacity: i64) -> LlamaCache {
-        let kind = self.tok_emb.ws.kind();
+        let kind = if self.kv_half && self.fused_decode() {
+            Kind::Half
+        } else {
+            self.tok_emb.ws.kind()
+        };
         let cap = capacity.clamp(1, self.cfg.context_length);
         LlamaCache {
             layers: (0..self.cfg.n_layers)
@@ -943,6 +987,7 @@ impl LlamaModel {
     /// after changing the dtype.
     pub fn prepare_for_inference(&mut self) {
         self.head_q8 = None;
+        self.kv_half = false;
         self.decode_kernels = matches!(
             QuantKernel::select(),
             Ok(QuantKernel::Avx512 | QuantKernel::Vnni | QuantKernel::Vnni8)
@@ -1008,11 +1053,13 @@ impl LlamaModel {
                     head
                 });
                 self.decode_kernels = true;
+                self.kv_half = kv_cache_half(self.cfg.head_dim())?;
             }
             QuantKernel::Torch => {
                 self.prepare_blocks(BlockWeights::Int4 { group });
                 self.head_q8 = None;
                 self.decode_kernels = false;
+                self.kv_half = false;
                 vs.set_kind(Kind::BFloat16);
                 self.rope.set_kind(Kind::BFloat16);
             }

@@ -512,10 +512,25 @@ impl KvCache {
         let row_ids = Tensor::arange(b, (Kind::Int64, k.device()));
         // Advanced indices on dims 0 and 2 (row, position): the values are (b, h, hd).
         let idx = [Some(row_ids), None, Some(rows.pos.shallow_clone())];
-        let _ = self.k.index_put_(&idx, &k.squeeze_dim(2), false);
-        let _ = self.v.index_put_(&idx, &v.squeeze_dim(2), false);
-        let view = |t: &Tensor| t.narrow(0, 0, b).narrow(2, 0, rows.n_keys);
+        let kind = self.k.kind();
+        let _ = self
+            .k
+            .index_put_(&idx, &k.squeeze_dim(2).to_kind(kind), false);
+        let _ = self
+            .v
+            .index_put_(&idx, &v.squeeze_dim(2).to_kind(kind), false);
+        // In the new keys' dtype (a no-op unless the cache is kept in another, e.g. f16).
+        let view = |t: &Tensor| {
+            t.narrow(0, 0, b)
+                .narrow(2, 0, rows.n_keys)
+                .to_kind(k.kind())
+        };
         (view(&self.k), view(&self.v))
+    }
+
+    /// The dtype the keys and values are kept in.
+    pub fn buffers_kind(&self) -> Kind {
+        self.k.kind()
     }
 
     /// The key and value buffers `(rows, heads, capacity, head_dim)`, for a kernel that writes
@@ -540,6 +555,8 @@ impl KvCache {
         self.k.narrow(2, self.len, n).copy_(k);
         self.v.narrow(2, self.len, n).copy_(v);
         self.len += n;
-        (self.k.narrow(2, 0, self.len), self.v.narrow(2, 0, self.len))
+        // In the new keys' dtype (a no-op unless the cache is kept in another, e.g. f16).
+        let all = |t: &Tensor| t.narrow(2, 0, self.len).to_kind(k.kind());
+        (all(&self.k), all(&self.v))
     }
 }

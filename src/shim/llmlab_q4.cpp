@@ -441,8 +441,10 @@ void x16_mm(const float *xp, int64_t rows, int64_t k, const uint8_t *qs, const u
   static thread_local QAct kept;
   QAct &a = kept;
   quantize_act<A>(xp, rows, k, a);
-  // Chunks of 64 rows for a step's few activation rows, 16 for a prompt's many.
-  parallel_chunks(groups, rows > 8 ? 1 : 4, [&](int64_t begin, int64_t end) {
+  // Chunks of 64 rows for a step's few activation rows, 16 for a prompt's many, and at most
+  // ~16 chunks a thread (the output head has 3,072 groups: fewer trips to the shared counter).
+  const int64_t chunk = std::max<int64_t>(rows > 8 ? 1 : 4, groups / (16 * at::get_num_threads()));
+  parallel_chunks(groups, chunk, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t *q = qs + g * nb * block_bytes;
       const uint16_t *dg = d + g * nb * 16, *mg = m ? m + g * nb * 16 : nullptr;
@@ -604,8 +606,14 @@ LLMLAB_AVX512 inline __m512 sum16(const __m512 *v) {
 // keys and values `(n, 16·C)`: out (NQ, 16·C) = softmax(q·kᵀ·scale) · v. Every key and value
 // is loaded once for the NQ heads, the heads' queries and outputs stay in registers, and the
 // exponentials are vectorized. `sc` holds NQ·n floats.
-template <int C, int NQ>
-LLMLAB_AVX512 void attend(const float *q, const float *keys, const float *vals, int64_t n,
+// 16 cached floats from an f32 cache, or from an f16 one (`uint16_t` bits).
+LLMLAB_AVX512 inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+LLMLAB_AVX512 inline __m512 load16(const uint16_t *p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+}
+
+template <int C, int NQ, class KV>
+LLMLAB_AVX512 void attend(const float *q, const KV *keys, const KV *vals, int64_t n,
                           float scale, float *out, float *sc) {
   constexpr int64_t HD = 16 * C;
   __m512 qv[NQ][C];
@@ -621,10 +629,10 @@ LLMLAB_AVX512 void attend(const float *q, const float *keys, const float *vals, 
           acc[u] = _mm512_setzero_ps();
           continue;
         }
-        const float *key = keys + (t0 + u) * HD;
-        acc[u] = _mm512_mul_ps(qv[h][0], _mm512_loadu_ps(key));
+        const KV *key = keys + (t0 + u) * HD;
+        acc[u] = _mm512_mul_ps(qv[h][0], load16(key));
         for (int c = 1; c < C; ++c)
-          acc[u] = _mm512_fmadd_ps(qv[h][c], _mm512_loadu_ps(key + 16 * c), acc[u]);
+          acc[u] = _mm512_fmadd_ps(qv[h][c], load16(key + 16 * c), acc[u]);
       }
       _mm512_mask_storeu_ps(sc + h * n + t0, static_cast<__mmask16>((1u << m) - 1),
                             _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
@@ -637,7 +645,7 @@ LLMLAB_AVX512 void attend(const float *q, const float *keys, const float *vals, 
     for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
     __m512 vv[C];
-    for (int c = 0; c < C; ++c) vv[c] = _mm512_loadu_ps(vals + t * HD + 16 * c);
+    for (int c = 0; c < C; ++c) vv[c] = load16(vals + t * HD + 16 * c);
     for (int h = 0; h < NQ; ++h) {
       const __m512 p = _mm512_set1_ps(sc[h * n + t]);
       for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(p, vv[c], acc[h][c]);
@@ -649,18 +657,18 @@ LLMLAB_AVX512 void attend(const float *q, const float *keys, const float *vals, 
 }
 
 // `nq` heads with `attend`, at most 4 at a time (2 for head size 128: the registers).
-template <int C>
-void attend_heads(const float *q, int64_t nq, const float *keys, const float *vals, int64_t n,
+template <int C, class KV>
+void attend_heads(const float *q, int64_t nq, const KV *keys, const KV *vals, int64_t n,
                   float scale, float *out, float *sc) {
   constexpr int64_t HD = 16 * C, MAXQ = C >= 8 ? 2 : 4;
   for (int64_t h = 0; h < nq; h += MAXQ) {
     const float *qh = q + h * HD;
     float *oh = out + h * HD;
     switch (std::min(MAXQ, nq - h)) {
-      case 1: attend<C, 1>(qh, keys, vals, n, scale, oh, sc); break;
-      case 2: attend<C, 2>(qh, keys, vals, n, scale, oh, sc); break;
-      case 3: attend<C, 3>(qh, keys, vals, n, scale, oh, sc); break;
-      default: attend<C, 4>(qh, keys, vals, n, scale, oh, sc); break;
+      case 1: attend<C, 1, KV>(qh, keys, vals, n, scale, oh, sc); break;
+      case 2: attend<C, 2, KV>(qh, keys, vals, n, scale, oh, sc); break;
+      case 3: attend<C, 3, KV>(qh, keys, vals, n, scale, oh, sc); break;
+      default: attend<C, 4, KV>(qh, keys, vals, n, scale, oh, sc); break;
     }
   }
 }
@@ -681,7 +689,8 @@ LLMLAB_AVX512 void silu_mul(const float *g, const float *u, int64_t n, float *ou
 // Whether `attend_heads` has a kernel for head size `hd` (16, 32, 64 or 128).
 bool attend_fits(int64_t hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 128; }
 
-void attend_any(int64_t hd, const float *q, int64_t nq, const float *keys, const float *vals,
+template <class KV>
+void attend_any(int64_t hd, const float *q, int64_t nq, const KV *keys, const KV *vals,
                 int64_t n, float scale, float *out, float *sc) {
   switch (hd) {
     case 16: attend_heads<1>(q, nq, keys, vals, n, scale, out, sc); break;
@@ -689,6 +698,13 @@ void attend_any(int64_t hd, const float *q, int64_t nq, const float *keys, const
     case 64: attend_heads<4>(q, nq, keys, vals, n, scale, out, sc); break;
     default: attend_heads<8>(q, nq, keys, vals, n, scale, out, sc); break;
   }
+}
+
+// n floats into f16 bits (round to nearest even), n a multiple of 16.
+LLMLAB_AVX512 void to_half(const float *x, int64_t n, uint16_t *out) {
+  for (int64_t i = 0; i < n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
 #endif
 
@@ -954,7 +970,8 @@ extern "C" {
 // W_qkv, W_out, W_gate_up (gate rows first) and W_down three handles each, by `layout`:
 // 0 the Q4_1 blocks (qs, d, m); 1 the dense f32 matrix and two unused handles; 2 and 3 the
 // Q4_1x16 blocks (qs16, d16, m16) with 16- and 8-bit activations. The caches are `(rows >= b, kv, capacity, hd)`
-// f32; `pos (b)` int64 (each < capacity); `cos`, `sin` `(positions, hd)` f32.
+// f32, or f16 (half the bytes a step reads; head sizes 16, 32, 64 and 128); `pos (b)` int64
+// (each < capacity); `cos`, `sin` `(positions, hd)` f32.
 char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout,
                           at::Tensor *kc_, at::Tensor *vc_, const at::Tensor *pos_,
                           const at::Tensor *cos_, const at::Tensor *sin_, int64_t n_heads,
@@ -972,9 +989,12 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
     EXPECT(kc.size(0) >= b && kc.size(1) == n_kv && n_kv > 0 && n_heads % n_kv == 0,
            "cache shape " + c10::str(kc.sizes()) + " does not fit " + std::to_string(b) +
                " rows of " + std::to_string(n_kv) + " key/value heads");
-    EXPECT(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
+    const bool half = kc.scalar_type() == at::kHalf;
+    EXPECT((kc.scalar_type() == at::kFloat || half) && vc.scalar_type() == kc.scalar_type() &&
                kc.is_contiguous() && vc.is_contiguous(),
-           "the caches must be contiguous f32");
+           "the caches must be contiguous f32 or f16, both alike");
+    EXPECT(!half || attend_fits(hd),
+           "an f16 cache needs a head size of 16, 32, 64 or 128, got " + std::to_string(hd));
     EXPECT(pos.dim() == 1 && pos.size(0) == b && pos.scalar_type() == at::kLong &&
                pos.is_contiguous(),
            "pos must be (rows,) int64");
@@ -1023,7 +1043,9 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
                  ") or the RoPE tables");
     float *xp = x.data_ptr<float>();
     const float *n1 = w[0]->data_ptr<float>(), *n2 = w[1]->data_ptr<float>();
-    float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+    // The caches' elements: f32, or f16 bits (`half`).
+    char *kp = static_cast<char *>(kc.data_ptr()), *vp = static_cast<char *>(vc.data_ptr());
+    const int64_t kv_bytes = half ? 2 : 4;
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     const int64_t kv_row = n_kv * cap * hd;  // floats per cache row
 
@@ -1049,8 +1071,15 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
       for (int64_t i = 0; i < n_heads + n_kv; ++i) rope_head(row + i * hd, hd, c, s);
       for (int64_t j = 0; j < n_kv; ++j) {
         const int64_t at_pos = r * kv_row + (j * cap + p[r]) * hd;
-        std::memcpy(kp + at_pos, row + dq + j * hd, hd * sizeof(float));
-        std::memcpy(vp + at_pos, row + dq + dkv + j * hd, hd * sizeof(float));
+        if (half) {
+          to_half(row + dq + j * hd, hd, reinterpret_cast<uint16_t *>(kp) + at_pos);
+          to_half(row + dq + dkv + j * hd, hd, reinterpret_cast<uint16_t *>(vp) + at_pos);
+        } else {
+          std::memcpy(reinterpret_cast<float *>(kp) + at_pos, row + dq + j * hd,
+                      hd * sizeof(float));
+          std::memcpy(reinterpret_cast<float *>(vp) + at_pos, row + dq + dkv + j * hd,
+                      hd * sizeof(float));
+        }
       }
     }
     const int64_t group = n_heads / n_kv;
@@ -1067,9 +1096,15 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
           const int64_t r = t / (n_kv * tasks_per_kv), j = t / tasks_per_kv % n_kv,
                         i = j * group + t % tasks_per_kv * per_task, n_keys = p[r] + 1;
           sc.resize(per_task * n_keys);
-          attend_any(hd, qkv.data() + r * nqkv + i * hd, per_task, kp + r * kv_row + j * cap * hd,
-                     vp + r * kv_row + j * cap * hd, n_keys, scale, ctx.data() + r * dq + i * hd,
-                     sc.data());
+          const int64_t at = (r * kv_row + j * cap * hd) * kv_bytes;
+          const float *q = qkv.data() + r * nqkv + i * hd;
+          float *out = ctx.data() + r * dq + i * hd;
+          if (half)
+            attend_any(hd, q, per_task, reinterpret_cast<const uint16_t *>(kp + at),
+                       reinterpret_cast<const uint16_t *>(vp + at), n_keys, scale, out, sc.data());
+          else
+            attend_any(hd, q, per_task, reinterpret_cast<const float *>(kp + at),
+                       reinterpret_cast<const float *>(vp + at), n_keys, scale, out, sc.data());
         }
       });
     } else {
@@ -1078,8 +1113,8 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
         for (int64_t t = begin; t < end; ++t) {
           const int64_t r = t / n_heads, i = t % n_heads, j = i / group, n_keys = p[r] + 1;
           const float *q = qkv.data() + r * nqkv + i * hd;
-          const float *keys = kp + r * kv_row + j * cap * hd;
-          const float *vals = vp + r * kv_row + j * cap * hd;
+          const float *keys = reinterpret_cast<const float *>(kp) + r * kv_row + j * cap * hd;
+          const float *vals = reinterpret_cast<const float *>(vp) + r * kv_row + j * cap * hd;
           scores.resize(n_keys);
           float mx = -INFINITY;
           for (int64_t t2 = 0; t2 < n_keys; ++t2) {
