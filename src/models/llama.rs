@@ -722,11 +722,14 @@ impl LlamaBlock {
     }
 }
 
-/// `LLMLAB_KV_CACHE`: `f32` (the default) or `f16`, the dtype llmlab's q4 kernels keep the KV
-/// cache in (llama.cpp's default is f16); f16 needs a head size the attention kernel has.
-fn kv_cache_half(head_dim: i64) -> Result<bool, LlmError> {
+/// `LLMLAB_KV_CACHE`: `f16` or `f32`, the dtype llmlab's q4 kernels keep the KV cache in; unset,
+/// f16 where `default_half` (the VNNI kernels, whose integer activations are approximate
+/// already; llama.cpp's default too), f32 for the exact `avx512` kernel. f16 needs a head size
+/// the attention kernel has: by default other head sizes keep f32, asked for it is an error.
+fn kv_cache_half(head_dim: i64, default_half: bool) -> Result<bool, LlmError> {
     match std::env::var("LLMLAB_KV_CACHE").as_deref() {
-        Err(_) | Ok("" | "f32") => Ok(false),
+        Err(_) | Ok("") => Ok(default_half && kv_head_dim_fits(head_dim).is_ok()),
+        Ok("f32") => Ok(false),
         Ok("f16") => kv_head_dim_fits(head_dim),
         Ok(other) => Err(LlmError::Usage(format!(
             "LLMLAB_KV_CACHE={other:?}: expected f32 or f16"
@@ -759,7 +762,7 @@ pub struct LlamaModel {
     /// Decoding runs llmlab's AVX-512 kernels (the fused block step, the head's kernel): set by
     /// `prepare_for_inference*` when [`QuantKernel::select`] gives `avx512`.
     decode_kernels: bool,
-    /// Decoding caches keys and values in f16 (`LLMLAB_KV_CACHE=f16` with llmlab's q4 kernels):
+    /// Decoding caches keys and values in f16 (llmlab's VNNI q4 kernels, unless `LLMLAB_KV_CACHE=f32`):
     /// half the bytes each step reads, which at long contexts or large batches outweigh the
     /// weights.
     kv_half: bool,
@@ -1004,8 +1007,9 @@ impl LlamaModel {
     /// The kernels ([`QuantKernel::select`]):
     /// * `vnni` (llmlab's, the default where the CPU has AVX-512 VNNI): the file's Q4_1 blocks
     ///   and a Q8_0 output head ([`Q80Linear`], as GGUF files store `token_embd`), interleaved 16
-    ///   rows at a time and multiplied by 15-bit integer activations; norms, attention and KV
-    ///   cache in f32. `vnni8`: the same with 8-bit activations, llama.cpp's arithmetic;
+    ///   rows at a time and multiplied by 15-bit integer activations; norms and attention in f32,
+    ///   the KV cache in f16 (`LLMLAB_KV_CACHE=f32` keeps f32). `vnni8`: the same with 8-bit
+    ///   activations, llama.cpp's arithmetic;
     /// * `avx512` (where the CPU has AVX-512 without VNNI): the same blocks in GGUF's layout
     ///   ([`Q41Linear`]) multiplied by f32 activations, exact;
     /// * `torch` (libtorch's int4 kernel, any CPU; the fallback): [`Int4Linear`], then `vs` is
@@ -1053,7 +1057,7 @@ impl LlamaModel {
                     head
                 });
                 self.decode_kernels = true;
-                self.kv_half = kv_cache_half(self.cfg.head_dim())?;
+                self.kv_half = kv_cache_half(self.cfg.head_dim(), act_bits < 32)?;
             }
             QuantKernel::Torch => {
                 self.prepare_blocks(BlockWeights::Int4 { group });
