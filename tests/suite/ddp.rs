@@ -300,13 +300,11 @@ fn two_rank_runs_resume_with_two_ranks() -> Result<()> {
     assert_same_run(&cut, &full, 1e-6, "resumed vs uninterrupted (2 ranks)")
 }
 
-/// `--nproc 2`: when a rank dies (SIGKILL to rank 1), the launcher stops the other rank and
-/// exits non-zero naming the rank, within seconds.
-#[test]
-fn the_launcher_stops_the_other_ranks_when_one_dies() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let file = tiny_run(dir.path(), 4)?;
-    let out = dir.path().join("run");
+/// `llmlab pretrain --nproc 2` of a long tiny run in `dir`, once its first 2 steps are logged:
+/// the run folder and the launcher (stderr piped).
+fn launch_two_ranks(dir: &Path) -> Result<(PathBuf, Child)> {
+    let file = tiny_run(dir, 4)?;
+    let out = dir.join("run");
     let mut launcher = Command::new(env!("CARGO_BIN_EXE_llmlab"))
         .arg("pretrain")
         .arg(&file)
@@ -318,6 +316,15 @@ fn the_launcher_stops_the_other_ranks_when_one_dies() -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()?;
     wait_for_steps(&out, 2, std::slice::from_mut(&mut launcher))?;
+    Ok((out, launcher))
+}
+
+/// `--nproc 2`: when a rank dies (SIGKILL to rank 1), the launcher stops the other rank and
+/// exits non-zero naming the rank, within seconds.
+#[test]
+fn the_launcher_stops_the_other_ranks_when_one_dies() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (_out, launcher) = launch_two_ranks(dir.path())?;
     // The launcher's children, in start order: rank 0, rank 1.
     let pid = launcher.id();
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))?;
@@ -349,19 +356,7 @@ fn the_launcher_stops_the_other_ranks_when_one_dies() -> Result<()> {
 #[test]
 fn an_interrupted_launcher_exits_130_naming_the_saved_step() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let file = tiny_run(dir.path(), 4)?;
-    let out = dir.path().join("run");
-    let mut launcher = Command::new(env!("CARGO_BIN_EXE_llmlab"))
-        .arg("pretrain")
-        .arg(&file)
-        .arg("--out")
-        .arg(&out)
-        .args(["--device", "cpu", "--epochs", "50", "--nproc", "2"])
-        .env("LLMLAB_DATA_MIRROR", common::mirror())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_for_steps(&out, 2, std::slice::from_mut(&mut launcher))?;
+    let (out, launcher) = launch_two_ranks(dir.path())?;
     assert!(Command::new("kill")
         .args(["-INT", &launcher.id().to_string()])
         .status()?
