@@ -730,16 +730,18 @@ fn kv_cache_half(head_dim: i64, default_half: bool) -> Result<bool, LlmError> {
     match std::env::var("LLMLAB_KV_CACHE").as_deref() {
         Err(_) | Ok("") => Ok(default_half && kv_head_dim_fits(head_dim).is_ok()),
         Ok("f32") => Ok(false),
-        Ok("f16") => kv_head_dim_fits(head_dim),
+        Ok("f16") => kv_head_dim_fits(head_dim).map(|()| true),
         Ok(other) => Err(LlmError::Usage(format!(
             "LLMLAB_KV_CACHE={other:?}: expected f32 or f16"
         ))),
     }
 }
 
-fn kv_head_dim_fits(head_dim: i64) -> Result<bool, LlmError> {
+/// Whether the shim's attention kernel reads an f16 cache for this head size (its
+/// `attend_fits`).
+fn kv_head_dim_fits(head_dim: i64) -> Result<(), LlmError> {
     if [16, 32, 64, 128].contains(&head_dim) {
-        Ok(true)
+        Ok(())
     } else {
         Err(LlmError::Usage(format!(
             "an f16 KV cache: the attention kernel reads f16 caches for head sizes 16, 32, 64 and 128, this model's is {head_dim} (LLMLAB_KV_CACHE)"
@@ -918,7 +920,10 @@ impl LlamaModel {
                 "an f16 KV cache needs llmlab's fused decoding step (--dtype q4 or f32 on an AVX-512 CPU)".into(),
             ));
         }
-        self.kv_half = half && kv_head_dim_fits(self.cfg.head_dim())?;
+        if half {
+            kv_head_dim_fits(self.cfg.head_dim())?;
+        }
+        self.kv_half = half;
         Ok(())
     }
 
