@@ -273,6 +273,15 @@ pub struct DecodeReport {
     /// Total decode tokens/s of `batch` sequences decoded together (median), when `batch > 1`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch_tokens_per_s: Option<f64>,
+    /// With the VNNI kernels: `vpdpbusd` instructions a token costs, the rate this machine's
+    /// threads issue them at (measured), and their quotient, the tokens/s no batch size can
+    /// pass (batch 1 is bound by the bandwidth, batches by this).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vnni_dots_per_token: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vnni_dots_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compute_bound_tokens_per_s: Option<f64>,
 }
 
 /// Median of timings (sorted in place).
@@ -474,6 +483,15 @@ pub fn decode(b: &Decode, device: Device, peak: Option<f64>) -> Result<DecodeRep
         &peak,
     );
     let weight_bytes = weight_bytes_per_token(&lm.vs, &lm.model);
+    let dots = match &lm.model {
+        AnyModel::Llama(m) if device == Device::Cpu => m.vnni_dots_per_token() as f64,
+        _ => 0.0,
+    };
+    let dots_per_s = if dots > 0.0 {
+        Some(crate::shim::vnni_peak(1_000_000)?)
+    } else {
+        None
+    };
     Ok(DecodeReport {
         implementation: "llmlab",
         what: "generate",
@@ -492,6 +510,9 @@ pub fn decode(b: &Decode, device: Device, peak: Option<f64>) -> Result<DecodeRep
         gb_per_s: weight_bytes * tokens_per_s / 1e9,
         batch: b.batch,
         batch_tokens_per_s,
+        vnni_dots_per_token: (dots > 0.0).then_some(dots),
+        vnni_dots_per_s: dots_per_s,
+        compute_bound_tokens_per_s: dots_per_s.map(|r| r / dots),
     })
 }
 
@@ -613,6 +634,22 @@ mod tests {
         // Weights read per decoded token: all but the tables, one row of each (f32).
         let bytes = weight_bytes_per_token(&vs, &any);
         assert_eq!(bytes, 4.0 * (total - wte - wpe + 2.0 * cfg.emb_dim as f64));
+    }
+
+    /// The VNNI kernels' ceiling: an instruction rate a CPU can have (an optimized-away loop
+    /// would be far above, a broken count far below).
+    #[test]
+    fn vnni_peak_is_a_plausible_instruction_rate() {
+        if !crate::nn::quant::QuantKernel::vnni_available() {
+            eprintln!("skipped: this CPU has no AVX-512 VNNI");
+            return;
+        }
+        let threads = tch::get_num_threads() as f64;
+        let rate = crate::shim::vnni_peak(200_000).expect("vnni peak");
+        assert!(
+            rate > 1e8 * threads && rate < 2e10 * threads,
+            "{rate:e} vpdpbusd/s on {threads} threads"
+        );
     }
 
     #[test]

@@ -89,13 +89,15 @@ extern "C" {
     fn llmlab_dist_reducer_finish(handle: *mut c_void) -> *mut c_char;
     fn llmlab_dist_reducer_free(handle: *mut c_void);
     fn llmlab_q_kernels_built() -> c_int;
+    fn llmlab_vnni_peak(reps: i64, out: *mut f64) -> *mut c_char;
     fn llmlab_f32_mm(x: *const C_tensor, w: *const C_tensor, y: *mut C_tensor) -> *mut c_char;
     fn llmlab_llama_decode(
         x: *mut C_tensor,
         w: *const *const C_tensor,
+        n_blocks: i64,
         layout: c_int,
-        k_cache: *mut C_tensor,
-        v_cache: *mut C_tensor,
+        k_caches: *const *mut C_tensor,
+        v_caches: *const *mut C_tensor,
         pos: *const C_tensor,
         cos: *const C_tensor,
         sin: *const C_tensor,
@@ -557,6 +559,17 @@ pub fn q_kernels_built() -> bool {
     unsafe { llmlab_q_kernels_built() != 0 }
 }
 
+/// `vpdpbusd` instructions a second on every thread of the pool together (12 independent chains
+/// a thread, `reps` rounds): the arithmetic ceiling of the VNNI kernels, as the bandwidth is
+/// batch 1's. The caller checks the CPU has AVX-512 VNNI.
+pub fn vnni_peak(reps: i64) -> Result<f64, LlmError> {
+    let mut out = 0.0;
+    // SAFETY: writes one f64 into `out`.
+    let err = unsafe { llmlab_vnni_peak(reps, &mut out) };
+    check(err, "vnni peak")?;
+    Ok(out)
+}
+
 /// `y (b, n) = x (b, k) · Wᵀ`, `W` in Q4_1 blocks: `qs (n, k/2)` uint8, `d`, `m` `(n, k/32)` f16;
 /// `x` and `y` contiguous f32 on the CPU. The caller checks the CPU has AVX-512.
 pub fn q4_1_mm(
@@ -767,16 +780,17 @@ pub fn f32_mm(x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<(), LlmError> {
     check(err, "f32 matmul")
 }
 
-/// One fused decoding step of a Llama block (Q4_1 or dense f32 weights) for `b` rows, each at its own
-/// position `pos (b,)` int64: `x (b, emb)` f32 is updated in place and each row's key and value
-/// are written into `k_cache`, `v_cache` `(rows >= b, n_kv, capacity, head_dim)` f32 at its
-/// position; `cos`, `sin` `(positions, head_dim)` f32 (see `src/shim/llmlab_q4.cpp`).
+/// One fused decoding step of a Llama model's blocks (Q4_1 or dense f32 weights) for `b` rows,
+/// each at its own position `pos (b,)` int64: `x (b, emb)` f32 is updated in place and each
+/// row's key and value are written into its block's `caches` (key and value `(rows >= b, n_kv,
+/// capacity, head_dim)` f32 or f16, one pair a block) at its position; `cos`, `sin`
+/// `(positions, head_dim)` f32 (see `src/shim/llmlab_q4.cpp`). The whole step is one parallel
+/// region of the thread pool.
 #[allow(clippy::too_many_arguments)]
 pub fn llama_decode(
     x: &mut Tensor,
-    block: &LlamaDecodeBlock,
-    k_cache: &mut Tensor,
-    v_cache: &mut Tensor,
+    blocks: &[LlamaDecodeBlock],
+    caches: &mut [(&mut Tensor, &mut Tensor)],
     pos: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
@@ -784,27 +798,42 @@ pub fn llama_decode(
     n_kv: i64,
     eps: f64,
 ) -> Result<(), LlmError> {
-    let mut w = vec![block.norm1.as_ptr(), block.norm2.as_ptr()];
-    let layout = block.qkv.handles().0;
-    for p in [block.qkv, block.out, block.gate_up, block.down] {
-        let (l, handles) = p.handles();
-        if l != layout {
-            return Err(LlmError::Usage(
-                "llama decode step: the four projections must share one layout".into(),
-            ));
-        }
-        w.extend(handles);
+    if blocks.is_empty() || blocks.len() != caches.len() {
+        return Err(LlmError::Usage(format!(
+            "llama decode step: {} blocks and {} caches (one pair a block, at least one)",
+            blocks.len(),
+            caches.len()
+        )));
     }
+    let layout = blocks[0].qkv.handles().0;
+    let mut w = Vec::with_capacity(14 * blocks.len());
+    for block in blocks {
+        w.extend([block.norm1.as_ptr(), block.norm2.as_ptr()]);
+        for p in [block.qkv, block.out, block.gate_up, block.down] {
+            let (l, handles) = p.handles();
+            if l != layout {
+                return Err(LlmError::Usage(
+                    "llama decode step: every projection must share one layout".into(),
+                ));
+            }
+            w.extend(handles);
+        }
+    }
+    let (k, v): (Vec<_>, Vec<_>) = caches
+        .iter_mut()
+        .map(|(k, v)| (k.as_mut_ptr(), v.as_mut_ptr()))
+        .unzip();
     // SAFETY: every handle is borrowed from a live tensor for the call; the shim checks dtypes,
     // shapes, contiguity and positions before touching data, and writes only into `x` and the
-    // two caches, which are borrowed mutably.
+    // caches, which are borrowed mutably.
     let err = unsafe {
         llmlab_llama_decode(
             x.as_mut_ptr(),
             w.as_ptr(),
+            blocks.len() as i64,
             layout,
-            k_cache.as_mut_ptr(),
-            v_cache.as_mut_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
             pos.as_ptr(),
             cos.as_ptr(),
             sin.as_ptr(),

@@ -382,6 +382,14 @@ impl Projection {
             Self::Q41(q) => q.num_bytes(),
         }
     }
+
+    /// `vpdpbusd` instructions per activation row (VNNI kernels only; else 0).
+    fn vnni_dots(&self) -> i64 {
+        match self {
+            Self::Q41(q) => q.vnni_dots(),
+            _ => 0,
+        }
+    }
 }
 
 /// Grouped-query attention: `n_heads` query heads share `n_kv_groups` key/value heads.
@@ -881,8 +889,9 @@ impl LlamaModel {
     }
 
     /// Hidden states `(b, 1, emb)` of one new token per row `idx (b, 1)` at positions `pos (b,)`,
-    /// every block one call of the shim's fused step (Q4_1 or f32 weights) (norms, projections, RoPE, cache write,
-    /// attention, SwiGLU and residuals in one C++ function: [`crate::shim::llama_decode`])
+    /// all blocks in one call of the shim's fused step (Q4_1 or f32 weights: norms, projections,
+    /// RoPE, cache writes, attention, SwiGLU and residuals in one C++ function and one parallel
+    /// region: [`crate::shim::llama_decode`])
     /// instead of ~70 libtorch operators. The caller counts the cached positions.
     fn decode_fused(&self, idx: &Tensor, cache: &mut LlamaCache, pos: &Tensor) -> Tensor {
         let b = idx.size()[0];
@@ -891,23 +900,24 @@ impl LlamaModel {
             .forward(&idx.view([b]))
             .to_kind(Kind::Float)
             .contiguous();
-        for (blk, layer) in self.trf_blocks.iter().zip(cache.layers.iter_mut()) {
-            let step = blk.decode_step().expect("fused_decode checked every block");
-            let (k, v) = layer.buffers();
-            crate::shim::llama_decode(
-                &mut x,
-                &step,
-                k,
-                v,
-                pos,
-                &self.rope.cos,
-                &self.rope.sin,
-                self.cfg.n_heads,
-                self.cfg.n_kv_groups,
-                self.cfg.rms_eps,
-            )
-            .expect("the fused q4 step's tensors are the model's own (shapes checked by the shim)");
-        }
+        let steps: Vec<_> = self
+            .trf_blocks
+            .iter()
+            .map(|blk| blk.decode_step().expect("fused_decode checked every block"))
+            .collect();
+        let mut caches: Vec<_> = cache.layers.iter_mut().map(|l| l.buffers()).collect();
+        crate::shim::llama_decode(
+            &mut x,
+            &steps,
+            &mut caches,
+            pos,
+            &self.rope.cos,
+            &self.rope.sin,
+            self.cfg.n_heads,
+            self.cfg.n_kv_groups,
+            self.cfg.rms_eps,
+        )
+        .expect("the fused q4 step's tensors are the model's own (shapes checked by the shim)");
         self.final_norm.forward(&x).view([b, 1, -1])
     }
 
@@ -1107,6 +1117,19 @@ impl LlamaModel {
             .flat_map(|b| [&b.att.qkv, &b.att.out, &b.ff.gate_up, &b.ff.down])
             .map(|p| p.as_ref().map_or(0, Projection::quantized_bytes))
             .sum()
+    }
+
+    /// `vpdpbusd` instructions a decoded token costs (blocks and head) with the VNNI kernels; 0
+    /// without them. Divided into [`crate::shim::vnni_peak`], the batch-size-free arithmetic
+    /// ceiling of decoding (tokens/s).
+    pub fn vnni_dots_per_token(&self) -> i64 {
+        let blocks: i64 = self
+            .trf_blocks
+            .iter()
+            .flat_map(|b| [&b.att.qkv, &b.att.out, &b.ff.gate_up, &b.ff.down])
+            .map(|p| p.as_ref().map_or(0, Projection::vnni_dots))
+            .sum();
+        blocks + self.head_q8.as_ref().map_or(0, Q80Linear::vnni_dots)
     }
 
     /// Bytes of the Q8_0 output head, when eval mode runs it (see [`Self::logits`]).

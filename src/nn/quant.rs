@@ -304,6 +304,17 @@ fn kernel_forward(
     y.reshape(shape)
 }
 
+/// `vpdpbusd` instructions (64 products each) an activation row costs an `(out, in)` layer
+/// interleaved for `act_bits` activations: two passes for 16 bits, one for 8; 0 for the f32
+/// kernels (32 bits), which do not use them.
+fn vnni_dots(out: i64, inputs: i64, act_bits: u8) -> i64 {
+    match act_bits {
+        16 => out * inputs / 32,
+        8 => out * inputs / 64,
+        _ => 0,
+    }
+}
+
 /// Whether a layer whose activations have `from` bits (32: GGUF's layout) and `out` rows is
 /// interleaved for `to`-bit activations (8 or 16): only from GGUF's layout, `out` a multiple of 16.
 fn can_interleave(from: u8, to: u8, out: i64) -> bool {
@@ -434,6 +445,11 @@ impl Q41Linear {
         (self.qs.numel() + 2 * self.d.numel() + 2 * self.m.numel()) as i64
     }
 
+    /// `vpdpbusd` instructions per activation row (0 unless interleaved).
+    pub fn vnni_dots(&self) -> i64 {
+        vnni_dots(self.out_dim, self.in_dim, self.act_bits)
+    }
+
     /// The blocks, for the shim's fused kernels.
     pub(crate) fn decode_weight(&self) -> crate::shim::DecodeWeight<'_> {
         let blocks = [&self.qs, &self.d, &self.m];
@@ -551,6 +567,11 @@ impl Q80Linear {
     /// Bytes the layer reads per product (codes and scales).
     pub fn num_bytes(&self) -> i64 {
         (self.qs.numel() + 2 * self.d.numel()) as i64
+    }
+
+    /// `vpdpbusd` instructions per activation row (0 unless interleaved).
+    pub fn vnni_dots(&self) -> i64 {
+        vnni_dots(self.out_dim, self.in_dim, self.act_bits)
     }
 }
 

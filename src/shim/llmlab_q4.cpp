@@ -35,6 +35,8 @@
 #include <type_traits>
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <thread>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -251,15 +253,20 @@ struct Q41 {
   int64_t n;
 };
 
+// Output rows [begin, end) of y (rows, w.n) = x (rows, k) · Wᵀ.
+void q41_range(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp, int64_t begin,
+               int64_t end) {
+  const int64_t nb = k / QK, n = w.n;
+  for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
+    q41_row<decltype(R)::value>(xp + r * k, k, w.qs + j * (k / 2), w.d + j * nb, w.m + j * nb,
+                                nb, yp + r * n + j, n);
+  });
+}
+
 // y (rows, w.n) = x (rows, k) · Wᵀ, output rows split over the thread pool.
 void q41_mm(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp) {
-  const int64_t nb = k / QK, n = w.n;
-  at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-    for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
-      q41_row<decltype(R)::value>(xp + r * k, k, w.qs + j * (k / 2), w.d + j * nb,
-                                  w.m + j * nb, nb, yp + r * n + j, n);
-    });
-  });
+  at::parallel_for(0, w.n, GRAIN,
+                   [&](int64_t begin, int64_t end) { q41_range(xp, rows, k, w, yp, begin, end); });
 }
 
 // y (rows, n) = x (rows, k) · Wᵀ with W in Q8_0 blocks (qs (n, k), d (n, k/32)).
@@ -300,12 +307,18 @@ LLMLAB_AVX512 inline void f32_row(const float *x, int64_t ldx, const float *w, i
   }
 }
 
+// Output rows [begin, end) of y (rows, n) = x (rows, k) · Wᵀ, W dense f32 (n, k).
+void f32_range(const float *xp, int64_t rows, int64_t k, const float *w, int64_t n, float *yp,
+               int64_t begin, int64_t end) {
+  for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
+    f32_row<decltype(R)::value>(xp + r * k, k, w + j * k, k, yp + r * n + j, n);
+  });
+}
+
 // y (rows, n) = x (rows, k) · Wᵀ with a dense f32 W (n, k), k a multiple of 16.
 void f32_mm(const float *xp, int64_t rows, int64_t k, const float *w, int64_t n, float *yp) {
   at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-    for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
-      f32_row<decltype(R)::value>(xp + r * k, k, w + j * k, k, yp + r * n + j, n);
-    });
+    f32_range(xp, rows, k, w, n, yp, begin, end);
   });
 }
 
@@ -339,21 +352,25 @@ struct QAct {
   int64_t rows = 0;
   std::vector<int8_t> hi, lo;  // (k / 32, rows, 32); `lo` only for 16 bits
   std::vector<float> d, s;     // (k / 32, rows)
+
+  // Room for `rows` rows of up to `k` inputs of `bits` (kept: growing only).
+  void prepare(int64_t rows_, int64_t k, int bits) {
+    rows = rows_;
+    hi.resize(std::max<size_t>(hi.size(), rows * k));
+    if (bits == 16) lo.resize(std::max<size_t>(lo.size(), rows * k));
+    d.resize(std::max<size_t>(d.size(), rows * k / QK));
+    s.resize(std::max<size_t>(s.size(), rows * k / QK));
+  }
 };
 
+// Row r `x (k)` into `a` (prepared for it).
 template <int A>
-LLMLAB_VNNI void quantize_act(const float *x, int64_t rows, int64_t k, QAct &a) {
+LLMLAB_VNNI void quantize_row(const float *x, int64_t r, int64_t k, QAct &a) {
   constexpr float LEVELS = A == 8 ? 127.f : 16383.f;
-  const int64_t nb = k / QK;
-  a.rows = rows;
-  a.hi.resize(rows * k);
-  if (A == 16) a.lo.resize(rows * k);
-  a.d.resize(rows * nb);
-  a.s.resize(rows * nb);
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  for (int64_t i = 0; i < rows * nb; ++i) {
-    const __m512 x0 = _mm512_loadu_ps(x + i * QK), x1 = _mm512_loadu_ps(x + i * QK + 16);
-    const int64_t o = i % nb * rows + i / nb;  // row i / nb's block i % nb, block-major
+  for (int64_t blk = 0; blk < k / QK; ++blk) {
+    const __m512 x0 = _mm512_loadu_ps(x + blk * QK), x1 = _mm512_loadu_ps(x + blk * QK + 16);
+    const int64_t o = blk * a.rows + r;  // block-major
     const float amax = _mm512_reduce_max_ps(
         _mm512_max_ps(_mm512_and_ps(x0, sign), _mm512_and_ps(x1, sign)));
     const float id = amax > 0.f ? LEVELS / amax : 0.f;
@@ -375,6 +392,14 @@ LLMLAB_VNNI void quantize_act(const float *x, int64_t rows, int64_t k, QAct &a) 
     a.d[o] = amax / LEVELS;
     a.s[o] = a.d[o] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q[0], q[1])));
   }
+}
+
+// Row r with the activation bits chosen at run time (8 or 16).
+void quantize_row_bits(int bits, const float *x, int64_t r, int64_t k, QAct &a) {
+  if (bits == 8)
+    quantize_row<8>(x, r, k, a);
+  else
+    quantize_row<16>(x, r, k, a);
 }
 
 // acc += w (u8) · the 4 bytes at `p` (s8) broadcast to the 16 lanes, as one instruction with
@@ -439,40 +464,79 @@ LLMLAB_VNNI inline void x16_group(const QAct &a, int64_t r0, int64_t k, const ui
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * ldy, acc[r]);
 }
 
+// Groups [begin, end) of 16 output rows of y (rows, n) = a · Wᵀ (W in an x16 layout, BITS 4
+// or 8; `a` the quantized activations).
+template <int BITS, int A>
+void x16_groups(const QAct &a, int64_t rows, int64_t k, const uint8_t *qs, const uint16_t *d,
+                const uint16_t *m, int64_t n, float *yp, int64_t begin, int64_t end) {
+  const int64_t nb = k / QK, block_bytes = BITS == 4 ? 256 : 512;
+  for (int64_t g = begin; g < end; ++g) {
+    const uint8_t *q = qs + g * nb * block_bytes;
+    const uint16_t *dg = d + g * nb * 16, *mg = m ? m + g * nb * 16 : nullptr;
+    float *yg = yp + g * 16;
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) x16_group<BITS, A, 8>(a, r, k, q, dg, mg, yg + r * n, n);
+    switch (rows - r) {
+      case 7: x16_group<BITS, A, 7>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 6: x16_group<BITS, A, 6>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 5: x16_group<BITS, A, 5>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 4: x16_group<BITS, A, 4>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 3: x16_group<BITS, A, 3>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 2: x16_group<BITS, A, 2>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 1: x16_group<BITS, A, 1>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      default: break;
+    }
+  }
+}
+
 // y (rows, n) = x (rows, k) · Wᵀ with W in an x16 layout (BITS 4 or 8; n a multiple of 16) and
 // A-bit activations.
 template <int BITS, int A>
 void x16_mm(const float *xp, int64_t rows, int64_t k, const uint8_t *qs, const uint16_t *d,
             const uint16_t *m, int64_t n, float *yp) {
-  const int64_t nb = k / QK, groups = n / 16;
-  const int64_t block_bytes = BITS == 4 ? 256 : 512;
-  // Kept between calls (quantize_act only grows it). A local reference, so that the workers
+  const int64_t groups = n / 16;
+  // Kept between calls (prepare only grows it). A local reference, so that the workers
   // of parallel_for read this thread's instance, not their own.
   static thread_local QAct kept;
   QAct &a = kept;
-  quantize_act<A>(xp, rows, k, a);
+  a.prepare(rows, k, A);
+  for (int64_t r = 0; r < rows; ++r) quantize_row<A>(xp + r * k, r, k, a);
   // Chunks of 64 rows for a step's few activation rows, 16 for a prompt's many, and at most
   // ~16 chunks a thread (the output head has 3,072 groups: fewer trips to the shared counter).
   const int64_t chunk = std::max<int64_t>(rows > 8 ? 1 : 4, groups / (16 * at::get_num_threads()));
   parallel_chunks(groups, chunk, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const uint8_t *q = qs + g * nb * block_bytes;
-      const uint16_t *dg = d + g * nb * 16, *mg = m ? m + g * nb * 16 : nullptr;
-      float *yg = yp + g * 16;
-      int64_t r = 0;
-      for (; r + 8 <= rows; r += 8) x16_group<BITS, A, 8>(a, r, k, q, dg, mg, yg + r * n, n);
-      switch (rows - r) {
-        case 7: x16_group<BITS, A, 7>(a, r, k, q, dg, mg, yg + r * n, n); break;
-        case 6: x16_group<BITS, A, 6>(a, r, k, q, dg, mg, yg + r * n, n); break;
-        case 5: x16_group<BITS, A, 5>(a, r, k, q, dg, mg, yg + r * n, n); break;
-        case 4: x16_group<BITS, A, 4>(a, r, k, q, dg, mg, yg + r * n, n); break;
-        case 3: x16_group<BITS, A, 3>(a, r, k, q, dg, mg, yg + r * n, n); break;
-        case 2: x16_group<BITS, A, 2>(a, r, k, q, dg, mg, yg + r * n, n); break;
-        case 1: x16_group<BITS, A, 1>(a, r, k, q, dg, mg, yg + r * n, n); break;
-        default: break;
-      }
-    }
+    x16_groups<BITS, A>(a, rows, k, qs, d, m, n, yp, begin, end);
   });
+}
+
+// 12 independent chains of `reps` vpdpbusd each (their sum, so that none is dropped).
+LLMLAB_VNNI int vnni_chains(int64_t reps) {
+  const __m512i w = _mm512_set1_epi8(3), x = _mm512_set1_epi8(1);
+  __m512i acc[12];
+  for (auto &a : acc) a = _mm512_setzero_si512();
+  for (int64_t i = 0; i < reps; ++i)
+    for (auto &a : acc) {
+      a = _mm512_dpbusd_epi32(a, w, x);
+      asm volatile("" : "+v"(a));  // keeps every instruction
+    }
+  __m512i s = acc[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_epi32(s, acc[i]);
+  return _mm512_reduce_add_epi32(s);
+}
+
+// vpdpbusd instructions a second on every thread of the pool together, `vnni_chains` each:
+// the arithmetic ceiling of the x16 kernels (a batch-8 step is compute-bound where a batch-1
+// step is memory-bound).
+double vnni_peak(int64_t reps) {
+  std::atomic<int64_t> sink{0};
+  const int64_t threads = at::get_num_threads();
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) sink += vnni_chains(reps);
+  });
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return sink.load() == 0 ? 0.0 : 12.0 * static_cast<double>(reps * threads) / secs;
 }
 
 // x16_mm with the activation bits chosen at run time (8 or 16).
@@ -495,14 +559,81 @@ struct Mat {
   int64_t n = 0;
 };
 
-void mat_mm(const float *x, int64_t rows, int64_t k, const Mat &w, float *y) {
-  if (w.dense) {
-    f32_mm(x, rows, k, w.f, w.n, y);
-  } else if (w.x16_act) {
-    x16_mm_act<4>(w.x16_act, x, rows, k, w.qs, w.d, w.m, w.n, y);
-  } else {
-    q41_mm(x, rows, k, Q41{w.qs, w.d, w.m, w.n}, y);
+// A decoding step's product y (rows, w.n) = x (rows, k) · Wᵀ as items for its phase's threads
+// (`Phases`): output rows in chunks of GRAIN, or groups of 16 rows for the x16 layouts. The x16
+// kernels read `qa`, x quantized beforehand.
+struct MatJob {
+  const Mat &w;
+  const float *x;
+  const QAct &qa;
+  int64_t rows, k;
+  float *y;
+  int64_t threads;  // the region's
+
+  // x16: about 8 items a thread, of 1 to 4 groups.
+  int64_t chunk() const {
+    return w.x16_act ? std::clamp<int64_t>(w.n / 16 / (8 * threads), 1, 4) : GRAIN;
   }
+  int64_t items() const { return ((w.x16_act ? w.n / 16 : w.n) + chunk() - 1) / chunk(); }
+  void run(int64_t item) const {
+    const int64_t begin = item * chunk();
+    if (w.x16_act) {
+      const int64_t end = std::min(w.n / 16, begin + chunk());
+      if (w.x16_act == 8)
+        x16_groups<4, 8>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
+      else
+        x16_groups<4, 16>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
+    } else if (w.dense) {
+      f32_range(x, rows, k, w.f, w.n, y, begin, std::min(w.n, begin + chunk()));
+    } else {
+      q41_range(x, rows, k, Q41{w.qs, w.d, w.m, w.n}, y, begin, std::min(w.n, begin + chunk()));
+    }
+  }
+};
+
+// Work split into phases that the pool's threads run in one parallel region: a thread takes a
+// phase's items from a shared counter, and one that finds none left waits until all of them
+// are done (a second counter) before it goes on. No thread count is needed: one participant (a
+// pool of one, a nested call) runs every item in order. A decoding step is ten phases a block;
+// a parallel region for each (OpenMP's fork and join, and the serial work between them) left
+// the second thread idle a fifth of a batch-8 step.
+class Phases {
+ public:
+  explicit Phases(int64_t n) : c_(n) {}
+
+  // Runs f(i) for the items i < n of phase p that this thread takes, then waits for the rest.
+  template <class F>
+  void run(int64_t p, int64_t n, const F &f) {
+    Counter &c = c_[p];
+    int64_t mine = 0;
+    for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_relaxed)) < n; ++mine) f(i);
+    // Counted once a thread (a shared line written per item slowed a step by a tenth).
+    if (mine) c.done.fetch_add(mine, std::memory_order_release);
+    // Spin briefly (another thread's item is microseconds), then yield: when the threads
+    // outnumber free cores, the one awaited may need this core.
+    for (int spins = 0; c.done.load(std::memory_order_acquire) < n; ++spins)
+      if (spins < 2000)
+        _mm_pause();
+      else
+        std::this_thread::yield();
+  }
+
+ private:
+  struct Counter {  // on separate cache lines: the waiting threads read `done`
+    alignas(64) std::atomic<int64_t> next{0};
+    alignas(64) std::atomic<int64_t> done{0};
+  };
+  std::vector<Counter> c_;
+};
+
+// Runs f() on every thread of the pool at once (f is a Phases sequence), or once with one.
+template <class F>
+void on_all_threads(const F &f) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1)
+    f();
+  else
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { f(); });
 }
 
 // out (rows, d) = x · rsqrt(mean(x²) + eps) · w, as libtorch's rms_norm in f32.
@@ -730,6 +861,19 @@ int llmlab_q_kernels_built() {
 #else
   return 0;
 #endif
+}
+
+// vpdpbusd instructions a second on the pool's threads (`vnni_peak`), into `out`, measured
+// over `reps` rounds (~0.2 s at 1e6 on a 2-core Zen 4). Needs AVX-512 VNNI (the caller's check).
+char *llmlab_vnni_peak(int64_t reps, double *out) {
+  LLMLAB_PROTECT({
+#if defined(__x86_64__)
+    EXPECT(reps > 0, "reps must be positive");
+    *out = vnni_peak(reps);
+#else
+    throw std::runtime_error("llmlab vnni peak: built without the x86-64 AVX-512 kernels");
+#endif
+  })
 }
 
 // y (b, n) = x (b, k) · Wᵀ with W in Q4_1 blocks: qs (n, k/2) uint8, d and m (n, k/32) f16.
@@ -971,39 +1115,47 @@ char *llmlab_x16_dequant(int bits, const at::Tensor *qs16_, const at::Tensor *d1
 
 extern "C" {
 
-// One decoding step of a Llama block (Q4_1 or dense f32 weights), for `b` rows each continuing its own
-// sequence (llmlab's `LlamaBlock::forward_rows` and the single-sequence decode step, fused):
+// One decoding step of a Llama model's blocks (Q4_1 or dense f32 weights), for `b` rows each
+// continuing its own sequence (llmlab's `LlamaBlock::forward_rows` and the single-sequence
+// decode step, fused). Per block:
 //   h = rms_norm(x, norm1); q, k, v = h · W_qkvᵀ; RoPE on q and k at each row's position;
-//   k, v written into the caches at (row, head, pos); each query head attends over its row's
-//   keys 0..=pos with its key/value head (grouped-query); x += ctx · W_outᵀ;
+//   k, v written into the block's caches at (row, head, pos); each query head attends over its
+//   row's keys 0..=pos with its key/value head (grouped-query); x += ctx · W_outᵀ;
 //   h = rms_norm(x, norm2); g, u = h · W_gate_upᵀ; x += (silu(g) · u) · W_downᵀ.
-// `x (b, d)` f32 is updated in place; `w` holds 14 handles: norm1, norm2 (d) f32, then for
-// W_qkv, W_out, W_gate_up (gate rows first) and W_down three handles each, by `layout`:
+// `x (b, d)` f32 is updated in place; `w` holds 14 handles a block: norm1, norm2 (d) f32, then
+// for W_qkv, W_out, W_gate_up (gate rows first) and W_down three handles each, by `layout`:
 // 0 the Q4_1 blocks (qs, d, m); 1 the dense f32 matrix and two unused handles; 2 and 3 the
-// Q4_1x16 blocks (qs16, d16, m16) with 16- and 8-bit activations. The caches are `(rows >= b, kv, capacity, hd)`
-// f32, or f16 (half the bytes a step reads; head sizes 16, 32, 64 and 128); `pos (b)` int64
-// (each < capacity); `cos`, `sin` `(positions, hd)` f32.
-char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout,
-                          at::Tensor *kc_, at::Tensor *vc_, const at::Tensor *pos_,
-                          const at::Tensor *cos_, const at::Tensor *sin_, int64_t n_heads,
-                          int64_t n_kv, double eps) {
+// Q4_1x16 blocks (qs16, d16, m16) with 16- and 8-bit activations. `kc`, `vc` hold a block's
+// caches each, `(rows >= b, kv, capacity, hd)` f32, or f16 (half the bytes a step reads; head
+// sizes 16, 32, 64 and 128), all alike; `pos (b)` int64 (each < capacity); `cos`, `sin`
+// `(positions, hd)` f32. The whole step is one parallel region (`Phases`).
+char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_blocks,
+                          int layout, at::Tensor *const *kc_, at::Tensor *const *vc_,
+                          const at::Tensor *pos_, const at::Tensor *cos_, const at::Tensor *sin_,
+                          int64_t n_heads, int64_t n_kv, double eps) {
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
-    at::Tensor &x = *x_, &kc = *kc_, &vc = *vc_;
+    at::Tensor &x = *x_;
     const at::Tensor &pos = *pos_, &cos = *cos_, &sin = *sin_;
     EXPECT(layout >= 0 && layout <= 3, "layout must be 0..3, got " + std::to_string(layout));
+    EXPECT(n_blocks > 0, "no blocks");
     EXPECT(x.dim() == 2, "x must be 2-d (rows, emb)");
     const int64_t b = x.size(0), d = x.size(1);
     expect_tensor(x, at::kFloat, b, d, "x");
-    EXPECT(kc.dim() == 4 && kc.sizes() == vc.sizes(), "the caches must be 4-d and alike");
-    const int64_t cap = kc.size(2), hd = kc.size(3);
-    EXPECT(kc.size(0) >= b && kc.size(1) == n_kv && n_kv > 0 && n_heads % n_kv == 0,
-           "cache shape " + c10::str(kc.sizes()) + " does not fit " + std::to_string(b) +
+    const at::Tensor &kc0 = *kc_[0];
+    EXPECT(kc0.dim() == 4, "the caches must be 4-d");
+    const int64_t cap = kc0.size(2), hd = kc0.size(3);
+    const bool half = kc0.scalar_type() == at::kHalf;
+    EXPECT(kc0.size(0) >= b && kc0.size(1) == n_kv && n_kv > 0 && n_heads % n_kv == 0,
+           "cache shape " + c10::str(kc0.sizes()) + " does not fit " + std::to_string(b) +
                " rows of " + std::to_string(n_kv) + " key/value heads");
-    const bool half = kc.scalar_type() == at::kHalf;
-    EXPECT((kc.scalar_type() == at::kFloat || half) && vc.scalar_type() == kc.scalar_type() &&
-               kc.is_contiguous() && vc.is_contiguous(),
-           "the caches must be contiguous f32 or f16, both alike");
+    EXPECT(kc0.scalar_type() == at::kFloat || half, "the caches must be f32 or f16");
+    for (int64_t l = 0; l < n_blocks; ++l)
+      for (const at::Tensor *c : {kc_[l], vc_[l]})
+        EXPECT(c->sizes() == kc0.sizes() && c->scalar_type() == kc0.scalar_type() &&
+                   c->is_contiguous() && c->device().is_cpu(),
+               "block " + std::to_string(l) + "'s caches must be contiguous CPU tensors like " +
+                   "block 0's key cache " + c10::str(kc0.sizes()));
     EXPECT(!half || attend_fits(hd),
            "an f16 cache needs a head size of 16, 32, 64 or 128, got " + std::to_string(hd));
     EXPECT(pos.dim() == 1 && pos.size(0) == b && pos.scalar_type() == at::kLong &&
@@ -1012,150 +1164,200 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int layout
     expect_tensor(cos, at::kFloat, cos.size(0), hd, "cos");
     expect_tensor(sin, at::kFloat, cos.size(0), hd, "sin");
     const int64_t dq = n_heads * hd, dkv = n_kv * hd, nqkv = dq + 2 * dkv;
-    for (int i = 0; i < 2; ++i)
-      EXPECT(w[i]->dim() == 1 && w[i]->size(0) == d && w[i]->scalar_type() == at::kFloat &&
-                 w[i]->is_contiguous() && w[i]->device().is_cpu(),
-             std::string(i == 0 ? "norm1" : "norm2") + " must be a contiguous (emb,) f32 tensor");
-    auto mat = [&](int i, int64_t n, int64_t k, const char *name) {
-      Mat out;
-      out.n = n;
-      out.dense = layout == 1;
-      out.x16_act = layout == 2 ? 16 : layout == 3 ? 8 : 0;
-      if (out.x16_act) {
-        check_x16(4, *w[i], *w[i + 1], w[i + 2], n, k);
-        out.qs = w[i]->data_ptr<uint8_t>();
-        out.d = half_bits(*w[i + 1]);
-        out.m = half_bits(*w[i + 2]);
-      } else if (out.dense) {
-        EXPECT(k % 16 == 0, std::string(name) + ": in = " + std::to_string(k) +
-                                " is not a multiple of 16");
-        expect_tensor(*w[i], at::kFloat, n, k, name);
-        out.f = w[i]->data_ptr<float>();
-      } else {
-        expect_tensor(*w[i], at::kByte, n, k / 2, std::string(name) + " qs");
-        expect_tensor(*w[i + 1], at::kHalf, n, k / QK, std::string(name) + " d");
-        expect_tensor(*w[i + 2], at::kHalf, n, k / QK, std::string(name) + " m");
-        out.qs = w[i]->data_ptr<uint8_t>();
-        out.d = half_bits(*w[i + 1]);
-        out.m = half_bits(*w[i + 2]);
-      }
-      return out;
-    };
     EXPECT(w[8]->dim() == 2, "gate_up must be 2-d");
     const int64_t gu_rows = w[8]->size(0) * (layout >= 2 ? 16 : 1);  // x16: groups of 16 rows
     EXPECT(gu_rows % 2 == 0, "gate_up must have an even row count");
     const int64_t hidden = gu_rows / 2;
-    const Mat wqkv = mat(2, nqkv, d, "qkv"), wout = mat(5, d, dq, "out"),
-              wgu = mat(8, 2 * hidden, d, "gate_up"), wdown = mat(11, d, hidden, "down");
+    const int act = layout == 2 ? 16 : layout == 3 ? 8 : 0;  // x16 activation bits
+    auto mat = [&](const at::Tensor *const *t, int64_t n, int64_t k, const char *name) {
+      Mat out;
+      out.n = n;
+      out.dense = layout == 1;
+      out.x16_act = act;
+      if (act) {
+        check_x16(4, *t[0], *t[1], t[2], n, k);
+        out.qs = t[0]->data_ptr<uint8_t>();
+        out.d = half_bits(*t[1]);
+        out.m = half_bits(*t[2]);
+      } else if (out.dense) {
+        EXPECT(k % 16 == 0, std::string(name) + ": in = " + std::to_string(k) +
+                                " is not a multiple of 16");
+        expect_tensor(*t[0], at::kFloat, n, k, name);
+        out.f = t[0]->data_ptr<float>();
+      } else {
+        expect_tensor(*t[0], at::kByte, n, k / 2, std::string(name) + " qs");
+        expect_tensor(*t[1], at::kHalf, n, k / QK, std::string(name) + " d");
+        expect_tensor(*t[2], at::kHalf, n, k / QK, std::string(name) + " m");
+        out.qs = t[0]->data_ptr<uint8_t>();
+        out.d = half_bits(*t[1]);
+        out.m = half_bits(*t[2]);
+      }
+      return out;
+    };
+    struct Block {
+      const float *n1, *n2;
+      Mat qkv, out, gu, down;
+      char *kp, *vp;  // the caches' elements: f32, or f16 bits (`half`)
+    };
+    // Kept between calls; a local reference, so that the workers read this thread's instance.
+    static thread_local std::vector<Block> kept_blocks;
+    std::vector<Block> &blocks = kept_blocks;
+    blocks.resize(n_blocks);
+    for (int64_t l = 0; l < n_blocks; ++l) {
+      const at::Tensor *const *bw = w + 14 * l;
+      for (int i = 0; i < 2; ++i)
+        EXPECT(bw[i]->dim() == 1 && bw[i]->size(0) == d && bw[i]->scalar_type() == at::kFloat &&
+                   bw[i]->is_contiguous() && bw[i]->device().is_cpu(),
+               std::string(i == 0 ? "norm1" : "norm2") + " must be a contiguous (emb,) f32 tensor");
+      blocks[l] = Block{bw[0]->data_ptr<float>(),
+                        bw[1]->data_ptr<float>(),
+                        mat(bw + 2, nqkv, d, "qkv"),
+                        mat(bw + 5, d, dq, "out"),
+                        mat(bw + 8, 2 * hidden, d, "gate_up"),
+                        mat(bw + 11, d, hidden, "down"),
+                        static_cast<char *>(kc_[l]->data_ptr()),
+                        static_cast<char *>(vc_[l]->data_ptr())};
+    }
     const int64_t *p = pos.data_ptr<int64_t>();
     for (int64_t r = 0; r < b; ++r)
       EXPECT(p[r] >= 0 && p[r] < cap && p[r] < cos.size(0),
              "position " + std::to_string(p[r]) + " outside the cache (" + std::to_string(cap) +
                  ") or the RoPE tables");
     float *xp = x.data_ptr<float>();
-    const float *n1 = w[0]->data_ptr<float>(), *n2 = w[1]->data_ptr<float>();
-    // The caches' elements: f32, or f16 bits (`half`).
-    char *kp = static_cast<char *>(kc.data_ptr()), *vp = static_cast<char *>(vc.data_ptr());
     const int64_t kv_bytes = half ? 2 : 4;
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-    const int64_t kv_row = n_kv * cap * hd;  // floats per cache row
+    const int64_t kv_row = n_kv * cap * hd;  // elements per cache row
 
-    // The step's buffers, kept between calls (a step runs 30 times a token: allocating them
-    // each time cost page faults and zero-filling).
+    // The step's buffers, kept between calls (allocating them each step cost page faults and
+    // zero-filling).
     struct Scratch {
       std::vector<float> h, qkv, ctx, gu, y;
+      QAct qa;
     };
     static thread_local Scratch scratch;
-    auto buf = [](std::vector<float> &v, int64_t n) -> std::vector<float> & {
+    auto buf = [](std::vector<float> &v, int64_t n) {
       if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-      return v;
+      return v.data();
     };
-    std::vector<float> &h = buf(scratch.h, b * std::max(d, hidden)),
-                       &qkv = buf(scratch.qkv, b * nqkv), &ctx = buf(scratch.ctx, b * dq),
-                       &gu = buf(scratch.gu, b * 2 * hidden), &y = buf(scratch.y, b * d);
-    // Attention.
-    rms_norm_rows(xp, b, d, n1, eps, h.data());
-    mat_mm(h.data(), b, d, wqkv, qkv.data());
-    for (int64_t r = 0; r < b; ++r) {
-      float *row = qkv.data() + r * nqkv;
+    float *h = buf(scratch.h, b * std::max(d, hidden)), *qkv = buf(scratch.qkv, b * nqkv),
+          *ctx = buf(scratch.ctx, b * dq), *gu = buf(scratch.gu, b * 2 * hidden),
+          *y = buf(scratch.y, b * d);
+    QAct &qa = scratch.qa;
+    if (act) qa.prepare(b, std::max({d, dq, hidden}), act);
+    auto quantize = [&](const float *row, int64_t r, int64_t k) {
+      if (act) quantize_row_bits(act, row, r, k, qa);
+    };
+    auto add = [](const float *from, int64_t n, float *to) {
+      for (int64_t i = 0; i < n; ++i) to[i] += from[i];
+    };
+
+    // Row r's RoPE, and its keys and values into the block's caches.
+    auto rope_and_cache = [&](const Block &B, int64_t r) {
+      float *row = qkv + r * nqkv;
       const float *c = cp + p[r] * hd, *s = sp + p[r] * hd;
       for (int64_t i = 0; i < n_heads + n_kv; ++i) rope_head(row + i * hd, hd, c, s);
       for (int64_t j = 0; j < n_kv; ++j) {
         const int64_t at_pos = r * kv_row + (j * cap + p[r]) * hd;
         if (half) {
-          to_half(row + dq + j * hd, hd, reinterpret_cast<uint16_t *>(kp) + at_pos);
-          to_half(row + dq + dkv + j * hd, hd, reinterpret_cast<uint16_t *>(vp) + at_pos);
+          to_half(row + dq + j * hd, hd, reinterpret_cast<uint16_t *>(B.kp) + at_pos);
+          to_half(row + dq + dkv + j * hd, hd, reinterpret_cast<uint16_t *>(B.vp) + at_pos);
         } else {
-          std::memcpy(reinterpret_cast<float *>(kp) + at_pos, row + dq + j * hd,
+          std::memcpy(reinterpret_cast<float *>(B.kp) + at_pos, row + dq + j * hd,
                       hd * sizeof(float));
-          std::memcpy(reinterpret_cast<float *>(vp) + at_pos, row + dq + dkv + j * hd,
+          std::memcpy(reinterpret_cast<float *>(B.vp) + at_pos, row + dq + dkv + j * hd,
                       hd * sizeof(float));
         }
       }
-    }
-    const int64_t group = n_heads / n_kv;
+    };
+    // Attention: with a kernel for the head size, a task per row and key/value head with its
+    // query heads together (each key read once for the group); per query head when that
+    // leaves too few tasks for the threads (batch 1). Otherwise a task per row and query head.
+    const int64_t group = n_heads / n_kv, threads = at::get_num_threads();
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-    if (attend_fits(hd)) {
-      // A task per row and key/value head with its query heads together (each key read once
-      // for the group); per query head when that leaves too few tasks for the threads (batch 1).
-      const int64_t per_task =
-          b * n_kv >= 4 * static_cast<int64_t>(at::get_num_threads()) ? group : 1;
-      const int64_t tasks_per_kv = group / per_task;
-      parallel_chunks(b * n_kv * tasks_per_kv, 1, [&](int64_t begin, int64_t end) {
-        static thread_local std::vector<float> sc;  // this thread's scores, kept
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t r = t / (n_kv * tasks_per_kv), j = t / tasks_per_kv % n_kv,
-                        i = j * group + t % tasks_per_kv * per_task, n_keys = p[r] + 1;
-          sc.resize(per_task * n_keys);
-          const int64_t at = (r * kv_row + j * cap * hd) * kv_bytes;
-          const float *q = qkv.data() + r * nqkv + i * hd;
-          float *out = ctx.data() + r * dq + i * hd;
-          if (half)
-            attend_any(hd, q, per_task, reinterpret_cast<const uint16_t *>(kp + at),
-                       reinterpret_cast<const uint16_t *>(vp + at), n_keys, scale, out, sc.data());
-          else
-            attend_any(hd, q, per_task, reinterpret_cast<const float *>(kp + at),
-                       reinterpret_cast<const float *>(vp + at), n_keys, scale, out, sc.data());
-        }
-      });
-    } else {
-      at::parallel_for(0, b * n_heads, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores;
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t r = t / n_heads, i = t % n_heads, j = i / group, n_keys = p[r] + 1;
-          const float *q = qkv.data() + r * nqkv + i * hd;
-          const float *keys = reinterpret_cast<const float *>(kp) + r * kv_row + j * cap * hd;
-          const float *vals = reinterpret_cast<const float *>(vp) + r * kv_row + j * cap * hd;
-          scores.resize(n_keys);
-          float mx = -INFINITY;
-          for (int64_t t2 = 0; t2 < n_keys; ++t2) {
-            scores[t2] = dot_f32(q, keys + t2 * hd, hd) * scale;
-            mx = std::max(mx, scores[t2]);
-          }
-          float sum = 0.f;
-          for (int64_t t2 = 0; t2 < n_keys; ++t2) {
-            scores[t2] = std::exp(scores[t2] - mx);
-            sum += scores[t2];
-          }
-          float *out = ctx.data() + r * dq + i * hd;
-          std::fill(out, out + hd, 0.f);
-          for (int64_t t2 = 0; t2 < n_keys; ++t2)
-            axpy_f32(scores[t2] / sum, vals + t2 * hd, out, hd);
-        }
-      });
-    }
-    mat_mm(ctx.data(), b, dq, wout, y.data());
-    for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
-    // Feed-forward.
-    rms_norm_rows(xp, b, d, n2, eps, h.data());
-    mat_mm(h.data(), b, d, wgu, gu.data());
-    parallel_chunks(b, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        silu_mul(gu.data() + r * 2 * hidden, gu.data() + r * 2 * hidden + hidden, hidden,
-                 h.data() + r * hidden);
+    const bool fits = attend_fits(hd);
+    const int64_t per_task = b * n_kv >= 4 * threads ? group : 1;
+    const int64_t tasks_per_kv = group / per_task;
+    const int64_t n_tasks = fits ? b * n_kv * tasks_per_kv : b * n_heads;
+    auto attend_task = [&](const Block &B, int64_t t) {
+      static thread_local std::vector<float> sc;  // this thread's scores, kept
+      if (fits) {
+        const int64_t r = t / (n_kv * tasks_per_kv), j = t / tasks_per_kv % n_kv,
+                      i = j * group + t % tasks_per_kv * per_task, n_keys = p[r] + 1;
+        if (static_cast<int64_t>(sc.size()) < per_task * n_keys) sc.resize(per_task * n_keys);
+        const int64_t at = (r * kv_row + j * cap * hd) * kv_bytes;
+        const float *q = qkv + r * nqkv + i * hd;
+        float *out = ctx + r * dq + i * hd;
+        if (half)
+          attend_any(hd, q, per_task, reinterpret_cast<const uint16_t *>(B.kp + at),
+                     reinterpret_cast<const uint16_t *>(B.vp + at), n_keys, scale, out, sc.data());
+        else
+          attend_any(hd, q, per_task, reinterpret_cast<const float *>(B.kp + at),
+                     reinterpret_cast<const float *>(B.vp + at), n_keys, scale, out, sc.data());
+        return;
+      }
+      const int64_t r = t / n_heads, i = t % n_heads, j = i / group, n_keys = p[r] + 1;
+      const float *q = qkv + r * nqkv + i * hd;
+      const float *keys = reinterpret_cast<const float *>(B.kp) + r * kv_row + j * cap * hd;
+      const float *vals = reinterpret_cast<const float *>(B.vp) + r * kv_row + j * cap * hd;
+      if (static_cast<int64_t>(sc.size()) < n_keys) sc.resize(n_keys);
+      float mx = -INFINITY;
+      for (int64_t t2 = 0; t2 < n_keys; ++t2) {
+        sc[t2] = dot_f32(q, keys + t2 * hd, hd) * scale;
+        mx = std::max(mx, sc[t2]);
+      }
+      float sum = 0.f;
+      for (int64_t t2 = 0; t2 < n_keys; ++t2) {
+        sc[t2] = std::exp(sc[t2] - mx);
+        sum += sc[t2];
+      }
+      float *out = ctx + r * dq + i * hd;
+      std::fill(out, out + hd, 0.f);
+      for (int64_t t2 = 0; t2 < n_keys; ++t2) axpy_f32(sc[t2] / sum, vals + t2 * hd, out, hd);
+    };
+
+    // Ten phases a block, each waiting for the one before; the residual of a block's down
+    // projection is added in the next block's first phase (or the last one). The per-row phases
+    // are little work: a range of rows an item, an item a thread.
+    Phases phases(10 * n_blocks + 1);
+    const int64_t row_items = std::min(b, threads);
+    on_all_threads([&] {
+      int64_t ph = 0;
+      auto each_row = [&](const auto &f) {
+        phases.run(ph++, row_items, [&](int64_t i) {
+          for (int64_t r = i * b / row_items; r < (i + 1) * b / row_items; ++r) f(r);
+        });
+      };
+      auto product = [&](const Mat &m, const float *in, int64_t k, float *out) {
+        const MatJob job{m, in, qa, b, k, out, threads};
+        phases.run(ph++, job.items(), [&](int64_t i) { job.run(i); });
+      };
+      for (int64_t l = 0; l < n_blocks; ++l) {
+        const Block &B = blocks[l];
+        each_row([&](int64_t r) {
+          if (l > 0) add(y + r * d, d, xp + r * d);
+          rms_norm_rows(xp + r * d, 1, d, B.n1, eps, h + r * d);
+          quantize(h + r * d, r, d);
+        });
+        product(B.qkv, h, d, qkv);
+        each_row([&](int64_t r) { rope_and_cache(B, r); });
+        phases.run(ph++, n_tasks, [&](int64_t t) { attend_task(B, t); });
+        if (act) each_row([&](int64_t r) { quantize(ctx + r * dq, r, dq); });
+        product(B.out, ctx, dq, y);
+        each_row([&](int64_t r) {
+          add(y + r * d, d, xp + r * d);
+          rms_norm_rows(xp + r * d, 1, d, B.n2, eps, h + r * d);
+          quantize(h + r * d, r, d);
+        });
+        product(B.gu, h, d, gu);
+        each_row([&](int64_t r) {
+          const float *g = gu + r * 2 * hidden;
+          silu_mul(g, g + hidden, hidden, h + r * hidden);
+          quantize(h + r * hidden, r, hidden);
+        });
+        product(B.down, h, hidden, y);
+      }
+      each_row([&](int64_t r) { add(y + r * d, d, xp + r * d); });
     });
-    mat_mm(h.data(), b, hidden, wdown, y.data());
-    for (int64_t i = 0; i < b * d; ++i) xp[i] += y[i];
 #else
     throw std::runtime_error("llmlab q4 kernel: built without the x86-64 AVX-512 kernels");
 #endif

@@ -445,6 +445,19 @@ fn q4_kernels_equal_f32(kernel: QuantKernel, logit_tol: f64, tie_tol: f64) -> Re
         })
     );
     assert!(q4_m.fused_decode());
+    // The VNNI kernels' instructions a token (the compute bound `bench generate` prints): every
+    // projection's and the head's products, 64 to a `vpdpbusd`, twice for 16-bit activations.
+    let c = &q4_m.cfg;
+    let (emb, hd, hidden) = (c.emb_dim, c.head_dim(), c.hidden_dim);
+    let block =
+        (c.n_heads + 2 * c.n_kv_groups) * hd * emb + emb * c.n_heads * hd + 3 * hidden * emb;
+    let products = c.n_layers * block + c.vocab_size * emb;
+    let passes = match kernel.act_bits() {
+        Some(16) => 2,
+        Some(8) => 1,
+        _ => 0,
+    };
+    assert_eq!(q4_m.vnni_dots_per_token(), products / 64 * passes);
     // f32 set up for inference decodes with the same fused step on its dense weights.
     let mut f32_fused = LoadedLm::load(gguf.to_str().unwrap(), Device::Cpu)?;
     f32_fused.set_dtype(InferenceDtype::F32)?;
@@ -791,6 +804,86 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The fused step runs as phases that the pool's threads share (the shim's `Phases`): its
+/// logits are the same bits with 1, 2 or 3 threads (3 outnumber this machine's cores, so the
+/// waiting threads yield), for every kernel this CPU has, batch 1 and 5.
+#[test]
+fn fused_decode_step_is_the_same_on_any_thread_count() -> Result<()> {
+    if !QuantKernel::avx512_available() {
+        eprintln!("skipped: this CPU has no AVX-512 (the fused step's kernels)");
+        return Ok(());
+    }
+    let cfg = LlamaConfig {
+        family: "llama".into(),
+        vocab_size: 128,
+        context_length: 64,
+        emb_dim: 576,
+        n_heads: 9,
+        n_kv_groups: 3,
+        n_layers: 2,
+        hidden_dim: 160,
+        head_dim: None,
+        rope_base: 10_000.0,
+        rope_freq: None,
+        rms_eps: 1e-5,
+        tie_weights: true,
+        drop_rate: 0.0,
+    };
+    let kernels: Vec<Option<QuantKernel>> = [None]
+        .into_iter()
+        .chain(
+            [QuantKernel::Avx512, QuantKernel::Vnni, QuantKernel::Vnni8]
+                .into_iter()
+                .filter(|k| k.available())
+                .map(Some),
+        )
+        .collect();
+    let threads = tch::get_num_threads();
+    let _g = tch::no_grad_guard();
+    for kernel in kernels {
+        for b in [1i64, 5] {
+            // Logits of 4 decoding steps after an 8-token prompt (the prompt on one thread).
+            let steps = |n_threads: i32| -> Result<Vec<Tensor>> {
+                tch::set_num_threads(1);
+                tch::manual_seed(11);
+                let mut vs = tch::nn::VarStore::new(Device::Cpu);
+                let mut m = llmlab::models::LlamaModel::new(&vs.root(), &cfg, None);
+                match kernel {
+                    None => m.prepare_for_inference(),
+                    Some(k) => m.prepare_for_inference_q4_with(&mut vs, k)?,
+                }
+                assert!(m.fused_decode());
+                let mut cache = m.new_cache(b, 64);
+                let prompt = Tensor::randint(128, [b, 8], (Kind::Int64, Device::Cpu));
+                let mut next = m
+                    .forward_last_logits_cached(&prompt, &mut cache)
+                    .argmax(-1, false)
+                    .view([b, 1]);
+                tch::set_num_threads(n_threads);
+                let mut out = Vec::new();
+                for _ in 0..4 {
+                    let logits = m.forward_last_logits_cached(&next, &mut cache);
+                    next = logits.argmax(-1, false).view([b, 1]);
+                    out.push(logits);
+                }
+                Ok(out)
+            };
+            let one = steps(1)?;
+            for n in [2, 3] {
+                for (i, (x, y)) in one.iter().zip(steps(n)?).enumerate() {
+                    let diff = (x - &y).abs().max().double_value(&[]);
+                    assert!(
+                        diff == 0.0,
+                        "{kernel:?}, batch {b}, step {i}: {n} threads differ from 1 by {diff:e}"
+                    );
+                }
+            }
+        }
+    }
+    tch::set_num_threads(threads);
     Ok(())
 }
 
