@@ -488,7 +488,7 @@ pub fn decode(b: &Decode, device: Device, peak: Option<f64>) -> Result<DecodeRep
         _ => 0.0,
     };
     let dots_per_s = if dots > 0.0 {
-        Some(crate::shim::vnni_peak(1_000_000)?)
+        Some(crate::shim::vnni_peak(10_000_000)?)
     } else {
         None
     };

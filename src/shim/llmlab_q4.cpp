@@ -607,7 +607,7 @@ class Phases {
     Counter &c = c_[p];
     int64_t mine = 0;
     for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_relaxed)) < n; ++mine) f(i);
-    // Counted once a thread (a shared line written per item slowed a step by a tenth).
+    // Counted once a thread: fewer writes to the line the waiting threads read.
     if (mine) c.done.fetch_add(mine, std::memory_order_release);
     // Spin briefly (another thread's item is microseconds), then yield: when the threads
     // outnumber free cores, the one awaited may need this core.
@@ -864,7 +864,8 @@ int llmlab_q_kernels_built() {
 }
 
 // vpdpbusd instructions a second on the pool's threads (`vnni_peak`), into `out`, measured
-// over `reps` rounds (~0.2 s at 1e6 on a 2-core Zen 4). Needs AVX-512 VNNI (the caller's check).
+// over `reps` rounds (12 instructions each; ~70 ms at 1e7 on this Zen 4). Needs AVX-512 VNNI
+// (the caller's check).
 char *llmlab_vnni_peak(int64_t reps, double *out) {
   LLMLAB_PROTECT({
 #if defined(__x86_64__)

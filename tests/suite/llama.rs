@@ -710,22 +710,7 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
     }
     // (head size, query heads, key/value heads)
     for (hd, heads, kv) in [(16, 6, 2), (32, 4, 1), (64, 9, 3), (128, 4, 2), (24, 4, 2)] {
-        let cfg = LlamaConfig {
-            family: "llama".into(),
-            vocab_size: 101,
-            context_length: 64,
-            emb_dim: hd * heads,
-            n_heads: heads,
-            n_kv_groups: kv,
-            n_layers: 2,
-            hidden_dim: 160,
-            head_dim: None,
-            rope_base: 10_000.0,
-            rope_freq: None,
-            rms_eps: 1e-5,
-            tie_weights: true,
-            drop_rate: 0.0,
-        };
+        let cfg = tiny_llama(hd, heads, kv, 101);
         let model = |fused: bool| {
             tch::manual_seed(7);
             let vs = tch::nn::VarStore::new(Device::Cpu);
@@ -816,22 +801,7 @@ fn fused_decode_step_is_the_same_on_any_thread_count() -> Result<()> {
         eprintln!("skipped: this CPU has no AVX-512 (the fused step's kernels)");
         return Ok(());
     }
-    let cfg = LlamaConfig {
-        family: "llama".into(),
-        vocab_size: 128,
-        context_length: 64,
-        emb_dim: 576,
-        n_heads: 9,
-        n_kv_groups: 3,
-        n_layers: 2,
-        hidden_dim: 160,
-        head_dim: None,
-        rope_base: 10_000.0,
-        rope_freq: None,
-        rms_eps: 1e-5,
-        tie_weights: true,
-        drop_rate: 0.0,
-    };
+    let cfg = tiny_llama(64, 9, 3, 128);
     let kernels: Vec<Option<QuantKernel>> = [None]
         .into_iter()
         .chain(
@@ -885,6 +855,26 @@ fn fused_decode_step_is_the_same_on_any_thread_count() -> Result<()> {
     }
     tch::set_num_threads(threads);
     Ok(())
+}
+
+/// A two-block Llama with `heads` query and `kv` key/value heads of size `hd`, 64 positions.
+fn tiny_llama(hd: i64, heads: i64, kv: i64, vocab: i64) -> LlamaConfig {
+    LlamaConfig {
+        family: "llama".into(),
+        vocab_size: vocab,
+        context_length: 64,
+        emb_dim: hd * heads,
+        n_heads: heads,
+        n_kv_groups: kv,
+        n_layers: 2,
+        hidden_dim: 160,
+        head_dim: None,
+        rope_base: 10_000.0,
+        rope_freq: None,
+        rms_eps: 1e-5,
+        tie_weights: true,
+        drop_rate: 0.0,
+    }
 }
 
 /// Keys and values rounded to f16 (relative 2^-11): logits within this fraction of their scale
