@@ -891,8 +891,8 @@ impl LlamaModel {
     /// Hidden states `(b, 1, emb)` of one new token per row `idx (b, 1)` at positions `pos (b,)`,
     /// all blocks in one call of the shim's fused step (Q4_1 or f32 weights: norms, projections,
     /// RoPE, cache writes, attention, SwiGLU and residuals in one C++ function and one parallel
-    /// region: [`crate::shim::llama_decode`])
-    /// instead of ~70 libtorch operators. The caller counts the cached positions.
+    /// region: [`crate::shim::llama_decode`]) instead of ~70 libtorch operators a block. The
+    /// caller counts the cached positions.
     fn decode_fused(&self, idx: &Tensor, cache: &mut LlamaCache, pos: &Tensor) -> Tensor {
         let b = idx.size()[0];
         let mut x = self
