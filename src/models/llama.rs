@@ -1112,23 +1112,23 @@ impl LlamaModel {
     /// Bytes of the blocks' 4-bit weights (codes and scales) after
     /// [`Self::prepare_for_inference_q4`]; 0 while the blocks run dense weights.
     pub fn int4_bytes(&self) -> i64 {
+        self.projections().map(Projection::quantized_bytes).sum()
+    }
+
+    /// The blocks' inference projections (fused q/k/v, output, fused gate/up, down), where
+    /// `prepare_for_inference*` made them.
+    fn projections(&self) -> impl Iterator<Item = &Projection> {
         self.trf_blocks
             .iter()
             .flat_map(|b| [&b.att.qkv, &b.att.out, &b.ff.gate_up, &b.ff.down])
-            .map(|p| p.as_ref().map_or(0, Projection::quantized_bytes))
-            .sum()
+            .flatten()
     }
 
     /// `vpdpbusd` instructions a decoded token costs (blocks and head) with the VNNI kernels; 0
     /// without them. Divided into [`crate::shim::vnni_peak`], the batch-size-free arithmetic
     /// ceiling of decoding (tokens/s).
     pub fn vnni_dots_per_token(&self) -> i64 {
-        let blocks: i64 = self
-            .trf_blocks
-            .iter()
-            .flat_map(|b| [&b.att.qkv, &b.att.out, &b.ff.gate_up, &b.ff.down])
-            .map(|p| p.as_ref().map_or(0, Projection::vnni_dots))
-            .sum();
+        let blocks: i64 = self.projections().map(Projection::vnni_dots).sum();
         blocks + self.head_q8.as_ref().map_or(0, Q80Linear::vnni_dots)
     }
 

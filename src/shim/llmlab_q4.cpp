@@ -91,6 +91,16 @@ const uint16_t *half_bits(const at::Tensor &t) {
 // Output rows per task of the thread pool: enough work to pay for a hand-off.
 constexpr int64_t GRAIN = 16;
 
+// Runs f() on `threads` threads of the pool at once (a share of a counter's work each: see
+// parallel_chunks and Phases), or once with one.
+template <class F>
+void on_threads(int64_t threads, const F &f) {
+  if (threads <= 1)
+    f();
+  else
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { f(); });
+}
+
 // f(begin, end) over [0, n) in chunks of `chunk` that the pool's threads take in turn as they
 // finish (an atomic counter), not in one static share each: on this VM one thread is often
 // slower than the other, and a static split left the faster one waiting a third of the time.
@@ -98,14 +108,9 @@ constexpr int64_t GRAIN = 16;
 // the schedule.
 template <class F>
 void parallel_chunks(int64_t n, int64_t chunk, const F &f) {
-  const int64_t chunks = (n + chunk - 1) / chunk,
-                threads = std::min<int64_t>(at::get_num_threads(), chunks);
-  if (threads <= 1) {
-    if (n > 0) f(0, n);
-    return;
-  }
+  const int64_t chunks = (n + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+  on_threads(std::min<int64_t>(at::get_num_threads(), chunks), [&] {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;)
       f(c * chunk, std::min(n, (c + 1) * chunk));
   });
@@ -626,16 +631,6 @@ class Phases {
   };
   std::vector<Counter> c_;
 };
-
-// Runs f() on every thread of the pool at once (f is a Phases sequence), or once with one.
-template <class F>
-void on_all_threads(const F &f) {
-  const int64_t threads = at::get_num_threads();
-  if (threads <= 1)
-    f();
-  else
-    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { f(); });
-}
 
 // out (rows, d) = x · rsqrt(mean(x²) + eps) · w, as libtorch's rms_norm in f32.
 LLMLAB_AVX512 void rms_norm_rows(const float *x, int64_t rows, int64_t d, const float *w,
@@ -1322,7 +1317,7 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
     // are little work: a range of rows an item, an item a thread.
     Phases phases(10 * n_blocks + 1);
     const int64_t row_items = std::min(b, threads);
-    on_all_threads([&] {
+    on_threads(threads, [&] {
       int64_t ph = 0;
       auto each_row = [&](const auto &f) {
         phases.run(ph++, row_items, [&](int64_t i) {
