@@ -90,11 +90,17 @@ extern "C" {
     fn llmlab_dist_reducer_free(handle: *mut c_void);
     fn llmlab_q_kernels_built() -> c_int;
     fn llmlab_vnni_peak(reps: i64, out: *mut f64) -> *mut c_char;
-    fn llmlab_f32_mm(x: *const C_tensor, w: *const C_tensor, y: *mut C_tensor) -> *mut c_char;
+    fn llmlab_f32_mm(
+        isa: c_int,
+        x: *const C_tensor,
+        w: *const C_tensor,
+        y: *mut C_tensor,
+    ) -> *mut c_char;
     fn llmlab_llama_decode(
         x: *mut C_tensor,
         w: *const *const C_tensor,
         n_blocks: i64,
+        isa: c_int,
         layout: c_int,
         k_caches: *const *mut C_tensor,
         v_caches: *const *mut C_tensor,
@@ -108,6 +114,7 @@ extern "C" {
     fn llmlab_profile_start(path: *const c_char, out: *mut *mut c_void) -> *mut c_char;
     fn llmlab_profile_stop(profile: *mut c_void) -> *mut c_char;
     fn llmlab_q4_1_mm(
+        isa: c_int,
         x: *const C_tensor,
         qs: *const C_tensor,
         d: *const C_tensor,
@@ -115,12 +122,14 @@ extern "C" {
         y: *mut C_tensor,
     ) -> *mut c_char;
     fn llmlab_q8_0_mm(
+        isa: c_int,
         x: *const C_tensor,
         qs: *const C_tensor,
         d: *const C_tensor,
         y: *mut C_tensor,
     ) -> *mut c_char;
     fn llmlab_q4_1_dequant(
+        isa: c_int,
         qs: *const C_tensor,
         d: *const C_tensor,
         m: *const C_tensor,
@@ -552,8 +561,8 @@ pub fn nccl_built() -> bool {
     unsafe { llmlab_nccl_built() != 0 }
 }
 
-/// Whether this build has the AVX-512 Q4_1/Q8_0 kernels (an x86-64 build); whether the CPU can
-/// run them is [`crate::nn::quant::QuantKernel`]'s check.
+/// Whether this build has the Q4_1/Q8_0 kernels (an x86-64 build); whether the CPU can run them
+/// is [`crate::nn::quant::QuantKernel`]'s check.
 pub fn q_kernels_built() -> bool {
     // SAFETY: takes and returns plain integers.
     unsafe { llmlab_q_kernels_built() != 0 }
@@ -570,9 +579,18 @@ pub fn vnni_peak(reps: i64) -> Result<f64, LlmError> {
     Ok(out)
 }
 
+/// The instruction set the shim's f32-activation kernels run in (its `isa` codes): each kernel
+/// has an AVX-512 and an AVX2 (with FMA and F16C) form. The shim refuses one the CPU lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512 = 0,
+    Avx2 = 1,
+}
+
 /// `y (b, n) = x (b, k) · Wᵀ`, `W` in Q4_1 blocks: `qs (n, k/2)` uint8, `d`, `m` `(n, k/32)` f16;
-/// `x` and `y` contiguous f32 on the CPU. The caller checks the CPU has AVX-512.
+/// `x` and `y` contiguous f32 on the CPU.
 pub fn q4_1_mm(
+    isa: Isa,
     x: &Tensor,
     qs: &Tensor,
     d: &Tensor,
@@ -583,6 +601,7 @@ pub fn q4_1_mm(
     // dtypes, shapes and contiguity before reading them and writes only into `y`.
     let err = unsafe {
         llmlab_q4_1_mm(
+            isa as c_int,
             x.as_ptr(),
             qs.as_ptr(),
             d.as_ptr(),
@@ -594,16 +613,44 @@ pub fn q4_1_mm(
 }
 
 /// `y (b, n) = x (b, k) · Wᵀ`, `W` in Q8_0 blocks: `qs (n, k)` int8, `d (n, k/32)` f16.
-pub fn q8_0_mm(x: &Tensor, qs: &Tensor, d: &Tensor, y: &mut Tensor) -> Result<(), LlmError> {
+pub fn q8_0_mm(
+    isa: Isa,
+    x: &Tensor,
+    qs: &Tensor,
+    d: &Tensor,
+    y: &mut Tensor,
+) -> Result<(), LlmError> {
     // SAFETY: as `q4_1_mm`.
-    let err = unsafe { llmlab_q8_0_mm(x.as_ptr(), qs.as_ptr(), d.as_ptr(), y.as_mut_ptr()) };
+    let err = unsafe {
+        llmlab_q8_0_mm(
+            isa as c_int,
+            x.as_ptr(),
+            qs.as_ptr(),
+            d.as_ptr(),
+            y.as_mut_ptr(),
+        )
+    };
     check(err, "q8_0 matmul")
 }
 
 /// `w (n, k)` f32 = the Q4_1 weight `(qs, d, m)`.
-pub fn q4_1_dequant(qs: &Tensor, d: &Tensor, m: &Tensor, w: &mut Tensor) -> Result<(), LlmError> {
+pub fn q4_1_dequant(
+    isa: Isa,
+    qs: &Tensor,
+    d: &Tensor,
+    m: &Tensor,
+    w: &mut Tensor,
+) -> Result<(), LlmError> {
     // SAFETY: as `q4_1_mm`.
-    let err = unsafe { llmlab_q4_1_dequant(qs.as_ptr(), d.as_ptr(), m.as_ptr(), w.as_mut_ptr()) };
+    let err = unsafe {
+        llmlab_q4_1_dequant(
+            isa as c_int,
+            qs.as_ptr(),
+            d.as_ptr(),
+            m.as_ptr(),
+            w.as_mut_ptr(),
+        )
+    };
     check(err, "q4_1 dequantize")
 }
 
@@ -773,10 +820,10 @@ pub struct LlamaDecodeBlock<'a> {
 }
 
 /// `y (b, n) = x (b, k) · Wᵀ` with a dense f32 `W (n, k)` (`k` a multiple of 16) by llmlab's
-/// AVX-512 kernel: decoding's output head. The caller checks the CPU has AVX-512.
-pub fn f32_mm(x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<(), LlmError> {
+/// kernel: decoding's output head.
+pub fn f32_mm(isa: Isa, x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<(), LlmError> {
     // SAFETY: as `q4_1_mm`.
-    let err = unsafe { llmlab_f32_mm(x.as_ptr(), w.as_ptr(), y.as_mut_ptr()) };
+    let err = unsafe { llmlab_f32_mm(isa as c_int, x.as_ptr(), w.as_ptr(), y.as_mut_ptr()) };
     check(err, "f32 matmul")
 }
 
@@ -785,9 +832,10 @@ pub fn f32_mm(x: &Tensor, w: &Tensor, y: &mut Tensor) -> Result<(), LlmError> {
 /// row's key and value are written into its block's `caches` (key and value `(rows >= b, n_kv,
 /// capacity, head_dim)` f32 or f16, one pair a block) at its position; `cos`, `sin`
 /// `(positions, head_dim)` f32 (see `src/shim/llmlab_q4.cpp`). The whole step is one parallel
-/// region of the thread pool.
+/// region of the thread pool, with the kernels of `isa` (Q4_1x16 blocks need [`Isa::Avx512`]).
 #[allow(clippy::too_many_arguments)]
 pub fn llama_decode(
+    isa: Isa,
     x: &mut Tensor,
     blocks: &[LlamaDecodeBlock],
     caches: &mut [(&mut Tensor, &mut Tensor)],
@@ -831,6 +879,7 @@ pub fn llama_decode(
             x.as_mut_ptr(),
             w.as_ptr(),
             blocks.len() as i64,
+            isa as c_int,
             layout,
             k.as_ptr(),
             v.as_ptr(),

@@ -11,7 +11,7 @@ use crate::error::LlmError;
 use crate::nn::attention::{causal_mask, decode_attention, KvCache, RowPositions};
 use crate::nn::quant::{int4_unsupported, Int4Linear, Q41Linear, Q80Linear, QuantKernel};
 use crate::nn::Linear;
-use crate::shim::{DecodeWeight, LlamaDecodeBlock};
+use crate::shim::{DecodeWeight, Isa, LlamaDecodeBlock};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -339,10 +339,10 @@ pub enum BlockWeights {
     Dense,
     /// 4-bit codes in groups of `group` inputs with a scale and a minimum ([`Int4Linear`]).
     Int4 { group: i64 },
-    /// GGUF's Q4_1 blocks run by llmlab's AVX-512 kernels ([`Q41Linear`]) with activations of
-    /// `act_bits`: 32 (f32, the `avx512` kernel), or 16 or 8 with the blocks interleaved
-    /// ([`Q41Linear::interleaved`], the `vnni` and `vnni8` kernels).
-    Q41 { act_bits: u8 },
+    /// GGUF's Q4_1 blocks run by one of llmlab's kernels ([`Q41Linear::for_kernel`]): `avx2` or
+    /// `avx512` (f32 activations), or `vnni` and `vnni8` (the blocks interleaved, 16- or 8-bit
+    /// activations).
+    Q41 { kernel: QuantKernel },
 }
 
 /// A projection `x Wᵀ` as eval mode runs it: a dense weight `(out, in)` (the variable, or a fused
@@ -359,10 +359,7 @@ impl Projection {
         match weights {
             BlockWeights::Dense => Self::Dense(w),
             BlockWeights::Int4 { group } => Self::Int4(Int4Linear::quantize(&w, group)),
-            BlockWeights::Q41 { act_bits: 32 } => Self::Q41(Q41Linear::quantize(&w)),
-            BlockWeights::Q41 { act_bits } => {
-                Self::Q41(Q41Linear::quantize(&w).interleaved(act_bits))
-            }
+            BlockWeights::Q41 { kernel } => Self::Q41(Q41Linear::quantize(&w).for_kernel(kernel)),
         }
     }
 
@@ -732,7 +729,7 @@ impl LlamaBlock {
 
 /// `LLMLAB_KV_CACHE`: `f16` or `f32`, the dtype llmlab's q4 kernels keep the KV cache in; unset,
 /// f16 where `default_half` (the VNNI kernels, whose integer activations are approximate
-/// already; llama.cpp's default too), f32 for the exact `avx512` kernel. f16 needs a head size
+/// already; llama.cpp's default too), f32 for the exact `avx512` and `avx2` kernels. f16 needs a head size
 /// the attention kernel has: by default other head sizes keep f32, asked for it is an error.
 fn kv_cache_half(head_dim: i64, default_half: bool) -> Result<bool, LlmError> {
     match std::env::var("LLMLAB_KV_CACHE").as_deref() {
@@ -769,9 +766,9 @@ pub struct LlamaModel {
     /// The output head in Q8_0 blocks (`--dtype q4` with llmlab's kernels), which eval mode's
     /// [`Self::logits`] uses instead of the dense one.
     head_q8: Option<Q80Linear>,
-    /// Decoding runs llmlab's AVX-512 kernels (the fused block step, the head's kernel): set by
-    /// `prepare_for_inference*` when [`QuantKernel::select`] gives `avx512`.
-    decode_kernels: bool,
+    /// Decoding runs llmlab's kernels of this instruction set (the fused block step, the head's
+    /// kernel): set by `prepare_for_inference*` when [`QuantKernel::select`] gives one of them.
+    decode_isa: Option<Isa>,
     /// Decoding caches keys and values in f16 (llmlab's VNNI q4 kernels, unless `LLMLAB_KV_CACHE=f32`):
     /// half the bytes each step reads, which at long contexts or large batches outweigh the
     /// weights.
@@ -820,7 +817,7 @@ impl LlamaModel {
             out_head: (!cfg.tie_weights)
                 .then(|| plain_linear(p / "out_head", cfg.emb_dim, cfg.vocab_size)),
             head_q8: None,
-            decode_kernels: false,
+            decode_isa: None,
             kv_half: false,
             rope: Rope::new(&cfg.inv_freq(rope_factors), cfg.context_length, p.device()),
         }
@@ -878,11 +875,11 @@ impl LlamaModel {
         self.final_norm.forward(&x)
     }
 
-    /// Whether decoding steps run llmlab's fused block kernel ([`Self::decode_fused`]): the
-    /// avx512 kernels chosen at `prepare_for_inference*`, f32 activations on the CPU (`--dtype
-    /// q4`, or f32), and no LoRA adapters.
+    /// Whether decoding steps run llmlab's fused block kernel ([`Self::decode_fused`]): llmlab's
+    /// kernels chosen at `prepare_for_inference*`, f32 activations on the CPU (`--dtype q4`, or
+    /// f32), and no LoRA adapters.
     pub fn fused_decode(&self) -> bool {
-        self.decode_kernels
+        self.decode_isa.is_some()
             && self.tok_emb.ws.kind() == Kind::Float
             && self.device() == Device::Cpu
             && self.trf_blocks.iter().all(|b| b.decode_step().is_some())
@@ -907,6 +904,7 @@ impl LlamaModel {
             .collect();
         let mut caches: Vec<_> = cache.layers.iter_mut().map(|l| l.buffers()).collect();
         crate::shim::llama_decode(
+            self.decode_isa.expect("fused_decode checked the kernels"),
             &mut x,
             &steps,
             &mut caches,
@@ -927,7 +925,7 @@ impl LlamaModel {
     pub fn set_kv_cache_half(&mut self, half: bool) -> Result<(), LlmError> {
         if half && !self.fused_decode() {
             return Err(LlmError::Usage(
-                "an f16 KV cache needs llmlab's fused decoding step (--dtype q4 or f32 on an AVX-512 CPU)".into(),
+                "an f16 KV cache needs llmlab's fused decoding step (--dtype q4 or f32 on a CPU with AVX-512 or AVX2)".into(),
             ));
         }
         if half {
@@ -960,9 +958,11 @@ impl LlamaModel {
             return h.forward(hidden);
         }
         let w = self.out_head.as_ref().map_or(&self.tok_emb.ws, |h| &h.ws);
-        if self.decode_kernels && !hidden.requires_grad() && w.kind() == Kind::Float {
-            if let Some(y) = crate::nn::quant::f32_decode_matmul(hidden, w) {
-                return y;
+        if let Some(isa) = self.decode_isa {
+            if !hidden.requires_grad() && w.kind() == Kind::Float {
+                if let Some(y) = crate::nn::quant::f32_decode_matmul(hidden, w, isa) {
+                    return y;
+                }
             }
         }
         match &self.out_head {
@@ -1004,12 +1004,20 @@ impl LlamaModel {
     /// of the fused ones, so training later still updates what inference reads; call it again
     /// after changing the dtype.
     pub fn prepare_for_inference(&mut self) {
+        self.prepare_for_inference_with(QuantKernel::select().unwrap_or(QuantKernel::Torch));
+    }
+
+    /// [`Self::prepare_for_inference`] with decoding's f32 kernels those of `kernel` (its
+    /// instruction set; `torch`: libtorch's operators), which must be available.
+    pub fn prepare_for_inference_with(&mut self, kernel: QuantKernel) {
+        assert!(
+            kernel.available(),
+            "{} is not available here",
+            kernel.name()
+        );
         self.head_q8 = None;
         self.kv_half = false;
-        self.decode_kernels = matches!(
-            QuantKernel::select(),
-            Ok(QuantKernel::Avx512 | QuantKernel::Vnni | QuantKernel::Vnni8)
-        );
+        self.decode_isa = kernel.isa();
         self.prepare_blocks(BlockWeights::Dense);
     }
 
@@ -1027,6 +1035,8 @@ impl LlamaModel {
     ///   activations, llama.cpp's arithmetic;
     /// * `avx512` (where the CPU has AVX-512 without VNNI): the same blocks in GGUF's layout
     ///   ([`Q41Linear`]) multiplied by f32 activations, exact;
+    /// * `avx2` (where the CPU has AVX2, FMA and F16C but no AVX-512): the `avx512` arithmetic
+    ///   in vectors of 8;
     /// * `torch` (libtorch's int4 kernel, any CPU; the fallback): [`Int4Linear`], then `vs` is
     ///   cast to bf16, so the activations, the norms and the embedding/output head run in bf16.
     pub fn prepare_for_inference_q4(&mut self, vs: &mut nn::VarStore) -> Result<(), LlmError> {
@@ -1054,7 +1064,7 @@ impl LlamaModel {
             )));
         }
         match kernel {
-            QuantKernel::Avx512 | QuantKernel::Vnni | QuantKernel::Vnni8 => {
+            QuantKernel::Avx2 | QuantKernel::Avx512 | QuantKernel::Vnni | QuantKernel::Vnni8 => {
                 if !kernel.available() {
                     return Err(LlmError::Usage(format!(
                         "--dtype q4: the {} kernel was asked for on a CPU without it",
@@ -1063,21 +1073,16 @@ impl LlamaModel {
                 }
                 let act_bits = kernel.act_bits().unwrap_or(32);
                 vs.set_kind(Kind::Float);
-                self.prepare_blocks(BlockWeights::Q41 { act_bits });
+                self.prepare_blocks(BlockWeights::Q41 { kernel });
                 let head = self.out_head.as_ref().map_or(&self.tok_emb.ws, |h| &h.ws);
-                let head = Q80Linear::quantize(head);
-                self.head_q8 = Some(if act_bits < 32 {
-                    head.interleaved(act_bits)
-                } else {
-                    head
-                });
-                self.decode_kernels = true;
+                self.head_q8 = Some(Q80Linear::quantize(head).for_kernel(kernel));
+                self.decode_isa = kernel.isa();
                 self.kv_half = kv_cache_half(self.cfg.head_dim(), act_bits < 32)?;
             }
             QuantKernel::Torch => {
                 self.prepare_blocks(BlockWeights::Int4 { group });
                 self.head_q8 = None;
-                self.decode_kernels = false;
+                self.decode_isa = None;
                 self.kv_half = false;
                 vs.set_kind(Kind::BFloat16);
                 self.rope.set_kind(Kind::BFloat16);
@@ -1103,9 +1108,7 @@ impl LlamaModel {
             .map(|p| match p {
                 Projection::Dense(_) => BlockWeights::Dense,
                 Projection::Int4(q) => BlockWeights::Int4 { group: q.group },
-                Projection::Q41(q) => BlockWeights::Q41 {
-                    act_bits: q.act_bits(),
-                },
+                Projection::Q41(q) => BlockWeights::Q41 { kernel: q.kernel() },
             })
     }
 

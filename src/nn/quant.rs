@@ -14,6 +14,7 @@
 //! table) and is fast only with bf16 activations (with f32 ones it is ~10x slower than an f32
 //! matmul on an AVX-512 EPYC), so [`Int4Linear::forward`] runs in bf16.
 use crate::error::LlmError;
+use crate::shim::Isa;
 use tch::{Device, Kind, Tensor};
 
 /// Group size of GGUF's Q4_0/Q4_1 blocks, and what `--dtype q4` uses.
@@ -161,6 +162,9 @@ impl Int4Linear {
 pub enum QuantKernel {
     /// libtorch's int4 kernel ([`Int4Linear`], bf16 activations): any CPU, and the reference.
     Torch,
+    /// llmlab's Q4_1/Q8_0 kernels in AVX2 (with FMA and F16C: x86-64 CPUs without AVX-512),
+    /// the arithmetic of [`Self::Avx512`] in vectors of 8.
+    Avx2,
     /// llmlab's AVX-512 Q4_1/Q8_0 kernels ([`Q41Linear`], [`Q80Linear`], f32 activations): the
     /// file's weights, exact arithmetic.
     Avx512,
@@ -174,8 +178,24 @@ pub enum QuantKernel {
 }
 
 impl QuantKernel {
-    /// The variable that overrides the choice: `auto` (default), `torch` or `avx512`.
+    /// The variable that overrides the choice: `auto` (default), `torch`, `avx2`, `avx512`,
+    /// `vnni` or `vnni8`.
     pub const ENV: &'static str = "LLMLAB_Q4_KERNEL";
+
+    /// Whether this CPU and build can run [`Self::Avx2`] (AVX2, FMA, F16C).
+    pub fn avx2_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::shim::q_kernels_built()
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
 
     /// Whether this CPU and build can run [`Self::Avx512`] (AVX-512 F/BW/VL/DQ, F16C, FMA).
     pub fn avx512_available() -> bool {
@@ -207,25 +227,27 @@ impl QuantKernel {
         }
     }
 
-    /// [`Self::Vnni`], else [`Self::Avx512`], where the CPU has it, else [`Self::Torch`];
+    /// [`Self::Vnni`], else [`Self::Avx512`], else [`Self::Avx2`], where the CPU has it, else
+    /// [`Self::Torch`];
     /// `LLMLAB_Q4_KERNEL` overrides (asking for a kernel the CPU cannot run is an error, as is an
     /// unknown value).
     pub fn select() -> Result<Self, LlmError> {
         let value = std::env::var(Self::ENV).unwrap_or_default();
         let kernel = match value.as_str() {
             "" | "auto" => {
-                return Ok([Self::Vnni, Self::Avx512]
+                return Ok([Self::Vnni, Self::Avx512, Self::Avx2]
                     .into_iter()
                     .find(|k| k.available())
                     .unwrap_or(Self::Torch))
             }
             "torch" => Self::Torch,
+            "avx2" => Self::Avx2,
             "avx512" => Self::Avx512,
             "vnni" => Self::Vnni,
             "vnni8" => Self::Vnni8,
             other => {
                 return Err(LlmError::Usage(format!(
-                    "{}={other:?}: expected auto, torch, avx512, vnni or vnni8",
+                    "{}={other:?}: expected auto, torch, avx2, avx512, vnni or vnni8",
                     Self::ENV
                 )))
             }
@@ -233,10 +255,10 @@ impl QuantKernel {
         if kernel.available() {
             return Ok(kernel);
         }
-        let lacks = if kernel == Self::Avx512 {
-            "AVX-512 F/BW/VL/DQ"
-        } else {
-            "AVX-512 VNNI"
+        let lacks = match kernel {
+            Self::Avx2 => "AVX2, FMA or F16C",
+            Self::Avx512 => "AVX-512 F/BW/VL/DQ",
+            _ => "AVX-512 VNNI",
         };
         Err(LlmError::Usage(format!(
             "{}={value}: this CPU (or build) lacks {lacks}; use auto or torch",
@@ -248,17 +270,18 @@ impl QuantKernel {
     pub fn available(self) -> bool {
         match self {
             Self::Torch => true,
+            Self::Avx2 => Self::avx2_available(),
             Self::Avx512 => Self::avx512_available(),
             Self::Vnni | Self::Vnni8 => Self::vnni_available(),
         }
     }
 
-    /// The bits the kernel keeps of each activation: 32 (f32) for `avx512`, 16 or 8 for the
-    /// VNNI kernels; `None` for `torch` (bf16 activations).
+    /// The bits the kernel keeps of each activation: 32 (f32) for `avx2` and `avx512`, 16 or 8
+    /// for the VNNI kernels; `None` for `torch` (bf16 activations).
     pub fn act_bits(self) -> Option<u8> {
         match self {
             Self::Torch => None,
-            Self::Avx512 => Some(32),
+            Self::Avx2 | Self::Avx512 => Some(32),
             Self::Vnni => Some(16),
             Self::Vnni8 => Some(8),
         }
@@ -267,9 +290,39 @@ impl QuantKernel {
     pub fn name(self) -> &'static str {
         match self {
             Self::Torch => "torch",
+            Self::Avx2 => "avx2",
             Self::Avx512 => "avx512",
             Self::Vnni => "vnni",
             Self::Vnni8 => "vnni8",
+        }
+    }
+
+    /// The instruction set of the shim's f32 kernels this kernel goes with (the norms,
+    /// attention and f32 products of the fused decoding step); `None` for `torch`.
+    pub fn isa(self) -> Option<Isa> {
+        match self {
+            Self::Torch => None,
+            Self::Avx2 => Some(Isa::Avx2),
+            Self::Avx512 | Self::Vnni | Self::Vnni8 => Some(Isa::Avx512),
+        }
+    }
+
+    /// Whether this CPU and build run the shim's kernels of `isa`.
+    pub fn isa_available(isa: Isa) -> bool {
+        match isa {
+            Isa::Avx512 => Self::avx512_available(),
+            Isa::Avx2 => Self::avx2_available(),
+        }
+    }
+
+    /// The kernel that multiplies GGUF-layout blocks by f32 activations on this CPU:
+    /// [`Self::Avx512`] where it runs, else [`Self::Avx2`] (which the shim refuses on a CPU
+    /// without it).
+    pub fn f32_default() -> Self {
+        if Self::avx512_available() {
+            Self::Avx512
+        } else {
+            Self::Avx2
         }
     }
 }
@@ -333,7 +386,7 @@ fn x16_empty(out: i64, inputs: i64, block_bytes: i64) -> (Tensor, Tensor) {
 }
 
 /// `y = x Wᵀ` with `W (out, in)` in GGUF's Q4_1 blocks as llama.cpp stores them (4-bit codes,
-/// f16 scale and minimum per 32 inputs), run by llmlab's AVX-512 kernel in f32; no bias.
+/// f16 scale and minimum per 32 inputs), run by llmlab's AVX-512 or AVX2 kernel in f32; no bias.
 #[derive(Debug)]
 pub struct Q41Linear {
     /// `(out, in / 2)` uint8: byte j of a block holds weight j (low nibble) and j + 16 (high);
@@ -346,8 +399,18 @@ pub struct Q41Linear {
     /// Bits of the activations the blocks are multiplied by: 32 (f32) in GGUF's layout, 16 or 8
     /// in the shim's x16 layout ([`Self::interleaved`]).
     act_bits: u8,
+    /// The instruction set the f32-activation kernels run in (GGUF's layout; the x16 layout is
+    /// AVX-512 VNNI's).
+    isa: Isa,
     pub in_dim: i64,
     pub out_dim: i64,
+}
+
+/// The instruction set of [`QuantKernel::f32_default`].
+fn default_isa() -> Isa {
+    QuantKernel::f32_default()
+        .isa()
+        .expect("an llmlab kernel has an instruction set")
 }
 
 impl Q41Linear {
@@ -366,8 +429,30 @@ impl Q41Linear {
             d: d.to_kind(Kind::Half).contiguous(),
             m: m.to_kind(Kind::Half).contiguous(),
             act_bits: 32,
+            isa: default_isa(),
             in_dim: k,
             out_dim: n,
+        }
+    }
+
+    /// The layer as `kernel` runs it: `avx2` or `avx512` in GGUF's layout, `vnni` and `vnni8`
+    /// interleaved ([`Self::interleaved`]). From GGUF's layout only.
+    pub fn for_kernel(self, kernel: QuantKernel) -> Self {
+        assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
+        match (kernel.isa(), kernel.act_bits()) {
+            (Some(isa), Some(32)) => Self { isa, ..self },
+            (Some(_), Some(bits)) => self.interleaved(bits),
+            _ => panic!("for_kernel: {} has no Q4_1 layer", kernel.name()),
+        }
+    }
+
+    /// The kernel that runs the layer ([`Self::for_kernel`]).
+    pub fn kernel(&self) -> QuantKernel {
+        match (self.act_bits, self.isa) {
+            (8, _) => QuantKernel::Vnni8,
+            (16, _) => QuantKernel::Vnni,
+            (_, Isa::Avx512) => QuantKernel::Avx512,
+            (_, Isa::Avx2) => QuantKernel::Avx2,
         }
     }
 
@@ -418,7 +503,7 @@ impl Q41Linear {
         if self.act_bits < 32 {
             crate::shim::x16_dequant(&self.x16(), &mut w)
         } else {
-            crate::shim::q4_1_dequant(&self.qs, &self.d, &self.m, &mut w)
+            crate::shim::q4_1_dequant(self.isa, &self.qs, &self.d, &self.m, &mut w)
         }
         .expect("Q41Linear's own blocks have the shapes the kernel checks");
         w
@@ -434,7 +519,7 @@ impl Q41Linear {
                 if self.act_bits < 32 {
                     crate::shim::x16_mm(x, &self.x16(), y)
                 } else {
-                    crate::shim::q4_1_mm(x, &self.qs, &self.d, &self.m, y)
+                    crate::shim::q4_1_mm(self.isa, x, &self.qs, &self.d, &self.m, y)
                 }
             },
         )
@@ -465,7 +550,7 @@ impl Q41Linear {
 }
 
 /// `y = x Wᵀ` with `W (out, in)` in GGUF's Q8_0 blocks (int8 codes and an f16 scale per 32
-/// inputs, `w = q d`, `d = max|w| / 127`), run by llmlab's AVX-512 kernel in f32: the tied
+/// inputs, `w = q d`, `d = max|w| / 127`), run by llmlab's AVX-512 or AVX2 kernel in f32: the tied
 /// output head of a quantized model, as GGUF files store `token_embd`.
 #[derive(Debug)]
 pub struct Q80Linear {
@@ -476,6 +561,8 @@ pub struct Q80Linear {
     d: Tensor,
     /// As [`Q41Linear`]'s: 32 in GGUF's layout, 16 or 8 interleaved.
     act_bits: u8,
+    /// As [`Q41Linear`]'s.
+    isa: Isa,
     pub in_dim: i64,
     pub out_dim: i64,
 }
@@ -505,8 +592,19 @@ impl Q80Linear {
             qs,
             d: d.squeeze_dim(-1).to_kind(Kind::Half).contiguous(),
             act_bits: 32,
+            isa: default_isa(),
             in_dim: k,
             out_dim: n,
+        }
+    }
+
+    /// The layer as `kernel` runs it, as [`Q41Linear::for_kernel`].
+    pub fn for_kernel(self, kernel: QuantKernel) -> Self {
+        assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
+        match (kernel.isa(), kernel.act_bits()) {
+            (Some(isa), Some(32)) => Self { isa, ..self },
+            (Some(_), Some(bits)) => self.interleaved(bits),
+            _ => panic!("for_kernel: {} has no Q8_0 layer", kernel.name()),
         }
     }
 
@@ -558,7 +656,7 @@ impl Q80Linear {
                 if self.act_bits < 32 {
                     crate::shim::x16_mm(x, &self.x16(), y)
                 } else {
-                    crate::shim::q8_0_mm(x, &self.qs, &self.d, y)
+                    crate::shim::q8_0_mm(self.isa, x, &self.qs, &self.d, y)
                 }
             },
         )
@@ -575,11 +673,11 @@ impl Q80Linear {
     }
 }
 
-/// `x (..., in) · Wᵀ` for a dense f32 `W (out, in)` by llmlab's AVX-512 kernel when it applies
-/// (at most [`GEMM_ROWS`] rows, f32 CPU tensors, `in` a multiple of 16, AVX-512): decoding's
+/// `x (..., in) · Wᵀ` for a dense f32 `W (out, in)` by llmlab's kernel of `isa` when it applies
+/// (at most [`GEMM_ROWS`] rows, f32 CPU tensors, `in` a multiple of 16, the CPU has `isa`): decoding's
 /// output head, where libtorch's matrix-vector product reads the 113 MB SmolLM2 head at about
 /// 10 GB/s. `None` when it does not apply (use libtorch). No autograd: inference only.
-pub fn f32_decode_matmul(x: &Tensor, w: &Tensor) -> Option<Tensor> {
+pub fn f32_decode_matmul(x: &Tensor, w: &Tensor, isa: Isa) -> Option<Tensor> {
     let (n, k) = w.size2().ok()?;
     let rows = x.numel() as i64 / k.max(1);
     let applies = rows <= GEMM_ROWS
@@ -589,7 +687,7 @@ pub fn f32_decode_matmul(x: &Tensor, w: &Tensor) -> Option<Tensor> {
         && x.device() == Device::Cpu
         && w.device() == Device::Cpu
         && w.is_contiguous()
-        && QuantKernel::avx512_available();
+        && QuantKernel::isa_available(isa);
     if !applies {
         return None;
     }
@@ -597,6 +695,6 @@ pub fn f32_decode_matmul(x: &Tensor, w: &Tensor) -> Option<Tensor> {
         x,
         (k, n),
         || w.shallow_clone(),
-        |x, y| crate::shim::f32_mm(x, w, y),
+        |x, y| crate::shim::f32_mm(isa, x, w, y),
     ))
 }

@@ -116,6 +116,17 @@ void parallel_chunks(int64_t n, int64_t chunk, const F &f) {
   });
 }
 
+// The instruction sets the f32-activation kernels come in, as tags that pick an overload:
+// every kernel below has an AVX-512 form and an AVX2 form (AVX2, FMA, F16C: the x86-64 CPUs
+// of the last decade without AVX-512, where llama.cpp runs its AVX2 code), and the code that
+// calls them (ranges of rows, the fused decode step) is a template over the tag.
+struct Avx512 {
+  static constexpr int code = 0;
+};
+struct Avx2 {
+  static constexpr int code = 1;
+};
+
 #if defined(__x86_64__)
 #define LLMLAB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,f16c,fma")))
 
@@ -123,7 +134,7 @@ void parallel_chunks(int64_t n, int64_t chunk, const F &f) {
 // Two accumulators per activation row (the two halves of a block) keep the FMA chains short;
 // with one activation row, two blocks per step give four.
 template <int R>
-LLMLAB_AVX512 inline void q41_row(const float *x, int64_t ldx, const uint8_t *qs,
+LLMLAB_AVX512 inline void q41_row(Avx512, const float *x, int64_t ldx, const uint8_t *qs,
                                   const uint16_t *d, const uint16_t *m, int64_t nb, float *y,
                                   int64_t ldy) {
   const __m128i low = _mm_set1_epi8(0x0F);
@@ -188,7 +199,7 @@ LLMLAB_AVX512 inline void q80_block(const float *x, int64_t ldx, const int8_t *q
 }
 
 template <int R>
-LLMLAB_AVX512 inline void q80_row(const float *x, int64_t ldx, const int8_t *qs,
+LLMLAB_AVX512 inline void q80_row(Avx512, const float *x, int64_t ldx, const int8_t *qs,
                                   const uint16_t *d, int64_t nb, float *y, int64_t ldy) {
   constexpr int U = R == 1 ? 2 : 1;  // blocks per step (independent accumulators)
   __m512 acc[R][U];
@@ -206,7 +217,7 @@ LLMLAB_AVX512 inline void q80_row(const float *x, int64_t ldx, const int8_t *qs,
 }
 
 // Blocks [begin, end) of a Q4_1 weight, dequantized into w (32 floats a block).
-LLMLAB_AVX512 void q41_dequant_blocks(const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+LLMLAB_AVX512 void q41_dequant_blocks(Avx512, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
                                       int64_t begin, int64_t end, float *w) {
   const __m128i low = _mm_set1_epi8(0x0F);
   for (int64_t i = begin; i < end; ++i) {
@@ -259,35 +270,39 @@ struct Q41 {
 };
 
 // Output rows [begin, end) of y (rows, w.n) = x (rows, k) · Wᵀ.
+template <class I>
 void q41_range(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp, int64_t begin,
                int64_t end) {
   const int64_t nb = k / QK, n = w.n;
   for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
-    q41_row<decltype(R)::value>(xp + r * k, k, w.qs + j * (k / 2), w.d + j * nb, w.m + j * nb,
+    q41_row<decltype(R)::value>(I{}, xp + r * k, k, w.qs + j * (k / 2), w.d + j * nb, w.m + j * nb,
                                 nb, yp + r * n + j, n);
   });
 }
 
 // y (rows, w.n) = x (rows, k) · Wᵀ, output rows split over the thread pool.
+template <class I>
 void q41_mm(const float *xp, int64_t rows, int64_t k, const Q41 &w, float *yp) {
-  at::parallel_for(0, w.n, GRAIN,
-                   [&](int64_t begin, int64_t end) { q41_range(xp, rows, k, w, yp, begin, end); });
+  at::parallel_for(0, w.n, GRAIN, [&](int64_t begin, int64_t end) {
+    q41_range<I>(xp, rows, k, w, yp, begin, end);
+  });
 }
 
 // y (rows, n) = x (rows, k) · Wᵀ with W in Q8_0 blocks (qs (n, k), d (n, k/32)).
+template <class I>
 void q80_mm(const float *xp, int64_t rows, int64_t k, const int8_t *qs, const uint16_t *d,
             int64_t n, float *yp) {
   const int64_t nb = k / QK;
   at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
     for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
-      q80_row<decltype(R)::value>(xp + r * k, k, qs + j * k, d + j * nb, nb, yp + r * n + j, n);
+      q80_row<decltype(R)::value>(I{}, xp + r * k, k, qs + j * k, d + j * nb, nb, yp + r * n + j, n);
     });
   });
 }
 
 // One f32 weight row (`k` floats, k a multiple of 16) against R activation rows.
 template <int R>
-LLMLAB_AVX512 inline void f32_row(const float *x, int64_t ldx, const float *w, int64_t k, float *y,
+LLMLAB_AVX512 inline void f32_row(Avx512, const float *x, int64_t ldx, const float *w, int64_t k, float *y,
                                   int64_t ldy) {
   constexpr int U = R == 1 ? 2 : 1;  // independent accumulators per activation row
   __m512 acc[R][U];
@@ -313,17 +328,19 @@ LLMLAB_AVX512 inline void f32_row(const float *x, int64_t ldx, const float *w, i
 }
 
 // Output rows [begin, end) of y (rows, n) = x (rows, k) · Wᵀ, W dense f32 (n, k).
+template <class I>
 void f32_range(const float *xp, int64_t rows, int64_t k, const float *w, int64_t n, float *yp,
                int64_t begin, int64_t end) {
   for_row_groups(rows, begin, end, [&](int64_t j, int64_t r, auto R) {
-    f32_row<decltype(R)::value>(xp + r * k, k, w + j * k, k, yp + r * n + j, n);
+    f32_row<decltype(R)::value>(I{}, xp + r * k, k, w + j * k, k, yp + r * n + j, n);
   });
 }
 
 // y (rows, n) = x (rows, k) · Wᵀ with a dense f32 W (n, k), k a multiple of 16.
+template <class I>
 void f32_mm(const float *xp, int64_t rows, int64_t k, const float *w, int64_t n, float *yp) {
   at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-    f32_range(xp, rows, k, w, n, yp, begin, end);
+    f32_range<I>(xp, rows, k, w, n, yp, begin, end);
   });
 }
 
@@ -567,6 +584,7 @@ struct Mat {
 // A decoding step's product y (rows, w.n) = x (rows, k) · Wᵀ as items for its phase's threads
 // (`Phases`): output rows in chunks of GRAIN, or groups of 16 rows for the x16 layouts. The x16
 // kernels read `qa`, x quantized beforehand.
+template <class I>
 struct MatJob {
   const Mat &w;
   const float *x;
@@ -583,16 +601,16 @@ struct MatJob {
   int64_t items() const { return ((w.x16_act ? w.n / 16 : w.n) + chunk() - 1) / chunk(); }
   void run(int64_t item) const {
     const int64_t begin = item * chunk();
-    if (w.x16_act) {
+    if (w.x16_act) {  // AVX-512 VNNI only (the step's caller checks)
       const int64_t end = std::min(w.n / 16, begin + chunk());
       if (w.x16_act == 8)
         x16_groups<4, 8>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
       else
         x16_groups<4, 16>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
     } else if (w.dense) {
-      f32_range(x, rows, k, w.f, w.n, y, begin, std::min(w.n, begin + chunk()));
+      f32_range<I>(x, rows, k, w.f, w.n, y, begin, std::min(w.n, begin + chunk()));
     } else {
-      q41_range(x, rows, k, Q41{w.qs, w.d, w.m, w.n}, y, begin, std::min(w.n, begin + chunk()));
+      q41_range<I>(x, rows, k, Q41{w.qs, w.d, w.m, w.n}, y, begin, std::min(w.n, begin + chunk()));
     }
   }
 };
@@ -633,7 +651,7 @@ class Phases {
 };
 
 // out (rows, d) = x · rsqrt(mean(x²) + eps) · w, as libtorch's rms_norm in f32.
-LLMLAB_AVX512 void rms_norm_rows(const float *x, int64_t rows, int64_t d, const float *w,
+LLMLAB_AVX512 void rms_norm_rows(Avx512, const float *x, int64_t rows, int64_t d, const float *w,
                                  double eps, float *out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * d;
@@ -652,7 +670,7 @@ LLMLAB_AVX512 void rms_norm_rows(const float *x, int64_t rows, int64_t d, const 
 
 // a · b over n floats, and y += alpha · x: the attention's inner loops (the compiler does not
 // vectorize a float sum without reassociating it).
-LLMLAB_AVX512 float dot_f32(const float *a, const float *b, int64_t n) {
+LLMLAB_AVX512 float dot_f32(Avx512, const float *a, const float *b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -662,7 +680,7 @@ LLMLAB_AVX512 float dot_f32(const float *a, const float *b, int64_t n) {
   return s;
 }
 
-LLMLAB_AVX512 void axpy_f32(float alpha, const float *x, float *y, int64_t n) {
+LLMLAB_AVX512 void axpy_f32(Avx512, float alpha, const float *x, float *y, int64_t n) {
   const __m512 av = _mm512_set1_ps(alpha);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16)
@@ -812,7 +830,7 @@ void attend_heads(const float *q, int64_t nq, const KV *keys, const KV *vals, in
 }
 
 // out = silu(g) · u = g / (1 + e^-g) · u over n floats.
-LLMLAB_AVX512 void silu_mul(const float *g, const float *u, int64_t n, float *out) {
+LLMLAB_AVX512 void silu_mul(Avx512, const float *g, const float *u, int64_t n, float *out) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
     const __m512 gv = _mm512_maskz_loadu_ps(k, g + i);
@@ -828,7 +846,7 @@ LLMLAB_AVX512 void silu_mul(const float *g, const float *u, int64_t n, float *ou
 bool attend_fits(int64_t hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 128; }
 
 template <class KV>
-void attend_any(int64_t hd, const float *q, int64_t nq, const KV *keys, const KV *vals,
+void attend_any(Avx512, int64_t hd, const float *q, int64_t nq, const KV *keys, const KV *vals,
                 int64_t n, float scale, float *out, float *sc) {
   switch (hd) {
     case 16: attend_heads<1>(q, nq, keys, vals, n, scale, out, sc); break;
@@ -839,11 +857,274 @@ void attend_any(int64_t hd, const float *q, int64_t nq, const KV *keys, const KV
 }
 
 // n floats into f16 bits (round to nearest even), n a multiple of 16.
-LLMLAB_AVX512 void to_half(const float *x, int64_t n, uint16_t *out) {
+LLMLAB_AVX512 void to_half(Avx512, const float *x, int64_t n, uint16_t *out) {
   for (int64_t i = 0; i < n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + i),
                         _mm512_cvtps_ph(_mm512_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
 }
+
+// ---- The same kernels in AVX2 (8 floats a vector; no masks: scalar tails) ----
+#define LLMLAB_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+LLMLAB_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+LLMLAB_AVX2 inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// 8 bytes at p (unsigned or signed) as floats.
+LLMLAB_AVX2 inline __m256 u8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+LLMLAB_AVX2 inline __m256 s8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+// A Q4_1 block's 32 weights as 4 vectors: w[0], w[1] the low nibbles (weights 0..15), w[2],
+// w[3] the high ones (16..31).
+LLMLAB_AVX2 inline void q41_weights(const uint8_t *qs, uint16_t d, uint16_t m, __m256 (&w)[4]) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs));
+  const __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+  const __m256 dv = _mm256_set1_ps(_cvtsh_ss(d)), mv = _mm256_set1_ps(_cvtsh_ss(m));
+  w[0] = _mm256_fmadd_ps(u8_ps(lo), dv, mv);
+  w[1] = _mm256_fmadd_ps(u8_ps(_mm_unpackhi_epi64(lo, lo)), dv, mv);
+  w[2] = _mm256_fmadd_ps(u8_ps(hi), dv, mv);
+  w[3] = _mm256_fmadd_ps(u8_ps(_mm_unpackhi_epi64(hi, hi)), dv, mv);
+}
+
+// As the AVX-512 q41_row: one weight row against R activation rows, U accumulators a row
+// (16 registers: 4 for one row, 2 for two, 1 from three on).
+template <int R>
+LLMLAB_AVX2 inline void q41_row(Avx2, const float *x, int64_t ldx, const uint8_t *qs,
+                                const uint16_t *d, const uint16_t *m, int64_t nb, float *y,
+                                int64_t ldy) {
+  constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+  __m256 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256 w[4];
+    q41_weights(qs + b * 16, d[b], m[b], w);
+    for (int r = 0; r < R; ++r) {
+      const float *xr = x + r * ldx + b * QK;
+      for (int i = 0; i < 4; ++i)
+        acc[r][i % U] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % U]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
+    y[r * ldy] = hsum(s);
+  }
+}
+
+template <int R>
+LLMLAB_AVX2 inline void q80_row(Avx2, const float *x, int64_t ldx, const int8_t *qs,
+                                const uint16_t *d, int64_t nb, float *y, int64_t ldy) {
+  constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+  __m256 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + b * QK));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + b * QK + 16));
+    const __m256 dv = _mm256_set1_ps(_cvtsh_ss(d[b]));
+    const __m256 w[4] = {_mm256_mul_ps(s8_ps(a), dv),
+                         _mm256_mul_ps(s8_ps(_mm_unpackhi_epi64(a, a)), dv),
+                         _mm256_mul_ps(s8_ps(c), dv),
+                         _mm256_mul_ps(s8_ps(_mm_unpackhi_epi64(c, c)), dv)};
+    for (int r = 0; r < R; ++r) {
+      const float *xr = x + r * ldx + b * QK;
+      for (int i = 0; i < 4; ++i)
+        acc[r][i % U] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % U]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
+    y[r * ldy] = hsum(s);
+  }
+}
+
+LLMLAB_AVX2 void q41_dequant_blocks(Avx2, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
+                                    int64_t begin, int64_t end, float *w) {
+  for (int64_t i = begin; i < end; ++i) {
+    __m256 v[4];
+    q41_weights(qs + i * 16, d[i], m[i], v);
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(w + i * QK + 8 * j, v[j]);
+  }
+}
+
+// One f32 weight row (k a multiple of 16) against R activation rows.
+template <int R>
+LLMLAB_AVX2 inline void f32_row(Avx2, const float *x, int64_t ldx, const float *w, int64_t k,
+                                float *y, int64_t ldy) {
+  constexpr int U = R == 1 ? 4 : R == 2 ? 2 : 1;
+  __m256 acc[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < U; ++u) acc[r][u] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 * U <= k; i += 8 * U)
+    for (int u = 0; u < U; ++u) {
+      const __m256 wv = _mm256_loadu_ps(w + i + 8 * u);
+      for (int r = 0; r < R; ++r)
+        acc[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i + 8 * u), acc[r][u]);
+    }
+  for (; i < k; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i);
+    for (int r = 0; r < R; ++r)
+      acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i), acc[r][0]);
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
+    y[r * ldy] = hsum(s);
+  }
+}
+
+LLMLAB_AVX2 float dot_f32(Avx2, const float *a, const float *b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  float s = hsum(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+LLMLAB_AVX2 void axpy_f32(Avx2, float alpha, const float *x, float *y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+LLMLAB_AVX2 void rms_norm_rows(Avx2, const float *x, int64_t rows, int64_t d, const float *w,
+                               double eps, float *out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * d;
+    const float ss = dot_f32(Avx2{}, xr, xr, d);
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = xr[i] * inv * w[i];
+  }
+}
+
+// e^x as the AVX-512 exp_ps, 2^n put into the exponent bits (x clamped to [-87.3, 88.3], where
+// n stays within the normal exponents).
+LLMLAB_AVX2 inline __m256 exp_ps(Avx2, __m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y =
+      _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+LLMLAB_AVX2 void silu_mul(Avx2, const float *g, const float *u, int64_t n, float *out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 e = exp_ps(Avx2{}, _mm256_sub_ps(_mm256_setzero_ps(), gv));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                            _mm256_loadu_ps(u + i)));
+  }
+  for (; i < n; ++i) out[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
+// n floats into f16 bits (round to nearest even), n a multiple of 8.
+LLMLAB_AVX2 void to_half(Avx2, const float *x, int64_t n, uint16_t *out) {
+  for (int64_t i = 0; i < n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(out + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
+// 8 cached floats from an f32 cache or an f16 one.
+LLMLAB_AVX2 inline __m256 load8(const float *p) { return _mm256_loadu_ps(p); }
+LLMLAB_AVX2 inline __m256 load8(const uint16_t *p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+}
+
+// `nq` query heads `q (nq, hd)` sharing one key/value head attend over its `n` cached keys and
+// values (f32 or f16; hd a multiple of 16, at most 128): out (nq, hd) = softmax(q·kᵀ·scale)·v.
+// Each key and value is read once for the heads; `sc` holds nq·n floats.
+template <class KV>
+LLMLAB_AVX2 void attend_any(Avx2, int64_t hd, const float *q, int64_t nq, const KV *keys,
+                            const KV *vals, int64_t n, float scale, float *out, float *sc) {
+  const int64_t c = hd / 8;
+  for (int64_t t = 0; t < n; ++t) {
+    __m256 kv[16];
+    for (int64_t i = 0; i < c; ++i) kv[i] = load8(keys + t * hd + 8 * i);
+    for (int64_t h = 0; h < nq; ++h) {
+      __m256 acc = _mm256_mul_ps(kv[0], _mm256_loadu_ps(q + h * hd));
+      for (int64_t i = 1; i < c; ++i)
+        acc = _mm256_fmadd_ps(kv[i], _mm256_loadu_ps(q + h * hd + 8 * i), acc);
+      sc[h * n + t] = hsum(acc) * scale;
+    }
+  }
+  for (int64_t h = 0; h < nq; ++h) {
+    float *s = sc + h * n;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
+    float mx = hmax(mv);
+    for (; t < n; ++t) mx = std::max(mx, s[t]);
+    __m256 sum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= n; t += 8) {
+      const __m256 e = exp_ps(Avx2{}, _mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(s + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum(sum);
+    for (; t < n; ++t) total += (s[t] = std::exp(s[t] - mx));
+    const float inv = 1.f / total;
+    for (t = 0; t < n; ++t) s[t] *= inv;
+    std::fill(out + h * hd, out + (h + 1) * hd, 0.f);
+  }
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < c; ++i) {
+      const __m256 v = load8(vals + t * hd + 8 * i);
+      for (int64_t h = 0; h < nq; ++h) {
+        float *o = out + h * hd + 8 * i;
+        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(sc[h * n + t]), v, _mm256_loadu_ps(o)));
+      }
+    }
+}
+
+// Whether this CPU runs the kernels of `isa` (Avx512::code or Avx2::code): checked at every
+// entry, so that a wrong choice is an error rather than an illegal instruction.
+bool isa_runs(int isa) {
+  __builtin_cpu_init();
+  if (isa == Avx512::code)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+  return isa == Avx2::code && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+void expect_isa(int isa) {
+  EXPECT(isa == Avx512::code || isa == Avx2::code,
+         "isa must be 0 (AVX-512) or 1 (AVX2), got " + std::to_string(isa));
+  EXPECT(isa_runs(isa), std::string("this CPU lacks ") +
+                            (isa == Avx512::code ? "AVX-512 F/BW/VL/DQ" : "AVX2, FMA or F16C"));
+}
+
 #endif
 
 }  // namespace
@@ -873,47 +1154,56 @@ char *llmlab_vnni_peak(int64_t reps, double *out) {
   })
 }
 
-// y (b, n) = x (b, k) · Wᵀ with W in Q4_1 blocks: qs (n, k/2) uint8, d and m (n, k/32) f16.
-char *llmlab_q4_1_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
+// y (b, n) = x (b, k) · Wᵀ with W in Q4_1 blocks: qs (n, k/2) uint8, d and m (n, k/32) f16,
+// by the kernels of `isa` (`isa_runs`).
+char *llmlab_q4_1_mm(int isa, const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
                      const at::Tensor *m_, at::Tensor *y_) {
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
+    expect_isa(isa);
     const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &m = *m_, &y = *y_;
     EXPECT(qs.dim() == 2, "qs must be 2-d (out, in / 2)");
     const int64_t n = qs.size(0);
     const Shapes s = check_common(x, d, y, n);
     expect_tensor(qs, at::kByte, n, s.k / 2, "qs");
     expect_tensor(m, at::kHalf, n, s.nb, "m");
-    q41_mm(x.data_ptr<float>(), s.b, s.k, Q41{qs.data_ptr<uint8_t>(), half_bits(d), half_bits(m), n},
-           y.data_ptr<float>());
+    const Q41 w{qs.data_ptr<uint8_t>(), half_bits(d), half_bits(m), n};
+    if (isa == Avx512::code)
+      q41_mm<Avx512>(x.data_ptr<float>(), s.b, s.k, w, y.data_ptr<float>());
+    else
+      q41_mm<Avx2>(x.data_ptr<float>(), s.b, s.k, w, y.data_ptr<float>());
 #else
     throw std::runtime_error("llmlab q4 kernel: built without the x86-64 AVX-512 kernels");
 #endif
   })
 }
 
-// y (b, n) = x (b, k) · Wᵀ with W in Q8_0 blocks: qs (n, k) int8, d (n, k/32) f16.
-char *llmlab_q8_0_mm(const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
+// y (b, n) = x (b, k) · Wᵀ with W in Q8_0 blocks: qs (n, k) int8, d (n, k/32) f16 (`isa` as
+// above).
+char *llmlab_q8_0_mm(int isa, const at::Tensor *x_, const at::Tensor *qs_, const at::Tensor *d_,
                      at::Tensor *y_) {
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
+    expect_isa(isa);
     const at::Tensor &x = *x_, &qs = *qs_, &d = *d_, &y = *y_;
     EXPECT(qs.dim() == 2, "qs must be 2-d (out, in)");
     const int64_t n = qs.size(0);
     const Shapes s = check_common(x, d, y, n);
     expect_tensor(qs, at::kChar, n, s.k, "qs");
-    q80_mm(x.data_ptr<float>(), s.b, s.k, qs.data_ptr<int8_t>(), half_bits(d), n,
-           y.data_ptr<float>());
+    const auto mm = isa == Avx512::code ? q80_mm<Avx512> : q80_mm<Avx2>;
+    mm(x.data_ptr<float>(), s.b, s.k, qs.data_ptr<int8_t>(), half_bits(d), n, y.data_ptr<float>());
 #else
     throw std::runtime_error("llmlab q8 kernel: built without the x86-64 AVX-512 kernels");
 #endif
   })
 }
 
-// y (b, n) = x (b, k) · Wᵀ with a dense f32 W (n, k), k a multiple of 16 (decoding's head).
-char *llmlab_f32_mm(const at::Tensor *x_, const at::Tensor *w_, at::Tensor *y_) {
+// y (b, n) = x (b, k) · Wᵀ with a dense f32 W (n, k), k a multiple of 16 (decoding's head;
+// `isa` as above).
+char *llmlab_f32_mm(int isa, const at::Tensor *x_, const at::Tensor *w_, at::Tensor *y_) {
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
+    expect_isa(isa);
     const at::Tensor &x = *x_, &w = *w_, &y = *y_;
     EXPECT(x.dim() == 2 && w.dim() == 2, "x and w must be 2-d");
     const int64_t b = x.size(0), k = x.size(1), n = w.size(0);
@@ -921,15 +1211,16 @@ char *llmlab_f32_mm(const at::Tensor *x_, const at::Tensor *w_, at::Tensor *y_) 
     expect_tensor(x, at::kFloat, b, k, "x");
     expect_tensor(w, at::kFloat, n, k, "w");
     expect_tensor(y, at::kFloat, b, n, "y");
-    f32_mm(x.data_ptr<float>(), b, k, w.data_ptr<float>(), n, y.data_ptr<float>());
+    const auto mm = isa == Avx512::code ? f32_mm<Avx512> : f32_mm<Avx2>;
+    mm(x.data_ptr<float>(), b, k, w.data_ptr<float>(), n, y.data_ptr<float>());
 #else
     throw std::runtime_error("llmlab f32 kernel: built without the x86-64 AVX-512 kernels");
 #endif
   })
 }
 
-// w (n, k) f32 = the Q4_1 weight (qs, d, m), for prompts' GEMMs. Plain C++.
-char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at::Tensor *m_,
+// w (n, k) f32 = the Q4_1 weight (qs, d, m), for prompts' GEMMs, by the kernels of `isa`.
+char *llmlab_q4_1_dequant(int isa, const at::Tensor *qs_, const at::Tensor *d_, const at::Tensor *m_,
                           at::Tensor *w_) {
   LLMLAB_PROTECT({
     const at::Tensor &qs = *qs_, &d = *d_, &m = *m_, &w = *w_;
@@ -943,9 +1234,15 @@ char *llmlab_q4_1_dequant(const at::Tensor *qs_, const at::Tensor *d_, const at:
     const uint8_t *qp = qs.data_ptr<uint8_t>();
     const uint16_t *dp = half_bits(d), *mp = half_bits(m);
     float *wp = w.data_ptr<float>();
+#if defined(__x86_64__)
+    expect_isa(isa);
+#endif
     at::parallel_for(0, n * nb, 256, [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__)
-      q41_dequant_blocks(qp, dp, mp, begin, end, wp);
+      if (isa == Avx512::code)
+        q41_dequant_blocks(Avx512{}, qp, dp, mp, begin, end, wp);
+      else
+        q41_dequant_blocks(Avx2{}, qp, dp, mp, begin, end, wp);
 #else
       for (int64_t i = begin; i < end; ++i) {
         const float dd = half_bits_to_float(dp[i]), mm = half_bits_to_float(mp[i]);
@@ -1125,9 +1422,10 @@ extern "C" {
 // Q4_1x16 blocks (qs16, d16, m16) with 16- and 8-bit activations. `kc`, `vc` hold a block's
 // caches each, `(rows >= b, kv, capacity, hd)` f32, or f16 (half the bytes a step reads; head
 // sizes 16, 32, 64 and 128), all alike; `pos (b)` int64 (each < capacity); `cos`, `sin`
-// `(positions, hd)` f32. The whole step is one parallel region (`Phases`).
+// `(positions, hd)` f32. The whole step is one parallel region (`Phases`). `isa` picks the
+// kernels (`isa_runs`); the x16 layouts need AVX-512 VNNI (the caller's check).
 char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_blocks,
-                          int layout, at::Tensor *const *kc_, at::Tensor *const *vc_,
+                          int isa, int layout, at::Tensor *const *kc_, at::Tensor *const *vc_,
                           const at::Tensor *pos_, const at::Tensor *cos_, const at::Tensor *sin_,
                           int64_t n_heads, int64_t n_kv, double eps) {
   LLMLAB_PROTECT({
@@ -1135,6 +1433,8 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
     at::Tensor &x = *x_;
     const at::Tensor &pos = *pos_, &cos = *cos_, &sin = *sin_;
     EXPECT(layout >= 0 && layout <= 3, "layout must be 0..3, got " + std::to_string(layout));
+    expect_isa(isa);
+    EXPECT(isa == Avx512::code || layout < 2, "the x16 layouts need the AVX-512 kernels");
     EXPECT(n_blocks > 0, "no blocks");
     EXPECT(x.dim() == 2, "x must be 2-d (rows, emb)");
     const int64_t b = x.size(0), d = x.size(1);
@@ -1248,6 +1548,9 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
       for (int64_t i = 0; i < n; ++i) to[i] += from[i];
     };
 
+    // The rest with the kernels of the instruction set `I`.
+    auto step = [&](auto isa_tag) {
+    using I = decltype(isa_tag);
     // Row r's RoPE, and its keys and values into the block's caches.
     auto rope_and_cache = [&](const Block &B, int64_t r) {
       float *row = qkv + r * nqkv;
@@ -1256,8 +1559,8 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
       for (int64_t j = 0; j < n_kv; ++j) {
         const int64_t at_pos = r * kv_row + (j * cap + p[r]) * hd;
         if (half) {
-          to_half(row + dq + j * hd, hd, reinterpret_cast<uint16_t *>(B.kp) + at_pos);
-          to_half(row + dq + dkv + j * hd, hd, reinterpret_cast<uint16_t *>(B.vp) + at_pos);
+          to_half(I{}, row + dq + j * hd, hd, reinterpret_cast<uint16_t *>(B.kp) + at_pos);
+          to_half(I{}, row + dq + dkv + j * hd, hd, reinterpret_cast<uint16_t *>(B.vp) + at_pos);
         } else {
           std::memcpy(reinterpret_cast<float *>(B.kp) + at_pos, row + dq + j * hd,
                       hd * sizeof(float));
@@ -1285,10 +1588,10 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
         const float *q = qkv + r * nqkv + i * hd;
         float *out = ctx + r * dq + i * hd;
         if (half)
-          attend_any(hd, q, per_task, reinterpret_cast<const uint16_t *>(B.kp + at),
+          attend_any(I{}, hd, q, per_task, reinterpret_cast<const uint16_t *>(B.kp + at),
                      reinterpret_cast<const uint16_t *>(B.vp + at), n_keys, scale, out, sc.data());
         else
-          attend_any(hd, q, per_task, reinterpret_cast<const float *>(B.kp + at),
+          attend_any(I{}, hd, q, per_task, reinterpret_cast<const float *>(B.kp + at),
                      reinterpret_cast<const float *>(B.vp + at), n_keys, scale, out, sc.data());
         return;
       }
@@ -1299,7 +1602,7 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
       if (static_cast<int64_t>(sc.size()) < n_keys) sc.resize(n_keys);
       float mx = -INFINITY;
       for (int64_t t2 = 0; t2 < n_keys; ++t2) {
-        sc[t2] = dot_f32(q, keys + t2 * hd, hd) * scale;
+        sc[t2] = dot_f32(I{}, q, keys + t2 * hd, hd) * scale;
         mx = std::max(mx, sc[t2]);
       }
       float sum = 0.f;
@@ -1309,7 +1612,7 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
       }
       float *out = ctx + r * dq + i * hd;
       std::fill(out, out + hd, 0.f);
-      for (int64_t t2 = 0; t2 < n_keys; ++t2) axpy_f32(sc[t2] / sum, vals + t2 * hd, out, hd);
+      for (int64_t t2 = 0; t2 < n_keys; ++t2) axpy_f32(I{}, sc[t2] / sum, vals + t2 * hd, out, hd);
     };
 
     // Ten phases a block, each waiting for the one before; the residual of a block's down
@@ -1325,14 +1628,14 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
         });
       };
       auto product = [&](const Mat &m, const float *in, int64_t k, float *out) {
-        const MatJob job{m, in, qa, b, k, out, threads};
+        const MatJob<I> job{m, in, qa, b, k, out, threads};
         phases.run(ph++, job.items(), [&](int64_t i) { job.run(i); });
       };
       for (int64_t l = 0; l < n_blocks; ++l) {
         const Block &B = blocks[l];
         each_row([&](int64_t r) {
           if (l > 0) add(y + r * d, d, xp + r * d);
-          rms_norm_rows(xp + r * d, 1, d, B.n1, eps, h + r * d);
+          rms_norm_rows(I{}, xp + r * d, 1, d, B.n1, eps, h + r * d);
           quantize(h + r * d, r, d);
         });
         product(B.qkv, h, d, qkv);
@@ -1342,19 +1645,24 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
         product(B.out, ctx, dq, y);
         each_row([&](int64_t r) {
           add(y + r * d, d, xp + r * d);
-          rms_norm_rows(xp + r * d, 1, d, B.n2, eps, h + r * d);
+          rms_norm_rows(I{}, xp + r * d, 1, d, B.n2, eps, h + r * d);
           quantize(h + r * d, r, d);
         });
         product(B.gu, h, d, gu);
         each_row([&](int64_t r) {
           const float *g = gu + r * 2 * hidden;
-          silu_mul(g, g + hidden, hidden, h + r * hidden);
+          silu_mul(I{}, g, g + hidden, hidden, h + r * hidden);
           quantize(h + r * hidden, r, hidden);
         });
         product(B.down, h, hidden, y);
       }
       each_row([&](int64_t r) { add(y + r * d, d, xp + r * d); });
     });
+    };
+    if (isa == Avx512::code)
+      step(Avx512{});
+    else
+      step(Avx2{});
 #else
     throw std::runtime_error("llmlab q4 kernel: built without the x86-64 AVX-512 kernels");
 #endif

@@ -241,26 +241,44 @@ fn kernel_shapes(k: i64) -> Vec<Vec<i64>> {
     ]
 }
 
-/// The AVX-512 Q4_1 and Q8_0 kernels on a random matrix (a constant block, an offset block):
-/// their dequantization is `quantize_q4`'s (scales and minima rounded to f16, as GGUF stores
-/// them) and Q8_0's `q·d`, and `forward` equals `x @ dequant(W)ᵀ` in f32 within
-/// [`KERNEL_REL_TOL`] for every row count. Skipped (with a note) on a CPU without AVX-512,
-/// where `QuantKernel::select` gives `torch`.
+/// The kernels with f32 activations this CPU runs, AVX-512 and AVX2 (an AVX-512 CPU runs both).
+fn f32_kernels() -> Vec<QuantKernel> {
+    [QuantKernel::Avx512, QuantKernel::Avx2]
+        .into_iter()
+        .filter(|k| k.available())
+        .collect()
+}
+
+/// The AVX-512 and AVX2 Q4_1 and Q8_0 kernels on a random matrix (a constant block, an offset
+/// block): their dequantization is `quantize_q4`'s (scales and minima rounded to f16, as GGUF
+/// stores them) and Q8_0's `q·d`, and `forward` equals `x @ dequant(W)ᵀ` in f32 within
+/// [`KERNEL_REL_TOL`] for every row count. Skipped (with a note) on a CPU with neither, where
+/// `QuantKernel::select` gives `torch`.
 #[test]
 fn q4_1_and_q8_0_kernels_match_dequantized_matmul() -> Result<()> {
-    if !QuantKernel::avx512_available() {
-        eprintln!("skipped: this CPU has no AVX-512 (the torch kernel is the fallback)");
+    if f32_kernels().is_empty() {
+        eprintln!(
+            "skipped: this CPU has neither AVX-512 nor AVX2 (the torch kernel is the fallback)"
+        );
         assert_eq!(QuantKernel::select()?, QuantKernel::Torch);
         return Ok(());
     }
+    for kernel in f32_kernels() {
+        q4_1_and_q8_0_kernel_match(kernel)?;
+    }
+    Ok(())
+}
+
+fn q4_1_and_q8_0_kernel_match(kernel: QuantKernel) -> Result<()> {
     tch::manual_seed(0);
     let (n, k) = (100, 256);
     let w = Tensor::randn([n, k], (Kind::Float, Device::Cpu)) * 0.05;
     let _ = w.narrow(0, 3, 1).narrow(1, 0, 32).fill_(0.25);
     let _ = w.narrow(0, 4, 1).narrow(1, 32, 32).g_add_scalar_(1.0);
-    let q4 = Q41Linear::quantize(&w);
-    let q8 = Q80Linear::quantize(&w);
+    let q4 = Q41Linear::quantize(&w).for_kernel(kernel);
+    let q8 = Q80Linear::quantize(&w).for_kernel(kernel);
     assert_eq!((q4.in_dim, q4.out_dim, q8.in_dim, q8.out_dim), (k, n, k, n));
+    assert_eq!(q4.kernel(), kernel);
     let (q, d, m) = quantize_q4(&w, Q4_GROUP);
     let f16 = |t: &Tensor| t.to_kind(Kind::Half).to_kind(Kind::Float);
     let want_q4 = dequantize_q4(&q, &f16(&d), &f16(&m), Q4_GROUP);
@@ -284,8 +302,9 @@ fn q4_1_and_q8_0_kernels_match_dequantized_matmul() -> Result<()> {
             let want = x.matmul(&deq.tr());
             assert_eq!(y.size(), want.size());
             let rel = rel_max_diff(&y, &want);
-            eprintln!("{name} kernel {shape:?}: max abs diff / max |y| = {rel:.2e}");
-            assert!(rel < KERNEL_REL_TOL, "{name} {shape:?}: {rel:e}");
+            let kn = kernel.name();
+            eprintln!("{name} {kn} kernel {shape:?}: max abs diff / max |y| = {rel:.2e}");
+            assert!(rel < KERNEL_REL_TOL, "{name} {kn} {shape:?}: {rel:e}");
         }
     }
     Ok(())
@@ -391,16 +410,16 @@ fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
     Ok(())
 }
 
-/// On SmolLM2's own tensors the kernels hold the file's blocks: the Q4_1 projections and the
-/// Q8_0 token table quantised from their f32 dequantization dequantize back to exactly those
-/// values, and the products equal the f32 matmul with the file's weights within
-/// [`KERNEL_REL_TOL`]; where VNNI runs, the interleaved blocks hold the same values and their
+/// On SmolLM2's own tensors the kernels (AVX-512 and AVX2, each where the CPU has it) hold the
+/// file's blocks: the Q4_1 projections and the Q8_0 token table quantised from their f32
+/// dequantization dequantize back to exactly those values, and the products equal the f32
+/// matmul with the file's weights within [`KERNEL_REL_TOL`]; where VNNI runs, the interleaved blocks hold the same values and their
 /// products equal the quantized-activation arithmetic within [`KERNEL_REL_TOL`] (and f32's
 /// within [`act_rel_tol`]).
 #[test]
 fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
-    if !QuantKernel::avx512_available() {
-        eprintln!("skipped: this CPU has no AVX-512");
+    if f32_kernels().is_empty() {
+        eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
         return Ok(());
     }
     let vnni = QuantKernel::vnni_available();
@@ -418,32 +437,41 @@ fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
         let want = x.matmul(&w.tr());
         // (dequantized, product) of the GGUF layout, and of the x16 layouts where VNNI runs.
         let mut x16 = Vec::new();
-        let gguf = if info.ggml_type == GgmlType::Q8_0 {
-            let l = Q80Linear::quantize(&w);
+        // (kernel, dequantized, product) of the GGUF layout for each f32 kernel.
+        let mut gguf = Vec::new();
+        if info.ggml_type == GgmlType::Q8_0 {
             for bits in [16, 8].into_iter().filter(|_| vnni) {
                 let l = Q80Linear::quantize(&w).interleaved(bits);
                 x16.push((bits, l.dequantize(), l.forward(&x)));
             }
-            (l.dequantize(), l.forward(&x))
+            for kernel in f32_kernels() {
+                let l = Q80Linear::quantize(&w).for_kernel(kernel);
+                gguf.push((kernel, l.dequantize(), l.forward(&x)));
+            }
         } else {
             assert_eq!(info.ggml_type, GgmlType::Q4_1, "{name}");
-            let l = Q41Linear::quantize(&w);
             for bits in [16, 8].into_iter().filter(|_| vnni) {
                 let l = Q41Linear::quantize(&w).interleaved(bits);
                 x16.push((bits, l.dequantize(), l.forward(&x)));
             }
-            (l.dequantize(), l.forward(&x))
-        };
-        assert!(
-            gguf.0.equal(&w),
-            "{name}: the blocks do not give the file's weights back"
-        );
-        let rel = rel_max_diff(&gguf.1, &want);
-        eprintln!(
-            "{name} ({:?}): kernel vs f32 matmul {rel:.2e}",
-            info.ggml_type
-        );
-        assert!(rel < KERNEL_REL_TOL, "{name}: {rel:e}");
+            for kernel in f32_kernels() {
+                let l = Q41Linear::quantize(&w).for_kernel(kernel);
+                gguf.push((kernel, l.dequantize(), l.forward(&x)));
+            }
+        }
+        for (kernel, deq, y) in gguf {
+            let kn = kernel.name();
+            assert!(
+                deq.equal(&w),
+                "{name} ({kn}): the blocks do not give the file's weights back"
+            );
+            let rel = rel_max_diff(&y, &want);
+            eprintln!(
+                "{name} ({:?}): {kn} kernel vs f32 matmul {rel:.2e}",
+                info.ggml_type
+            );
+            assert!(rel < KERNEL_REL_TOL, "{name} ({kn}): {rel:e}");
+        }
         for (bits, deq16, y16) in x16 {
             assert!(deq16.equal(&w), "{name}: the interleaved blocks differ");
             let reference = quantized_activation_product(&x, &w, bits).to_kind(Kind::Float);

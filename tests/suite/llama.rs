@@ -338,35 +338,48 @@ fn smollm2_q4_vnni8_is_close_to_f32() -> Result<()> {
     }
     q4_is_close_to_f32(
         QuantKernel::Vnni8,
-        BlockWeights::Q41 { act_bits: 8 },
+        BlockWeights::Q41 {
+            kernel: QuantKernel::Vnni8,
+        },
         Kind::Float,
         0,
         VNNI8_MIN_FORCED,
     )
 }
 
-/// `--dtype q4` with llmlab's `avx512` kernels (the default on AVX-512 CPUs without VNNI): the file's
-/// own Q4_1 blocks and Q8_0 head in f32 arithmetic, so SmolLM2's logits equal the f32 model's
+/// `--dtype q4` with llmlab's `avx512` and `avx2` kernels (the defaults on AVX-512 CPUs without
+/// VNNI and on AVX2 CPUs; each where this CPU has it): the file's own Q4_1 blocks and Q8_0 head
+/// in f32 arithmetic, so SmolLM2's logits equal the f32 model's
 /// (whose weights are the same blocks dequantized) up to the order of the sums: last-position
 /// logits of every prompt within [`KERNEL_LOGIT_TOL`] of f32 (prompts longer than `GEMM_ROWS`
 /// take the dequantize-and-GEMM path), and greedy 32-token continuations (decoded by the fused
 /// block step) equal f32's token for token except after a recorded near-tie; f32 set up for
 /// inference (the fused step on dense f32 weights, the head by llmlab's f32 kernel) decodes
 /// exactly the tokens of f32 run by libtorch's operators. The kernel choice
-/// follows `LLMLAB_Q4_KERNEL` (`torch` forces the fallback; an unknown value is a usage error).
+/// follows `LLMLAB_Q4_KERNEL` (`torch` forces the fallback; an unknown value, or a kernel this
+/// CPU lacks, is a usage error).
 #[test]
-fn smollm2_q4_avx512_kernels_equal_f32() -> Result<()> {
-    if !QuantKernel::avx512_available() {
+fn smollm2_q4_f32_kernels_equal_f32() -> Result<()> {
+    let kernels = f32_kernels();
+    if kernels.is_empty() {
         eprintln!(
-            "skipped: this CPU has no AVX-512 (smollm2_q4_is_close_to_f32 tests the fallback)"
+            "skipped: this CPU has neither AVX-512 nor AVX2 (smollm2_q4_is_close_to_f32 tests the fallback)"
         );
         return Ok(());
     }
-    q4_kernels_equal_f32(QuantKernel::Avx512, KERNEL_LOGIT_TOL, 1e-3)?;
-    // The override, through the CLI: torch runs the fallback, a bad value is a usage error.
-    let mut overrides = vec![("torch", 0), ("avx512", 0), ("fast", 2)];
-    if QuantKernel::vnni_available() {
-        overrides.extend([("vnni", 0), ("vnni8", 0)]);
+    for kernel in kernels {
+        q4_kernels_equal_f32(kernel, KERNEL_LOGIT_TOL, 1e-3)?;
+    }
+    // The override, through the CLI: torch runs the fallback, a bad value is a usage error, as
+    // is a kernel this CPU lacks.
+    let mut overrides = vec![("torch", 0), ("fast", 2)];
+    for k in [
+        QuantKernel::Avx2,
+        QuantKernel::Avx512,
+        QuantKernel::Vnni,
+        QuantKernel::Vnni8,
+    ] {
+        overrides.push((k.name(), if k.available() { 0 } else { 2 }));
     }
     for (value, code) in overrides {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmlab"))
@@ -424,7 +437,15 @@ const VNNI_LOGIT_TOL: f64 = 0.05;
 /// f32 margins below this are near-ties the 15-bit activations may swap.
 const VNNI_NEAR_TIE: f64 = 0.02;
 
-/// The body of [`smollm2_q4_avx512_kernels_equal_f32`] for `kernel`: last-position logits
+/// The kernels with f32 activations this CPU runs (`avx512`, `avx2`).
+fn f32_kernels() -> Vec<QuantKernel> {
+    [QuantKernel::Avx512, QuantKernel::Avx2]
+        .into_iter()
+        .filter(|k| k.available())
+        .collect()
+}
+
+/// The body of [`smollm2_q4_f32_kernels_equal_f32`] for `kernel`: last-position logits
 /// within `logit_tol` of f32's, greedy continuations equal except where f32's margin between
 /// the two picks is under `tie_tol`.
 fn q4_kernels_equal_f32(kernel: QuantKernel, logit_tol: f64, tie_tol: f64) -> Result<()> {
@@ -438,12 +459,7 @@ fn q4_kernels_equal_f32(kernel: QuantKernel, logit_tol: f64, tie_tol: f64) -> Re
     let (AnyModel::Llama(f32_m), AnyModel::Llama(q4_m)) = (&f32_lm.model, &q4_lm.model) else {
         panic!("SmolLM2 is a Llama model")
     };
-    assert_eq!(
-        q4_m.block_weights(),
-        Some(BlockWeights::Q41 {
-            act_bits: kernel.act_bits().unwrap()
-        })
-    );
+    assert_eq!(q4_m.block_weights(), Some(BlockWeights::Q41 { kernel }));
     assert!(q4_m.fused_decode());
     // The VNNI kernels' instructions a token (the compute bound `bench generate` prints): every
     // projection's and the head's products, 64 to a `vpdpbusd`, twice for 16-bit activations.
@@ -704,12 +720,16 @@ fn chat_cli_answers_and_obeys_commands() -> Result<()> {
 #[test]
 fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
     use llmlab::nn::attention::RowPositions;
-    if !QuantKernel::avx512_available() {
-        eprintln!("skipped: this CPU has no AVX-512 (the fused step's kernels)");
+    if f32_kernels().is_empty() {
+        eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 (the fused step's kernels)");
         return Ok(());
     }
-    // (head size, query heads, key/value heads)
-    for (hd, heads, kv) in [(16, 6, 2), (32, 4, 1), (64, 9, 3), (128, 4, 2), (24, 4, 2)] {
+    // (head size, query heads, key/value heads), with each instruction set this CPU has
+    let shapes = [(16, 6, 2), (32, 4, 1), (64, 9, 3), (128, 4, 2), (24, 4, 2)];
+    for (kernel, (hd, heads, kv)) in f32_kernels()
+        .into_iter()
+        .flat_map(|k| shapes.map(|s| (k, s)))
+    {
         let cfg = tiny_llama(hd, heads, kv, 101);
         let model = |fused: bool| {
             tch::manual_seed(7);
@@ -725,7 +745,7 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
                 }
             });
             if fused {
-                m.prepare_for_inference();
+                m.prepare_for_inference_with(kernel);
             }
             (vs, m)
         };
@@ -740,7 +760,10 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
         }
         let _g = tch::no_grad_guard();
         for b in [1i64, 5] {
-            let what = format!("head size {hd}, {heads}/{kv} heads, batch {b}");
+            let what = format!(
+                "{}: head size {hd}, {heads}/{kv} heads, batch {b}",
+                kernel.name()
+            );
             let prompt = Tensor::randint(101, [b, 37], (Kind::Int64, Device::Cpu));
             let (mut cp, mut cf, mut ch) = (
                 plain.new_cache(b, 64),
@@ -797,23 +820,30 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
 /// waiting threads yield), for every kernel this CPU has, batch 1 and 5.
 #[test]
 fn fused_decode_step_is_the_same_on_any_thread_count() -> Result<()> {
-    if !QuantKernel::avx512_available() {
-        eprintln!("skipped: this CPU has no AVX-512 (the fused step's kernels)");
+    if f32_kernels().is_empty() {
+        eprintln!("skipped: this CPU has neither AVX-512 nor AVX2 (the fused step's kernels)");
         return Ok(());
     }
     let cfg = tiny_llama(64, 9, 3, 128);
-    let kernels: Vec<Option<QuantKernel>> = [None]
+    // (dense f32 weights, kernel): the dense step with each instruction set, then q4.
+    let kernels: Vec<(bool, QuantKernel)> = f32_kernels()
         .into_iter()
+        .map(|k| (true, k))
         .chain(
-            [QuantKernel::Avx512, QuantKernel::Vnni, QuantKernel::Vnni8]
-                .into_iter()
-                .filter(|k| k.available())
-                .map(Some),
+            [
+                QuantKernel::Avx512,
+                QuantKernel::Avx2,
+                QuantKernel::Vnni,
+                QuantKernel::Vnni8,
+            ]
+            .into_iter()
+            .filter(|k| k.available())
+            .map(|k| (false, k)),
         )
         .collect();
     let threads = tch::get_num_threads();
     let _g = tch::no_grad_guard();
-    for kernel in kernels {
+    for (dense, kernel) in kernels {
         for b in [1i64, 5] {
             // Logits of 4 decoding steps after an 8-token prompt (the prompt on one thread).
             let steps = |n_threads: i32| -> Result<Vec<Tensor>> {
@@ -821,9 +851,10 @@ fn fused_decode_step_is_the_same_on_any_thread_count() -> Result<()> {
                 tch::manual_seed(11);
                 let mut vs = tch::nn::VarStore::new(Device::Cpu);
                 let mut m = llmlab::models::LlamaModel::new(&vs.root(), &cfg, None);
-                match kernel {
-                    None => m.prepare_for_inference(),
-                    Some(k) => m.prepare_for_inference_q4_with(&mut vs, k)?,
+                if dense {
+                    m.prepare_for_inference_with(kernel);
+                } else {
+                    m.prepare_for_inference_q4_with(&mut vs, kernel)?;
                 }
                 assert!(m.fused_decode());
                 let mut cache = m.new_cache(b, 64);
@@ -847,7 +878,7 @@ fn fused_decode_step_is_the_same_on_any_thread_count() -> Result<()> {
                     let diff = (x - &y).abs().max().double_value(&[]);
                     assert!(
                         diff == 0.0,
-                        "{kernel:?}, batch {b}, step {i}: {n} threads differ from 1 by {diff:e}"
+                        "{kernel:?} (dense {dense}), batch {b}, step {i}: {n} threads differ from 1 by {diff:e}"
                     );
                 }
             }
