@@ -150,6 +150,7 @@ extern "C" {
         m16: *mut C_tensor,
     ) -> *mut c_char;
     fn llmlab_x16_mm(
+        isa: c_int,
         bits: c_int,
         act_bits: c_int,
         x: *const C_tensor,
@@ -661,11 +662,13 @@ pub fn q8_0_dequant(qs: &Tensor, d: &Tensor, w: &mut Tensor) -> Result<(), LlmEr
     check(err, "q8_0 dequantize")
 }
 
-/// Blocks in the shim's interleaved "x16" layout (16 weight rows side by side, for 8-bit
-/// activations and AVX-512 VNNI; see `src/shim/llmlab_q4.cpp`): `bits` 4 from Q4_1 (`qs16
-/// (n/16, k/32·256)` uint8, `d16`, `m16 (n/16, k/32·16)` f16) or 8 from Q8_0 (`qs16 (n/16,
-/// k/32·512)`, `d16`; no `m16`), multiplied by activations quantized to `act_bits` (8 or 16).
+/// Blocks in the shim's interleaved "x16" layout (16 weight rows side by side, for integer
+/// activations; see `src/shim/llmlab_q4.cpp`): `bits` 4 from Q4_1 (`qs16 (n/16, k/32·256)`
+/// uint8, `d16`, `m16 (n/16, k/32·16)` f16) or 8 from Q8_0 (`qs16 (n/16, k/32·512)`, `d16`; no
+/// `m16`), multiplied by activations quantized to `act_bits` (8 or 16) with the kernels of
+/// `isa`: AVX-512 VNNI, or AVX2 (Q4_1 only).
 pub struct X16<'a> {
+    pub isa: Isa,
     pub bits: i32,
     pub act_bits: i32,
     pub qs16: &'a Tensor,
@@ -703,11 +706,12 @@ pub fn x16_pack(
 }
 
 /// `y (b, n) = x (b, k) · Wᵀ`, `W` in an x16 layout, the activations quantized to `w.act_bits`
-/// per block of 32. The caller checks the CPU has AVX-512 VNNI.
+/// per block of 32 (the shim refuses an instruction set the CPU lacks).
 pub fn x16_mm(x: &Tensor, w: &X16, y: &mut Tensor) -> Result<(), LlmError> {
     // SAFETY: as `q4_1_mm`.
     let err = unsafe {
         llmlab_x16_mm(
+            w.isa as c_int,
             w.bits,
             w.act_bits,
             x.as_ptr(),

@@ -272,7 +272,7 @@ impl QuantKernel {
             Self::Torch => true,
             Self::Avx2 => Self::avx2_available(),
             Self::Avx512 => Self::avx512_available(),
-            Self::Vnni | Self::Vnni8 => Self::vnni_available(),
+            Self::Vnni | Self::Vnni8 => Self::vnni_available() || Self::avx2_available(),
         }
     }
 
@@ -297,13 +297,17 @@ impl QuantKernel {
         }
     }
 
-    /// The instruction set of the shim's f32 kernels this kernel goes with (the norms,
-    /// attention and f32 products of the fused decoding step); `None` for `torch`.
+    /// The instruction set this kernel runs in on this CPU (its products, and the norms,
+    /// attention and f32 products of the fused decoding step): the VNNI kernels in AVX-512
+    /// where the CPU has VNNI, else in AVX2 (`vpmaddubsw`: the same integer sums); `None` for
+    /// `torch`.
     pub fn isa(self) -> Option<Isa> {
         match self {
             Self::Torch => None,
             Self::Avx2 => Some(Isa::Avx2),
-            Self::Avx512 | Self::Vnni | Self::Vnni8 => Some(Isa::Avx512),
+            Self::Avx512 => Some(Isa::Avx512),
+            Self::Vnni | Self::Vnni8 if Self::vnni_available() => Some(Isa::Avx512),
+            Self::Vnni | Self::Vnni8 => Some(Isa::Avx2),
         }
     }
 
@@ -441,7 +445,7 @@ impl Q41Linear {
         assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
         match (kernel.isa(), kernel.act_bits()) {
             (Some(isa), Some(32)) => Self { isa, ..self },
-            (Some(_), Some(bits)) => self.interleaved(bits),
+            (Some(isa), Some(bits)) => Self { isa, ..self }.interleaved(bits),
             _ => panic!("for_kernel: {} has no Q4_1 layer", kernel.name()),
         }
     }
@@ -457,8 +461,9 @@ impl Q41Linear {
     }
 
     /// The same blocks interleaved 16 output rows at a time, multiplied from then on by
-    /// activations quantized to `act_bits` (16 or 8) with AVX-512 VNNI ([`QuantKernel::Vnni`],
-    /// [`QuantKernel::Vnni8`]; the caller checks the CPU). The weight is unchanged (the
+    /// activations quantized to `act_bits` (16 or 8) in the layer's instruction set: AVX-512
+    /// VNNI or AVX2 ([`QuantKernel::Vnni`], [`QuantKernel::Vnni8`], [`Self::for_kernel`]; the
+    /// shim refuses one the CPU lacks). The weight is unchanged (the
     /// repacking is lossless); a layer whose `out` is not a multiple of 16 stays as it is.
     pub fn interleaved(self, act_bits: u8) -> Self {
         if !can_interleave(self.act_bits, act_bits, self.out_dim) {
@@ -489,6 +494,7 @@ impl Q41Linear {
 
     fn x16(&self) -> crate::shim::X16<'_> {
         crate::shim::X16 {
+            isa: self.isa,
             bits: 4,
             act_bits: self.act_bits.into(),
             qs16: &self.qs,
@@ -530,9 +536,12 @@ impl Q41Linear {
         (self.qs.numel() + 2 * self.d.numel() + 2 * self.m.numel()) as i64
     }
 
-    /// `vpdpbusd` instructions per activation row (0 unless interleaved).
+    /// `vpdpbusd` instructions per activation row (0 unless interleaved for AVX-512 VNNI).
     pub fn vnni_dots(&self) -> i64 {
-        vnni_dots(self.out_dim, self.in_dim, self.act_bits)
+        match self.isa {
+            Isa::Avx512 => vnni_dots(self.out_dim, self.in_dim, self.act_bits),
+            Isa::Avx2 => 0,
+        }
     }
 
     /// The blocks, for the shim's fused kernels.
@@ -598,12 +607,14 @@ impl Q80Linear {
         }
     }
 
-    /// The layer as `kernel` runs it, as [`Q41Linear::for_kernel`].
+    /// The layer as `kernel` runs it, as [`Q41Linear::for_kernel`]; the VNNI kernels in AVX2
+    /// leave it in GGUF's layout with f32 activations (their x16 kernel takes Q4_1 blocks: its
+    /// `vpmaddubsw` would saturate on 8-bit weights).
     pub fn for_kernel(self, kernel: QuantKernel) -> Self {
         assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
         match (kernel.isa(), kernel.act_bits()) {
-            (Some(isa), Some(32)) => Self { isa, ..self },
-            (Some(_), Some(bits)) => self.interleaved(bits),
+            (Some(isa), Some(32)) | (Some(isa @ Isa::Avx2), _) => Self { isa, ..self },
+            (Some(isa), Some(bits)) => Self { isa, ..self }.interleaved(bits),
             _ => panic!("for_kernel: {} has no Q8_0 layer", kernel.name()),
         }
     }
@@ -626,6 +637,7 @@ impl Q80Linear {
 
     fn x16(&self) -> crate::shim::X16<'_> {
         crate::shim::X16 {
+            isa: self.isa,
             bits: 8,
             act_bits: self.act_bits.into(),
             qs16: &self.qs,
@@ -667,9 +679,12 @@ impl Q80Linear {
         (self.qs.numel() + 2 * self.d.numel()) as i64
     }
 
-    /// `vpdpbusd` instructions per activation row (0 unless interleaved).
+    /// `vpdpbusd` instructions per activation row (0 unless interleaved for AVX-512 VNNI).
     pub fn vnni_dots(&self) -> i64 {
-        vnni_dots(self.out_dim, self.in_dim, self.act_bits)
+        match self.isa {
+            Isa::Avx512 => vnni_dots(self.out_dim, self.in_dim, self.act_bits),
+            Isa::Avx2 => 0,
+        }
     }
 }
 

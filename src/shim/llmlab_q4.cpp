@@ -387,7 +387,7 @@ struct QAct {
 
 // Row r `x (k)` into `a` (prepared for it).
 template <int A>
-LLMLAB_VNNI void quantize_row(const float *x, int64_t r, int64_t k, QAct &a) {
+LLMLAB_VNNI void quantize_row(Avx512, const float *x, int64_t r, int64_t k, QAct &a) {
   constexpr float LEVELS = A == 8 ? 127.f : 16383.f;
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   for (int64_t blk = 0; blk < k / QK; ++blk) {
@@ -417,11 +417,12 @@ LLMLAB_VNNI void quantize_row(const float *x, int64_t r, int64_t k, QAct &a) {
 }
 
 // Row r with the activation bits chosen at run time (8 or 16).
+template <class I>
 void quantize_row_bits(int bits, const float *x, int64_t r, int64_t k, QAct &a) {
   if (bits == 8)
-    quantize_row<8>(x, r, k, a);
+    quantize_row<8>(I{}, x, r, k, a);
   else
-    quantize_row<16>(x, r, k, a);
+    quantize_row<16>(I{}, x, r, k, a);
 }
 
 // acc += w (u8) · the 4 bytes at `p` (s8) broadcast to the 16 lanes, as one instruction with
@@ -437,7 +438,7 @@ LLMLAB_VNNI inline __m512i dpbusd_bcst(__m512i acc, __m512i w, const int8_t *p) 
 // One group of 16 weight rows (BITS 4: Q4_1x16, 8: Q8_0x16) against R activation rows of A
 // bits: y[r * ldy + j] for j < 16. `qs`, `d`, `m` point at the group's first block.
 template <int BITS, int A, int R>
-LLMLAB_VNNI inline void x16_group(const QAct &a, int64_t r0, int64_t k, const uint8_t *qs,
+LLMLAB_VNNI inline void x16_group(Avx512, const QAct &a, int64_t r0, int64_t k, const uint8_t *qs,
                                   const uint16_t *d, const uint16_t *m, float *y, int64_t ldy) {
   const int64_t nb = k / QK;
   constexpr int64_t BLOCK_BYTES = BITS == 4 ? 256 : 512;
@@ -487,8 +488,9 @@ LLMLAB_VNNI inline void x16_group(const QAct &a, int64_t r0, int64_t k, const ui
 }
 
 // Groups [begin, end) of 16 output rows of y (rows, n) = a · Wᵀ (W in an x16 layout, BITS 4
-// or 8; `a` the quantized activations).
-template <int BITS, int A>
+// or 8 (AVX2: 4); `a` the quantized activations): activation rows 8 at a time (AVX2: 4, its 16
+// registers).
+template <class I, int BITS, int A>
 void x16_groups(const QAct &a, int64_t rows, int64_t k, const uint8_t *qs, const uint16_t *d,
                 const uint16_t *m, int64_t n, float *yp, int64_t begin, int64_t end) {
   const int64_t nb = k / QK, block_bytes = BITS == 4 ? 256 : 512;
@@ -496,16 +498,18 @@ void x16_groups(const QAct &a, int64_t rows, int64_t k, const uint8_t *qs, const
     const uint8_t *q = qs + g * nb * block_bytes;
     const uint16_t *dg = d + g * nb * 16, *mg = m ? m + g * nb * 16 : nullptr;
     float *yg = yp + g * 16;
+    constexpr int RMAX = std::is_same_v<I, Avx2> ? 4 : 8;
     int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) x16_group<BITS, A, 8>(a, r, k, q, dg, mg, yg + r * n, n);
+    for (; r + RMAX <= rows; r += RMAX)
+      x16_group<BITS, A, RMAX>(I{}, a, r, k, q, dg, mg, yg + r * n, n);
     switch (rows - r) {
-      case 7: x16_group<BITS, A, 7>(a, r, k, q, dg, mg, yg + r * n, n); break;
-      case 6: x16_group<BITS, A, 6>(a, r, k, q, dg, mg, yg + r * n, n); break;
-      case 5: x16_group<BITS, A, 5>(a, r, k, q, dg, mg, yg + r * n, n); break;
-      case 4: x16_group<BITS, A, 4>(a, r, k, q, dg, mg, yg + r * n, n); break;
-      case 3: x16_group<BITS, A, 3>(a, r, k, q, dg, mg, yg + r * n, n); break;
-      case 2: x16_group<BITS, A, 2>(a, r, k, q, dg, mg, yg + r * n, n); break;
-      case 1: x16_group<BITS, A, 1>(a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 7: x16_group<BITS, A, 7>(I{}, a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 6: x16_group<BITS, A, 6>(I{}, a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 5: x16_group<BITS, A, 5>(I{}, a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 4: x16_group<BITS, A, 4>(I{}, a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 3: x16_group<BITS, A, 3>(I{}, a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 2: x16_group<BITS, A, 2>(I{}, a, r, k, q, dg, mg, yg + r * n, n); break;
+      case 1: x16_group<BITS, A, 1>(I{}, a, r, k, q, dg, mg, yg + r * n, n); break;
       default: break;
     }
   }
@@ -513,7 +517,7 @@ void x16_groups(const QAct &a, int64_t rows, int64_t k, const uint8_t *qs, const
 
 // y (rows, n) = x (rows, k) · Wᵀ with W in an x16 layout (BITS 4 or 8; n a multiple of 16) and
 // A-bit activations.
-template <int BITS, int A>
+template <class I, int BITS, int A>
 void x16_mm(const float *xp, int64_t rows, int64_t k, const uint8_t *qs, const uint16_t *d,
             const uint16_t *m, int64_t n, float *yp) {
   const int64_t groups = n / 16;
@@ -522,12 +526,12 @@ void x16_mm(const float *xp, int64_t rows, int64_t k, const uint8_t *qs, const u
   static thread_local QAct kept;
   QAct &a = kept;
   a.prepare(rows, k, A);
-  for (int64_t r = 0; r < rows; ++r) quantize_row<A>(xp + r * k, r, k, a);
+  for (int64_t r = 0; r < rows; ++r) quantize_row<A>(I{}, xp + r * k, r, k, a);
   // Chunks of 64 rows for a step's few activation rows, 16 for a prompt's many, and at most
   // ~16 chunks a thread (the output head has 3,072 groups: fewer trips to the shared counter).
   const int64_t chunk = std::max<int64_t>(rows > 8 ? 1 : 4, groups / (16 * at::get_num_threads()));
   parallel_chunks(groups, chunk, [&](int64_t begin, int64_t end) {
-    x16_groups<BITS, A>(a, rows, k, qs, d, m, n, yp, begin, end);
+    x16_groups<I, BITS, A>(a, rows, k, qs, d, m, n, yp, begin, end);
   });
 }
 
@@ -562,13 +566,13 @@ double vnni_peak(int64_t reps) {
 }
 
 // x16_mm with the activation bits chosen at run time (8 or 16).
-template <int BITS>
+template <class I, int BITS>
 void x16_mm_act(int act_bits, const float *xp, int64_t rows, int64_t k, const uint8_t *qs,
                 const uint16_t *d, const uint16_t *m, int64_t n, float *yp) {
   if (act_bits == 8)
-    x16_mm<BITS, 8>(xp, rows, k, qs, d, m, n, yp);
+    x16_mm<I, BITS, 8>(xp, rows, k, qs, d, m, n, yp);
   else
-    x16_mm<BITS, 16>(xp, rows, k, qs, d, m, n, yp);
+    x16_mm<I, BITS, 16>(xp, rows, k, qs, d, m, n, yp);
 }
 
 // A projection of the fused decode step: Q4_1 blocks or a dense f32 matrix (n rows).
@@ -601,12 +605,12 @@ struct MatJob {
   int64_t items() const { return ((w.x16_act ? w.n / 16 : w.n) + chunk() - 1) / chunk(); }
   void run(int64_t item) const {
     const int64_t begin = item * chunk();
-    if (w.x16_act) {  // AVX-512 VNNI only (the step's caller checks)
+    if (w.x16_act) {
       const int64_t end = std::min(w.n / 16, begin + chunk());
       if (w.x16_act == 8)
-        x16_groups<4, 8>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
+        x16_groups<I, 4, 8>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
       else
-        x16_groups<4, 16>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
+        x16_groups<I, 4, 16>(qa, rows, k, w.qs, w.d, w.m, w.n, y, begin, end);
     } else if (w.dense) {
       f32_range<I>(x, rows, k, w.f, w.n, y, begin, std::min(w.n, begin + chunk()));
     } else {
@@ -1106,6 +1110,120 @@ LLMLAB_AVX2 void attend_any(Avx2, int64_t hd, const float *q, int64_t nq, const 
     }
 }
 
+// ---- The x16 kernels in AVX2: `vpmaddubsw` + `vpmaddwd` for `vpdpbusd` ----
+//
+// Eight weight rows a vector (half a group): `vpmaddubsw` multiplies each row's 4 weight bytes
+// by the 4 broadcast activation bytes and adds pairs into 16-bit lanes (at most 2 · 15 · 128,
+// so no saturation with 4-bit weights), `vpmaddwd` by ones adds the pairs into the row's 32-bit
+// lane: the integer sums of `vpdpbusd`, so the products equal the AVX-512 VNNI kernel's bit for
+// bit (the float steps are the same, lane by lane).
+
+// 32 int32 codes (4 vectors, each within -128..127) as 32 bytes in order (the packs
+// interleave the 128-bit lanes; the permutation puts them back).
+LLMLAB_AVX2 inline __m256i codes_bytes(const __m256i (&q)[4]) {
+  const __m256i b =
+      _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  return _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Row r `x (k)` into `a`, as the AVX-512 quantize_row (the same codes, scales and sums).
+template <int A>
+LLMLAB_AVX2 void quantize_row(Avx2, const float *x, int64_t r, int64_t k, QAct &a) {
+  constexpr float LEVELS = A == 8 ? 127.f : 16383.f;
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  for (int64_t blk = 0; blk < k / QK; ++blk) {
+    __m256 xv[4];
+    __m256 mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      xv[i] = _mm256_loadu_ps(x + blk * QK + 8 * i);
+      mx = _mm256_max_ps(mx, _mm256_and_ps(xv[i], sign));
+    }
+    const int64_t o = blk * a.rows + r;  // block-major
+    const float amax = hmax(mx);
+    const float id = amax > 0.f ? LEVELS / amax : 0.f;
+    __m256i q[4];
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {  // round to nearest even (the MXCSR default)
+      q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(xv[i], _mm256_set1_ps(id)));
+      sum = _mm256_add_epi32(sum, q[i]);
+    }
+    __m256i *hi = reinterpret_cast<__m256i *>(a.hi.data() + o * QK);
+    if constexpr (A == 8) {
+      _mm256_storeu_si256(hi, codes_bytes(q));
+    } else {
+      const __m256i h[4] = {_mm256_srai_epi32(q[0], 7), _mm256_srai_epi32(q[1], 7),
+                            _mm256_srai_epi32(q[2], 7), _mm256_srai_epi32(q[3], 7)};
+      const __m256i seven = _mm256_set1_epi32(127);
+      const __m256i l[4] = {_mm256_and_si256(q[0], seven), _mm256_and_si256(q[1], seven),
+                            _mm256_and_si256(q[2], seven), _mm256_and_si256(q[3], seven)};
+      _mm256_storeu_si256(hi, codes_bytes(h));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(a.lo.data() + o * QK), codes_bytes(l));
+    }
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    a.d[o] = amax / LEVELS;
+    a.s[o] = a.d[o] * static_cast<float>(_mm_cvtsi128_si32(s));
+  }
+}
+
+// sum += the 8 rows' products of 4 weight bytes `w` (u8) by the 4 bytes at `p` (s8).
+LLMLAB_AVX2 inline __m256i dot4(__m256i sum, __m256i w, const int8_t *p) {
+  const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t *>(p));
+  return _mm256_add_epi32(
+      sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
+}
+
+// The R rows' integer block sums of 8 weight rows (`blk`, the half's first byte of the x16
+// block) by the bytes `act` (block-major, QK a row).
+template <int R>
+LLMLAB_AVX2 inline void x16_pass(const uint8_t *blk, const int8_t *act, __m256i (&sum)[R]) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int t = 0; t < 4; ++t) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 64 * t));
+    const __m256i w0 = _mm256_and_si256(v, low);
+    const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    for (int r = 0; r < R; ++r) {
+      sum[r] = dot4(sum[r], w0, act + r * QK + 4 * t);
+      sum[r] = dot4(sum[r], w1, act + r * QK + 16 + 4 * t);
+    }
+  }
+}
+
+// As the AVX-512 x16_group for Q4_1x16 blocks, a half group (8 rows) at a time.
+template <int BITS, int A, int R>
+LLMLAB_AVX2 inline void x16_group(Avx2, const QAct &a, int64_t r0, int64_t k, const uint8_t *qs,
+                                  const uint16_t *d, const uint16_t *m, float *y, int64_t ldy) {
+  static_assert(BITS == 4, "the AVX2 x16 kernel takes Q4_1x16 blocks");
+  const int64_t nb = k / QK;
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t *blk = qs + b * 256 + 32 * half;
+      const int64_t at = b * a.rows + r0;
+      __m256i sum[R];
+      for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+      x16_pass<R>(blk, a.hi.data() + at * QK, sum);
+      if constexpr (A == 16) {
+        for (int r = 0; r < R; ++r) sum[r] = _mm256_slli_epi32(sum[r], 7);
+        x16_pass<R>(blk, a.lo.data() + at * QK, sum);
+      }
+      const __m256 dv = _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i *>(d + b * 16 + 8 * half)));
+      const __m256 mv = _mm256_cvtph_ps(
+          _mm_loadu_si128(reinterpret_cast<const __m128i *>(m + b * 16 + 8 * half)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = at + r;
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]),
+                                 _mm256_mul_ps(dv, _mm256_set1_ps(a.d[i])), acc[r]);
+        acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.s[i]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy + 8 * half, acc[r]);
+  }
+}
+
 // Whether this CPU runs the kernels of `isa` (Avx512::code or Avx2::code): checked at every
 // entry, so that a wrong choice is an error rather than an illegal instruction.
 bool isa_runs(int isa) {
@@ -1123,6 +1241,12 @@ void expect_isa(int isa) {
          "isa must be 0 (AVX-512) or 1 (AVX2), got " + std::to_string(isa));
   EXPECT(isa_runs(isa), std::string("this CPU lacks ") +
                             (isa == Avx512::code ? "AVX-512 F/BW/VL/DQ" : "AVX2, FMA or F16C"));
+}
+
+// As expect_isa, for the x16 kernels: AVX-512 VNNI's, or AVX2's.
+void expect_x16_isa(int isa) {
+  expect_isa(isa);
+  EXPECT(isa == Avx2::code || __builtin_cpu_supports("avx512vnni"), "this CPU lacks AVX-512 VNNI");
 }
 
 #endif
@@ -1342,8 +1466,9 @@ char *llmlab_x16_pack(int bits, const at::Tensor *qs_, const at::Tensor *d_, con
 }
 
 // y (b, n) = x (b, k) · Wᵀ with W in an x16 layout, the activations quantized to `act_bits`
-// (8 or 16) per block of 32. Needs AVX-512 VNNI (the caller's check).
-char *llmlab_x16_mm(int bits, int act_bits, const at::Tensor *x_, const at::Tensor *qs16_,
+// (8 or 16) per block of 32, by the kernels of `isa`: AVX-512 VNNI's `vpdpbusd` (the caller
+// checks the CPU has it), or AVX2's `vpmaddubsw` for Q4_1x16 (the same integer sums).
+char *llmlab_x16_mm(int isa, int bits, int act_bits, const at::Tensor *x_, const at::Tensor *qs16_,
                     const at::Tensor *d16_, const at::Tensor *m16_, at::Tensor *y_) {
   LLMLAB_PROTECT({
 #if defined(__x86_64__)
@@ -1357,10 +1482,12 @@ char *llmlab_x16_mm(int bits, int act_bits, const at::Tensor *x_, const at::Tens
     expect_tensor(y, at::kFloat, b, n, "y");
     const uint8_t *qs = qs16_->data_ptr<uint8_t>();
     const uint16_t *d = half_bits(*d16_), *m = m16_ ? half_bits(*m16_) : nullptr;
-    if (bits == 4)
-      x16_mm_act<4>(act_bits, x.data_ptr<float>(), b, k, qs, d, m, n, y.data_ptr<float>());
-    else
-      x16_mm_act<8>(act_bits, x.data_ptr<float>(), b, k, qs, d, m, n, y.data_ptr<float>());
+    expect_x16_isa(isa);
+    EXPECT(isa == Avx512::code || bits == 4, "the AVX2 x16 kernel takes Q4_1x16 blocks");
+    const auto mm = isa == Avx2::code ? x16_mm_act<Avx2, 4>
+                    : bits == 4       ? x16_mm_act<Avx512, 4>
+                                      : x16_mm_act<Avx512, 8>;
+    mm(act_bits, x.data_ptr<float>(), b, k, qs, d, m, n, y.data_ptr<float>());
 #else
     throw std::runtime_error("llmlab x16 kernel: built without the x86-64 AVX-512 kernels");
 #endif
@@ -1423,7 +1550,7 @@ extern "C" {
 // caches each, `(rows >= b, kv, capacity, hd)` f32, or f16 (half the bytes a step reads; head
 // sizes 16, 32, 64 and 128), all alike; `pos (b)` int64 (each < capacity); `cos`, `sin`
 // `(positions, hd)` f32. The whole step is one parallel region (`Phases`). `isa` picks the
-// kernels (`isa_runs`); the x16 layouts need AVX-512 VNNI (the caller's check).
+// kernels (`isa_runs`); the x16 layouts with AVX-512 need VNNI (the caller's check).
 char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_blocks,
                           int isa, int layout, at::Tensor *const *kc_, at::Tensor *const *vc_,
                           const at::Tensor *pos_, const at::Tensor *cos_, const at::Tensor *sin_,
@@ -1433,8 +1560,10 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
     at::Tensor &x = *x_;
     const at::Tensor &pos = *pos_, &cos = *cos_, &sin = *sin_;
     EXPECT(layout >= 0 && layout <= 3, "layout must be 0..3, got " + std::to_string(layout));
-    expect_isa(isa);
-    EXPECT(isa == Avx512::code || layout < 2, "the x16 layouts need the AVX-512 kernels");
+    if (layout >= 2)
+      expect_x16_isa(isa);
+    else
+      expect_isa(isa);
     EXPECT(n_blocks > 0, "no blocks");
     EXPECT(x.dim() == 2, "x must be 2-d (rows, emb)");
     const int64_t b = x.size(0), d = x.size(1);
@@ -1541,9 +1670,6 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
           *y = buf(scratch.y, b * d);
     QAct &qa = scratch.qa;
     if (act) qa.prepare(b, std::max({d, dq, hidden}), act);
-    auto quantize = [&](const float *row, int64_t r, int64_t k) {
-      if (act) quantize_row_bits(act, row, r, k, qa);
-    };
     auto add = [](const float *from, int64_t n, float *to) {
       for (int64_t i = 0; i < n; ++i) to[i] += from[i];
     };
@@ -1551,6 +1677,9 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
     // The rest with the kernels of the instruction set `I`.
     auto step = [&](auto isa_tag) {
     using I = decltype(isa_tag);
+    auto quantize = [&](const float *row, int64_t r, int64_t k) {
+      if (act) quantize_row_bits<I>(act, row, r, k, qa);
+    };
     // Row r's RoPE, and its keys and values into the block's caches.
     auto rope_and_cache = [&](const Block &B, int64_t r) {
       float *row = qkv + r * nqkv;

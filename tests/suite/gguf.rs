@@ -341,16 +341,26 @@ fn act_rel_tol(act_bits: u8) -> f64 {
 }
 
 /// The interleaved blocks of the `vnni` and `vnni8` kernels (16 rows side by side, 16- or 8-bit
-/// activations): repacking is lossless (the dequantized weights are equal bit for bit to the
-/// GGUF layout's), a layer whose `out` is not a multiple of 16 keeps the GGUF layout, and for
-/// every decoding row count the products equal the quantized-activation arithmetic computed by
-/// libtorch in f64 ([`quantized_activation_product`]) within [`KERNEL_REL_TOL`]; prompts (more
-/// than `GEMM_ROWS` rows) run the exact f32 GEMM. Against the exact f32 product the quantized
-/// activations cost at most [`act_rel_tol`].
+/// activations), in AVX-512 VNNI and in AVX2 (each where the CPU has it; AVX2's takes Q4_1):
+/// repacking is lossless (the dequantized weights are equal bit for bit to the GGUF layout's),
+/// a layer whose `out` is not a multiple of 16 keeps the GGUF layout, and for every decoding row
+/// count the products equal the quantized-activation arithmetic computed by libtorch in f64
+/// ([`quantized_activation_product`]) within [`KERNEL_REL_TOL`]; prompts (more than `GEMM_ROWS`
+/// rows) run the exact f32 GEMM. Against the exact f32 product the quantized activations cost at
+/// most [`act_rel_tol`]. Where both instruction sets run, their Q4_1 products are the same bits
+/// (the same integer sums and float steps).
 #[test]
 fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
-    if !QuantKernel::vnni_available() {
-        eprintln!("skipped: this CPU has no AVX-512 VNNI");
+    // The f32 kernel whose instruction set the interleaved layer keeps.
+    let isas: Vec<QuantKernel> = [
+        (QuantKernel::Avx512, QuantKernel::vnni_available()),
+        (QuantKernel::Avx2, QuantKernel::avx2_available()),
+    ]
+    .into_iter()
+    .filter_map(|(k, ok)| ok.then_some(k))
+    .collect();
+    if isas.is_empty() {
+        eprintln!("skipped: this CPU has neither AVX-512 VNNI nor AVX2");
         return Ok(());
     }
     tch::manual_seed(1);
@@ -363,47 +373,75 @@ fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
             .act_bits(),
         32
     );
+    let inputs: Vec<Tensor> = kernel_shapes(k)
+        .iter()
+        .map(|shape| {
+            let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
+            let _ = x.narrow(-1, 32, 32).zero_(); // an all-zero activation block
+            x
+        })
+        .collect();
     for act_bits in [16, 8] {
-        let q4 = Q41Linear::quantize(&w).interleaved(act_bits);
-        let q8 = Q80Linear::quantize(&w).interleaved(act_bits);
-        assert_eq!(q4.act_bits(), act_bits);
-        let layers: [(&str, Tensor, Tensor, &Forward); 2] = [
-            (
+        // Each instruction set's Q4_1 products, to compare bit for bit.
+        let mut q4_products: Vec<(&str, Vec<Tensor>)> = Vec::new();
+        for &isa in &isas {
+            let q4 = Q41Linear::quantize(&w)
+                .for_kernel(isa)
+                .interleaved(act_bits);
+            assert_eq!(q4.act_bits(), act_bits);
+            let mut layers: Vec<(&str, Tensor, Tensor, Box<Forward>)> = Vec::new();
+            if isa == QuantKernel::Avx512 {
+                let q8 = Q80Linear::quantize(&w)
+                    .for_kernel(isa)
+                    .interleaved(act_bits);
+                layers.push((
+                    "Q8_0",
+                    Q80Linear::quantize(&w).dequantize(),
+                    q8.dequantize(),
+                    Box::new(move |x| q8.forward(x)),
+                ));
+            }
+            layers.push((
                 "Q4_1",
                 Q41Linear::quantize(&w).dequantize(),
                 q4.dequantize(),
-                &|x| q4.forward(x),
-            ),
-            (
-                "Q8_0",
-                Q80Linear::quantize(&w).dequantize(),
-                q8.dequantize(),
-                &|x| q8.forward(x),
-            ),
-        ];
-        for (name, gguf_deq, deq, forward) in &layers {
-            assert!(deq.equal(gguf_deq), "{name}: repacking changed the weights");
-            for shape in kernel_shapes(k) {
-                let x = Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu));
-                let _ = x.narrow(-1, 32, 32).zero_(); // an all-zero activation block
-                let y = forward(&x);
-                let exact = x.matmul(&deq.tr());
-                let rows = x.numel() as i64 / k;
-                let vs_exact = rel_max_diff(&y, &exact);
-                if rows > GEMM_ROWS {
-                    assert!(vs_exact < KERNEL_REL_TOL, "{name} {shape:?}: {vs_exact:e}");
-                    continue;
+                Box::new(move |x| q4.forward(x)),
+            ));
+            for (name, gguf_deq, deq, forward) in &layers {
+                assert!(deq.equal(gguf_deq), "{name}: repacking changed the weights");
+                let mut products = Vec::new();
+                for x in &inputs {
+                    let shape = x.size();
+                    let y = forward(x);
+                    let exact = x.matmul(&deq.tr());
+                    let rows = x.numel() as i64 / k;
+                    let vs_exact = rel_max_diff(&y, &exact);
+                    products.push(y.shallow_clone());
+                    if rows > GEMM_ROWS {
+                        assert!(vs_exact < KERNEL_REL_TOL, "{name} {shape:?}: {vs_exact:e}");
+                        continue;
+                    }
+                    let want = quantized_activation_product(x, deq, act_bits).to_kind(Kind::Float);
+                    let rel = rel_max_diff(&y, &want);
+                    let isa = isa.name();
+                    eprintln!(
+                        "{name} x16 ({isa}), {act_bits}-bit activations, {shape:?}: vs the reference {rel:.2e}, vs exact f32 {vs_exact:.2e}"
+                    );
+                    assert!(rel < KERNEL_REL_TOL, "{name} {isa} {shape:?}: {rel:e}");
+                    assert!(
+                        vs_exact < act_rel_tol(act_bits),
+                        "{name} {isa} {shape:?}: {vs_exact:e}"
+                    );
                 }
-                let want = quantized_activation_product(&x, deq, act_bits).to_kind(Kind::Float);
-                let rel = rel_max_diff(&y, &want);
-                eprintln!(
-                    "{name} x16, {act_bits}-bit activations, {shape:?}: vs the reference {rel:.2e}, vs exact f32 {vs_exact:.2e}"
-                );
-                assert!(rel < KERNEL_REL_TOL, "{name} {shape:?}: {rel:e}");
-                assert!(
-                    vs_exact < act_rel_tol(act_bits),
-                    "{name} {shape:?}: {vs_exact:e}"
-                );
+                if *name == "Q4_1" {
+                    q4_products.push((isa.name(), products));
+                }
+            }
+        }
+        for pair in q4_products.windows(2) {
+            let ((a, ya), (b, yb)) = (&pair[0], &pair[1]);
+            for (x, y) in ya.iter().zip(yb) {
+                assert!(x.equal(y), "{act_bits}-bit activations: {a} and {b} differ");
             }
         }
     }
