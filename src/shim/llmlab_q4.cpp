@@ -1167,26 +1167,30 @@ LLMLAB_AVX2 void quantize_row(Avx2, const float *x, int64_t r, int64_t k, QAct &
   }
 }
 
-// sum += the 8 rows' products of 4 weight bytes `w` (u8) by the 4 bytes at `p` (s8).
-LLMLAB_AVX2 inline __m256i dot4(__m256i sum, __m256i w, const int8_t *p) {
-  const __m256i a = _mm256_set1_epi32(*reinterpret_cast<const int32_t *>(p));
-  return _mm256_add_epi32(
-      sum, _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1)));
-}
-
-// The R rows' integer block sums of 8 weight rows (`blk`, the half's first byte of the x16
-// block) by the bytes `act` (block-major, QK a row).
-template <int R>
-LLMLAB_AVX2 inline void x16_pass(const uint8_t *blk, const int8_t *act, __m256i (&sum)[R]) {
+// A half group's block (`blk`, its first byte in the x16 block): the 32 weights of 8 rows as
+// 8 vectors, w[i] holding each row's weights 4i..4i+3.
+LLMLAB_AVX2 inline void x16_weights(const uint8_t *blk, __m256i (&w)[8]) {
   const __m256i low = _mm256_set1_epi8(0x0F);
   for (int t = 0; t < 4; ++t) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk + 64 * t));
-    const __m256i w0 = _mm256_and_si256(v, low);
-    const __m256i w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-    for (int r = 0; r < R; ++r) {
-      sum[r] = dot4(sum[r], w0, act + r * QK + 4 * t);
-      sum[r] = dot4(sum[r], w1, act + r * QK + 16 + 4 * t);
+    w[t] = _mm256_and_si256(v, low);
+    w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  }
+}
+
+// sum[r] += the 8 rows' integer products of the block `w` by row r's 32 activation bytes
+// (`act + r · QK`). `vpmaddubsw` leaves pairs of products in 16-bit lanes; the 8 steps' add up
+// to 16 products of at most 15 · 128 (30,720: no overflow) before `vpmaddwd` widens them.
+template <int R>
+LLMLAB_AVX2 inline void x16_pass(const __m256i (&w)[8], const int8_t *act, __m256i (&sum)[R]) {
+  for (int r = 0; r < R; ++r) {
+    __m256i pairs = _mm256_setzero_si256();
+    for (int i = 0; i < 8; ++i) {
+      const __m256i a =
+          _mm256_set1_epi32(*reinterpret_cast<const int32_t *>(act + r * QK + 4 * i));
+      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[i], a));
     }
+    sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
   }
 }
 
@@ -1202,12 +1206,13 @@ LLMLAB_AVX2 inline void x16_group(Avx2, const QAct &a, int64_t r0, int64_t k, co
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t *blk = qs + b * 256 + 32 * half;
       const int64_t at = b * a.rows + r0;
-      __m256i sum[R];
+      __m256i w[8], sum[R];
+      x16_weights(blk, w);
       for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
-      x16_pass<R>(blk, a.hi.data() + at * QK, sum);
+      x16_pass<R>(w, a.hi.data() + at * QK, sum);
       if constexpr (A == 16) {
         for (int r = 0; r < R; ++r) sum[r] = _mm256_slli_epi32(sum[r], 7);
-        x16_pass<R>(blk, a.lo.data() + at * QK, sum);
+        x16_pass<R>(w, a.lo.data() + at * QK, sum);
       }
       const __m256 dv = _mm256_cvtph_ps(
           _mm_loadu_si128(reinterpret_cast<const __m128i *>(d + b * 16 + 8 * half)));
