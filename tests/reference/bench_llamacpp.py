@@ -17,9 +17,10 @@ kernels the compute bound no batch size passes (their `vpdpbusd` instructions a 
 rate this machine's threads issue them at, measured by `llmlab bench generate`).
 
     python tests/reference/bench_llamacpp.py [--llmlab target/release/llmlab] [--threads 2]
-        [--rounds 3] [--dtypes q4,q4:vnni8,q4:avx512,f32] [--out FILE]
+        [--rounds 3] [--dtypes q4,q4:vnni8,q4:avx512,q4:avx2,f32] [--out FILE]
 
-A dtype `q4:KERNEL` runs `--dtype q4` with `LLMLAB_Q4_KERNEL=KERNEL` (vnni, vnni8, avx512, torch).
+A dtype `q4:KERNEL` runs `--dtype q4` with `LLMLAB_Q4_KERNEL=KERNEL` (vnni, vnni8, avx512, avx2,
+torch); one this CPU lacks is left out (a note says so).
 """
 import argparse
 import json
@@ -75,8 +76,14 @@ def llamacpp_worker(a):
                       "pp": statistics.median([pp() for _ in range(2)])}))
 
 
+class Unavailable(Exception):
+    """llmlab refused a kernel this CPU lacks (LLMLAB_Q4_KERNEL=avx512 on an AVX2 CPU, say)."""
+
+
 def run_json(cmd, env=None):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode == 2 and "this CPU" in out.stderr and "lacks" in out.stderr:
+        raise Unavailable(out.stderr.strip().splitlines()[-1])
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -115,7 +122,7 @@ def main():
     ap.add_argument("--llmlab", default=os.path.join(ROOT, "target", "release", "llmlab"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--dtypes", default="q4,q4:vnni8,q4:avx512,f32")
+    ap.add_argument("--dtypes", default="q4,q4:vnni8,q4:avx512,q4:avx2,f32")
     ap.add_argument("--out")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -127,11 +134,17 @@ def main():
         print("bench_llamacpp: llama-cpp-python is not installed (make bench-deps); skipped")
         return
     bw = copy_bandwidth()
-    res = {"llama.cpp": []} | {f"llmlab {d}": [] for d in a.dtypes.split(",")}
+    dtypes = a.dtypes.split(",")
+    res = {"llama.cpp": []} | {f"llmlab {d}": [] for d in dtypes}
     for r in range(a.rounds):
         res["llama.cpp"].append(run_json([sys.executable, __file__, "--worker", "--threads", str(a.threads)]))
-        for d in a.dtypes.split(","):
-            res[f"llmlab {d}"].append(llmlab(a, d))
+        for d in list(dtypes):
+            try:
+                res[f"llmlab {d}"].append(llmlab(a, d))
+            except Unavailable as e:  # a kernel this CPU lacks: left out of the table
+                print(f"llmlab {d}: skipped ({e})", flush=True)
+                dtypes.remove(d)
+                del res[f"llmlab {d}"]
         print(f"round {r + 1}: " + "; ".join(
             f"{k} tg {v[-1]['tg']:.1f} pp {v[-1]['pp']:.0f}" + (f" b8 {v[-1]['batch']:.0f}" if "batch" in v[-1] else "")
             for k, v in res.items()), flush=True)
