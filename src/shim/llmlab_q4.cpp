@@ -882,6 +882,16 @@ LLMLAB_AVX2 inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
+// y[r · ldy] = the sum of the lanes of row r's U accumulators (the row kernels' last step).
+template <int R, int U>
+LLMLAB_AVX2 inline void store_sums(const __m256 (&acc)[R][U], float *y, int64_t ldy) {
+  for (int r = 0; r < R; ++r) {
+    __m256 s = acc[r][0];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
+    y[r * ldy] = hsum(s);
+  }
+}
+
 // 8 bytes at p (unsigned or signed) as floats.
 LLMLAB_AVX2 inline __m256 u8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 LLMLAB_AVX2 inline __m256 s8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
@@ -918,11 +928,7 @@ LLMLAB_AVX2 inline void q41_row(Avx2, const float *x, int64_t ldx, const uint8_t
         acc[r][i % U] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % U]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m256 s = acc[r][0];
-    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
-    y[r * ldy] = hsum(s);
-  }
+  store_sums<R, U>(acc, y, ldy);
 }
 
 template <int R>
@@ -946,11 +952,7 @@ LLMLAB_AVX2 inline void q80_row(Avx2, const float *x, int64_t ldx, const int8_t 
         acc[r][i % U] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xr + 8 * i), acc[r][i % U]);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m256 s = acc[r][0];
-    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
-    y[r * ldy] = hsum(s);
-  }
+  store_sums<R, U>(acc, y, ldy);
 }
 
 LLMLAB_AVX2 void q41_dequant_blocks(Avx2, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
@@ -982,11 +984,7 @@ LLMLAB_AVX2 inline void f32_row(Avx2, const float *x, int64_t ldx, const float *
     for (int r = 0; r < R; ++r)
       acc[r][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * ldx + i), acc[r][0]);
   }
-  for (int r = 0; r < R; ++r) {
-    __m256 s = acc[r][0];
-    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[r][u]);
-    y[r * ldy] = hsum(s);
-  }
+  store_sums<R, U>(acc, y, ldy);
 }
 
 LLMLAB_AVX2 float dot_f32(Avx2, const float *a, const float *b, int64_t n) {
