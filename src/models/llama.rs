@@ -1028,14 +1028,15 @@ impl LlamaModel {
     /// are the file's own. Eval mode only: the codes are a snapshot.
     ///
     /// The kernels ([`QuantKernel::select`]):
-    /// * `vnni` (llmlab's, the default where the CPU has AVX-512 VNNI): the file's Q4_1 blocks
+    /// * `vnni` (llmlab's, the default where the CPU has AVX-512 VNNI, and on AVX2 CPUs without
+    ///   AVX-512, where AVX2 instructions give the same integer sums): the file's Q4_1 blocks
     ///   and a Q8_0 output head ([`Q80Linear`], as GGUF files store `token_embd`), interleaved 16
     ///   rows at a time and multiplied by 15-bit integer activations; norms and attention in f32,
     ///   the KV cache in f16 (`LLMLAB_KV_CACHE=f32` keeps f32). `vnni8`: the same with 8-bit
     ///   activations, llama.cpp's arithmetic;
     /// * `avx512` (where the CPU has AVX-512 without VNNI): the same blocks in GGUF's layout
     ///   ([`Q41Linear`]) multiplied by f32 activations, exact;
-    /// * `avx2` (where the CPU has AVX2, FMA and F16C but no AVX-512): the `avx512` arithmetic
+    /// * `avx2` (asked for with `LLMLAB_Q4_KERNEL=avx2`; CPUs with AVX2, FMA and F16C): the `avx512` arithmetic
     ///   in vectors of 8;
     /// * `torch` (libtorch's int4 kernel, any CPU; the fallback): [`Int4Linear`], then `vs` is
     ///   cast to bf16, so the activations, the norms and the embedding/output head run in bf16.

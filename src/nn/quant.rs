@@ -170,7 +170,9 @@ pub enum QuantKernel {
     Avx512,
     /// The same blocks interleaved 16 rows at a time and multiplied by 15-bit integer
     /// activations with AVX-512 VNNI ([`Q41Linear::interleaved`]): less than half the
-    /// instructions of `avx512` for about 1e-4 relative error per product.
+    /// instructions of `avx512` for about 1e-4 relative error per product. Without VNNI, in AVX2
+    /// (`vpmaddubsw`: the same integer sums, the same blocks' products; the Q8_0 head then
+    /// keeps f32 activations).
     Vnni,
     /// As [`Self::Vnni`] with 8-bit activations, llama.cpp's arithmetic (its Q8_1): half the
     /// instructions again, for about 1e-2 relative error per product.
@@ -227,18 +229,23 @@ impl QuantKernel {
         }
     }
 
-    /// [`Self::Vnni`], else [`Self::Avx512`], else [`Self::Avx2`], where the CPU has it, else
-    /// [`Self::Torch`];
-    /// `LLMLAB_Q4_KERNEL` overrides (asking for a kernel the CPU cannot run is an error, as is an
-    /// unknown value).
+    /// [`Self::Vnni`] where the CPU has AVX-512 VNNI, else [`Self::Avx512`] where it has
+    /// AVX-512, else [`Self::Vnni`] in AVX2 (twice `avx2`'s speed on a Zen 3), else
+    /// [`Self::Torch`]; `LLMLAB_Q4_KERNEL` overrides (asking for a kernel the CPU cannot run is
+    /// an error, as is an unknown value).
     pub fn select() -> Result<Self, LlmError> {
         let value = std::env::var(Self::ENV).unwrap_or_default();
         let kernel = match value.as_str() {
             "" | "auto" => {
-                return Ok([Self::Vnni, Self::Avx512, Self::Avx2]
-                    .into_iter()
-                    .find(|k| k.available())
-                    .unwrap_or(Self::Torch))
+                return Ok(if Self::vnni_available() {
+                    Self::Vnni
+                } else if Self::avx512_available() {
+                    Self::Avx512
+                } else if Self::avx2_available() {
+                    Self::Vnni
+                } else {
+                    Self::Torch
+                })
             }
             "torch" => Self::Torch,
             "avx2" => Self::Avx2,
@@ -258,7 +265,7 @@ impl QuantKernel {
         let lacks = match kernel {
             Self::Avx2 => "AVX2, FMA or F16C",
             Self::Avx512 => "AVX-512 F/BW/VL/DQ",
-            _ => "AVX-512 VNNI",
+            _ => "AVX-512 VNNI and AVX2",
         };
         Err(LlmError::Usage(format!(
             "{}={value}: this CPU (or build) lacks {lacks}; use auto or torch",
