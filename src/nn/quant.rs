@@ -614,21 +614,22 @@ impl Q80Linear {
         }
     }
 
-    /// The layer as `kernel` runs it, as [`Q41Linear::for_kernel`]; the VNNI kernels in AVX2
-    /// leave it in GGUF's layout with f32 activations (their x16 kernel takes Q4_1 blocks: its
-    /// `vpmaddubsw` would saturate on 8-bit weights).
+    /// The layer as `kernel` runs it, as [`Q41Linear::for_kernel`] (in AVX2 the VNNI kernels
+    /// leave it in GGUF's layout: [`Self::interleaved`]).
     pub fn for_kernel(self, kernel: QuantKernel) -> Self {
         assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
         match (kernel.isa(), kernel.act_bits()) {
-            (Some(isa), Some(32)) | (Some(isa @ Isa::Avx2), _) => Self { isa, ..self },
+            (Some(isa), Some(32)) => Self { isa, ..self },
             (Some(isa), Some(bits)) => Self { isa, ..self }.interleaved(bits),
             _ => panic!("for_kernel: {} has no Q8_0 layer", kernel.name()),
         }
     }
 
-    /// The blocks interleaved for `act_bits` activations, as [`Q41Linear::interleaved`].
+    /// The blocks interleaved for `act_bits` activations, as [`Q41Linear::interleaved`]; in
+    /// AVX2 the layer keeps GGUF's layout and f32 activations (the shim's AVX2 x16 kernel takes
+    /// Q4_1 blocks: `vpmaddubsw` would saturate on the stored 8-bit codes).
     pub fn interleaved(self, act_bits: u8) -> Self {
-        if !can_interleave(self.act_bits, act_bits, self.out_dim) {
+        if !can_interleave(self.act_bits, act_bits, self.out_dim) || self.isa == Isa::Avx2 {
             return self;
         }
         let (mut qs16, mut d16) = x16_empty(self.out_dim, self.in_dim, 512);

@@ -892,7 +892,7 @@ LLMLAB_AVX2 inline void store_sums(const __m256 (&acc)[R][U], float *y, int64_t 
   }
 }
 
-// 8 bytes at p (unsigned or signed) as floats.
+// The low 8 bytes of v (unsigned or signed) as floats.
 LLMLAB_AVX2 inline __m256 u8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
 LLMLAB_AVX2 inline __m256 s8_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
