@@ -371,11 +371,22 @@ fn kernel_forward(
 /// `vpdpbusd` instructions (64 products each) an activation row costs an `(out, in)` layer
 /// interleaved for `act_bits` activations: two passes for 16 bits, one for 8; 0 for the f32
 /// kernels (32 bits), which do not use them.
-fn vnni_dots(out: i64, inputs: i64, act_bits: u8) -> i64 {
-    match act_bits {
-        16 => out * inputs / 32,
-        8 => out * inputs / 64,
+fn vnni_dots(out: i64, inputs: i64, act_bits: u8, isa: Isa) -> i64 {
+    match (isa, act_bits) {
+        (Isa::Avx2, _) => 0, // vpmaddubsw, no vpdpbusd
+        (_, 16) => out * inputs / 32,
+        (_, 8) => out * inputs / 64,
         _ => 0,
+    }
+}
+
+/// How `kernel` runs a layer held in GGUF's layout: its instruction set, and the activation bits
+/// to interleave the blocks for (`None`: f32 activations, GGUF's layout kept).
+fn kernel_layout(kernel: QuantKernel, layer: &str) -> (Isa, Option<u8>) {
+    match (kernel.isa(), kernel.act_bits()) {
+        (Some(isa), Some(32)) => (isa, None),
+        (Some(isa), bits) => (isa, bits),
+        _ => panic!("for_kernel: {} has no {layer} layer", kernel.name()),
     }
 }
 
@@ -450,10 +461,11 @@ impl Q41Linear {
     /// interleaved ([`Self::interleaved`]). From GGUF's layout only.
     pub fn for_kernel(self, kernel: QuantKernel) -> Self {
         assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
-        match (kernel.isa(), kernel.act_bits()) {
-            (Some(isa), Some(32)) => Self { isa, ..self },
-            (Some(isa), Some(bits)) => Self { isa, ..self }.interleaved(bits),
-            _ => panic!("for_kernel: {} has no Q4_1 layer", kernel.name()),
+        let (isa, bits) = kernel_layout(kernel, "Q4_1");
+        let layer = Self { isa, ..self };
+        match bits {
+            Some(bits) => layer.interleaved(bits),
+            None => layer,
         }
     }
 
@@ -545,10 +557,7 @@ impl Q41Linear {
 
     /// `vpdpbusd` instructions per activation row (0 unless interleaved for AVX-512 VNNI).
     pub fn vnni_dots(&self) -> i64 {
-        match self.isa {
-            Isa::Avx512 => vnni_dots(self.out_dim, self.in_dim, self.act_bits),
-            Isa::Avx2 => 0,
-        }
+        vnni_dots(self.out_dim, self.in_dim, self.act_bits, self.isa)
     }
 
     /// The blocks, for the shim's fused kernels.
@@ -618,10 +627,11 @@ impl Q80Linear {
     /// leave it in GGUF's layout: [`Self::interleaved`]).
     pub fn for_kernel(self, kernel: QuantKernel) -> Self {
         assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
-        match (kernel.isa(), kernel.act_bits()) {
-            (Some(isa), Some(32)) => Self { isa, ..self },
-            (Some(isa), Some(bits)) => Self { isa, ..self }.interleaved(bits),
-            _ => panic!("for_kernel: {} has no Q8_0 layer", kernel.name()),
+        let (isa, bits) = kernel_layout(kernel, "Q8_0");
+        let layer = Self { isa, ..self };
+        match bits {
+            Some(bits) => layer.interleaved(bits),
+            None => layer,
         }
     }
 
@@ -689,10 +699,7 @@ impl Q80Linear {
 
     /// `vpdpbusd` instructions per activation row (0 unless interleaved for AVX-512 VNNI).
     pub fn vnni_dots(&self) -> i64 {
-        match self.isa {
-            Isa::Avx512 => vnni_dots(self.out_dim, self.in_dim, self.act_bits),
-            Isa::Avx2 => 0,
-        }
+        vnni_dots(self.out_dim, self.in_dim, self.act_bits, self.isa)
     }
 }
 
