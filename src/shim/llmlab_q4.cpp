@@ -1062,50 +1062,114 @@ LLMLAB_AVX2 inline __m256 load8(const uint16_t *p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
 }
 
-// `nq` query heads `q (nq, hd)` sharing one key/value head attend over its `n` cached keys and
-// values (f32 or f16; hd a multiple of 16, at most 128): out (nq, hd) = softmax(q·kᵀ·scale)·v.
-// Each key and value is read once for the heads; `sc` holds nq·n floats.
-template <class KV>
-LLMLAB_AVX2 void attend_any(Avx2, int64_t hd, const float *q, int64_t nq, const KV *keys,
-                            const KV *vals, int64_t n, float scale, float *out, float *sc) {
-  const int64_t c = hd / 8;
-  for (int64_t t = 0; t < n; ++t) {
-    __m256 kv[16];
-    for (int64_t i = 0; i < c; ++i) kv[i] = load8(keys + t * hd + 8 * i);
-    for (int64_t h = 0; h < nq; ++h) {
-      __m256 acc = _mm256_mul_ps(kv[0], _mm256_loadu_ps(q + h * hd));
-      for (int64_t i = 1; i < c; ++i)
-        acc = _mm256_fmadd_ps(kv[i], _mm256_loadu_ps(q + h * hd + 8 * i), acc);
-      sc[h * n + t] = hsum(acc) * scale;
-    }
+// The lane sums of 8 vectors as one: lane i = Σ v[i].
+LLMLAB_AVX2 inline __m256 sum8(const __m256 *v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // a: v0..v3's sums over their low 128-bit halves, then over their high ones; b: v4..v7's.
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// x[i] = e^(x[i] − max x) over n floats; returns their sum.
+LLMLAB_AVX2 float softmax_numerators(Avx2, float *x, int64_t n) {
+  __m256 mv = _mm256_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + t));
+  float mx = hmax(mv);
+  for (; t < n; ++t) mx = std::max(mx, x[t]);
+  __m256 sum = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= n; t += 8) {
+    const __m256 e = exp_ps(Avx2{}, _mm256_sub_ps(_mm256_loadu_ps(x + t), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(x + t, e);
+    sum = _mm256_add_ps(sum, e);
   }
-  for (int64_t h = 0; h < nq; ++h) {
-    float *s = sc + h * n;
-    __m256 mv = _mm256_set1_ps(-INFINITY);
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + t));
-    float mx = hmax(mv);
-    for (; t < n; ++t) mx = std::max(mx, s[t]);
-    __m256 sum = _mm256_setzero_ps();
-    for (t = 0; t + 8 <= n; t += 8) {
-      const __m256 e = exp_ps(Avx2{}, _mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx)));
-      _mm256_storeu_ps(s + t, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    float total = hsum(sum);
-    for (; t < n; ++t) total += (s[t] = std::exp(s[t] - mx));
-    const float inv = 1.f / total;
-    for (t = 0; t < n; ++t) s[t] *= inv;
-    std::fill(out + h * hd, out + (h + 1) * hd, 0.f);
-  }
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < c; ++i) {
-      const __m256 v = load8(vals + t * hd + 8 * i);
-      for (int64_t h = 0; h < nq; ++h) {
-        float *o = out + h * hd + 8 * i;
-        _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(sc[h * n + t]), v, _mm256_loadu_ps(o)));
+  float total = hsum(sum);
+  for (; t < n; ++t) total += (x[t] = std::exp(x[t] - mx));
+  return total;
+}
+
+// As the AVX-512 `attend`, NQ ≤ 3 heads of 8·C: scores 8 keys at a time (8 lane-wise
+// products, then one transposing sum), the values' products in slices of 4 vectors a head (the
+// NQ heads' accumulators in 12 of the 16 registers), each value read once for the heads.
+template <int C, int NQ, class KV>
+LLMLAB_AVX2 void attend(Avx2, const float *q, const KV *keys, const KV *vals, int64_t n,
+                        float scale, float *out, float *sc) {
+  constexpr int64_t HD = 8 * C;
+  constexpr int W = C < 4 ? C : 4;  // vectors of a slice
+  for (int64_t t0 = 0; t0 < n; t0 += 8) {
+    const int64_t m = std::min<int64_t>(8, n - t0);
+    for (int h = 0; h < NQ; ++h) {
+      __m256 acc[8];
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+      if (m == 8) {
+        for (int c = 0; c < C; ++c) {
+          const __m256 qv = _mm256_loadu_ps(q + h * HD + 8 * c);
+          for (int u = 0; u < 8; ++u)
+            acc[u] = _mm256_fmadd_ps(qv, load8(keys + (t0 + u) * HD + 8 * c), acc[u]);
+        }
+      } else {  // the last keys
+        for (int64_t u = 0; u < m; ++u)
+          for (int c = 0; c < C; ++c)
+            acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * HD + 8 * c),
+                                     load8(keys + (t0 + u) * HD + 8 * c), acc[u]);
+      }
+      const __m256 s = _mm256_mul_ps(sum8(acc), _mm256_set1_ps(scale));
+      if (m == 8) {
+        _mm256_storeu_ps(sc + h * n + t0, s);
+      } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, s);
+        std::copy(tmp, tmp + m, sc + h * n + t0);
       }
     }
+  }
+  float inv[NQ];
+  for (int h = 0; h < NQ; ++h) inv[h] = 1.f / softmax_numerators(Avx2{}, sc + h * n, n);
+  for (int c0 = 0; c0 < C; c0 += W) {
+    __m256 acc[NQ][W];
+    for (int h = 0; h < NQ; ++h)
+      for (int c = 0; c < W; ++c) acc[h][c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      __m256 p[NQ];
+      for (int h = 0; h < NQ; ++h) p[h] = _mm256_broadcast_ss(sc + h * n + t);
+      for (int c = 0; c < W; ++c) {
+        const __m256 v = load8(vals + t * HD + 8 * (c0 + c));
+        for (int h = 0; h < NQ; ++h) acc[h][c] = _mm256_fmadd_ps(p[h], v, acc[h][c]);
+      }
+    }
+    for (int h = 0; h < NQ; ++h)
+      for (int c = 0; c < W; ++c)
+        _mm256_storeu_ps(out + h * HD + 8 * (c0 + c), _mm256_mul_ps(acc[h][c], _mm256_set1_ps(inv[h])));
+  }
+}
+
+template <int C, class KV>
+void attend_heads(Avx2, const float *q, int64_t nq, const KV *keys, const KV *vals, int64_t n,
+                  float scale, float *out, float *sc) {
+  constexpr int64_t HD = 8 * C;
+  for (int64_t h = 0; h < nq; h += 3) {
+    const float *qh = q + h * HD;
+    float *oh = out + h * HD;
+    switch (std::min<int64_t>(3, nq - h)) {
+      case 1: attend<C, 1, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc); break;
+      case 2: attend<C, 2, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc); break;
+      default: attend<C, 3, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc); break;
+    }
+  }
+}
+
+// `nq` query heads `q (nq, hd)` sharing one key/value head attend over its `n` cached keys and
+// values (f32 or f16; hd 16, 32, 64 or 128: `attend_fits`): out (nq, hd) = softmax(q·kᵀ·scale)·v.
+// `sc` holds nq·n floats.
+template <class KV>
+void attend_any(Avx2, int64_t hd, const float *q, int64_t nq, const KV *keys, const KV *vals,
+                int64_t n, float scale, float *out, float *sc) {
+  switch (hd) {
+    case 16: attend_heads<2>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
+    case 32: attend_heads<4>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
+    case 64: attend_heads<8>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
+    default: attend_heads<16>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
+  }
 }
 
 // ---- The x16 kernels in AVX2: `vpmaddubsw` + `vpmaddwd` for `vpdpbusd` ----
