@@ -725,14 +725,15 @@ LLMLAB_AVX512 inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// x[i] = e^(x[i] − max x) over n floats; returns their sum.
-LLMLAB_AVX512 float softmax_numerators(float *x, int64_t n) {
+// x[i] = e^(x[i] − max x) over n floats; returns their sum, and the max in `mx`.
+LLMLAB_AVX512 float softmax_numerators(float *x, int64_t n, float &mx) {
   __m512 mv = _mm512_set1_ps(-INFINITY);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
     mv = _mm512_mask_max_ps(mv, k, mv, _mm512_maskz_loadu_ps(k, x + i));
   }
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  mx = _mm512_reduce_max_ps(mv);
+  const __m512 m = _mm512_set1_ps(mx);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
@@ -774,7 +775,7 @@ LLMLAB_AVX512 inline __m512 load16(const uint16_t *p) {
 // registers, and the exponentials are vectorized. `sc` holds NQ·n floats.
 template <int C, int NQ, class KV>
 LLMLAB_AVX512 void attend(const float *q, const KV *keys, const KV *vals, int64_t n,
-                          float scale, float *out, float *sc) {
+                          float scale, float *out, float *sc, float *ml) {
   constexpr int64_t HD = 16 * C;
   __m512 qv[NQ][C];
   for (int h = 0; h < NQ; ++h)
@@ -799,7 +800,12 @@ LLMLAB_AVX512 void attend(const float *q, const KV *keys, const KV *vals, int64_
     }
   }
   float inv[NQ];
-  for (int h = 0; h < NQ; ++h) inv[h] = 1.f / softmax_numerators(sc + h * n, n);
+  for (int h = 0; h < NQ; ++h) {
+    float mx;
+    const float total = softmax_numerators(sc + h * n, n, mx);
+    inv[h] = 1.f / total;
+    if (ml) ml[2 * h] = mx, ml[2 * h + 1] = total;
+  }
   __m512 acc[NQ][C];
   for (int h = 0; h < NQ; ++h)
     for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
@@ -819,16 +825,16 @@ LLMLAB_AVX512 void attend(const float *q, const KV *keys, const KV *vals, int64_
 // `nq` heads with `attend`, at most 4 at a time (2 for head size 128: the registers).
 template <int C, class KV>
 void attend_heads(const float *q, int64_t nq, const KV *keys, const KV *vals, int64_t n,
-                  float scale, float *out, float *sc) {
+                  float scale, float *out, float *sc, float *ml) {
   constexpr int64_t HD = 16 * C, MAXQ = C >= 8 ? 2 : 4;
   for (int64_t h = 0; h < nq; h += MAXQ) {
     const float *qh = q + h * HD;
-    float *oh = out + h * HD;
+    float *oh = out + h * HD, *mlh = ml ? ml + 2 * h : nullptr;
     switch (std::min(MAXQ, nq - h)) {
-      case 1: attend<C, 1, KV>(qh, keys, vals, n, scale, oh, sc); break;
-      case 2: attend<C, 2, KV>(qh, keys, vals, n, scale, oh, sc); break;
-      case 3: attend<C, 3, KV>(qh, keys, vals, n, scale, oh, sc); break;
-      default: attend<C, 4, KV>(qh, keys, vals, n, scale, oh, sc); break;
+      case 1: attend<C, 1, KV>(qh, keys, vals, n, scale, oh, sc, mlh); break;
+      case 2: attend<C, 2, KV>(qh, keys, vals, n, scale, oh, sc, mlh); break;
+      case 3: attend<C, 3, KV>(qh, keys, vals, n, scale, oh, sc, mlh); break;
+      default: attend<C, 4, KV>(qh, keys, vals, n, scale, oh, sc, mlh); break;
     }
   }
 }
@@ -851,12 +857,12 @@ bool attend_fits(int64_t hd) { return hd == 16 || hd == 32 || hd == 64 || hd == 
 
 template <class KV>
 void attend_any(Avx512, int64_t hd, const float *q, int64_t nq, const KV *keys, const KV *vals,
-                int64_t n, float scale, float *out, float *sc) {
+                int64_t n, float scale, float *out, float *sc, float *ml) {
   switch (hd) {
-    case 16: attend_heads<1>(q, nq, keys, vals, n, scale, out, sc); break;
-    case 32: attend_heads<2>(q, nq, keys, vals, n, scale, out, sc); break;
-    case 64: attend_heads<4>(q, nq, keys, vals, n, scale, out, sc); break;
-    default: attend_heads<8>(q, nq, keys, vals, n, scale, out, sc); break;
+    case 16: attend_heads<1>(q, nq, keys, vals, n, scale, out, sc, ml); break;
+    case 32: attend_heads<2>(q, nq, keys, vals, n, scale, out, sc, ml); break;
+    case 64: attend_heads<4>(q, nq, keys, vals, n, scale, out, sc, ml); break;
+    default: attend_heads<8>(q, nq, keys, vals, n, scale, out, sc, ml); break;
   }
 }
 
@@ -1070,12 +1076,12 @@ LLMLAB_AVX2 inline __m256 sum8(const __m256 *v) {
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
-// x[i] = e^(x[i] − max x) over n floats; returns their sum.
-LLMLAB_AVX2 float softmax_numerators(Avx2, float *x, int64_t n) {
+// x[i] = e^(x[i] − max x) over n floats; returns their sum, and the max in `mx`.
+LLMLAB_AVX2 float softmax_numerators(Avx2, float *x, int64_t n, float &mx) {
   __m256 mv = _mm256_set1_ps(-INFINITY);
   int64_t t = 0;
   for (; t + 8 <= n; t += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + t));
-  float mx = hmax(mv);
+  mx = hmax(mv);
   for (; t < n; ++t) mx = std::max(mx, x[t]);
   __m256 sum = _mm256_setzero_ps();
   for (t = 0; t + 8 <= n; t += 8) {
@@ -1093,7 +1099,7 @@ LLMLAB_AVX2 float softmax_numerators(Avx2, float *x, int64_t n) {
 // NQ heads' accumulators in 12 of the 16 registers), each value read once for the heads.
 template <int C, int NQ, class KV>
 LLMLAB_AVX2 void attend(Avx2, const float *q, const KV *keys, const KV *vals, int64_t n,
-                        float scale, float *out, float *sc) {
+                        float scale, float *out, float *sc, float *ml) {
   constexpr int64_t HD = 8 * C;
   constexpr int W = C < 4 ? C : 4;  // vectors of a slice
   for (int64_t t0 = 0; t0 < n; t0 += 8) {
@@ -1124,7 +1130,12 @@ LLMLAB_AVX2 void attend(Avx2, const float *q, const KV *keys, const KV *vals, in
     }
   }
   float inv[NQ];
-  for (int h = 0; h < NQ; ++h) inv[h] = 1.f / softmax_numerators(Avx2{}, sc + h * n, n);
+  for (int h = 0; h < NQ; ++h) {
+    float mx;
+    const float total = softmax_numerators(Avx2{}, sc + h * n, n, mx);
+    inv[h] = 1.f / total;
+    if (ml) ml[2 * h] = mx, ml[2 * h + 1] = total;
+  }
   for (int c0 = 0; c0 < C; c0 += W) {
     __m256 acc[NQ][W];
     for (int h = 0; h < NQ; ++h)
@@ -1145,15 +1156,15 @@ LLMLAB_AVX2 void attend(Avx2, const float *q, const KV *keys, const KV *vals, in
 
 template <int C, class KV>
 void attend_heads(Avx2, const float *q, int64_t nq, const KV *keys, const KV *vals, int64_t n,
-                  float scale, float *out, float *sc) {
+                  float scale, float *out, float *sc, float *ml) {
   constexpr int64_t HD = 8 * C;
   for (int64_t h = 0; h < nq; h += 3) {
     const float *qh = q + h * HD;
-    float *oh = out + h * HD;
+    float *oh = out + h * HD, *mlh = ml ? ml + 2 * h : nullptr;
     switch (std::min<int64_t>(3, nq - h)) {
-      case 1: attend<C, 1, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc); break;
-      case 2: attend<C, 2, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc); break;
-      default: attend<C, 3, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc); break;
+      case 1: attend<C, 1, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc, mlh); break;
+      case 2: attend<C, 2, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc, mlh); break;
+      default: attend<C, 3, KV>(Avx2{}, qh, keys, vals, n, scale, oh, sc, mlh); break;
     }
   }
 }
@@ -1163,12 +1174,12 @@ void attend_heads(Avx2, const float *q, int64_t nq, const KV *keys, const KV *va
 // `sc` holds nq·n floats.
 template <class KV>
 void attend_any(Avx2, int64_t hd, const float *q, int64_t nq, const KV *keys, const KV *vals,
-                int64_t n, float scale, float *out, float *sc) {
+                int64_t n, float scale, float *out, float *sc, float *ml) {
   switch (hd) {
-    case 16: attend_heads<2>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
-    case 32: attend_heads<4>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
-    case 64: attend_heads<8>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
-    default: attend_heads<16>(Avx2{}, q, nq, keys, vals, n, scale, out, sc); break;
+    case 16: attend_heads<2>(Avx2{}, q, nq, keys, vals, n, scale, out, sc, ml); break;
+    case 32: attend_heads<4>(Avx2{}, q, nq, keys, vals, n, scale, out, sc, ml); break;
+    case 64: attend_heads<8>(Avx2{}, q, nq, keys, vals, n, scale, out, sc, ml); break;
+    default: attend_heads<16>(Avx2{}, q, nq, keys, vals, n, scale, out, sc, ml); break;
   }
 }
 
@@ -1724,7 +1735,7 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
     // The step's buffers, kept between calls (allocating them each step cost page faults and
     // zero-filling).
     struct Scratch {
-      std::vector<float> h, qkv, ctx, gu, y;
+      std::vector<float> h, qkv, ctx, gu, y, part, ml;
       QAct qa;
     };
     static thread_local Scratch scratch;
@@ -1767,28 +1778,48 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
     };
     // Attention: with a kernel for the head size, a task per row and key/value head with its
     // query heads together (each key read once for the group); per query head when that
-    // leaves too few tasks for the threads (batch 1). Otherwise a task per row and query head.
+    // leaves too few tasks for the threads (batch 1). A row with more than SPLIT keys is cut
+    // into slices of SPLIT keys, a task per row, key/value head and slice (the group's heads
+    // together), and the slices' softmaxes are combined after (`combine`): the keys are read
+    // once, and the threads share one long row. The slices sit at fixed positions, so a row's
+    // result depends on its own length only (not on the batch or the threads). Without a
+    // kernel for the head size, a task per row and query head.
+    constexpr int64_t SPLIT = 256;
     const int64_t group = n_heads / n_kv, threads = at::get_num_threads();
     const float scale = 1.f / std::sqrt(static_cast<float>(hd));
     const bool fits = attend_fits(hd);
-    const int64_t per_task = b * n_kv >= 4 * threads ? group : 1;
-    const int64_t tasks_per_kv = group / per_task;
+    auto slices_of = [&](int64_t r) { return p[r] / SPLIT + 1; };  // ceil((p[r] + 1) / SPLIT)
+    int64_t slices = 1;
+    for (int64_t r = 0; fits && r < b; ++r) slices = std::max(slices, slices_of(r));
+    const bool split = slices > 1;
+    const int64_t per_task = split || b * n_kv >= 4 * threads ? group : 1;
+    const int64_t tasks_per_kv = split ? slices : group / per_task;
     const int64_t n_tasks = fits ? b * n_kv * tasks_per_kv : b * n_heads;
+    // Per (row, key/value head, slice): the group's outputs (each normalized over its slice)
+    // and their softmaxes' max and sum (`attend`'s `ml`).
+    float *part = split ? buf(scratch.part, b * n_kv * slices * group * hd) : nullptr;
+    float *mls = split ? buf(scratch.ml, b * n_kv * slices * group * 2) : nullptr;
     auto attend_task = [&](const Block &B, int64_t t) {
       static thread_local std::vector<float> sc;  // this thread's scores, kept
       if (fits) {
         const int64_t r = t / (n_kv * tasks_per_kv), j = t / tasks_per_kv % n_kv,
-                      i = j * group + t % tasks_per_kv * per_task, n_keys = p[r] + 1;
+                      u = t % tasks_per_kv;  // the slice (split), or the group's u-th task
+        const int64_t i = j * group + (split ? 0 : u * per_task), k0 = split ? u * SPLIT : 0;
+        const int64_t n_keys = split ? std::min(SPLIT, p[r] + 1 - k0) : p[r] + 1;
+        if (n_keys <= 0) return;  // a slice past this row's keys
         if (static_cast<int64_t>(sc.size()) < per_task * n_keys) sc.resize(per_task * n_keys);
-        const int64_t at = (r * kv_row + j * cap * hd) * kv_bytes;
+        const int64_t at = (r * kv_row + (j * cap + k0) * hd) * kv_bytes;
         const float *q = qkv + r * nqkv + i * hd;
-        float *out = ctx + r * dq + i * hd;
+        const int64_t slot = (r * n_kv + j) * slices + u;
+        float *out = split ? part + slot * group * hd : ctx + r * dq + i * hd;
+        float *ml = split ? mls + slot * group * 2 : nullptr;
         if (half)
           attend_any(I{}, hd, q, per_task, reinterpret_cast<const uint16_t *>(B.kp + at),
-                     reinterpret_cast<const uint16_t *>(B.vp + at), n_keys, scale, out, sc.data());
+                     reinterpret_cast<const uint16_t *>(B.vp + at), n_keys, scale, out, sc.data(),
+                     ml);
         else
           attend_any(I{}, hd, q, per_task, reinterpret_cast<const float *>(B.kp + at),
-                     reinterpret_cast<const float *>(B.vp + at), n_keys, scale, out, sc.data());
+                     reinterpret_cast<const float *>(B.vp + at), n_keys, scale, out, sc.data(), ml);
         return;
       }
       const int64_t r = t / n_heads, i = t % n_heads, j = i / group, n_keys = p[r] + 1;
@@ -1809,6 +1840,30 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
       float *out = ctx + r * dq + i * hd;
       std::fill(out, out + hd, 0.f);
       for (int64_t t2 = 0; t2 < n_keys; ++t2) axpy_f32(I{}, sc[t2] / sum, vals + t2 * hd, out, hd);
+    };
+    // Row r's heads from their slices: out = Σ w_s · o_s / Σ w_s, w_s = sum_s · e^(max_s − max),
+    // the softmax over all the keys (one slice: its output as it is).
+    auto combine = [&](int64_t r) {
+      const int64_t n_sl = slices_of(r);
+      for (int64_t i = 0; i < n_heads; ++i) {
+        const int64_t first = ((r * n_kv + i / group) * slices) * group + i % group;
+        auto o_s = [&](int64_t s) { return part + (first + s * group) * hd; };
+        auto ml_s = [&](int64_t s) { return mls + (first + s * group) * 2; };
+        float *out = ctx + r * dq + i * hd;
+        if (n_sl == 1) {
+          std::memcpy(out, o_s(0), hd * sizeof(float));
+          continue;
+        }
+        float mx = -INFINITY, total = 0.f;
+        for (int64_t s = 0; s < n_sl; ++s) mx = std::max(mx, ml_s(s)[0]);
+        std::fill(out, out + hd, 0.f);
+        for (int64_t s = 0; s < n_sl; ++s) {
+          const float w = ml_s(s)[1] * std::exp(ml_s(s)[0] - mx);
+          total += w;
+          axpy_f32(I{}, w, o_s(s), out, hd);
+        }
+        for (int64_t e = 0; e < hd; ++e) out[e] /= total;
+      }
     };
 
     // Ten phases a block, each waiting for the one before; the residual of a block's down
@@ -1837,7 +1892,11 @@ char *llmlab_llama_decode(at::Tensor *x_, const at::Tensor *const *w, int64_t n_
         product(B.qkv, h, d, qkv);
         each_row([&](int64_t r) { rope_and_cache(B, r); });
         phases.run(ph++, n_tasks, [&](int64_t t) { attend_task(B, t); });
-        if (act) each_row([&](int64_t r) { quantize(ctx + r * dq, r, dq); });
+        if (act || split)
+          each_row([&](int64_t r) {
+            if (split) combine(r);
+            quantize(ctx + r * dq, r, dq);
+          });
         product(B.out, ctx, dq, y);
         each_row([&](int64_t r) {
           add(y + r * d, d, xp + r * d);

@@ -734,24 +734,7 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
         .flat_map(|k| shapes.map(|s| (k, s)))
     {
         let cfg = tiny_llama(hd, heads, kv, 101);
-        let model = |fused: bool| {
-            tch::manual_seed(7);
-            let vs = tch::nn::VarStore::new(Device::Cpu);
-            let mut m = llmlab::models::LlamaModel::new(&vs.root(), &cfg, None);
-            tch::no_grad(|| {
-                let mut vars: Vec<_> = vs.variables().into_iter().collect();
-                vars.sort_by(|a, b| a.0.cmp(&b.0)); // the same values for the same names
-                for (_, mut v) in vars {
-                    // Larger than the init's 0.02: peaked attention, logits of order 1-10.
-                    let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3;
-                    v.copy_(&r);
-                }
-            });
-            if fused {
-                m.prepare_for_inference_with(kernel);
-            }
-            (vs, m)
-        };
+        let model = |fused: bool| random_llama(&cfg, fused.then_some(kernel));
         let ((_va, plain), (_vb, fused)) = (model(false), model(true));
         assert!(fused.fused_decode() && !plain.fused_decode());
         // The same step with the KV cache in f16 (LLMLAB_KV_CACHE=f16).
@@ -813,6 +796,93 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
                 "rows at different positions",
                 Some(&RowPositions::new(&pos, Device::Cpu)),
             );
+        }
+    }
+    Ok(())
+}
+
+/// A Llama of `cfg` with weights of seed 7 (the same values for the same names), larger than
+/// the init's 0.02 (peaked attention, logits of order 1-10), with the fused step of `kernel`
+/// on its dense f32 weights when given.
+fn random_llama(
+    cfg: &LlamaConfig,
+    kernel: Option<QuantKernel>,
+) -> (tch::nn::VarStore, llmlab::models::LlamaModel) {
+    tch::manual_seed(7);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let mut m = llmlab::models::LlamaModel::new(&vs.root(), cfg, None);
+    tch::no_grad(|| {
+        let mut vars: Vec<_> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, mut v) in vars {
+            let r = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.3;
+            v.copy_(&r);
+        }
+    });
+    if let Some(k) = kernel {
+        m.prepare_for_inference_with(k);
+    }
+    (vs, m)
+}
+
+/// A context longer than the fused step's slice of keys (256) is attended in slices whose
+/// softmaxes are combined after: its logits equal libtorch's operators (within 1e-5 of their
+/// scale; f16 cache within [`F16_KV_TOL`]) for 3 and 4 query heads per key/value head (4: the
+/// kernel's heads in two calls), at 600-601 keys (3 slices, the last partial), then with one
+/// row at 603 keys beside one back at 101 (a single slice in a split step).
+#[test]
+fn fused_decode_step_attends_long_contexts_in_slices() -> Result<()> {
+    use llmlab::nn::attention::RowPositions;
+    let _g = tch::no_grad_guard();
+    for kernel in f32_kernels() {
+        for (hd, heads, kv) in [(64, 9, 3), (32, 8, 2)] {
+            let cfg = LlamaConfig {
+                context_length: 1024,
+                ..tiny_llama(hd, heads, kv, 101)
+            };
+            let ((_va, plain), (_vb, fused), (_vc, mut half)) = (
+                random_llama(&cfg, None),
+                random_llama(&cfg, Some(kernel)),
+                random_llama(&cfg, Some(kernel)),
+            );
+            half.set_kv_cache_half(true)?;
+            let b = 2;
+            let (mut cp, mut cf, mut ch) = (
+                plain.new_cache(b, 1024),
+                fused.new_cache(b, 1024),
+                half.new_cache(b, 1024),
+            );
+            let what = format!("{}: head size {hd}, {heads}/{kv} heads", kernel.name());
+            let mut step = |idx: &Tensor, name: &str, rows: Option<&RowPositions>| {
+                let (x, y, z) = match rows {
+                    None => (
+                        plain.forward_last_logits_cached(idx, &mut cp),
+                        fused.forward_last_logits_cached(idx, &mut cf),
+                        half.forward_last_logits_cached(idx, &mut ch),
+                    ),
+                    Some(r) => (
+                        plain.decode_rows(idx, &mut cp, r),
+                        fused.decode_rows(idx, &mut cf, r),
+                        half.decode_rows(idx, &mut ch, r),
+                    ),
+                };
+                let scale = x.abs().max().double_value(&[]).max(1.0);
+                for (other, tol, cache) in [(&y, 1e-5, "f32"), (&z, F16_KV_TOL, "f16")] {
+                    let diff = (&x - other).abs().max().double_value(&[]);
+                    assert!(
+                        diff <= tol * scale,
+                        "{what}, {name}, {cache} cache: max abs diff {diff:.2e} (scale {scale:.1})"
+                    );
+                }
+                x.argmax(-1, false).view([b, 1])
+            };
+            let prompt = Tensor::randint(101, [b, 600], (Kind::Int64, Device::Cpu));
+            let mut next = step(&prompt, "prompt", None);
+            for i in 0..2 {
+                next = step(&next, &format!("step {i} (3 slices)"), None);
+            }
+            let rows = RowPositions::new(&[602, 100], Device::Cpu);
+            let _ = step(&next, "rows at 603 and 101 keys", Some(&rows));
         }
     }
     Ok(())
