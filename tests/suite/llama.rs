@@ -751,7 +751,7 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
                 kernel.name()
             );
             let prompt = Tensor::randint(101, [b, 37], (Kind::Int64, Device::Cpu));
-            let (mut cp, mut cf, mut ch) = (
+            let (cp, cf, ch) = (
                 plain.new_cache(b, 64),
                 fused.new_cache(b, 64),
                 half.new_cache(b, 64),
@@ -760,30 +760,15 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
                 ch.layers[0].buffers_kind(),
                 if hd == 24 { Kind::Float } else { Kind::Half }
             );
-            let close = |x: &Tensor, y: &Tensor, tol: f64, step: &str| {
-                let scale = x.abs().max().double_value(&[]);
-                let diff = (x - y).abs().max().double_value(&[]);
-                assert!(
-                    diff <= tol * scale.max(1.0),
-                    "{what}, {step}: max abs diff {diff:.2e} (logits up to {scale:.1})"
-                );
-            };
+            let mut caches = [cp, cf, ch];
             let mut step = |idx: &Tensor, name: &str, rows: Option<&RowPositions>| {
-                let (x, y, z) = match rows {
-                    None => (
-                        plain.forward_last_logits_cached(idx, &mut cp),
-                        fused.forward_last_logits_cached(idx, &mut cf),
-                        half.forward_last_logits_cached(idx, &mut ch),
-                    ),
-                    Some(r) => (
-                        plain.decode_rows(idx, &mut cp, r),
-                        fused.decode_rows(idx, &mut cf, r),
-                        half.decode_rows(idx, &mut ch, r),
-                    ),
-                };
-                close(&x, &y, 1e-5, name);
-                close(&x, &z, F16_KV_TOL, &format!("{name}, f16 cache"));
-                x.argmax(-1, false).view([b, 1])
+                fused_step_close(
+                    [&plain, &fused, &half],
+                    &mut caches,
+                    idx,
+                    rows,
+                    &format!("{what}, {name}"),
+                )
             };
             let mut next = step(&prompt, "prompt", None);
             for i in 0..3 {
@@ -799,6 +784,32 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One decoding call (a prompt, or a step with `rows` at their own positions) of libtorch's
+/// operators, the fused step and the fused step with an f16 cache (`models`, each with its
+/// cache): the fused logits within 1e-5 of the scale of libtorch's, the f16 cache's within
+/// [`F16_KV_TOL`]; returns the greedy next tokens `(rows, 1)`.
+fn fused_step_close(
+    models: [&llmlab::models::LlamaModel; 3],
+    caches: &mut [llmlab::models::llama::LlamaCache; 3],
+    idx: &Tensor,
+    rows: Option<&llmlab::nn::attention::RowPositions>,
+    what: &str,
+) -> Tensor {
+    let [x, y, z] = [0, 1, 2].map(|i| match rows {
+        None => models[i].forward_last_logits_cached(idx, &mut caches[i]),
+        Some(r) => models[i].decode_rows(idx, &mut caches[i], r),
+    });
+    let scale = x.abs().max().double_value(&[]);
+    for (other, tol, cache) in [(&y, 1e-5, "f32"), (&z, F16_KV_TOL, "f16")] {
+        let diff = (&x - other).abs().max().double_value(&[]);
+        assert!(
+            diff <= tol * scale.max(1.0),
+            "{what}, {cache} cache: max abs diff {diff:.2e} (logits up to {scale:.1})"
+        );
+    }
+    x.argmax(-1, false).view([idx.size()[0], 1])
 }
 
 /// A Llama of `cfg` with weights of seed 7 (the same values for the same names), larger than
@@ -847,34 +858,16 @@ fn fused_decode_step_attends_long_contexts_in_slices() -> Result<()> {
             );
             half.set_kv_cache_half(true)?;
             let b = 2;
-            let (mut cp, mut cf, mut ch) = (
-                plain.new_cache(b, 1024),
-                fused.new_cache(b, 1024),
-                half.new_cache(b, 1024),
-            );
+            let mut caches = [&plain, &fused, &half].map(|m| m.new_cache(b, 1024));
             let what = format!("{}: head size {hd}, {heads}/{kv} heads", kernel.name());
             let mut step = |idx: &Tensor, name: &str, rows: Option<&RowPositions>| {
-                let (x, y, z) = match rows {
-                    None => (
-                        plain.forward_last_logits_cached(idx, &mut cp),
-                        fused.forward_last_logits_cached(idx, &mut cf),
-                        half.forward_last_logits_cached(idx, &mut ch),
-                    ),
-                    Some(r) => (
-                        plain.decode_rows(idx, &mut cp, r),
-                        fused.decode_rows(idx, &mut cf, r),
-                        half.decode_rows(idx, &mut ch, r),
-                    ),
-                };
-                let scale = x.abs().max().double_value(&[]).max(1.0);
-                for (other, tol, cache) in [(&y, 1e-5, "f32"), (&z, F16_KV_TOL, "f16")] {
-                    let diff = (&x - other).abs().max().double_value(&[]);
-                    assert!(
-                        diff <= tol * scale,
-                        "{what}, {name}, {cache} cache: max abs diff {diff:.2e} (scale {scale:.1})"
-                    );
-                }
-                x.argmax(-1, false).view([b, 1])
+                fused_step_close(
+                    [&plain, &fused, &half],
+                    &mut caches,
+                    idx,
+                    rows,
+                    &format!("{what}, {name}"),
+                )
             };
             let prompt = Tensor::randint(101, [b, 600], (Kind::Int64, Device::Cpu));
             let mut next = step(&prompt, "prompt", None);
