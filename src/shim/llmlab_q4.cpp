@@ -772,7 +772,9 @@ LLMLAB_AVX512 inline __m512 load16(const uint16_t *p) {
 // NQ query heads `q (NQ, 16·C)` that share one key/value head attend over its `n` cached
 // keys and values `(n, 16·C)` (f32 or f16): out (NQ, 16·C) = softmax(q·kᵀ·scale) · v. Every
 // key and value is loaded once for the NQ heads, the heads' queries and outputs stay in
-// registers, and the exponentials are vectorized. `sc` holds NQ·n floats.
+// registers, and the exponentials are vectorized. `sc` holds NQ·n floats. With `ml` (not
+// NULL), head h's softmax max and sum go to ml[2h] and ml[2h + 1], for the fused step to
+// combine slices of the keys.
 template <int C, int NQ, class KV>
 LLMLAB_AVX512 void attend(const float *q, const KV *keys, const KV *vals, int64_t n,
                           float scale, float *out, float *sc, float *ml) {
@@ -1096,7 +1098,8 @@ LLMLAB_AVX2 float softmax_numerators(Avx2, float *x, int64_t n, float &mx) {
 
 // As the AVX-512 `attend`, NQ ≤ 3 heads of 8·C: scores 8 keys at a time (8 lane-wise
 // products, then one transposing sum), the values' products in slices of 4 vectors a head (the
-// NQ heads' accumulators in 12 of the 16 registers), each value read once for the heads.
+// NQ heads' accumulators in 12 of the 16 registers), each value read once for the heads; `ml`
+// as there.
 template <int C, int NQ, class KV>
 LLMLAB_AVX2 void attend(Avx2, const float *q, const KV *keys, const KV *vals, int64_t n,
                         float scale, float *out, float *sc, float *ml) {
