@@ -58,8 +58,8 @@ def llamacpp_worker(a):
     vocab = llm.n_vocab()
     ctx = llm._ctx.ctx
 
-    def argmax():
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))))
+    def argmax(c=ctx, i=-1):  # the greedy token of logits row i of context c
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(c, i), shape=(vocab,))))
 
     def tg(prompt=PROMPT, new=NEW):
         llm.reset()
@@ -96,18 +96,15 @@ def llamacpp_worker(a):
         if llama_cpp.llama_decode(bctx, batch) != 0:
             sys.exit("llama.cpp: llama_decode failed")
 
-    def row_argmax(i):
-        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(bctx, i), shape=(vocab,))))
-
     def b8():
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(bctx), True)
         prompt = prompt_ids(PROMPT, vocab)
         decode([(t, p, s, p == PROMPT - 1) for s in range(BATCH) for p, t in enumerate(prompt)])
-        toks = [row_argmax(s * PROMPT + PROMPT - 1) for s in range(BATCH)]
+        toks = [argmax(bctx, s * PROMPT + PROMPT - 1) for s in range(BATCH)]
         t0 = time.perf_counter()
         for step in range(NEW - 1):
             decode([(toks[s], PROMPT + step, s, True) for s in range(BATCH)])
-            toks = [row_argmax(s) for s in range(BATCH)]
+            toks = [argmax(bctx, s) for s in range(BATCH)]
         return BATCH * (NEW - 1) / (time.perf_counter() - t0)
 
     tg(), pp(), b8()  # warm-up

@@ -761,14 +761,9 @@ fn fused_decode_step_equals_libtorch_ops() -> Result<()> {
                 if hd == 24 { Kind::Float } else { Kind::Half }
             );
             let mut caches = [cp, cf, ch];
+            let models = [&plain, &fused, &half];
             let mut step = |idx: &Tensor, name: &str, rows: Option<&RowPositions>| {
-                fused_step_close(
-                    [&plain, &fused, &half],
-                    &mut caches,
-                    idx,
-                    rows,
-                    &format!("{what}, {name}"),
-                )
+                fused_step_close(models, &mut caches, idx, rows, &format!("{what}, {name}"))
             };
             let mut next = step(&prompt, "prompt", None);
             for i in 0..3 {
@@ -860,14 +855,9 @@ fn fused_decode_step_attends_long_contexts_in_slices() -> Result<()> {
             let b = 2;
             let mut caches = [&plain, &fused, &half].map(|m| m.new_cache(b, 1024));
             let what = format!("{}: head size {hd}, {heads}/{kv} heads", kernel.name());
+            let models = [&plain, &fused, &half];
             let mut step = |idx: &Tensor, name: &str, rows: Option<&RowPositions>| {
-                fused_step_close(
-                    [&plain, &fused, &half],
-                    &mut caches,
-                    idx,
-                    rows,
-                    &format!("{what}, {name}"),
-                )
+                fused_step_close(models, &mut caches, idx, rows, &format!("{what}, {name}"))
             };
             let prompt = Tensor::randint(101, [b, 600], (Kind::Int64, Device::Cpu));
             let mut next = step(&prompt, "prompt", None);
