@@ -171,11 +171,11 @@ pub enum QuantKernel {
     /// The same blocks interleaved 16 rows at a time and multiplied by 15-bit integer
     /// activations with AVX-512 VNNI ([`Q41Linear::interleaved`]): less than half the
     /// instructions of `avx512` for about 1e-4 relative error per product. Without VNNI, in AVX2
-    /// (`vpmaddubsw`: the same integer sums, the same blocks' products; the Q8_0 head then
-    /// keeps f32 activations).
+    /// (`vpmaddwd`: the same integer sums, the same blocks' products).
     Vnni,
     /// As [`Self::Vnni`] with 8-bit activations, llama.cpp's arithmetic (its Q8_1): half the
-    /// instructions again, for about 1e-2 relative error per product.
+    /// instructions again, for about 1e-2 relative error per product. In AVX2 (`vpmaddubsw`) the
+    /// Q8_0 head keeps 16-bit activations (8-bit weight codes would saturate its 16-bit pairs).
     Vnni8,
 }
 
@@ -306,7 +306,7 @@ impl QuantKernel {
 
     /// The instruction set this kernel runs in on this CPU (its products, and the norms,
     /// attention and f32 products of the fused decoding step): the VNNI kernels in AVX-512
-    /// where the CPU has VNNI, else in AVX2 (`vpmaddubsw`: the same integer sums); `None` for
+    /// where the CPU has VNNI, else in AVX2 (`vpmaddwd`, `vpmaddubsw`: the same integer sums); `None` for
     /// `torch`.
     pub fn isa(self) -> Option<Isa> {
         match self {
@@ -373,7 +373,7 @@ fn kernel_forward(
 /// kernels (32 bits), which do not use them.
 fn vnni_dots(out: i64, inputs: i64, act_bits: u8, isa: Isa) -> i64 {
     match (isa, act_bits) {
-        (Isa::Avx2, _) => 0, // vpmaddubsw, no vpdpbusd
+        (Isa::Avx2, _) => 0, // vpmaddwd / vpmaddubsw, no vpdpbusd
         (_, 16) => out * inputs / 32,
         (_, 8) => out * inputs / 64,
         _ => 0,
@@ -623,8 +623,8 @@ impl Q80Linear {
         }
     }
 
-    /// The layer as `kernel` runs it, as [`Q41Linear::for_kernel`] (in AVX2 the VNNI kernels
-    /// leave it in GGUF's layout: [`Self::interleaved`]).
+    /// The layer as `kernel` runs it, as [`Q41Linear::for_kernel`] (in AVX2 with 16-bit
+    /// activations for both VNNI kernels: [`Self::interleaved`]).
     pub fn for_kernel(self, kernel: QuantKernel) -> Self {
         assert!(self.act_bits == 32, "for_kernel: from GGUF's layout");
         let (isa, bits) = kernel_layout(kernel, "Q8_0");
@@ -636,12 +636,13 @@ impl Q80Linear {
     }
 
     /// The blocks interleaved for `act_bits` activations, as [`Q41Linear::interleaved`]; in
-    /// AVX2 the layer keeps GGUF's layout and f32 activations (the shim's AVX2 x16 kernel takes
-    /// Q4_1 blocks: `vpmaddubsw` would saturate on the stored 8-bit codes).
+    /// AVX2 always for 16-bit ones (the shim's AVX2 kernel multiplies 8-bit codes by 16-bit
+    /// activations with `vpmaddwd`: `vpmaddubsw` would saturate on them).
     pub fn interleaved(self, act_bits: u8) -> Self {
-        if !can_interleave(self.act_bits, act_bits, self.out_dim) || self.isa == Isa::Avx2 {
+        if !can_interleave(self.act_bits, act_bits, self.out_dim) {
             return self;
         }
+        let act_bits = if self.isa == Isa::Avx2 { 16 } else { act_bits };
         let (mut qs16, mut d16) = x16_empty(self.out_dim, self.in_dim, 512);
         crate::shim::x16_pack(8, (&self.qs, &self.d, None), (&mut qs16, &mut d16, None))
             .expect("Q80Linear's own blocks have the shapes the repacking checks");
@@ -651,6 +652,11 @@ impl Q80Linear {
             act_bits,
             ..self
         }
+    }
+
+    /// As [`Q41Linear::act_bits`] (16 where AVX2 interleaves it for 8).
+    pub fn act_bits(&self) -> u8 {
+        self.act_bits
     }
 
     fn x16(&self) -> crate::shim::X16<'_> {

@@ -372,7 +372,8 @@ void f32_mm(const float *xp, int64_t rows, int64_t k, const float *w, int64_t n,
 // all its rows at fixed offsets from one pointer.
 struct QAct {
   int64_t rows = 0;
-  std::vector<int8_t> hi, lo;  // (k / 32, rows, 32); `lo` only for 16 bits
+  std::vector<int8_t> hi, lo;  // (k / 32, rows, 32); `lo` only for 16 bits (AVX-512)
+  std::vector<int16_t> q16;    // (k / 32, rows, 32): the 16-bit codes whole (AVX2)
   std::vector<float> d, s;     // (k / 32, rows)
 
   // Room for `rows` rows of up to `k` inputs of `bits` (kept: growing only).
@@ -380,6 +381,7 @@ struct QAct {
     rows = rows_;
     hi.resize(std::max<size_t>(hi.size(), rows * k));
     if (bits == 16) lo.resize(std::max<size_t>(lo.size(), rows * k));
+    if (bits == 16) q16.resize(std::max<size_t>(q16.size(), rows * k));
     d.resize(std::max<size_t>(d.size(), rows * k / QK));
     s.resize(std::max<size_t>(s.size(), rows * k / QK));
   }
@@ -569,10 +571,11 @@ double vnni_peak(int64_t reps) {
 template <class I, int BITS>
 void x16_mm_act(int act_bits, const float *xp, int64_t rows, int64_t k, const uint8_t *qs,
                 const uint16_t *d, const uint16_t *m, int64_t n, float *yp) {
-  if (act_bits == 8)
+  if constexpr (std::is_same_v<I, Avx2> && BITS == 8)
+    EXPECT(act_bits == 16, "the AVX2 x16 kernel takes Q8_0x16 blocks with 16-bit activations");
+  else if (act_bits == 8)
     x16_mm<I, BITS, 8>(xp, rows, k, qs, d, m, n, yp);
-  else
-    x16_mm<I, BITS, 16>(xp, rows, k, qs, d, m, n, yp);
+  if (act_bits == 16) x16_mm<I, BITS, 16>(xp, rows, k, qs, d, m, n, yp);
 }
 
 // A projection of the fused decode step: Q4_1 blocks or a dense f32 matrix (n rows).
@@ -1186,13 +1189,15 @@ void attend_any(Avx2, int64_t hd, const float *q, int64_t nq, const KV *keys, co
   }
 }
 
-// ---- The x16 kernels in AVX2: `vpmaddubsw` + `vpmaddwd` for `vpdpbusd` ----
+// ---- The x16 kernels in AVX2: `vpmaddubsw` and `vpmaddwd` for `vpdpbusd` ----
 //
-// Eight weight rows a vector (half a group): `vpmaddubsw` multiplies each row's 4 weight bytes
-// by the 4 broadcast activation bytes and adds pairs into 16-bit lanes (at most 2 · 15 · 128,
-// so no saturation with 4-bit weights), `vpmaddwd` by ones adds the pairs into the row's 32-bit
-// lane: the integer sums of `vpdpbusd`, so the products equal the AVX-512 VNNI kernel's bit for
-// bit (the float steps are the same, lane by lane).
+// Eight weight rows a vector (half a group). With 8-bit activations `vpmaddubsw` multiplies each
+// row's 4 weight bytes by the 4 broadcast activation bytes and adds pairs into 16-bit lanes (at
+// most 2 · 15 · 128, so no saturation with 4-bit weights), `vpmaddwd` by ones adds the pairs
+// into the row's 32-bit lane. With 16-bit activations the weights are widened to 16 bits and
+// `vpmaddwd` multiplies them by the whole codes. Either way these are the integer sums of
+// `vpdpbusd`, so the products equal the AVX-512 VNNI kernel's bit for bit (the float steps are
+// the same, lane by lane).
 
 // 32 int32 codes (4 vectors, each within -128..127) as 32 bytes in order (the packs
 // interleave the 128-bit lanes; the permutation puts them back).
@@ -1223,17 +1228,13 @@ LLMLAB_AVX2 void quantize_row(Avx2, const float *x, int64_t r, int64_t k, QAct &
       q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(xv[i], _mm256_set1_ps(id)));
       sum = _mm256_add_epi32(sum, q[i]);
     }
-    __m256i *hi = reinterpret_cast<__m256i *>(a.hi.data() + o * QK);
     if constexpr (A == 8) {
-      _mm256_storeu_si256(hi, codes_bytes(q));
-    } else {
-      const __m256i h[4] = {_mm256_srai_epi32(q[0], 7), _mm256_srai_epi32(q[1], 7),
-                            _mm256_srai_epi32(q[2], 7), _mm256_srai_epi32(q[3], 7)};
-      const __m256i seven = _mm256_set1_epi32(127);
-      const __m256i l[4] = {_mm256_and_si256(q[0], seven), _mm256_and_si256(q[1], seven),
-                            _mm256_and_si256(q[2], seven), _mm256_and_si256(q[3], seven)};
-      _mm256_storeu_si256(hi, codes_bytes(h));
-      _mm256_storeu_si256(reinterpret_cast<__m256i *>(a.lo.data() + o * QK), codes_bytes(l));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(a.hi.data() + o * QK), codes_bytes(q));
+    } else {  // whole, for `vpmaddwd` (the packs interleave 64-bit quarters: put them back)
+      __m256i *q16 = reinterpret_cast<__m256i *>(a.q16.data() + o * QK);
+      for (int h = 0; h < 2; ++h)
+        _mm256_storeu_si256(q16 + h, _mm256_permute4x64_epi64(
+                                         _mm256_packs_epi32(q[2 * h], q[2 * h + 1]), 0xD8));
     }
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
@@ -1270,30 +1271,85 @@ LLMLAB_AVX2 inline void x16_pass(const __m256i (&w)[8], const int8_t *act, __m25
   }
 }
 
-// As the AVX-512 x16_group for Q4_1x16 blocks, a half group (8 rows) at a time.
+// sA[r], sB[r] += the products of 8 rows' weights (16-bit lanes: rows 0-3 of the half group in
+// `w0`, rows 4-7 in `w1`, 4 consecutive weights a row) by row r's 4 activation codes at
+// `act + r · QK` (16-bit, broadcast): `vpmaddwd` leaves each row's sum in two int32 lanes (its
+// weights 0-1 and 2-3).
+template <int R>
+LLMLAB_AVX2 inline void madd_step(__m256i w0, __m256i w1, const int16_t *act, __m256i (&sA)[R],
+                                  __m256i (&sB)[R]) {
+  for (int r = 0; r < R; ++r) {
+    const __m256i a = _mm256_set1_epi64x(*reinterpret_cast<const int64_t *>(act + r * QK));
+    sA[r] = _mm256_add_epi32(sA[r], _mm256_madd_epi16(w0, a));
+    sB[r] = _mm256_add_epi32(sB[r], _mm256_madd_epi16(w1, a));
+    // Kept in registers as running sums: otherwise the compiler reassociates the block's 64
+    // additions into a tree over all its products and spills them to the stack.
+    asm("" : "+x"(sA[r]), "+x"(sB[r]));
+  }
+}
+
+// 16 bytes (4 rows' 4 bytes of an x16 vector) as 16-bit lanes.
+LLMLAB_AVX2 inline __m256i bytes_u16(const uint8_t *p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+}
+
+// As the AVX-512 x16_group, a half group (8 rows) at a time: the same integer sums per row and
+// block (exact), then the same float steps. 8-bit activations (Q4_1x16 only: `vpmaddubsw`'s
+// 16-bit pairs would saturate on 8-bit codes) take `vpmaddubsw` on the bytes `hi`; 16-bit ones
+// take `vpmaddwd` on the whole codes `q16`, one instruction per 16 products where splitting them
+// into two bytes costs two `vpmaddubsw` and their widening, and for Q8_0x16 too.
 template <int BITS, int A, int R>
 LLMLAB_AVX2 inline void x16_group(Avx2, const QAct &a, int64_t r0, int64_t k, const uint8_t *qs,
                                   const uint16_t *d, const uint16_t *m, float *y, int64_t ldy) {
-  static_assert(BITS == 4, "the AVX2 x16 kernel takes Q4_1x16 blocks");
+  static_assert(BITS == 4 || A == 16, "8-bit activations take Q4_1x16 blocks in AVX2");
   const int64_t nb = k / QK;
+  constexpr int64_t BLOCK_BYTES = BITS == 4 ? 256 : 512;
+  // vphaddd leaves the rows of a half group in the lanes 0 1 4 5 2 3 6 7: the scales are read
+  // in that order, and the sums put back in order when stored.
+  const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  const __m256i low = _mm256_set1_epi16(0x0F);
   for (int half = 0; half < 2; ++half) {
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t *blk = qs + b * 256 + 32 * half;
+      const uint8_t *blk = qs + b * BLOCK_BYTES + 32 * half;
       const int64_t at = b * a.rows + r0;
-      __m256i w[8], sum[R];
-      x16_weights(blk, w);
-      for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
-      x16_pass<R>(w, a.hi.data() + at * QK, sum);
-      if constexpr (A == 16) {
-        for (int r = 0; r < R; ++r) sum[r] = _mm256_slli_epi32(sum[r], 7);
-        x16_pass<R>(w, a.lo.data() + at * QK, sum);
-      }
-      const __m256 dv = _mm256_cvtph_ps(
+      __m256i sum[R];
+      __m256 dv = _mm256_cvtph_ps(
           _mm_loadu_si128(reinterpret_cast<const __m128i *>(d + b * 16 + 8 * half)));
-      const __m256 mv = _mm256_cvtph_ps(
-          _mm_loadu_si128(reinterpret_cast<const __m128i *>(m + b * 16 + 8 * half)));
+      __m256 mv;
+      if constexpr (A == 8) {
+        __m256i w[8];
+        x16_weights(blk, w);
+        for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_si256();
+        x16_pass<R>(w, a.hi.data() + at * QK, sum);
+      } else {
+        __m256i sA[R], sB[R];
+        for (int r = 0; r < R; ++r) sA[r] = sB[r] = _mm256_setzero_si256();
+        const int16_t *act = a.q16.data() + at * QK;
+        if constexpr (BITS == 4) {  // a byte's low nibble is weight 4t + i, its high 16 + 4t + i
+          for (int t = 0; t < 4; ++t) {
+            const __m256i v0 = bytes_u16(blk + 64 * t), v1 = bytes_u16(blk + 64 * t + 16);
+            madd_step<R>(_mm256_and_si256(v0, low), _mm256_and_si256(v1, low), act + 4 * t, sA,
+                         sB);
+            madd_step<R>(_mm256_srli_epi16(v0, 4), _mm256_srli_epi16(v1, 4), act + 16 + 4 * t,
+                         sA, sB);
+          }
+        } else {
+          for (int t = 0; t < 8; ++t)
+            madd_step<R>(bytes_u16(blk + 64 * t), bytes_u16(blk + 64 * t + 16), act + 4 * t, sA,
+                         sB);
+        }
+        for (int r = 0; r < R; ++r) sum[r] = _mm256_hadd_epi32(sA[r], sB[r]);
+        dv = _mm256_permutevar8x32_ps(dv, order);
+      }
+      if constexpr (BITS == 4) {
+        mv = _mm256_cvtph_ps(
+            _mm_loadu_si128(reinterpret_cast<const __m128i *>(m + b * 16 + 8 * half)));
+        if constexpr (A == 16) mv = _mm256_permutevar8x32_ps(mv, order);
+      } else {
+        mv = _mm256_mul_ps(dv, _mm256_set1_ps(-128.f));
+      }
       for (int r = 0; r < R; ++r) {
         const int64_t i = at + r;
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]),
@@ -1301,7 +1357,10 @@ LLMLAB_AVX2 inline void x16_group(Avx2, const QAct &a, int64_t r0, int64_t k, co
         acc[r] = _mm256_fmadd_ps(mv, _mm256_set1_ps(a.s[i]), acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy + 8 * half, acc[r]);
+    for (int r = 0; r < R; ++r) {
+      const __m256 out = A == 16 ? _mm256_permutevar8x32_ps(acc[r], order) : acc[r];
+      _mm256_storeu_ps(y + r * ldy + 8 * half, out);
+    }
   }
 }
 
@@ -1548,7 +1607,8 @@ char *llmlab_x16_pack(int bits, const at::Tensor *qs_, const at::Tensor *d_, con
 
 // y (b, n) = x (b, k) · Wᵀ with W in an x16 layout, the activations quantized to `act_bits`
 // (8 or 16) per block of 32, by the kernels of `isa`: AVX-512 VNNI's `vpdpbusd` (the caller
-// checks the CPU has it), or AVX2's `vpmaddubsw` for Q4_1x16 (the same integer sums).
+// checks the CPU has it), or AVX2's `vpmaddubsw` / `vpmaddwd` (the same integer sums; Q8_0x16
+// with 16-bit activations only).
 char *llmlab_x16_mm(int isa, int bits, int act_bits, const at::Tensor *x_, const at::Tensor *qs16_,
                     const at::Tensor *d16_, const at::Tensor *m16_, at::Tensor *y_) {
   LLMLAB_PROTECT({
@@ -1564,8 +1624,7 @@ char *llmlab_x16_mm(int isa, int bits, int act_bits, const at::Tensor *x_, const
     const uint8_t *qs = qs16_->data_ptr<uint8_t>();
     const uint16_t *d = half_bits(*d16_), *m = m16_ ? half_bits(*m16_) : nullptr;
     expect_x16_isa(isa);
-    EXPECT(isa == Avx512::code || bits == 4, "the AVX2 x16 kernel takes Q4_1x16 blocks");
-    const auto mm = isa == Avx2::code ? x16_mm_act<Avx2, 4>
+    const auto mm = isa == Avx2::code ? (bits == 4 ? x16_mm_act<Avx2, 4> : x16_mm_act<Avx2, 8>)
                     : bits == 4       ? x16_mm_act<Avx512, 4>
                                       : x16_mm_act<Avx512, 8>;
     mm(act_bits, x.data_ptr<float>(), b, k, qs, d, m, n, y.data_ptr<float>());

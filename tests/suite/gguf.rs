@@ -341,13 +341,14 @@ fn act_rel_tol(act_bits: u8) -> f64 {
 }
 
 /// The interleaved blocks of the `vnni` and `vnni8` kernels (16 rows side by side, 16- or 8-bit
-/// activations), in AVX-512 VNNI and in AVX2 (each where the CPU has it; AVX2's takes Q4_1):
+/// activations), in AVX-512 VNNI and in AVX2 (each where the CPU has it; AVX2's takes Q8_0 with
+/// 16-bit activations only):
 /// repacking is lossless (the dequantized weights are equal bit for bit to the GGUF layout's),
 /// a layer whose `out` is not a multiple of 16 keeps the GGUF layout, and for every decoding row
 /// count the products equal the quantized-activation arithmetic computed by libtorch in f64
 /// ([`quantized_activation_product`]) within [`KERNEL_REL_TOL`]; prompts (more than `GEMM_ROWS`
 /// rows) run the exact f32 GEMM. Against the exact f32 product the quantized activations cost at
-/// most [`act_rel_tol`]. Where both instruction sets run, their Q4_1 products are the same bits
+/// most [`act_rel_tol`]. Where both instruction sets run, their products are the same bits
 /// (the same integer sums and float steps).
 #[test]
 fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
@@ -382,18 +383,29 @@ fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
         })
         .collect();
     for act_bits in [16, 8] {
-        // Each instruction set's Q4_1 products, to compare bit for bit.
-        let mut q4_products: Vec<(&str, Vec<Tensor>)> = Vec::new();
+        // Each layer's products in each instruction set (layer, isa, products), to compare bit
+        // for bit.
+        let mut products_of: Vec<(&str, &str, Vec<Tensor>)> = Vec::new();
         for &isa in &isas {
             let q4 = Q41Linear::quantize(&w)
                 .for_kernel(isa)
                 .interleaved(act_bits);
             assert_eq!(q4.act_bits(), act_bits);
             let mut layers: Vec<(&str, Tensor, Tensor, Box<Forward>)> = Vec::new();
-            if isa == QuantKernel::Avx512 {
+            // AVX2 multiplies the Q8_0 head's 8-bit codes by 16-bit activations only.
+            if isa == QuantKernel::Avx2 {
+                let q8 = Q80Linear::quantize(&w).for_kernel(isa).interleaved(8);
+                assert_eq!(
+                    q8.act_bits(),
+                    16,
+                    "AVX2's Q8_0 layer with 8-bit activations"
+                );
+            }
+            if isa == QuantKernel::Avx512 || act_bits == 16 {
                 let q8 = Q80Linear::quantize(&w)
                     .for_kernel(isa)
                     .interleaved(act_bits);
+                assert_eq!(q8.act_bits(), act_bits);
                 layers.push((
                     "Q8_0",
                     Q80Linear::quantize(&w).dequantize(),
@@ -433,15 +445,17 @@ fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
                         "{name} {isa} {shape:?}: {vs_exact:e}"
                     );
                 }
-                if *name == "Q4_1" {
-                    q4_products.push((isa.name(), products));
-                }
+                products_of.push((*name, isa.name(), products));
             }
         }
-        for pair in q4_products.windows(2) {
-            let ((a, ya), (b, yb)) = (&pair[0], &pair[1]);
-            for (x, y) in ya.iter().zip(yb) {
-                assert!(x.equal(y), "{act_bits}-bit activations: {a} and {b} differ");
+        for (i, (layer, a, ya)) in products_of.iter().enumerate() {
+            for (_, b, yb) in products_of[i + 1..].iter().filter(|p| p.0 == *layer) {
+                for (x, y) in ya.iter().zip(yb) {
+                    assert!(
+                        x.equal(y),
+                        "{layer}, {act_bits}-bit activations: {a} and {b} differ"
+                    );
+                }
             }
         }
     }
@@ -451,7 +465,7 @@ fn x16_kernels_match_quantized_activation_reference() -> Result<()> {
 /// On SmolLM2's own tensors the kernels (AVX-512 and AVX2, each where the CPU has it) hold the
 /// file's blocks: the Q4_1 projections and the Q8_0 token table quantised from their f32
 /// dequantization dequantize back to exactly those values, and the products equal the f32
-/// matmul with the file's weights within [`KERNEL_REL_TOL`]; where VNNI runs, the interleaved blocks hold the same values and their
+/// matmul with the file's weights within [`KERNEL_REL_TOL`]; where VNNI or AVX2 runs, the interleaved blocks hold the same values and their
 /// products equal the quantized-activation arithmetic within [`KERNEL_REL_TOL`] (and f32's
 /// within [`act_rel_tol`]).
 #[test]
@@ -460,7 +474,9 @@ fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
         eprintln!("skipped: this CPU has neither AVX-512 nor AVX2");
         return Ok(());
     }
-    let vnni = QuantKernel::vnni_available();
+    // The x16 layouts run in the default instruction set where it has a kernel for them:
+    // AVX-512 with VNNI, or AVX2.
+    let x16_runs = QuantKernel::vnni_available() || QuantKernel::f32_default() == QuantKernel::Avx2;
     let g = GgufFile::open(&smollm2())?;
     tch::manual_seed(2);
     for name in [
@@ -478,9 +494,9 @@ fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
         // (kernel, dequantized, product) of the GGUF layout for each f32 kernel.
         let mut gguf = Vec::new();
         if info.ggml_type == GgmlType::Q8_0 {
-            for bits in [16, 8].into_iter().filter(|_| vnni) {
+            for bits in [16, 8].into_iter().filter(|_| x16_runs) {
                 let l = Q80Linear::quantize(&w).interleaved(bits);
-                x16.push((bits, l.dequantize(), l.forward(&x)));
+                x16.push((l.act_bits(), l.dequantize(), l.forward(&x)));
             }
             for kernel in f32_kernels() {
                 let l = Q80Linear::quantize(&w).for_kernel(kernel);
@@ -488,9 +504,9 @@ fn kernels_hold_smollm2_blocks_exactly() -> Result<()> {
             }
         } else {
             assert_eq!(info.ggml_type, GgmlType::Q4_1, "{name}");
-            for bits in [16, 8].into_iter().filter(|_| vnni) {
+            for bits in [16, 8].into_iter().filter(|_| x16_runs) {
                 let l = Q41Linear::quantize(&w).interleaved(bits);
-                x16.push((bits, l.dequantize(), l.forward(&x)));
+                x16.push((l.act_bits(), l.dequantize(), l.forward(&x)));
             }
             for kernel in f32_kernels() {
                 let l = Q41Linear::quantize(&w).for_kernel(kernel);
