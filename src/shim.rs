@@ -666,7 +666,7 @@ pub fn q8_0_dequant(qs: &Tensor, d: &Tensor, w: &mut Tensor) -> Result<(), LlmEr
 /// activations; see `src/shim/llmlab_q4.cpp`): `bits` 4 from Q4_1 (`qs16 (n/16, k/32·256)`
 /// uint8, `d16`, `m16 (n/16, k/32·16)` f16) or 8 from Q8_0 (`qs16 (n/16, k/32·512)`, `d16`; no
 /// `m16`), multiplied by activations quantized to `act_bits` (8 or 16) with the kernels of
-/// `isa`: AVX-512 VNNI, or AVX2 (Q4_1 only).
+/// `isa`: AVX-512 VNNI, or AVX2 (Q8_0 with 16-bit activations only).
 pub struct X16<'a> {
     pub isa: Isa,
     pub bits: i32,
