@@ -800,10 +800,10 @@ impl LlamaModel {
     /// Fresh variables under `p`; `rope_factors` are GGUF's optional per-frequency divisors.
     pub fn new(p: &nn::Path, cfg: &LlamaConfig, rope_factors: Option<&[f32]>) -> Self {
         let emb_cfg = nn::EmbeddingConfig {
-            ws_init: nn::Init::Randn {
+            ws_init: crate::nn::layers::init_or_skip(nn::Init::Randn {
                 mean: 0.0,
                 stdev: 0.02,
-            },
+            }),
             ..Default::default()
         };
         let trf = p / "trf_blocks";

@@ -162,7 +162,9 @@ pub fn load_gguf_with(
         None => None,
     };
     let vs = VarStore::new(device);
-    let model = LlamaModel::new(&vs.root(), &cfg, factors.as_deref());
+    // Every variable comes from the file (`load_into` refuses a missing one).
+    let model =
+        crate::nn::layers::without_init(|| LlamaModel::new(&vs.root(), &cfg, factors.as_deref()));
     let mut tensors = BTreeMap::new();
     let vars = vs.variables();
     for name in vars.keys() {
@@ -366,7 +368,8 @@ pub fn load_hf_with(
     device: Device,
 ) -> Result<(VarStore, LlamaModel)> {
     let vs = VarStore::new(device);
-    let model = LlamaModel::new(&vs.root(), &cfg, None);
+    // Every variable comes from the files (`load_into` refuses a missing one).
+    let model = crate::nn::layers::without_init(|| LlamaModel::new(&vs.root(), &cfg, None));
     let mut file_tensors = BTreeMap::new();
     for f in hf_weight_files(dir)? {
         file_tensors.extend(super::read_safetensors(&f)?);
