@@ -40,10 +40,12 @@ pub fn linear(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Linear {
         fan: nn::init::FanInOut::FanIn,
         non_linearity: nn::init::NonLinearity::ExplicitGain(1.0 / 3f64.sqrt()),
     });
-    // tch's bias default (`None`) is that uniform range.
-    let bs_init = SKIP_INIT
-        .with(std::cell::Cell::get)
-        .then_some(nn::Init::Const(0.0));
+    // tch's bias default, written out so that `without_init` reaches it too.
+    let bound = 1.0 / (in_dim as f64).sqrt();
+    let bs_init = Some(init_or_skip(nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }));
     let path = p.clone();
     Linear {
         inner: nn::linear(

@@ -571,11 +571,11 @@ double vnni_peak(int64_t reps) {
 template <class I, int BITS>
 void x16_mm_act(int act_bits, const float *xp, int64_t rows, int64_t k, const uint8_t *qs,
                 const uint16_t *d, const uint16_t *m, int64_t n, float *yp) {
+  if (act_bits == 16) return x16_mm<I, BITS, 16>(xp, rows, k, qs, d, m, n, yp);
   if constexpr (std::is_same_v<I, Avx2> && BITS == 8)
-    EXPECT(act_bits == 16, "the AVX2 x16 kernel takes Q8_0x16 blocks with 16-bit activations");
-  else if (act_bits == 8)
+    EXPECT(false, "the AVX2 x16 kernel takes Q8_0x16 blocks with 16-bit activations only");
+  else
     x16_mm<I, BITS, 8>(xp, rows, k, qs, d, m, n, yp);
-  if (act_bits == 16) x16_mm<I, BITS, 16>(xp, rows, k, qs, d, m, n, yp);
 }
 
 // A projection of the fused decode step: Q4_1 blocks or a dense f32 matrix (n rows).
